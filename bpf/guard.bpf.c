@@ -1,0 +1,315 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * portguard kernel side: cgroup bind4/bind6 guard plus cgroup_mkdir/rmdir
+ * trackers that keep owner cgroup ids current with no process running.
+ *
+ * Built once with `clang -target bpf` (see guard/objects.py); CO-RE relocations
+ * against the running kernel's BTF make the object independent of kernel headers.
+ * Build with -DPG_NO_SET_RETVAL for kernels older than 5.18 (denial is then EPERM).
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
+#include "guard.h"
+
+#define ALLOW 1
+#define DENY 0
+#define AF_INET 2
+#define AF_INET6 10
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SLOTS * PG_MAX_PORTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_port_key);
+	__type(value, struct pg_port_val);
+} ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SLOTS * PG_MAX_SETS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_set_key);
+	__type(value, struct pg_set_val);
+} sets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SLOTS * PG_MAX_OWNER_PATHS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_path_key);
+	__type(value, __u32);
+} paths SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SLOTS * PG_MAX_OWNER_PATHS);
+	__type(key, struct pg_owner_key);
+	__type(value, struct pg_owner_val);
+} owners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PG_SLOTS);
+	__type(key, __u32);
+	__type(value, struct pg_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pg_state);
+} state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, PG_MAX_PORTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_count_key);
+	__type(value, __u64);
+} denied SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+/* events that did not fit in the ring buffer */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lost SEC(".maps");
+
+/* per-CPU scratch for the cgroup path key: too large for the 512-byte stack */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pg_path_key);
+} scratch SEC(".maps");
+
+static __always_inline int caller_is_owner(__u32 slot, __u32 set_id)
+{
+	struct pg_set_key sk = { .slot = slot, .set = set_id };
+	struct pg_set_val *set = bpf_map_lookup_elem(&sets, &sk);
+
+	if (!set)
+		return 0;
+	for (__u32 i = 0; i < PG_MAX_OWNERS; i++) {
+		if (i >= set->count)
+			break;
+		struct pg_owner_key ok = { .slot = slot, .idx = set->owner[i] };
+		struct pg_owner_val *owner = bpf_map_lookup_elem(&owners, &ok);
+
+		if (owner && owner->id &&
+		    bpf_get_current_ancestor_cgroup_id(owner->level) == owner->id)
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline void count_denial(__u8 proto, __u16 port)
+{
+	struct pg_count_key ck = { .proto = proto, .port = port };
+	__u64 one = 1, *count = bpf_map_lookup_elem(&denied, &ck);
+
+	if (count) {
+		*count += 1;  /* per-CPU value: no other writer */
+		return;
+	}
+	if (bpf_map_update_elem(&denied, &ck, &one, BPF_NOEXIST)) {
+		count = bpf_map_lookup_elem(&denied, &ck);
+		if (count)
+			*count += 1;
+	}
+}
+
+static __always_inline void report(struct bpf_sock_addr *ctx, __u8 family, __u8 proto,
+				   __u16 port, __u32 set_id, __u8 verdict)
+{
+	struct pg_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+
+	if (!ev) {
+		__u32 zero = 0;
+		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+
+		if (n)
+			*n += 1;
+		return;
+	}
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	ev->uid = (__u32)bpf_get_current_uid_gid();
+	ev->port = port;
+	ev->proto = proto;
+	ev->family = family;
+	ev->verdict = verdict;
+	ev->pad[0] = ev->pad[1] = ev->pad[2] = 0;
+	ev->set = set_id;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	__builtin_memset(ev->addr, 0, sizeof(ev->addr));
+	if (family == AF_INET) {
+		__u32 ip4 = ctx->user_ip4;
+		__builtin_memcpy(ev->addr, &ip4, 4);
+	} else {
+		__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1];
+		__u32 w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+		__builtin_memcpy(ev->addr, &w0, 4);
+		__builtin_memcpy(ev->addr + 4, &w1, 4);
+		__builtin_memcpy(ev->addr + 8, &w2, 4);
+		__builtin_memcpy(ev->addr + 12, &w3, 4);
+	}
+	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline int guard_bind(struct bpf_sock_addr *ctx, __u8 family)
+{
+	__u32 zero = 0;
+	struct pg_state *st = bpf_map_lookup_elem(&state, &zero);
+
+	if (!st)
+		return ALLOW;
+	__u32 slot = st->active & 1;
+	__u32 protocol = ctx->protocol;
+
+	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+		return ALLOW;
+	__u16 port = bpf_ntohs(ctx->user_port);
+
+	if (!port)
+		return ALLOW;  /* autobind: kept off reserved ports by ip_local_reserved_ports */
+
+	struct pg_port_key pk = { .slot = slot, .proto = protocol, .port = port };
+	struct pg_port_val *reservation = bpf_map_lookup_elem(&ports, &pk);
+
+	if (!reservation)
+		return ALLOW;
+	struct pg_config *cfg = bpf_map_lookup_elem(&config, &slot);
+
+	if (!cfg)
+		return ALLOW;
+	if (cfg->netns_cookie && bpf_get_netns_cookie(ctx) != cfg->netns_cookie)
+		return ALLOW;
+	__u32 set_id = reservation->set;
+
+	if (caller_is_owner(slot, set_id))
+		return ALLOW;
+
+	count_denial(protocol, port);
+	if (cfg->mode == PG_MODE_AUDIT) {
+		report(ctx, family, protocol, port, set_id, PG_VERDICT_AUDIT);
+		return ALLOW;
+	}
+	report(ctx, family, protocol, port, set_id, PG_VERDICT_DENIED);
+#ifndef PG_NO_SET_RETVAL
+	/* Only on the deny path: set_retval followed by ALLOW still fails the bind. */
+	if (cfg->deny_errno)
+		bpf_set_retval(-(int)cfg->deny_errno);
+#endif
+	return DENY;
+}
+
+SEC("cgroup/bind4")
+int portguard_bind4(struct bpf_sock_addr *ctx)
+{
+	return guard_bind(ctx, AF_INET);
+}
+
+SEC("cgroup/bind6")
+int portguard_bind6(struct bpf_sock_addr *ctx)
+{
+	return guard_bind(ctx, AF_INET6);
+}
+
+/* Minimal kernel types for CO-RE: field offsets come from the kernel's BTF at load. */
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+
+struct cgroup_root {
+	int hierarchy_id;
+} __attribute__((preserve_access_index));
+
+struct cgroup {
+	struct kernfs_node *kn;
+	int level;
+	struct cgroup_root *root;
+} __attribute__((preserve_access_index));
+
+/* The path the tracepoint reports, as a zero-padded map key; NULL when it cannot be
+ * represented exactly (too long): a truncated key could name a different cgroup. */
+static __always_inline struct pg_path_key *path_key(const char *path)
+{
+	__u32 zero = 0;
+	struct pg_path_key *key = bpf_map_lookup_elem(&scratch, &zero);
+
+	if (!key)
+		return NULL;
+	__builtin_memset(key->path, 0, sizeof(key->path));
+	long len = bpf_probe_read_kernel_str(key->path, sizeof(key->path), path);
+
+	if (len <= 0 || len >= PG_PATH_MAX)
+		return NULL;
+	return key;
+}
+
+/* Fires under cgroup_mutex before the new cgroup is activated: no task can be in
+ * it yet, so an owner is known by its new id before it can bind anything. */
+SEC("tp_btf/cgroup_mkdir")
+int BPF_PROG(portguard_cgroup_mkdir, struct cgroup *cgrp, const char *path)
+{
+	if (cgrp->root->hierarchy_id != 0)  /* cgroup v1 hierarchies: ids collide */
+		return 0;
+	struct pg_path_key *key = path_key(path);
+
+	if (!key)
+		return 0;
+	struct pg_owner_val owner = { .id = cgrp->kn->id, .level = cgrp->level };
+
+	for (__u32 slot = 0; slot < PG_SLOTS; slot++) {
+		key->slot = slot;
+		__u32 *idx = bpf_map_lookup_elem(&paths, key);
+
+		if (idx) {
+			struct pg_owner_key ok = { .slot = slot, .idx = *idx };
+
+			bpf_map_update_elem(&owners, &ok, &owner, BPF_ANY);
+		}
+	}
+	return 0;
+}
+
+SEC("tp_btf/cgroup_rmdir")
+int BPF_PROG(portguard_cgroup_rmdir, struct cgroup *cgrp, const char *path)
+{
+	if (cgrp->root->hierarchy_id != 0)
+		return 0;
+	struct pg_path_key *key = path_key(path);
+
+	if (!key)
+		return 0;
+	__u64 id = cgrp->kn->id;
+
+	for (__u32 slot = 0; slot < PG_SLOTS; slot++) {
+		key->slot = slot;
+		__u32 *idx = bpf_map_lookup_elem(&paths, key);
+
+		if (idx) {
+			struct pg_owner_key ok = { .slot = slot, .idx = *idx };
+			struct pg_owner_val *owner = bpf_map_lookup_elem(&owners, &ok);
+
+			if (owner && owner->id == id)
+				bpf_map_delete_elem(&owners, &ok);
+		}
+	}
+	return 0;
+}

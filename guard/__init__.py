@@ -1,0 +1,1 @@
+"""portguard: race-free port reservations enforced in the kernel with eBPF."""
