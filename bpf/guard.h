@@ -105,4 +105,13 @@ struct pg_event {
 	__u8 addr[16]; /* IPv4 in the first 4 bytes */
 };
 
+/* meta: a single entry naming the loaded program object (its content digest), so a
+ * re-apply with an unchanged program touches maps only */
+struct pg_meta {
+	char object[64];
+};
+
+/* sysctl_added: ports portguard added to net.ipv4.ip_local_reserved_ports (key: port,
+ * value: 1), so remove takes away only those */
+
 #endif

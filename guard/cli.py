@@ -1,0 +1,176 @@
+"""Command line: portguard apply|status|check|remove|build, and the portrelease shim.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from guard import config as config_mod
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+class ConfigProblem(click.ClickException):
+    exit_code = EXIT_CONFIG
+
+
+class RuntimeProblem(click.ClickException):
+    exit_code = EXIT_RUNTIME
+
+
+def _load_config(path: str | None) -> config_mod.Config:
+    main = Path(path) if path else config_mod.DEFAULT_CONFIG
+    if path and not main.exists():
+        raise ConfigProblem(f"{main}: no such configuration file")
+    files = config_mod.config_files(main)
+    try:
+        return config_mod.load(files)
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
+
+
+def _plan(cfg: config_mod.Config):
+    from guard import owners, plan
+
+    try:
+        return plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg))
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
+
+
+def _runtime(fn, *args):
+    from guard.lifecycle import GuardError
+
+    try:
+        return fn(*args)
+    except GuardError as exc:
+        raise RuntimeProblem(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", envvar="PORTGUARD_CONFIG",
+              help=f"Main configuration file (default {config_mod.DEFAULT_CONFIG}); "
+                   "drop-ins are read from conf.d/*.toml beside it.")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """Race-free port reservations: binds to a reserved port fail (EADDRINUSE) unless the
+    caller runs in the owner's cgroup. Enforced in the kernel; nothing to release."""
+    ctx.obj = config_path
+
+
+@main.command()
+@click.pass_obj
+def apply(config_path: str | None) -> None:
+    """Load or update the guard to match the configuration, then exit (the guard stays)."""
+    from guard import lifecycle
+
+    cfg = _load_config(config_path)
+    plan = _plan(cfg)
+    result = _runtime(lifecycle.apply, plan)
+    for note in result.warnings:
+        click.echo(f"portguard: warning: {note}", err=True)
+    ports = len(plan.ports)
+    state = "applied" if result.changed else "unchanged"
+    click.echo(f"portguard: {state}: {ports} reserved port/protocol pairs, "
+               f"{len(plan.paths)} owner cgroups, mode {plan.settings.mode}")
+
+
+@main.command()
+@click.pass_obj
+def remove(config_path: str | None) -> None:
+    """Detach and unpin the guard and restore the sysctl: the machine is as before."""
+    from guard import lifecycle
+
+    cfg = _load_config(config_path)
+    removed = _runtime(lifecycle.remove, cfg.settings)
+    click.echo("portguard: removed" if removed else "portguard: nothing to remove")
+
+
+def _state_dict(state) -> dict:
+    data = asdict(state)
+    data["links"] = {link["name"]: {k: v for k, v in link.items() if k != "name"} for link in data["links"]}
+    return data
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(config_path: str | None, as_json: bool) -> None:
+    """Show the guard as the kernel holds it: links, every reservation and its owners."""
+    from guard import lifecycle
+
+    cfg = _load_config(config_path)
+    state = _runtime(lifecycle.read_state, cfg.settings)
+    if as_json:
+        click.echo(json.dumps(_state_dict(state), indent=2))
+        return
+    if not state.loaded:
+        click.echo(f"portguard: not loaded (pin directory {state.pin_dir})")
+        return
+    click.echo(f"portguard: loaded, mode {state.mode}, refused binds see "
+               f"{lifecycle.errno_name(state.deny_errno)}")
+    click.echo(f"  attach cgroup {cfg.settings.cgroup}, pins {state.pin_dir}, program {state.program}")
+    for link in state.links:
+        where = f" cgroup id {link.cgroup_id}" if link.cgroup_id else ""
+        click.echo(f"  link {link.name}: id {link.link_id}, program id {link.prog_id}{where}")
+    click.echo(f"{'PORT':>5} {'PROTO':5} {'DENIED':>7}  OWNERS")
+    for res in state.reservations:
+        owners = ", ".join(f"{o.cgroup} ({'id ' + str(o.id) if o.id else 'absent'})" for o in res.owners)
+        click.echo(f"{res.port:>5} {res.protocol:5} {res.denied:>7}  {owners}")
+
+
+@main.command()
+@click.argument("port")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def check(config_path: str | None, port: str, as_json: bool) -> None:
+    """Say who owns PORT[/tcp|/udp] (a number or an /etc/services name)."""
+    from guard import lifecycle
+    from guard.ports import PortSpecError, parse_check_target
+
+    try:
+        pairs = parse_check_target(port)
+    except PortSpecError as exc:
+        raise click.UsageError(str(exc)) from None
+    cfg = _load_config(config_path)
+    state = _runtime(lifecycle.read_state, cfg.settings)
+    by_key = {(r.protocol, r.port): r for r in state.reservations}
+    results = []
+    for proto, number in pairs:
+        res = by_key.get((proto, number))
+        results.append({"port": number, "protocol": proto, "reserved": res is not None,
+                        "owners": [asdict(o) for o in res.owners] if res else []})
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for item in results:
+        if item["reserved"]:
+            owners = ", ".join(o["cgroup"] for o in item["owners"])
+            click.echo(f"{item['port']}/{item['protocol']}: reserved for {owners}")
+        else:
+            click.echo(f"{item['port']}/{item['protocol']}: not reserved")
+
+
+@main.command()
+def build() -> None:
+    """Compile the BPF object into the cache, so apply needs no compiler (e.g. at boot)."""
+    from guard import objects
+
+    try:
+        for variant in objects.VARIANTS:
+            click.echo(f"portguard: built {objects.build(variant)}")
+    except objects.BuildError as exc:
+        raise RuntimeProblem(str(exc)) from None
+
+
+def portrelease() -> None:
+    """portreserve's portrelease: with portguard there is nothing to release, ever."""
+    sys.exit(0)

@@ -1,0 +1,307 @@
+"""Configuration: TOML files -> validated settings and reservation blocks. Pure.
+
+Every error names file:line; loading either returns a whole Config or raises ConfigError,
+so a bad file never leads to a partial apply.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guard.ports import PortRange, PortSpecError, parse_port_spec, read_services
+
+DEFAULT_CONFIG = Path("/etc/portguard/portguard.toml")
+DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")
+MODES = ("enforce", "audit")
+MAX_PATH_BYTES = 254  # the kernel key holds 256 bytes incl. NUL; longer paths are refused
+
+GUARD_KEYS = {"cgroup", "pin_dir", "deny_errno", "mode", "trust_init"}
+OWNER_KEYS = {"cgroup": "cgroup", "cgroups": "cgroup", "unit": "unit", "units": "unit",
+              "slice": "slice", "slices": "slice"}
+RESERVE_KEYS = {"ports", "if_installed", "comment", *OWNER_KEYS}
+
+
+@dataclass(frozen=True)
+class Origin:
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class OwnerRef:
+    """An owner as written: a cgroup path, a systemd unit or a slice."""
+
+    kind: str
+    name: str
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class ReserveBlock:
+    ports: tuple[tuple[PortRange, Origin], ...]
+    owners: tuple[OwnerRef, ...]
+    origin: Origin
+    if_installed: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    cgroup: str = "/"
+    pin_dir: str = "/sys/fs/bpf/portguard"
+    deny_errno: str = "EADDRINUSE"
+    mode: str = "enforce"
+    trust_init: bool = False
+
+    @property
+    def deny_errno_number(self) -> int:
+        return getattr(errno_mod, self.deny_errno)
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings = field(default_factory=Settings)
+    blocks: tuple[ReserveBlock, ...] = ()
+    files: tuple[str, ...] = ()
+
+
+class ConfigError(ValueError):
+    """One or more problems, each "file:line: message"; nothing was applied."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Lines:
+    """Finds the line of a table, key or value in the raw text (tomllib keeps no positions)."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+
+    def tables(self, name: str, array: bool) -> list[int]:
+        pattern = re.compile(r"^\s*\[\[\s*%s\s*\]\]" % re.escape(name) if array
+                             else r"^\s*\[\s*%s\s*\]" % re.escape(name))
+        return [i + 1 for i, line in enumerate(self.lines) if pattern.match(line)]
+
+    def key(self, start: int, end: int, key: str) -> int:
+        pattern = re.compile(r"^\s*[\"']?%s[\"']?\s*=" % re.escape(key))
+        for number in range(start, min(end, len(self.lines) + 1)):
+            if pattern.match(self.lines[number - 1]):
+                return number
+        return start
+
+    def value(self, start: int, end: int, value: str, fallback: int) -> int:
+        for quoted in (f'"{value}"', f"'{value}'", str(value)):
+            for number in range(start, min(end, len(self.lines) + 1)):
+                if quoted in self.lines[number - 1]:
+                    return number
+        return fallback
+
+
+def _block_bounds(starts: list[int], index: int, total_lines: int, all_headers: list[int]) -> tuple[int, int]:
+    start = starts[index] if index < len(starts) else 1
+    following = [h for h in all_headers if h > start]
+    return start, (min(following) if following else total_lines + 1)
+
+
+def _check_cgroup_path(path: object, where: Origin, problems: list[str]) -> str | None:
+    if not isinstance(path, str):
+        problems.append(f"{where}: owner cgroup must be a string, not {path!r}")
+        return None
+    if not path.startswith("/"):
+        problems.append(f"{where}: owner cgroup {path!r} must be absolute (relative to the cgroup2 root)")
+        return None
+    parts = [p for p in path.split("/") if p]
+    if any(p in (".", "..") for p in parts) or "\0" in path:
+        problems.append(f"{where}: owner cgroup {path!r} may not contain '.', '..' or NUL")
+        return None
+    normal = "/" + "/".join(parts)
+    if len(normal.encode()) > MAX_PATH_BYTES:
+        problems.append(f"{where}: owner cgroup path is {len(normal.encode())} bytes; at most "
+                        f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match another cgroup)")
+        return None
+    return normal
+
+
+def _parse_file(path: Path, services: dict, problems: list[str]) -> tuple[dict, list[ReserveBlock]]:
+    name = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        problems.append(f"{name}:1: cannot read: {exc.strerror}")
+        return {}, []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        problems.append(f"{name}:{line}: not valid UTF-8")
+        return {}, []
+    return _parse_text(name, text, services, problems)
+
+
+def _parse_text(name: str, text: str, services: dict, problems: list[str]) -> tuple[dict, list[ReserveBlock]]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"at line (\d+)", str(exc))
+        line = match.group(1) if match else "1"
+        problems.append(f"{name}:{line}: TOML syntax error: {str(exc).split(' (at line')[0]}")
+        return {}, []
+
+    lines = _Lines(text)
+    all_headers = sorted(lines.tables("reserve", True) + lines.tables("guard", False))
+    total = len(lines.lines)
+    guard: dict = {}
+    blocks: list[ReserveBlock] = []
+    for key, value in data.items():
+        if key == "guard":
+            start, end = _block_bounds(lines.tables("guard", False), 0, total, all_headers)
+            if not isinstance(value, dict):
+                problems.append(f"{name}:{start}: [guard] must be a table")
+                continue
+            for gkey, gvalue in value.items():
+                where = Origin(name, lines.key(start, end, gkey))
+                if gkey not in GUARD_KEYS:
+                    problems.append(f"{where}: unknown key {gkey!r} in [guard] "
+                                    f"(known: {', '.join(sorted(GUARD_KEYS))})")
+                    continue
+                checked = _check_guard_value(gkey, gvalue, where, problems)
+                if checked is not None:
+                    guard[gkey] = checked
+        elif key == "reserve":
+            starts = lines.tables("reserve", True)
+            if not isinstance(value, list):
+                problems.append(f"{name}:{lines.key(1, total + 1, 'reserve')}: reserve must be [[reserve]] tables")
+                continue
+            for index, table in enumerate(value):
+                start, end = _block_bounds(starts, index, total, all_headers)
+                block = _parse_block(table, Origin(name, start), lines, end, services, problems)
+                if block is not None:
+                    blocks.append(block)
+        else:
+            problems.append(f"{name}:{lines.key(1, total + 1, key)}: unknown table or key {key!r} "
+                            "(expected [guard] and [[reserve]])")
+    return guard, blocks
+
+
+def _check_guard_value(key: str, value: object, where: Origin, problems: list[str]) -> object:
+    if key == "trust_init":
+        if not isinstance(value, bool):
+            problems.append(f"{where}: trust_init must be true or false")
+            return None
+        return value
+    if not isinstance(value, str):
+        problems.append(f"{where}: {key} must be a string")
+        return None
+    if key == "deny_errno" and value.upper() not in DENY_ERRNOS:
+        problems.append(f"{where}: deny_errno {value!r} is not one of {', '.join(DENY_ERRNOS)}")
+        return None
+    if key == "mode" and value not in MODES:
+        problems.append(f"{where}: mode {value!r} is not one of {', '.join(MODES)}")
+        return None
+    if key == "cgroup":
+        return _check_cgroup_path(value, where, problems)
+    if key == "pin_dir" and not value.startswith("/"):
+        problems.append(f"{where}: pin_dir {value!r} must be an absolute path")
+        return None
+    return value.upper() if key == "deny_errno" else value
+
+
+def _parse_block(table: object, origin: Origin, lines: _Lines, end: int, services: dict,
+                 problems: list[str]) -> ReserveBlock | None:
+    if not isinstance(table, dict):
+        problems.append(f"{origin}: [[reserve]] must be a table")
+        return None
+    before = len(problems)
+    for key in table:
+        if key not in RESERVE_KEYS:
+            problems.append(f"{Origin(origin.file, lines.key(origin.line, end, key))}: unknown key "
+                            f"{key!r} in [[reserve]] (known: {', '.join(sorted(RESERVE_KEYS))})")
+    ports_value = table.get("ports")
+    ports_line = lines.key(origin.line, end, "ports")
+    ports: list[tuple[PortRange, Origin]] = []
+    if ports_value is None:
+        problems.append(f"{origin}: [[reserve]] needs ports = [...]")
+    elif not isinstance(ports_value, list) or not ports_value:
+        problems.append(f"{Origin(origin.file, ports_line)}: ports must be a non-empty list of strings")
+    else:
+        for spec in ports_value:
+            spec_text = str(spec)
+            where = Origin(origin.file, lines.value(origin.line, end, spec_text, ports_line))
+            if isinstance(spec, int) and not isinstance(spec, bool):
+                spec = str(spec)  # ports = [631] reads naturally too
+            try:
+                ports.append((parse_port_spec(spec, services), where))
+            except PortSpecError as exc:
+                problems.append(f"{where}: {exc}")
+    owners: list[OwnerRef] = []
+    for key, kind in OWNER_KEYS.items():
+        if key not in table:
+            continue
+        key_line = lines.key(origin.line, end, key)
+        plural = key.endswith("s")
+        values = table[key] if plural else [table[key]]
+        if not isinstance(values, list) or (plural and not values):
+            problems.append(f"{Origin(origin.file, key_line)}: {key} must be a non-empty list")
+            continue
+        for value in values:
+            where = Origin(origin.file, lines.value(origin.line, end, str(value), key_line))
+            if kind == "cgroup":
+                path = _check_cgroup_path(value, where, problems)
+                if path is not None:
+                    owners.append(OwnerRef("cgroup", path, where))
+            elif not isinstance(value, str) or not value:
+                problems.append(f"{where}: {key} must name a systemd {kind}")
+            else:
+                owners.append(OwnerRef(kind, value, where))
+    if not owners and not any(k in table for k in OWNER_KEYS):
+        problems.append(f"{origin}: [[reserve]] needs an owner: cgroup, cgroups, unit, units or slice")
+    if_installed = table.get("if_installed", False)
+    if not isinstance(if_installed, bool):
+        problems.append(f"{Origin(origin.file, lines.key(origin.line, end, 'if_installed'))}: "
+                        "if_installed must be true or false")
+    if len(problems) > before:
+        return None
+    return ReserveBlock(tuple(ports), tuple(owners), origin, if_installed)
+
+
+def config_files(main: Path) -> list[Path]:
+    """The main file (if present) then its drop-ins conf.d/*.toml in lexical order."""
+    files = [main] if main.exists() else []
+    dropins = main.parent / "conf.d"
+    if dropins.is_dir():
+        files += sorted(p for p in dropins.glob("*.toml") if p.is_file())
+    return files
+
+
+def load(paths: list[Path], services_file: Path | None = None) -> Config:
+    """Parse and validate files in order; [guard] keys of later files override earlier ones,
+    reservations accumulate. Raises ConfigError listing every problem."""
+    services = read_services(services_file) if services_file else read_services()
+    problems: list[str] = []
+    guard: dict = {}
+    blocks: list[ReserveBlock] = []
+    for path in paths:
+        file_guard, file_blocks = _parse_file(path, services, problems)
+        guard.update(file_guard)
+        blocks.extend(file_blocks)
+    if problems:
+        raise ConfigError(problems)
+    return Config(Settings(**guard), tuple(blocks), tuple(str(p) for p in paths))
+
+
+def loads(text: str, name: str = "<config>", services_file: Path | None = None) -> Config:
+    """Parse one configuration given as text (tests, the embedded default policy)."""
+    services = read_services(services_file) if services_file else read_services()
+    problems: list[str] = []
+    guard, blocks = _parse_text(name, text, services, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(Settings(**guard), tuple(blocks), (name,))

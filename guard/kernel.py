@@ -1,0 +1,312 @@
+"""The only module that talks to libbpf: load the object, pin, attach, read and write maps.
+
+libbpf.so.1 (Debian's libbpf1, which bcc links too) is reached through ctypes; nothing here
+compiles anything, so a host needs neither LLVM nor kernel headers to load the guard.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_FUNC_set_retval = 187
+BPF_CGROUP_INET4_BIND = 8
+BPF_CGROUP_INET6_BIND = 9
+BPF_ANY = 0
+BPF_NOEXIST = 1
+LINK_TYPE_CGROUP = 3
+
+BIND_ATTACH_TYPES = {"bind4": BPF_CGROUP_INET4_BIND, "bind6": BPF_CGROUP_INET6_BIND}
+
+
+class BpfError(OSError):
+    """A bpf() operation failed; the message says which and why."""
+
+
+_LIB: C.CDLL | None = None
+_LOG: list[str] = []
+_PRINT_FN = C.CFUNCTYPE(C.c_int, C.c_int, C.c_char_p, C.c_void_p)
+
+
+@_PRINT_FN
+def _collect_libbpf_log(level: int, fmt: bytes, args: int) -> int:
+    buf = C.create_string_buffer(1024)
+    _libc().vsnprintf(buf, len(buf), fmt, C.c_void_p(args))
+    _LOG.append(buf.value.decode(errors="replace"))
+    del _LOG[:-200]
+    return 0
+
+
+def _libc() -> C.CDLL:
+    libc = C.CDLL(None, use_errno=True)
+    libc.vsnprintf.argtypes = [C.c_char_p, C.c_size_t, C.c_char_p, C.c_void_p]
+    return libc
+
+
+def lib() -> C.CDLL:
+    """libbpf, loaded once, with argument types declared."""
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    try:
+        bpf = C.CDLL("libbpf.so.1", use_errno=True)
+    except OSError as exc:
+        raise BpfError(errno.ENOENT, "libbpf.so.1 not found: install libbpf1 (apt install libbpf1)") from exc
+    P, I, U32, VP = C.c_void_p, C.c_int, C.c_uint32, C.c_void_p
+    sigs = {
+        "bpf_object__open_file": (P, [C.c_char_p, P]),
+        "bpf_object__load": (I, [P]),
+        "bpf_object__close": (None, [P]),
+        "bpf_object__find_program_by_name": (P, [P, C.c_char_p]),
+        "bpf_object__find_map_by_name": (P, [P, C.c_char_p]),
+        "bpf_program__fd": (I, [P]),
+        "bpf_map__fd": (I, [P]),
+        "bpf_map__set_pin_path": (I, [P, C.c_char_p]),
+        "bpf_obj_pin": (I, [I, C.c_char_p]),
+        "bpf_obj_get": (I, [C.c_char_p]),
+        "bpf_link_create": (I, [I, I, I, P]),
+        "bpf_link_update": (I, [I, I, P]),
+        "bpf_raw_tracepoint_open": (I, [C.c_char_p, I]),
+        "bpf_map_update_elem": (I, [I, VP, VP, C.c_uint64]),
+        "bpf_map_lookup_elem": (I, [I, VP, VP]),
+        "bpf_map_delete_elem": (I, [I, VP]),
+        "bpf_map_get_next_key": (I, [I, VP, VP]),
+        "bpf_obj_get_info_by_fd": (I, [I, VP, C.POINTER(U32)]),
+        "bpf_prog_get_fd_by_id": (I, [U32]),
+        "libbpf_probe_bpf_helper": (I, [I, I, P]),
+        "libbpf_num_possible_cpus": (I, []),
+        "libbpf_set_print": (P, [_PRINT_FN]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(bpf, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    bpf.libbpf_set_print(_collect_libbpf_log)
+    _LIB = bpf
+    return bpf
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = C.get_errno() or -ret
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def libbpf_log_tail(lines: int = 15) -> str:
+    return "".join(_LOG[-lines:])
+
+
+def close(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        os.close(fd)
+
+
+def possible_cpus() -> int:
+    return _check(lib().libbpf_num_possible_cpus(), "counting possible CPUs")
+
+
+def has_set_retval() -> bool:
+    """Whether cgroup sock_addr programs may call bpf_set_retval (Linux >= 5.18)."""
+    return lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_set_retval, None) == 1
+
+
+@dataclass
+class LoadedObject:
+    """A loaded (verified) object: program fds by name, map fds by name. Owns the fds."""
+
+    handle: int
+    programs: dict[str, int]
+    maps: dict[str, int]
+
+    def close(self) -> None:
+        lib().bpf_object__close(self.handle)
+
+
+def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str]) -> LoadedObject:
+    """Load and verify the object; its maps are reused from maps_dir when pinned there
+    (same layout), else created and pinned there."""
+    bpf = lib()
+    _LOG.clear()
+    handle = bpf.bpf_object__open_file(str(path).encode(), None)
+    if not handle:
+        err = C.get_errno()
+        raise BpfError(err, f"opening BPF object {path}: {os.strerror(err)}")
+    try:
+        map_fds_pending = {}
+        for name in maps:
+            m = bpf.bpf_object__find_map_by_name(handle, name.encode())
+            if not m:
+                raise BpfError(errno.ENOENT, f"map {name} missing from {path}")
+            _check(bpf.bpf_map__set_pin_path(m, str(maps_dir / name).encode()), f"pin path for {name}")
+            map_fds_pending[name] = m
+        ret = bpf.bpf_object__load(handle)
+        if ret < 0:
+            err = C.get_errno() or -ret
+            raise BpfError(err, f"loading BPF programs failed: {os.strerror(err)}\n{libbpf_log_tail()}")
+        prog_fds = {}
+        for name in programs:
+            p = bpf.bpf_object__find_program_by_name(handle, name.encode())
+            if not p:
+                raise BpfError(errno.ENOENT, f"program {name} missing from {path}")
+            prog_fds[name] = _check(bpf.bpf_program__fd(p), f"fd of {name}")
+        map_fds = {name: _check(bpf.bpf_map__fd(m), f"fd of {name}") for name, m in map_fds_pending.items()}
+    except BaseException:
+        bpf.bpf_object__close(handle)
+        raise
+    return LoadedObject(handle, prog_fds, map_fds)
+
+
+def pin(fd: int, path: Path) -> None:
+    _check(lib().bpf_obj_pin(fd, str(path).encode()), f"pinning {path}")
+
+
+def get_pinned(path: Path) -> int | None:
+    """fd of the object pinned at path, or None when nothing is pinned there."""
+    fd = lib().bpf_obj_get(str(path).encode())
+    if fd < 0:
+        err = C.get_errno()
+        if err == errno.ENOENT:
+            return None
+        raise BpfError(err, f"opening pinned {path}: {os.strerror(err)}")
+    return fd
+
+
+def attach_cgroup(prog_fd: int, cgroup_dir: Path, attach_type: int) -> int:
+    """A bpf_link from the program to the cgroup (multi-attach semantics: programs of
+    descendant cgroups run too and cannot override it). Returns the link fd."""
+    cg_fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return _check(lib().bpf_link_create(prog_fd, cg_fd, attach_type, None),
+                      f"attaching to cgroup {cgroup_dir}")
+    finally:
+        os.close(cg_fd)
+
+
+def attach_tracing(prog_fd: int) -> int:
+    """A raw tracepoint link for a tp_btf program; returns the link fd."""
+    return _check(lib().bpf_raw_tracepoint_open(None, prog_fd), "attaching tracepoint program")
+
+
+def update_link(link_fd: int, prog_fd: int) -> None:
+    """Swap the link's program in one step: no instant without a program."""
+    _check(lib().bpf_link_update(link_fd, prog_fd, None), "replacing program of link")
+
+
+def _info(fd: int, size: int) -> bytes:
+    buf = C.create_string_buffer(size)
+    length = C.c_uint32(size)
+    _check(lib().bpf_obj_get_info_by_fd(fd, buf, C.byref(length)), "reading object info")
+    return buf.raw
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    id: int
+    type: int
+    prog_id: int
+    cgroup_id: int | None
+    attach_type: int | None
+
+
+def link_info(fd: int) -> LinkInfo:
+    raw = _info(fd, 48)
+    link_type, link_id, prog_id = (int.from_bytes(raw[o:o + 4], "little") for o in (0, 4, 8))
+    if link_type == LINK_TYPE_CGROUP:
+        return LinkInfo(link_id, link_type, prog_id, int.from_bytes(raw[16:24], "little"),
+                        int.from_bytes(raw[24:28], "little"))
+    return LinkInfo(link_id, link_type, prog_id, None, None)
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    id: int
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def map_info(fd: int) -> MapInfo:
+    raw = _info(fd, 88)
+    u32 = [int.from_bytes(raw[o:o + 4], "little") for o in (0, 4, 8, 12, 16)]
+    name = raw[24:40].split(b"\0", 1)[0].decode()
+    return MapInfo(u32[1], u32[0], u32[2], u32[3], u32[4], name)
+
+
+class Map:
+    """A map seen through the ctypes key/value types of guard.layout."""
+
+    def __init__(self, fd: int, key_type: type, value_type: type, percpu: bool = False):
+        self.fd = fd
+        self.key_type = key_type
+        self.value_type = value_type
+        self.ncpu = possible_cpus() if percpu else 1
+
+    def lookup(self, key) -> object | None:
+        """The value (a list of per-CPU values for per-CPU maps), or None."""
+        key = self._key(key)
+        buf = (self.value_type * self.ncpu)()
+        if lib().bpf_map_lookup_elem(self.fd, C.byref(key), buf) < 0:
+            err = C.get_errno()
+            if err == errno.ENOENT:
+                return None
+            raise BpfError(err, f"map lookup: {os.strerror(err)}")
+        return list(buf) if self.ncpu > 1 else buf[0]
+
+    def update(self, key, value, flags: int = BPF_ANY) -> bool:
+        """Write one element; False when BPF_NOEXIST found it present."""
+        key = self._key(key)
+        if not isinstance(value, self.value_type):
+            value = self.value_type(value)
+        if self.ncpu > 1:
+            values = (self.value_type * self.ncpu)(*([value] * self.ncpu))
+        else:
+            values = value
+        if lib().bpf_map_update_elem(self.fd, C.byref(key), C.byref(values), flags) < 0:
+            err = C.get_errno()
+            if err == errno.EEXIST and flags == BPF_NOEXIST:
+                return False
+            raise BpfError(err, f"map update: {os.strerror(err)}")
+        return True
+
+    def delete(self, key) -> bool:
+        key = self._key(key)
+        if lib().bpf_map_delete_elem(self.fd, C.byref(key)) < 0:
+            err = C.get_errno()
+            if err == errno.ENOENT:
+                return False
+            raise BpfError(err, f"map delete: {os.strerror(err)}")
+        return True
+
+    def keys(self) -> Iterator:
+        """All keys (copies). Elements deleted meanwhile may restart the walk: callers
+        collect first, then act."""
+        bpf = lib()
+        prev = None
+        while True:
+            nxt = self.key_type()
+            ret = bpf.bpf_map_get_next_key(self.fd, C.byref(prev) if prev is not None else None,
+                                           C.byref(nxt))
+            if ret < 0:
+                err = C.get_errno()
+                if err == errno.ENOENT:
+                    return
+                raise BpfError(err, f"map walk: {os.strerror(err)}")
+            yield nxt
+            prev = nxt
+
+    def items(self) -> Iterator[tuple[object, object]]:
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+    def _key(self, key):
+        return key if isinstance(key, self.key_type) else self.key_type(key)

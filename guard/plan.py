@@ -1,0 +1,74 @@
+"""Reservations + owner cgroup paths -> the desired contents of one map slot. Pure.
+
+A port reserved in several blocks (or several files) belongs to the union of their owners:
+any of them may bind it. Owner sets are shared between ports, so a range owned by one
+service costs one set however many ports it spans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from guard import layout
+from guard.config import Config, ConfigError, Origin, Settings
+
+PROTO_NUMBERS = layout.PROTOCOLS
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    ports: dict[tuple[int, int], int] = field(default_factory=dict)  # (proto, port) -> set id
+    sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # set id -> owner indices
+    paths: tuple[str, ...] = ()  # owner index -> cgroup path
+    owner_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # path -> units/slices
+
+    def owners_of(self, proto: int, port: int) -> tuple[str, ...]:
+        set_id = self.ports.get((proto, port))
+        return () if set_id is None else tuple(self.paths[i] for i in self.sets[set_id])
+
+    def reserved(self) -> list[tuple[int, int]]:
+        return sorted(self.ports, key=lambda pp: (pp[1], pp[0]))
+
+
+def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
+          extra_owners: tuple[str, ...] = ()) -> Plan:
+    """owner_paths: for each block (by index) its resolved owners as (cgroup path, name);
+    extra_owners: paths trusted for every reserved port (e.g. /init.scope)."""
+    owners_by_port: dict[tuple[int, int], set[str]] = {}
+    first_origin: dict[tuple[int, int], Origin] = {}
+    names: dict[str, set[str]] = {}
+    for index, block in enumerate(config.blocks):
+        resolved = owner_paths.get(index, [])
+        if not resolved:
+            continue  # e.g. if_installed and no owner installed
+        for path, name in resolved:
+            if name:
+                names.setdefault(path, set()).add(name)
+        for port_range, origin in block.ports:
+            for proto_name, port in port_range.pairs():
+                key = (PROTO_NUMBERS[proto_name], port)
+                owners_by_port.setdefault(key, set()).update(p for p, _ in resolved)
+                first_origin.setdefault(key, origin)
+    problems = []
+    for key, owners in owners_by_port.items():
+        owners.update(extra_owners)
+        if len(owners) > layout.MAX_OWNERS:
+            problems.append(f"{first_origin[key]}: port {key[1]} has {len(owners)} owners; "
+                            f"at most {layout.MAX_OWNERS} per port")
+    paths = tuple(sorted({p for owners in owners_by_port.values() for p in owners}))
+    if len(paths) > layout.MAX_OWNER_PATHS:
+        problems.append(f"{config.files[0] if config.files else '<config>'}:1: {len(paths)} owner "
+                        f"cgroups; at most {layout.MAX_OWNER_PATHS}")
+    index_of = {path: i for i, path in enumerate(paths)}
+    distinct = sorted({tuple(sorted(index_of[p] for p in owners)) for owners in owners_by_port.values()})
+    if len(distinct) > layout.MAX_SETS:
+        problems.append(f"{config.files[0] if config.files else '<config>'}:1: {len(distinct)} "
+                        f"distinct owner combinations; at most {layout.MAX_SETS}")
+    if problems:
+        raise ConfigError(problems)
+    set_of = {members: set_id for set_id, members in enumerate(distinct)}
+    ports = {key: set_of[tuple(sorted(index_of[p] for p in owners))]
+             for key, owners in sorted(owners_by_port.items())}
+    return Plan(config.settings, ports, dict(enumerate(distinct)), paths,
+                {p: tuple(sorted(n)) for p, n in names.items()})
