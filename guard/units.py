@@ -293,7 +293,7 @@ def _is_masked(path: Path) -> bool:
 
 
 def _find_fragment(name: UnitName, dirs: Sequence[Path]) -> Path | None:
-    """The unit file systemd would load: the first directory that has the name, else the template's."""
+    """The unit file systemd loads: the first directory holding the name, else the template."""
     candidates = [name.name] + ([name.template] if name.instance else [])
     for candidate in candidates:
         for directory in dirs:
@@ -509,8 +509,7 @@ def _split_user_unit(unit: str) -> tuple[str, str] | None:
     if "/" not in unit:
         return None
     manager, *rest = unit.split("/")
-    parsed = parse_unit_name(manager)
-    if parsed.prefix != "user" or parsed.type != "service" or not (parsed.instance or "").isdigit():
+    if not re.fullmatch(r"user@[0-9]+\.service", manager):
         raise UnitError(
             f"{unit!r}: only user units are named with a '/', as user@UID.service/NAME"
         )
