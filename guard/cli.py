@@ -37,6 +37,20 @@ def _load_config(path: str | None) -> config_mod.Config:
         raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
 
 
+def _load_settings(path: str | None) -> config_mod.Settings:
+    """Settings for commands that only read or tear down: a reservation error elsewhere in
+    the files is reported as a warning, not a reason to be blind."""
+    try:
+        return _load_config(path).settings
+    except ConfigProblem as exc:
+        click.echo(f"portguard: warning: {exc.message}", err=True)
+    main = Path(path) if path else config_mod.DEFAULT_CONFIG
+    try:
+        return config_mod.load_settings(config_mod.config_files(main))
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"invalid [guard] settings:\n{exc}") from None
+
+
 def _plan(cfg: config_mod.Config):
     from guard import owners, plan
 
@@ -89,8 +103,7 @@ def remove(config_path: str | None) -> None:
     """Detach and unpin the guard and restore the sysctl: the machine is as before."""
     from guard import lifecycle
 
-    cfg = _load_config(config_path)
-    removed = _runtime(lifecycle.remove, cfg.settings)
+    removed = _runtime(lifecycle.remove, _load_settings(config_path))
     click.echo("portguard: removed" if removed else "portguard: nothing to remove")
 
 
@@ -107,8 +120,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     """Show the guard as the kernel holds it: links, every reservation and its owners."""
     from guard import lifecycle
 
-    cfg = _load_config(config_path)
-    state = _runtime(lifecycle.read_state, cfg.settings)
+    settings = _load_settings(config_path)
+    state = _runtime(lifecycle.read_state, settings)
     if as_json:
         click.echo(json.dumps(_state_dict(state), indent=2))
         return
@@ -117,7 +130,7 @@ def status(config_path: str | None, as_json: bool) -> None:
         return
     click.echo(f"portguard: loaded, mode {state.mode}, refused binds see "
                f"{lifecycle.errno_name(state.deny_errno)}")
-    click.echo(f"  attach cgroup {cfg.settings.cgroup}, pins {state.pin_dir}, program {state.program}")
+    click.echo(f"  attach cgroup {settings.cgroup}, pins {state.pin_dir}, program {state.program}")
     for link in state.links:
         where = f" cgroup id {link.cgroup_id}" if link.cgroup_id else ""
         click.echo(f"  link {link.name}: id {link.link_id}, program id {link.prog_id}{where}")
@@ -140,8 +153,7 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
         pairs = parse_check_target(port)
     except PortSpecError as exc:
         raise click.UsageError(str(exc)) from None
-    cfg = _load_config(config_path)
-    state = _runtime(lifecycle.read_state, cfg.settings)
+    state = _runtime(lifecycle.read_state, _load_settings(config_path))
     by_key = {(r.protocol, r.port): r for r in state.reservations}
     results = []
     for proto, number in pairs:

@@ -305,3 +305,25 @@ def loads(text: str, name: str = "<config>", services_file: Path | None = None) 
     if problems:
         raise ConfigError(problems)
     return Config(Settings(**guard), tuple(blocks), (name,))
+
+
+def load_settings(paths: list[Path]) -> Settings:
+    """Just the [guard] settings, ignoring reservation problems: status and remove must work
+    while a broken file waits to be fixed. Raises ConfigError when [guard] itself is bad."""
+    problems: list[str] = []
+    guard: dict = {}
+    for path in paths:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+        section = data.get("guard")
+        if isinstance(section, dict):
+            for key, value in section.items():
+                if key in GUARD_KEYS:
+                    checked = _check_guard_value(key, value, Origin(str(path), 1), problems)
+                    if checked is not None:
+                        guard[key] = checked
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**guard)

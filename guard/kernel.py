@@ -78,6 +78,7 @@ def lib() -> C.CDLL:
         "bpf_map_get_next_key": (I, [I, VP, VP]),
         "bpf_obj_get_info_by_fd": (I, [I, VP, C.POINTER(U32)]),
         "bpf_prog_get_fd_by_id": (I, [U32]),
+        "bpf_link_get_fd_by_id": (I, [U32]),
         "libbpf_probe_bpf_helper": (I, [I, I, P]),
         "libbpf_num_possible_cpus": (I, []),
         "libbpf_set_print": (P, [_PRINT_FN]),

@@ -1,0 +1,257 @@
+"""The core guard against the real kernel: who may bind a reserved port, and with what errno."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from guard import kernel
+
+PORT = 7631
+FREE = 7632
+FAMILIES = ["v4", "v6", "dual", "mapped"]
+PROTOS = ["tcp", "udp"]
+ALL_CASES = [(f, t, PORT) for f in FAMILIES for t in PROTOS]
+
+
+def applied(sandbox, ports=(f"{PORT}",), owners=("owner",), **guard):
+    sandbox.write_config(sandbox.owner_block(list(ports), *owners), **guard)
+    out = sandbox.cli("apply").stdout
+    assert "portguard:" in out
+    return out
+
+
+def test_stranger_gets_eaddrinuse_and_owner_and_its_subcgroups_bind(sandbox):
+    applied(sandbox)
+    assert set(sandbox.bind("owner", ALL_CASES).values()) == {0}
+    assert set(sandbox.bind("owner/worker", ALL_CASES).values()) == {0}
+    assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
+
+
+def test_ports_that_are_not_reserved_are_untouched(sandbox):
+    applied(sandbox)
+    cases = [(f, t, FREE) for f in FAMILIES for t in PROTOS]
+    assert set(sandbox.bind("stranger", cases).values()) == {0}
+
+
+def test_protocol_qualified_reservation_leaves_the_other_protocol_free(sandbox):
+    applied(sandbox, ports=(f"{PORT}/udp",))
+    result = sandbox.bind("stranger", [("v4", "tcp", PORT), ("v4", "udp", PORT)])
+    assert result == {f"v4/tcp/{PORT}": 0, f"v4/udp/{PORT}": errno.EADDRINUSE}
+
+
+@pytest.mark.parametrize("name", ["EPERM", "EACCES"])
+def test_deny_errno_is_configurable(sandbox, name):
+    applied(sandbox, deny_errno=name)
+    assert set(sandbox.bind("stranger", ALL_CASES).values()) == {getattr(errno, name)}
+
+
+def test_a_port_may_have_several_owners(sandbox):
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "cups") + "\n"
+                         + sandbox.owner_block([str(PORT)], "cups-browsed"))
+    sandbox.cli("apply")
+    assert set(sandbox.bind("cups", ALL_CASES).values()) == {0}
+    assert set(sandbox.bind("cups-browsed", ALL_CASES).values()) == {0}
+    assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
+    owners = {o["cgroup"] for r in sandbox.status()["reservations"] for o in r["owners"]}
+    assert owners == {f"{sandbox.top}/cups", f"{sandbox.top}/cups-browsed"}
+
+
+def test_bindresvport_skips_reserved_ports_and_succeeds_elsewhere(sandbox):
+    # Everything bindresvport() may pick is reserved except 700: it must walk past the
+    # refusals (EADDRINUSE) and end on 700.
+    applied(sandbox, ports=("512-699", "701-1023"))
+    result = sandbox.run("stranger", "bindresvport", [])
+    assert result == {"rc": 0, "errno": 0, "port": 700}
+
+
+def test_bindresvport_gives_up_when_refusals_are_eperm(sandbox):
+    # Why EADDRINUSE is the default: glibc stops at the first other error.
+    applied(sandbox, ports=("512-699", "701-1023"), deny_errno="EPERM")
+    result = sandbox.run("stranger", "bindresvport", [])
+    assert result["rc"] == -1 and result["errno"] == errno.EPERM
+
+
+def test_other_network_namespaces_are_not_guarded(sandbox):
+    applied(sandbox)
+    container = sandbox.new_netns()
+    assert set(sandbox.bind("stranger", ALL_CASES, netns=container).values()) == {0}
+    assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
+
+
+def test_autobind_never_lands_on_a_reserved_port(sandbox):
+    sandbox.sysctl("net.ipv4.ip_local_port_range", "40000 40003")
+    applied(sandbox, ports=("40000-40002",))
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == "40000-40002"
+    seen = sandbox.run("stranger", "autobind", [30, PORT])
+    assert seen == [40003]
+
+
+def test_remove_restores_the_sysctl_keeping_what_was_there(sandbox):
+    sandbox.sysctl("net.ipv4.ip_local_reserved_ports", "5555,40000")
+    applied(sandbox, ports=("5555", "40001-40002"))
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == "5555,40000-40002"
+    sandbox.cli("remove")
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == "5555,40000"
+
+
+def test_owner_restart_gets_the_new_cgroup_id_with_no_process_running(sandbox):
+    sandbox.cgroup("owner")
+    applied(sandbox)
+    assert sandbox.status()["reservations"][0]["owners"][0]["id"] == sandbox.cgroup_id("owner")
+    old_id = sandbox.cgroup_id("owner")
+    sandbox.rmdir("owner")
+    absent = sandbox.status()["reservations"][0]["owners"][0]
+    assert absent["id"] is None
+    sandbox.cgroup("owner")
+    new_id = sandbox.cgroup_id("owner")
+    assert new_id != old_id
+    assert set(sandbox.bind("owner", ALL_CASES).values()) == {0}
+    assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
+    assert sandbox.status()["reservations"][0]["owners"][0]["id"] == new_id
+
+
+def test_owner_cgroup_created_after_apply_owns_the_port_at_once(sandbox):
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "later.service"))
+    sandbox.cli("apply")
+    assert sandbox.status()["reservations"][0]["owners"][0]["id"] is None
+    assert set(sandbox.bind("later.service", ALL_CASES).values()) == {0}
+
+
+def test_status_from_a_fresh_process_shows_links_and_reservations(sandbox):
+    applied(sandbox, ports=(f"{PORT}/tcp",))
+    state = sandbox.status()
+    assert state["loaded"] is True
+    assert set(state["links"]) == {"bind4", "bind6", "mkdir", "rmdir"}
+    assert state["links"]["bind4"]["cgroup_id"] == sandbox.top_dir.stat().st_ino
+    assert state["reservations"] == [{
+        "port": PORT, "protocol": "tcp", "denied": 0,
+        "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner")}],
+    }]
+
+
+def test_check_names_the_owner(sandbox):
+    applied(sandbox, ports=(f"{PORT}/tcp",))
+    out = json.loads(sandbox.cli("check", f"{PORT}", "--json").stdout)
+    assert out == [
+        {"port": PORT, "protocol": "tcp", "reserved": True,
+         "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner")}]},
+        {"port": PORT, "protocol": "udp", "reserved": False, "owners": []},
+    ]
+
+
+def test_reapply_with_the_same_config_changes_nothing(sandbox):
+    applied(sandbox)
+    before = sandbox.status()
+    out = sandbox.cli("apply").stdout
+    assert "unchanged" in out
+    assert sandbox.status() == before
+
+
+def test_reapply_with_a_changed_config_updates_the_guard(sandbox):
+    applied(sandbox, ports=(f"{PORT}",))
+    links = sandbox.status()["links"]
+    applied(sandbox, ports=(f"{FREE}",))
+    assert sandbox.status()["links"] == links  # maps changed, links and programs kept
+    result = sandbox.bind("stranger", [("v4", "tcp", PORT), ("v4", "tcp", FREE)])
+    assert result == {f"v4/tcp/{PORT}": 0, f"v4/tcp/{FREE}": errno.EADDRINUSE}
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == str(FREE)
+
+
+def test_reapply_under_load_never_lets_the_stranger_in_nor_keeps_the_owner_out(sandbox):
+    # Alternate configs that both reserve PORT for the owner but differ elsewhere, and swap
+    # the attach point's program set too (mode/errno differ): the answer for PORT must never
+    # change while binds run in loops.
+    stop = sandbox.work / "stop"
+    configs = []
+    for i, extra in enumerate(([], ["9000-9099"])):
+        path = sandbox.work / f"c{i}.toml"
+        sandbox.write_config(sandbox.owner_block([str(PORT), *extra], "owner"),
+                             deny_errno=["EADDRINUSE", "EACCES"][i])
+        path.write_text(sandbox.config_path.read_text())
+        configs.append(path)
+    sandbox.cli("apply", config=configs[0])
+    stranger = sandbox.start("stranger", "loop", ["dual", "tcp", PORT, str(stop)])
+    owner = sandbox.start("owner", "loop", ["v4", "udp", PORT, str(stop)])
+    for child in (stranger, owner):
+        assert child.stdout.readline().strip() == "ready"
+    for i in range(50):
+        sandbox.cli("apply", config=configs[i % 2])
+    stop.touch()
+    s = json.loads(stranger.communicate(timeout=60)[0].strip().splitlines()[-1])
+    o = json.loads(owner.communicate(timeout=60)[0].strip().splitlines()[-1])
+    assert s["ok"] == 0 and s["fail"] > 0
+    assert set(map(int, s["errors"])) <= {errno.EADDRINUSE, errno.EACCES}
+    assert o["fail"] == 0 and o["ok"] > 0
+
+
+def test_remove_leaves_no_links_pins_or_sysctl_entries(sandbox):
+    applied(sandbox)
+    link_ids = [link["link_id"] for link in sandbox.status()["links"].values()]
+    sandbox.cli("remove")
+    assert not sandbox.pin_dir.exists()
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == ""
+    for link_id in link_ids:
+        fd = kernel.lib().bpf_link_get_fd_by_id(link_id)
+        assert fd < 0, f"link {link_id} still exists"
+    assert set(sandbox.bind("stranger", ALL_CASES).values()) == {0}
+    assert "nothing to remove" in sandbox.cli("remove").stdout
+
+
+def test_bad_config_exits_2_naming_file_and_line_and_leaves_the_guard_as_it_was(sandbox):
+    applied(sandbox)
+    before = sandbox.status()
+    good = sandbox.config_path.read_text()
+    sandbox.config_path.write_text(good + '\n[[reserve]]\nports = ["70000"]\ncgroup = "/x"\n')
+    proc = sandbox.cli("apply", check=False)
+    bad_line = len(good.splitlines()) + 3
+    assert proc.returncode == 2
+    assert f"{sandbox.config_path}:{bad_line}: port 70000 is out of range" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sandbox.status() == before
+    assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
+
+
+def test_missing_attach_cgroup_is_one_clear_sentence(sandbox):
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"), cgroup=f"{sandbox.top}/nope")
+    proc = sandbox.cli("apply", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"Error: the attach cgroup {sandbox.top}/nope does not exist under {sandbox.cgroup_root}"
+
+
+def test_pin_dir_outside_bpffs_is_one_clear_sentence(sandbox):
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"), pin_dir=str(sandbox.work / "pins"))
+    proc = sandbox.cli("apply", check=False)
+    assert proc.returncode == 1
+    assert "is not on a BPF file system" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_not_root_is_one_clear_sentence(sandbox):
+    applied(sandbox)
+    for command in ("apply", "status", "remove"):
+        proc = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+             "-m", "guard", "--config", str(sandbox.config_path), command],
+            capture_output=True, text=True, cwd=str(sandbox.work.parent))
+        assert proc.returncode == 1, (command, proc.stderr)
+        assert "must run as root" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_compiled_object_and_no_clang_names_the_fix(sandbox):
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"))
+    proc = sandbox.cli("apply", check=False, env={"PORTGUARD_CACHE_DIR": str(sandbox.work / "empty"),
+                                                   "PORTGUARD_CLANG": ""})
+    assert proc.returncode == 1
+    assert "install clang" in proc.stderr and "portguard build" in proc.stderr
+    assert not sandbox.pin_dir.exists() or not any(sandbox.pin_dir.iterdir())
+
+
+def test_guard_survives_the_exit_of_apply(sandbox):
+    applied(sandbox)
+    time.sleep(0.2)  # the CLI process has exited; the kernel still refuses
+    assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
