@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
-import sysconfig
-import tempfile
 from pathlib import Path
 
 from guard.sources import bpf_source_dir
@@ -37,6 +33,8 @@ def cache_dir() -> Path:
 
 
 def _flags(variant: str) -> list[str]:
+    import sysconfig
+
     include = [f"-I{bpf_source_dir()}"]
     multiarch = sysconfig.get_config_var("MULTIARCH")
     if multiarch:
@@ -73,6 +71,8 @@ def cached_object(variant: str) -> Path | None:
 
 
 def find_clang() -> str | None:
+    import shutil  # the compiler tools stay off the apply path: only a cache miss builds
+
     override = os.environ.get("PORTGUARD_CLANG")
     if override is not None:
         return shutil.which(override) if override else None
@@ -85,6 +85,9 @@ def find_clang() -> str | None:
 
 def build(variant: str) -> Path:
     """Compile the object into the cache (atomically) and return its path."""
+    import subprocess
+    import tempfile
+
     clang = find_clang()
     if clang is None:
         raise BuildError(
