@@ -11,7 +11,6 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_FUNC_set_retval = 187
@@ -22,6 +21,9 @@ BPF_NOEXIST = 1
 LINK_TYPE_CGROUP = 3
 
 BIND_ATTACH_TYPES = {"bind4": BPF_CGROUP_INET4_BIND, "bind6": BPF_CGROUP_INET6_BIND}
+BATCH = 4096  # elements per batched map syscall
+ENOTSUPP = 524  # the kernel's internal "operation not supported", seen by user space
+NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP}
 
 
 class BpfError(OSError):
@@ -76,6 +78,9 @@ def lib() -> C.CDLL:
         "bpf_map_lookup_elem": (I, [I, VP, VP]),
         "bpf_map_delete_elem": (I, [I, VP]),
         "bpf_map_get_next_key": (I, [I, VP, VP]),
+        "bpf_map_lookup_batch": (I, [I, VP, VP, VP, VP, C.POINTER(U32), P]),
+        "bpf_map_update_batch": (I, [I, VP, VP, C.POINTER(U32), P]),
+        "bpf_map_delete_batch": (I, [I, VP, C.POINTER(U32), P]),
         "bpf_obj_get_info_by_fd": (I, [I, VP, C.POINTER(U32)]),
         "bpf_prog_get_fd_by_id": (I, [U32]),
         "bpf_link_get_fd_by_id": (I, [U32]),
@@ -241,6 +246,21 @@ def map_info(fd: int) -> MapInfo:
     return MapInfo(u32[1], u32[0], u32[2], u32[3], u32[4], name)
 
 
+def _key_copy(key_type: type, element):
+    """A key out of a ctypes array, as a key_type instance of its own."""
+    return key_type(element) if isinstance(element, int) else key_type.from_buffer_copy(element)
+
+
+def _value_copy(element):
+    """A value out of a ctypes array, as lookup() returns it: ints stay ints, per-CPU
+    values become lists, structures are copied out of the shared buffer."""
+    if isinstance(element, int):
+        return element
+    if isinstance(element, C.Array):
+        return list(element)
+    return type(element).from_buffer_copy(element)
+
+
 class Map:
     """A map seen through the ctypes key/value types of guard.layout."""
 
@@ -286,10 +306,41 @@ class Map:
             raise BpfError(err, f"map delete: {os.strerror(err)}")
         return True
 
-    def keys(self) -> Iterator:
-        """All keys (copies). Elements deleted meanwhile may restart the walk: callers
-        collect first, then act."""
+    def keys(self) -> list:
+        """All keys (copies), read in batches."""
+        return [key for key, _ in self.items()]
+
+    def items(self) -> list[tuple[object, object]]:
+        """All (key, value) pairs (copies), read in batches of BATCH elements per syscall
+        (Linux >= 5.6; older kernels: one element at a time)."""
         bpf = lib()
+        value_type = self.value_type * self.ncpu if self.ncpu > 1 else self.value_type
+        keys = (self.key_type * BATCH)()
+        values = (value_type * BATCH)()
+        token_size = max(C.sizeof(self.key_type), 8)  # hash maps: a bucket index; arrays: a key
+        tokens = [C.create_string_buffer(token_size), C.create_string_buffer(token_size)]
+        pairs: list[tuple[object, object]] = []
+        first = True
+        while True:
+            count = C.c_uint32(BATCH)
+            ret = bpf.bpf_map_lookup_batch(self.fd, None if first else tokens[0], tokens[1],
+                                           keys, values, C.byref(count), None)
+            err = C.get_errno() if ret < 0 else 0
+            if err in NO_BATCH and first:
+                return self._walk()
+            if err not in (0, errno.ENOENT):
+                raise BpfError(err, f"map batch read: {os.strerror(err)}")
+            pairs.extend((_key_copy(self.key_type, keys[i]), _value_copy(values[i]))
+                         for i in range(count.value))
+            if err == errno.ENOENT:  # that was the last batch
+                return pairs
+            tokens.reverse()
+            first = False
+
+    def _walk(self) -> list[tuple[object, object]]:
+        """items() one element at a time: get_next_key, then lookup."""
+        bpf = lib()
+        found = []
         prev = None
         while True:
             nxt = self.key_type()
@@ -298,16 +349,61 @@ class Map:
             if ret < 0:
                 err = C.get_errno()
                 if err == errno.ENOENT:
-                    return
+                    break
                 raise BpfError(err, f"map walk: {os.strerror(err)}")
-            yield nxt
+            found.append(nxt)
             prev = nxt
-
-    def items(self) -> Iterator[tuple[object, object]]:
-        for key in list(self.keys()):
+        pairs = []
+        for key in found:
             value = self.lookup(key)
             if value is not None:
-                yield key, value
+                pairs.append((key, value))
+        return pairs
+
+    def update_many(self, pairs: list[tuple[object, object]]) -> None:
+        """Write many elements (BPF_ANY), BATCH per syscall where the kernel can."""
+        bpf = lib()
+        for start in range(0, len(pairs), BATCH):
+            chunk = pairs[start:start + BATCH]
+            keys = (self.key_type * len(chunk))(*(self._key(k) for k, _ in chunk))
+            values = (self.value_type * len(chunk))(*(v if isinstance(v, self.value_type)
+                                                      else self.value_type(v) for _, v in chunk))
+            if self.ncpu > 1 or not self._batch(bpf.bpf_map_update_batch, keys, values, len(chunk)):
+                for key, value in chunk:
+                    self.update(key, value)
+
+    def delete_many(self, keys: list) -> int:
+        """Delete these keys, BATCH per syscall where the kernel can; keys already gone
+        (a cgroup tracker may delete meanwhile) are skipped. Returns how many were deleted."""
+        bpf = lib()
+        deleted = 0
+        pending = [self._key(k) for k in keys]
+        while pending:
+            chunk = pending[:BATCH]
+            buf = (self.key_type * len(chunk))(*chunk)
+            count = C.c_uint32(len(chunk))
+            if bpf.bpf_map_delete_batch(self.fd, buf, C.byref(count), None) == 0:
+                deleted += len(chunk)
+                pending = pending[len(chunk):]
+                continue
+            err = C.get_errno()
+            if err in NO_BATCH:
+                return deleted + sum(self.delete(k) for k in pending)
+            if err != errno.ENOENT:
+                raise BpfError(err, f"map batch delete: {os.strerror(err)}")
+            deleted += count.value  # the element after those is gone already: skip it
+            pending = pending[count.value + 1:]
+        return deleted
+
+    def _batch(self, fn, keys, values, n: int) -> bool:
+        """One batched write; False when the kernel has no batch operations for this map."""
+        count = C.c_uint32(n)
+        if fn(self.fd, keys, values, C.byref(count), None) == 0:
+            return True
+        err = C.get_errno()
+        if err in NO_BATCH and count.value == 0:
+            return False
+        raise BpfError(err, f"map batch write: {os.strerror(err)}")
 
     def _key(self, key):
         return key if isinstance(key, self.key_type) else self.key_type(key)

@@ -185,8 +185,7 @@ def _same_config(a: layout.Config | None, b: layout.Config) -> bool:
 def clear_slot(maps: Maps, slot: int) -> None:
     """Paths first: once they are gone the cgroup trackers write no more owners of the slot."""
     for m in (maps.paths, maps.owners, maps.sets, maps.ports):
-        for key in [k for k in m.keys() if k.slot == slot]:
-            m.delete(key)
+        m.delete_many([k for k in m.keys() if k.slot == slot])
 
 
 def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root: Path) -> None:
@@ -206,8 +205,8 @@ def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root
         for i, member in enumerate(members):
             value.owner[i] = member
         maps.sets.update(layout.SetKey(slot, set_id), value)
-    for (proto, port), set_id in plan.ports.items():
-        maps.ports.update(layout.PortKey(slot, proto, port), layout.PortVal(set_id, 0))
+    maps.ports.update_many([(layout.PortKey(slot, proto, port), layout.PortVal(set_id, 0))
+                            for (proto, port), set_id in plan.ports.items()])
 
 
 def flip(maps: Maps, slot: int) -> None:
@@ -219,8 +218,8 @@ def flip(maps: Maps, slot: int) -> None:
 def _sysctl_add(maps: Maps, ports: set[int]) -> None:
     current = sysctl.read()
     missing = ports - current
-    for port in missing:
-        maps.sysctl_added.update(port, 1)  # recorded first: a crash never forgets what it added
+    maps.sysctl_added.update_many([(port, 1) for port in missing])  # recorded first: a crash
+    # never forgets what it added
     if missing:
         sysctl.write(current | missing)
 
@@ -233,8 +232,7 @@ def _sysctl_drop(maps: Maps, keep: set[int]) -> None:
     current = sysctl.read()
     if current & stale:
         sysctl.write(current - stale)
-    for port in stale:
-        maps.sysctl_added.delete(port)
+    maps.sysctl_added.delete_many(list(stale))
 
 
 # ---- apply --------------------------------------------------------------------------------------
@@ -375,8 +373,7 @@ def _apply_maps(maps: Maps, plan: Plan, cookie: int, variant: str, cgroup_root: 
     flip(maps, inactive)
     clear_slot(maps, active)
     reserved = {(proto, port) for proto, port in plan.ports}
-    for key in [k for k in maps.denied.keys() if (k.proto, k.port) not in reserved]:
-        maps.denied.delete(key)
+    maps.denied.delete_many([k for k in maps.denied.keys() if (k.proto, k.port) not in reserved])
     _sysctl_drop(maps, wanted_ports)
     return True
 
