@@ -35,9 +35,12 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
           extra_owners: tuple[str, ...] = ()) -> Plan:
     """owner_paths: for each block (by index) its resolved owners as (cgroup path, name);
     extra_owners: paths trusted for every reserved port (e.g. /init.scope)."""
-    owners_by_port: dict[tuple[int, int], set[str]] = {}
+    # One owner set per block, shared by all its ports (a range of thousands of ports
+    # costs one frozenset); a port named by several blocks gets the union.
+    owners_by_port: dict[tuple[int, int], frozenset[str]] = {}
     first_origin: dict[tuple[int, int], Origin] = {}
     names: dict[str, set[str]] = {}
+    extra = frozenset(extra_owners)
     for index, block in enumerate(config.blocks):
         resolved = owner_paths.get(index, [])
         if not resolved:
@@ -45,30 +48,36 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
         for path, name in resolved:
             if name:
                 names.setdefault(path, set()).add(name)
+        block_owners = frozenset(p for p, _ in resolved) | extra
         for port_range, origin in block.ports:
             for proto_name, port in port_range.pairs():
                 key = (PROTO_NUMBERS[proto_name], port)
-                owners_by_port.setdefault(key, set()).update(p for p, _ in resolved)
-                first_origin.setdefault(key, origin)
+                known = owners_by_port.get(key)
+                if known is None:
+                    owners_by_port[key] = block_owners
+                    first_origin[key] = origin
+                elif not block_owners <= known:
+                    owners_by_port[key] = known | block_owners
     problems = []
     for key, owners in owners_by_port.items():
-        owners.update(extra_owners)
         if len(owners) > layout.MAX_OWNERS:
             problems.append(f"{first_origin[key]}: port {key[1]} has {len(owners)} owners; "
                             f"at most {layout.MAX_OWNERS} per port")
-    paths = tuple(sorted({p for owners in owners_by_port.values() for p in owners}))
+    distinct_owners = set(owners_by_port.values())
+    paths = tuple(sorted({p for owners in distinct_owners for p in owners}))
     if len(paths) > layout.MAX_OWNER_PATHS:
         problems.append(f"{config.files[0] if config.files else '<config>'}:1: {len(paths)} owner "
                         f"cgroups; at most {layout.MAX_OWNER_PATHS}")
     index_of = {path: i for i, path in enumerate(paths)}
-    distinct = sorted({tuple(sorted(index_of[p] for p in owners)) for owners in owners_by_port.values()})
+    members_of = {owners: tuple(sorted(index_of[p] for p in owners)) for owners in distinct_owners}
+    distinct = sorted(set(members_of.values()))
     if len(distinct) > layout.MAX_SETS:
         problems.append(f"{config.files[0] if config.files else '<config>'}:1: {len(distinct)} "
                         f"distinct owner combinations; at most {layout.MAX_SETS}")
     if problems:
         raise ConfigError(problems)
     set_of = {members: set_id for set_id, members in enumerate(distinct)}
-    ports = {key: set_of[tuple(sorted(index_of[p] for p in owners))]
-             for key, owners in sorted(owners_by_port.items())}
+    set_of_owners = {owners: set_of[members] for owners, members in members_of.items()}
+    ports = {key: set_of_owners[owners] for key, owners in sorted(owners_by_port.items())}
     return Plan(config.settings, ports, dict(enumerate(distinct)), paths,
                 {p: tuple(sorted(n)) for p, n in names.items()})
