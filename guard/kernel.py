@@ -246,21 +246,6 @@ def map_info(fd: int) -> MapInfo:
     return MapInfo(u32[1], u32[0], u32[2], u32[3], u32[4], name)
 
 
-def _key_copy(key_type: type, element):
-    """A key out of a ctypes array, as a key_type instance of its own."""
-    return key_type(element) if isinstance(element, int) else key_type.from_buffer_copy(element)
-
-
-def _value_copy(element):
-    """A value out of a ctypes array, as lookup() returns it: ints stay ints, per-CPU
-    values become lists, structures are copied out of the shared buffer."""
-    if isinstance(element, int):
-        return element
-    if isinstance(element, C.Array):
-        return list(element)
-    return type(element).from_buffer_copy(element)
-
-
 class Map:
     """A map seen through the ctypes key/value types of guard.layout."""
 
@@ -311,17 +296,19 @@ class Map:
         return [key for key, _ in self.items()]
 
     def items(self) -> list[tuple[object, object]]:
-        """All (key, value) pairs (copies), read in batches of BATCH elements per syscall
-        (Linux >= 5.6; older kernels: one element at a time)."""
+        """All (key, value) pairs, read in batches of BATCH elements per syscall (Linux >=
+        5.6; older kernels: one element at a time). Structures are views into the batch
+        buffers (no per-element copy); keys of plain integer types come as key_type
+        instances, values as lookup() returns them."""
         bpf = lib()
         value_type = self.value_type * self.ncpu if self.ncpu > 1 else self.value_type
-        keys = (self.key_type * BATCH)()
-        values = (value_type * BATCH)()
         token_size = max(C.sizeof(self.key_type), 8)  # hash maps: a bucket index; arrays: a key
         tokens = [C.create_string_buffer(token_size), C.create_string_buffer(token_size)]
         pairs: list[tuple[object, object]] = []
         first = True
         while True:
+            keys = (self.key_type * BATCH)()
+            values = (value_type * BATCH)()
             count = C.c_uint32(BATCH)
             ret = bpf.bpf_map_lookup_batch(self.fd, None if first else tokens[0], tokens[1],
                                            keys, values, C.byref(count), None)
@@ -330,8 +317,13 @@ class Map:
                 return self._walk()
             if err not in (0, errno.ENOENT):
                 raise BpfError(err, f"map batch read: {os.strerror(err)}")
-            pairs.extend((_key_copy(self.key_type, keys[i]), _value_copy(values[i]))
-                         for i in range(count.value))
+            batch_keys = keys[:count.value]
+            if issubclass(self.key_type, C._SimpleCData):
+                batch_keys = [self.key_type(k) for k in batch_keys]
+            batch_values = values[:count.value]
+            if self.ncpu > 1:
+                batch_values = [list(v) for v in batch_values]
+            pairs.extend(zip(batch_keys, batch_values))
             if err == errno.ENOENT:  # that was the last batch
                 return pairs
             tokens.reverse()
@@ -360,17 +352,17 @@ class Map:
                 pairs.append((key, value))
         return pairs
 
-    def update_many(self, pairs: list[tuple[object, object]]) -> None:
-        """Write many elements (BPF_ANY), BATCH per syscall where the kernel can."""
+    def update_many(self, keys: list, values: list) -> None:
+        """Write many elements (BPF_ANY), BATCH per syscall where the kernel can. Keys and
+        values as ctypes instances, ints or field tuples (PortKey fields: (slot, proto, port))."""
         bpf = lib()
-        for start in range(0, len(pairs), BATCH):
-            chunk = pairs[start:start + BATCH]
-            keys = (self.key_type * len(chunk))(*(self._key(k) for k, _ in chunk))
-            values = (self.value_type * len(chunk))(*(v if isinstance(v, self.value_type)
-                                                      else self.value_type(v) for _, v in chunk))
-            if self.ncpu > 1 or not self._batch(bpf.bpf_map_update_batch, keys, values, len(chunk)):
-                for key, value in chunk:
-                    self.update(key, value)
+        for start in range(0, len(keys), BATCH):
+            n = len(keys[start:start + BATCH])
+            key_buf = (self.key_type * n)(*keys[start:start + BATCH])
+            value_buf = (self.value_type * n)(*values[start:start + BATCH])
+            if self.ncpu > 1 or not self._batch(bpf.bpf_map_update_batch, key_buf, value_buf, n):
+                for i in range(n):
+                    self.update(key_buf[i], value_buf[i])
 
     def delete_many(self, keys: list) -> int:
         """Delete these keys, BATCH per syscall where the kernel can; keys already gone

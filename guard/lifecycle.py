@@ -205,8 +205,8 @@ def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root
         for i, member in enumerate(members):
             value.owner[i] = member
         maps.sets.update(layout.SetKey(slot, set_id), value)
-    maps.ports.update_many([(layout.PortKey(slot, proto, port), layout.PortVal(set_id, 0))
-                            for (proto, port), set_id in plan.ports.items()])
+    maps.ports.update_many([(slot, proto, port) for proto, port in plan.ports],
+                           [(set_id, 0) for set_id in plan.ports.values()])
 
 
 def flip(maps: Maps, slot: int) -> None:
@@ -218,8 +218,8 @@ def flip(maps: Maps, slot: int) -> None:
 def _sysctl_add(maps: Maps, ports: set[int]) -> None:
     current = sysctl.read()
     missing = ports - current
-    maps.sysctl_added.update_many([(port, 1) for port in missing])  # recorded first: a crash
-    # never forgets what it added
+    added = sorted(missing)
+    maps.sysctl_added.update_many(added, [1] * len(added))  # first: a crash never forgets them
     if missing:
         sysctl.write(current | missing)
 
