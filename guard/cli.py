@@ -153,7 +153,7 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
         pairs = parse_check_target(port)
     except PortSpecError as exc:
         raise click.UsageError(str(exc)) from None
-    state = _runtime(lifecycle.read_state, _load_settings(config_path))
+    state = _runtime(lifecycle.read_state, _load_settings(config_path), pairs)
     by_key = {(r.protocol, r.port): r for r in state.reservations}
     results = []
     for proto, number in pairs:

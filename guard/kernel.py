@@ -253,6 +253,7 @@ class Map:
         self.fd = fd
         self.key_type = key_type
         self.value_type = value_type
+        self.percpu = percpu
         self.ncpu = possible_cpus() if percpu else 1
 
     def lookup(self, key) -> object | None:
@@ -264,14 +265,14 @@ class Map:
             if err == errno.ENOENT:
                 return None
             raise BpfError(err, f"map lookup: {os.strerror(err)}")
-        return list(buf) if self.ncpu > 1 else buf[0]
+        return list(buf) if self.percpu else buf[0]
 
     def update(self, key, value, flags: int = BPF_ANY) -> bool:
         """Write one element; False when BPF_NOEXIST found it present."""
         key = self._key(key)
         if not isinstance(value, self.value_type):
             value = self.value_type(value)
-        if self.ncpu > 1:
+        if self.percpu:
             values = (self.value_type * self.ncpu)(*([value] * self.ncpu))
         else:
             values = value
@@ -301,7 +302,7 @@ class Map:
         buffers (no per-element copy); keys of plain integer types come as key_type
         instances, values as lookup() returns them."""
         bpf = lib()
-        value_type = self.value_type * self.ncpu if self.ncpu > 1 else self.value_type
+        value_type = self.value_type * self.ncpu if self.percpu else self.value_type
         token_size = max(C.sizeof(self.key_type), 8)  # hash maps: a bucket index; arrays: a key
         tokens = [C.create_string_buffer(token_size), C.create_string_buffer(token_size)]
         pairs: list[tuple[object, object]] = []
@@ -321,7 +322,7 @@ class Map:
             if issubclass(self.key_type, C._SimpleCData):
                 batch_keys = [self.key_type(k) for k in batch_keys]
             batch_values = values[:count.value]
-            if self.ncpu > 1:
+            if self.percpu:
                 batch_values = [list(v) for v in batch_values]
             pairs.extend(zip(batch_keys, batch_values))
             if err == errno.ENOENT:  # that was the last batch
@@ -360,7 +361,7 @@ class Map:
             n = len(keys[start:start + BATCH])
             key_buf = (self.key_type * n)(*keys[start:start + BATCH])
             value_buf = (self.value_type * n)(*values[start:start + BATCH])
-            if self.ncpu > 1 or not self._batch(bpf.bpf_map_update_batch, key_buf, value_buf, n):
+            if self.percpu or not self._batch(bpf.bpf_map_update_batch, key_buf, value_buf, n):
                 for i in range(n):
                     self.update(key_buf[i], value_buf[i])
 

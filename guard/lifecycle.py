@@ -161,8 +161,14 @@ class SlotContents:
     paths: dict[str, int]
 
 
-def read_slot(maps: Maps, slot: int) -> SlotContents:
-    ports = {(k.proto, k.port): v.set for k, v in maps.ports.items() if k.slot == slot}
+def read_slot(maps: Maps, slot: int, only: list[tuple[int, int]] | None = None) -> SlotContents:
+    """The slot's contents; with `only` (protocol, port) pairs, just those ports, looked up
+    one by one instead of walking every reservation."""
+    if only is None:
+        ports = {(k.proto, k.port): v.set for k, v in maps.ports.items() if k.slot == slot}
+    else:
+        found = {pair: maps.ports.lookup(layout.PortKey(slot, *pair)) for pair in only}
+        ports = {pair: value.set for pair, value in found.items() if value is not None}
     sets = {k.set: tuple(v.owner[: v.count]) for k, v in maps.sets.items() if k.slot == slot}
     paths = {k.path.decode(): v for k, v in maps.paths.items() if k.slot == slot}
     return SlotContents(ports, sets, paths)
@@ -462,20 +468,21 @@ class GuardState:
     lost_events: int = 0
 
 
-def read_state(settings: Settings) -> GuardState:
-    """What the kernel holds now, from the pins alone (works from any fresh process)."""
+def read_state(settings: Settings, only: list[tuple[str, int]] | None = None) -> GuardState:
+    """What the kernel holds now, from the pins alone (works from any fresh process);
+    with `only` (protocol name, port) pairs, just the reservations of those ports."""
     if os.geteuid() != 0:
         raise GuardError("portguard status must run as root: the pinned maps are root-only")
     pins = Pins(Path(settings.pin_dir))
     if not pins.root.is_dir():
         return GuardState(False, settings.pin_dir)
     try:
-        return _read_state(pins, settings)
+        return _read_state(pins, settings, only)
     except kernel.BpfError as exc:
         raise GuardError(str(exc)) from None
 
 
-def _read_state(pins: Pins, settings: Settings) -> GuardState:
+def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | None) -> GuardState:
     link_states = []
     for name in PROGRAMS:
         fd = kernel.get_pinned(pins.link(name))
@@ -491,11 +498,16 @@ def _read_state(pins: Pins, settings: Settings) -> GuardState:
         return GuardState(bool(link_states), settings.pin_dir, tuple(link_states))
     try:
         active = maps.active
-        slot = read_slot(maps, active)
+        wanted = None if only is None else [(layout.PROTOCOLS[proto], port) for proto, port in only]
+        slot = read_slot(maps, active, wanted)
         cfg = maps.config.lookup(active)
         owner_ids = {k.idx: v.id for k, v in maps.owners.items() if k.slot == active}
         path_of = {idx: path for path, idx in slot.paths.items()}
-        denied = {(k.proto, k.port): sum(v) for k, v in maps.denied.items()}
+        if wanted is None:
+            denied = {(k.proto, k.port): sum(v) for k, v in maps.denied.items()}
+        else:
+            counts = {pair: maps.denied.lookup(layout.CountKey(pair[0], 0, pair[1])) for pair in wanted}
+            denied = {pair: sum(count) for pair, count in counts.items() if count is not None}
         reservations = []
         for (proto, port), set_id in sorted(slot.ports.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             owners = tuple(OwnerState(path_of.get(i, "?"), owner_ids.get(i) or None)
