@@ -7,9 +7,8 @@ created, and LAYOUT names the pin sub-directory so maps of another layout are ne
 from __future__ import annotations
 
 import ctypes as C
-import hashlib
 
-from guard.sources import bpf_source_dir
+from guard.sources import bpf_source_dir, sha256
 
 SLOTS = 2
 MAX_OWNERS = 64
@@ -108,7 +107,7 @@ MAPS: dict[str, tuple[type, type]] = {
 
 def _layout_digest() -> str:
     header = (bpf_source_dir() / "guard.h").read_bytes()
-    return hashlib.sha256(header).hexdigest()[:12]
+    return sha256(header).hexdigest()[:12]
 
 
 LAYOUT = _layout_digest()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import fcntl
-import hashlib
 import os
 import socket
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from guard import cgroups, kernel, layout, objects, sysctl
+from guard import cgroups, kernel, layout, objects, sources, sysctl
 from guard.config import Settings
 from guard.plan import Plan
 
@@ -146,7 +145,7 @@ def _locked(pin_dir: Path) -> Iterator[None]:
         lock_dir = LOCK_DIR
     except OSError:
         lock_dir = Path("/tmp")
-    name = hashlib.sha256(str(pin_dir).encode()).hexdigest()[:16]
+    name = sources.sha256(str(pin_dir).encode()).hexdigest()[:16]
     with open(lock_dir / f"portguard-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield

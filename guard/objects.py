@@ -9,11 +9,10 @@ digest: an object built from other sources, or damaged, is never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-from guard.sources import bpf_source_dir
+from guard.sources import bpf_source_dir, sha256
 
 DEFAULT_CACHE_DIR = Path("/var/cache/portguard")
 SOURCES = ("guard.bpf.c", "guard.h")
@@ -43,7 +42,7 @@ def _flags(variant: str) -> list[str]:
 
 
 def source_digest(variant: str) -> str:
-    digest = hashlib.sha256()
+    digest = sha256()
     for name in SOURCES:
         digest.update((bpf_source_dir() / name).read_bytes())
     digest.update(" ".join(VARIANTS[variant]).encode())
@@ -55,7 +54,7 @@ def object_path(variant: str) -> Path:
 
 
 def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256(path.read_bytes()).hexdigest()
 
 
 def cached_object(variant: str) -> Path | None:
