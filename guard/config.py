@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guard.ports import PortRange, PortSpecError, parse_port_spec, read_services
+from guard.ports import PortRange, PortSpecError, Services, parse_port_spec
 
 DEFAULT_CONFIG = Path("/etc/portguard/portguard.toml")
 DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")
@@ -284,7 +284,7 @@ def config_files(main: Path) -> list[Path]:
 def load(paths: list[Path], services_file: Path | None = None) -> Config:
     """Parse and validate files in order; [guard] keys of later files override earlier ones,
     reservations accumulate. Raises ConfigError listing every problem."""
-    services = read_services(services_file) if services_file else read_services()
+    services = Services(services_file) if services_file else Services()
     problems: list[str] = []
     guard: dict = {}
     blocks: list[ReserveBlock] = []
@@ -299,7 +299,7 @@ def load(paths: list[Path], services_file: Path | None = None) -> Config:
 
 def loads(text: str, name: str = "<config>", services_file: Path | None = None) -> Config:
     """Parse one configuration given as text (tests, the embedded default policy)."""
-    services = read_services(services_file) if services_file else read_services()
+    services = Services(services_file) if services_file else Services()
     problems: list[str] = []
     guard, blocks = _parse_text(name, text, services, problems)
     if problems:

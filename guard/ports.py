@@ -42,7 +42,21 @@ def read_services(path: Path = SERVICES) -> dict[str, dict[str, int]]:
     return services
 
 
-def _port_number(text: str, services: dict[str, dict[str, int]], protocols: tuple[str, ...]) -> int:
+class Services:
+    """Service names from an /etc/services file, read at the first name looked up: a
+    configuration of port numbers never opens the file."""
+
+    def __init__(self, path: Path = SERVICES):
+        self.path = path
+        self._names: dict[str, dict[str, int]] | None = None
+
+    def get(self, name: str) -> dict[str, int] | None:
+        if self._names is None:
+            self._names = read_services(self.path)
+        return self._names.get(name)
+
+
+def _port_number(text: str, services: Services | dict[str, dict[str, int]], protocols: tuple[str, ...]) -> int:
     if text.isdigit():
         port = int(text)
         if not 1 <= port <= 65535:
@@ -59,7 +73,7 @@ def _port_number(text: str, services: dict[str, dict[str, int]], protocols: tupl
     return next(iter(entry.values()))
 
 
-def parse_port_spec(spec: str, services: dict[str, dict[str, int]] | None = None) -> PortRange:
+def parse_port_spec(spec: str, services: Services | dict[str, dict[str, int]] | None = None) -> PortRange:
     """"631", "ipp", "8000-8010/tcp", "53/udp" -> PortRange. No protocol means both."""
     if not isinstance(spec, str):
         raise PortSpecError(f"port entry {spec!r} must be a string")
@@ -73,7 +87,7 @@ def parse_port_spec(spec: str, services: dict[str, dict[str, int]] | None = None
         protocols = (proto,)
     if not text:
         raise PortSpecError(f"empty port in {spec!r}")
-    services = services if services is not None else read_services()
+    services = services if services is not None else Services()
     if "-" in text and text.replace("-", "").isdigit():
         low, _, high = text.partition("-")
         if not low or not high:
