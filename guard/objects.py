@@ -109,7 +109,17 @@ def build(variant: str) -> Path:
         sidecar.write_text(_file_digest(out) + "\n")
         os.replace(out, target)
         os.replace(sidecar, target.with_suffix(".sha256"))
+    _prune(variant, keep=target)
     return target
+
+
+def _prune(variant: str, keep: Path) -> None:
+    """Remove this variant's objects built from other sources (a package upgrade leaves
+    the old version's): they are never loaded, only taking room."""
+    for stale in keep.parent.glob(f"guard-{variant}-*.o"):
+        if stale != keep:
+            for path in (stale, stale.with_suffix(".sha256")):
+                path.unlink(missing_ok=True)
 
 
 def ensure_object(variant: str) -> Path:

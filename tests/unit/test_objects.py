@@ -1,0 +1,59 @@
+"""The object cache: names carry the source digest, a sidecar vouches for the content."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard import objects
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTGUARD_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_an_object_without_its_sidecar_is_not_offered(cache):
+    objects.object_path("retval").write_bytes(b"\x7fELF whatever")
+    assert objects.cached_object("retval") is None
+
+
+def test_an_object_whose_sidecar_names_other_content_is_not_offered(cache):
+    path = objects.object_path("retval")
+    path.write_bytes(b"\x7fELF one")
+    path.with_suffix(".sha256").write_text(objects.sha256(b"\x7fELF two").hexdigest() + "\n")
+    assert objects.cached_object("retval") is None
+
+
+def test_an_intact_object_for_the_current_sources_is_offered(cache):
+    path = objects.object_path("retval")
+    path.write_bytes(b"\x7fELF one")
+    path.with_suffix(".sha256").write_text(objects.sha256(b"\x7fELF one").hexdigest() + "\n")
+    assert objects.cached_object("retval") == path
+
+
+def test_objects_of_other_sources_are_never_offered(cache):
+    stale = cache / f"guard-retval-{'0' * 16}.o"
+    stale.write_bytes(b"\x7fELF old")
+    stale.with_suffix(".sha256").write_text(objects.sha256(b"\x7fELF old").hexdigest() + "\n")
+    assert objects.cached_object("retval") is None
+
+
+def test_no_compiler_names_the_fix(cache, monkeypatch):
+    monkeypatch.setenv("PORTGUARD_CLANG", "")
+    with pytest.raises(objects.BuildError, match="portguard build"):
+        objects.ensure_object("retval")
+
+
+def test_build_removes_objects_of_other_sources(cache):
+    if objects.find_clang() is None:
+        pytest.skip("no clang")
+    stale = cache / f"guard-retval-{'0' * 16}.o"
+    stale.write_bytes(b"old")
+    stale.with_suffix(".sha256").write_text("x\n")
+    other_variant = cache / f"guard-eperm-{'0' * 16}.o"
+    other_variant.write_bytes(b"old")
+    built = objects.build("retval")
+    assert objects.cached_object("retval") == built
+    assert not stale.exists() and not stale.with_suffix(".sha256").exists()
+    assert other_variant.exists()  # pruned when that variant is built
