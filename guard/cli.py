@@ -5,7 +5,6 @@ Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -123,6 +122,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     settings = _load_settings(config_path)
     state = _runtime(lifecycle.read_state, settings)
     if as_json:
+        import json  # only here: plain status, check and apply do without it
+
         click.echo(json.dumps(_state_dict(state), indent=2))
         return
     if not state.loaded:
@@ -161,6 +162,8 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
         results.append({"port": number, "protocol": proto, "reserved": res is not None,
                         "owners": [asdict(o) for o in res.owners] if res else []})
     if as_json:
+        import json
+
         click.echo(json.dumps(results, indent=2))
         return
     for item in results:
