@@ -15,6 +15,7 @@ import re
 import resource
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from bench.harness import (
     timed,
 )
 from guard import kernel, layout, objects
-from tests.kernel.sandbox import in_netns
+from tests.kernel.sandbox import REPO, in_netns
 
 PORT = 30000  # the reserved probe port
 FREE = 29999  # never reserved
@@ -276,34 +277,55 @@ def lifecycle(w: World, s: Settings) -> str:
     return "\n".join(out)
 
 
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def _interpreters() -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The interpreter running the benchmark, and (when this is a virtual environment) the
+    system one with the same modules on PYTHONPATH: what a distribution package runs, without
+    the venv's site hooks (.pth files, the editable-install finder)."""
+    found = {"this interpreter": ([sys.executable], {})}
+    if SYSTEM_PYTHON.exists() and Path(sys.prefix) != Path(sys.base_prefix):
+        path = os.pathsep.join([str(HERE.parent), sysconfig.get_paths()["purelib"]])
+        found[f"{SYSTEM_PYTHON}, modules on PYTHONPATH"] = ([str(SYSTEM_PYTHON)], {"PYTHONPATH": path})
+    return found
+
+
 def startup(w: World, s: Settings) -> str:
-    """The CLI's fixed cost: interpreter floor, --help, status, check; import time."""
-    w.apply_config(SCALES[1])
-    commands = {
-        "python -c pass (interpreter floor)": [*in_netns(w.box.netns), sys.executable, "-c", "pass"],
-        "portguard --help": portguard(w, "--help"),
-        "portguard status": portguard(w, "status"),
-        "portguard check 30000": portguard(w, "check", str(PORT)),
-        "portguard apply, unchanged": portguard(w, "apply"),
-    }
-    samples: dict[str, list[Run]] = {label: [] for label in commands}
-    imports: list[float] = []
-    for _ in range(s.lifecycle_rounds * 2):
-        for label, cmd in commands.items():
-            samples[label].append(timed(cmd, w.env))
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "guard", "--help"],
-                              capture_output=True, text=True, cwd=w.box.work.parent,
-                              env={**os.environ, "PYTHONPATH": str(HERE.parent)}, check=False)
-        match = re.search(r"\|\s*(\d+) \| guard\.cli$", proc.stderr, re.MULTILINE)
-        if match:
-            imports.append(int(match.group(1)) / 1000)
-    rows = [[label, f"{median([r.wall_ms for r in runs]):.0f}", spread([r.wall_ms for r in runs]),
-             f"{median([r.cpu_ms for r in runs]):.0f}"] for label, runs in samples.items()]
-    if imports:
-        rows.append(["import guard.cli (-X importtime, cumulative)", f"{median(imports):.0f}", spread(imports), "–"])
-    w.cli("remove")
-    return table("CLI start-up, one reservation, warm cache", ["command", "wall ms (median)", "spread",
-                                                               "CPU ms (median)"], rows)
+    """The CLI's fixed cost: interpreter floor, apply, re-apply, status, check, --help, remove
+    with one reservation; import time of the CLI."""
+    w.box.write_config(w.box.owner_block(SCALES[1], "guarded/owner"), cgroup=f"{w.box.top}/guarded")
+    rows = []
+    for name, (python, env) in _interpreters().items():
+        env = {**w.env, **env}
+        config = ["--config", str(w.box.config_path)]
+        run = lambda *args, python=python: [*in_netns(w.box.netns), *python, *args]
+        commands = {
+            "python -c pass (interpreter floor)": run("-c", "pass"),
+            "apply (onto an empty pin dir)": run("-m", "guard", *config, "apply"),
+            "apply, unchanged": run("-m", "guard", *config, "apply"),
+            "status": run("-m", "guard", *config, "status"),
+            "check 30000": run("-m", "guard", *config, "check", str(PORT)),
+            "--help": run("-m", "guard", "--help"),
+            "remove": run("-m", "guard", *config, "remove"),
+        }
+        samples: dict[str, list[Run]] = {label: [] for label in commands}
+        imports: list[float] = []
+        for _ in range(s.lifecycle_rounds * 2):
+            for label, cmd in commands.items():  # in this order: apply finds an empty pin dir
+                samples[label].append(timed(cmd, env))
+            proc = subprocess.run([*python, "-X", "importtime", "-m", "guard", "--help"], capture_output=True,
+                                  text=True, cwd=REPO, env={**os.environ, **env}, check=False)
+            match = re.search(r"\|\s*(\d+) \| guard\.cli$", proc.stderr, re.MULTILINE)
+            if match:
+                imports.append(int(match.group(1)) / 1000)
+        rows += [[name, label, f"{median([r.wall_ms for r in runs]):.0f}", spread([r.wall_ms for r in runs]),
+                  f"{median([r.cpu_ms for r in runs]):.0f}"] for label, runs in samples.items()]
+        if imports:
+            rows.append([name, "import guard.cli (-X importtime, cumulative)", f"{median(imports):.0f}",
+                         spread(imports), "–"])
+    return table("CLI, one reservation, warm page cache (process start to exit)",
+                 ["interpreter", "command", "wall ms (median)", "spread", "CPU ms (median)"], rows)
 
 
 # ---- portreserve's model ----------------------------------------------------------------------
