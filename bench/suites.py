@@ -216,7 +216,7 @@ def scale(w: World, s: Settings) -> str:
                  Case("owner binds its port", "guarded/owner", PORT, prog="guard"),
                  Case("stranger refused", "guarded/stranger", PORT, errno.EADDRINUSE, "guard")]
         results = interleaved(w, cases, "C", s.c_iterations, s.rounds, progs)
-        rows += _rows(cases, results, f"portguard, {n:,} reservations: ")[1:]
+        rows += _rows(cases, results, f"portguard, {n:,} reservation{'s' if n > 1 else ''}: ")[1:]
     owners = tuple(f"guarded/o{i:02d}" for i in range(64))
     w.apply_config(SCALES[1], owners)
     progs = {"guard": w.prog_id()}
