@@ -14,10 +14,10 @@ import fcntl
 import hashlib
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from guard import cgroups, kernel, layout, objects, sysctl
 from guard.config import Settings
@@ -71,7 +71,7 @@ class Maps:
             raise AttributeError(name) from None
 
     @classmethod
-    def open_pinned(cls, maps_dir: Path) -> "Maps | None":
+    def open_pinned(cls, maps_dir: Path) -> Maps | None:
         fds: dict[str, int] = {}
         for name in layout.MAPS:
             fd = kernel.get_pinned(maps_dir / name)

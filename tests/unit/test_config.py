@@ -10,6 +10,7 @@ from guard import config
 from guard.config import ConfigError
 from guard.ports import PortRange
 
+
 def load_text(tmp_path: Path, text: str, name: str = "portguard.toml") -> config.Config:
     path = tmp_path / name
     path.write_text(text)
