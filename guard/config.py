@@ -19,10 +19,10 @@ DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")
 MODES = ("enforce", "audit")
 MAX_PATH_BYTES = 254  # the kernel key holds 256 bytes incl. NUL; longer paths are refused
 
-GUARD_KEYS = {"cgroup", "pin_dir", "deny_errno", "mode", "trust_init"}
+GUARD_KEYS = {"cgroup", "pin_dir", "deny_errno", "mode", "trust_init", "contain"}
 OWNER_KEYS = {"cgroup": "cgroup", "cgroups": "cgroup", "unit": "unit", "units": "unit",
               "slice": "slice", "slices": "slice"}
-RESERVE_KEYS = {"ports", "if_installed", "comment", *OWNER_KEYS}
+RESERVE_KEYS = {"ports", "if_installed", "comment", "contain", *OWNER_KEYS}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class ReserveBlock:
     owners: tuple[OwnerRef, ...]
     origin: Origin
     if_installed: bool = False
+    contain: bool = False  # drop traffic of non-owner sockets on these ports
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Settings:
     deny_errno: str = "EADDRINUSE"
     mode: str = "enforce"
     trust_init: bool = False
+    contain: bool = False  # contain = true for every reservation
 
     @property
     def deny_errno_number(self) -> int:
@@ -192,9 +194,9 @@ def _parse_text(name: str, text: str, services: dict, problems: list[str]) -> tu
 
 
 def _check_guard_value(key: str, value: object, where: Origin, problems: list[str]) -> object:
-    if key == "trust_init":
+    if key in ("trust_init", "contain"):
         if not isinstance(value, bool):
-            problems.append(f"{where}: trust_init must be true or false")
+            problems.append(f"{where}: {key} must be true or false")
             return None
         return value
     if not isinstance(value, str):
@@ -267,9 +269,13 @@ def _parse_block(table: object, origin: Origin, lines: _Lines, end: int, service
     if not isinstance(if_installed, bool):
         problems.append(f"{Origin(origin.file, lines.key(origin.line, end, 'if_installed'))}: "
                         "if_installed must be true or false")
+    contain = table.get("contain", False)
+    if not isinstance(contain, bool):
+        problems.append(f"{Origin(origin.file, lines.key(origin.line, end, 'contain'))}: "
+                        "contain must be true or false")
     if len(problems) > before:
         return None
-    return ReserveBlock(tuple(ports), tuple(owners), origin, if_installed)
+    return ReserveBlock(tuple(ports), tuple(owners), origin, if_installed, contain)
 
 
 def config_files(main: Path) -> list[Path]:
