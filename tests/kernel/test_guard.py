@@ -132,6 +132,7 @@ def test_status_from_a_fresh_process_shows_links_and_reservations(sandbox):
     assert state["reservations"] == [{
         "port": PORT, "protocol": "tcp", "denied": 0,
         "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner")}],
+        "contain": False, "contained_drops": 0,
     }]
 
 
