@@ -74,13 +74,17 @@ def test_other_ports_of_a_contained_guard_are_untouched(sandbox):
     assert answers(sandbox, FREE) == ALL_ANSWERED
 
 
-def test_turning_contain_off_again_frees_the_squatter_and_detaches(sandbox):
+def test_contain_can_be_turned_on_and_off_on_a_loaded_guard(sandbox):
     squat(sandbox)
+    applied(sandbox, contain=False)
+    assert answers(sandbox) == ALL_ANSWERED
     applied(sandbox, contain=True)
     assert answers(sandbox) == NONE_ANSWERED
     applied(sandbox, contain=False)
     assert answers(sandbox) == ALL_ANSWERED
-    assert sandbox.status()["containment"] is False
+    status = sandbox.status()
+    assert status["containment"] is False
+    assert "ingress" not in status["links"] and "egress" not in status["links"]
 
 
 def test_the_owner_serves_through_containment(sandbox):
