@@ -134,11 +134,12 @@ def status(config_path: str | None, as_json: bool) -> None:
     for link in state.links:
         where = f" cgroup id {link.cgroup_id}" if link.cgroup_id else ""
         click.echo(f"  link {link.name}: id {link.link_id}, program id {link.prog_id}{where}")
-    click.echo(f"{'PORT':>5} {'PROTO':5} {'DENIED':>7}  OWNERS")
+    click.echo(f"{'PORT':>5} {'PROTO':5} {'DENIED':>7} {'DROPPED':>9}  OWNERS")
     for res in state.reservations:
         owners = ", ".join(f"{o.unit or o.cgroup} ({'id ' + str(o.id) if o.id else 'absent'})"
                            for o in res.owners)
-        click.echo(f"{res.port:>5} {res.protocol:5} {res.denied:>7}  {owners}")
+        dropped = res.contained_drops if res.contain else "-"
+        click.echo(f"{res.port:>5} {res.protocol:5} {res.denied:>7} {dropped:>9}  {owners}")
 
 
 @main.command()
