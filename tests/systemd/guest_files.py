@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.systemd.machine import GUEST_REPO, GUEST_RESULTS, REPO
+from tests.systemd.machine import GUEST_REPO, GUEST_RESULTS, REPO, GuestFiles, Symlink
 
 OWNER_PORT = 631     # tcp+udp, owned by pg-owner.service
 SOCKET_PORT = 873    # tcp, owned by pg-sock.socket (bound by PID 1, served by pg-sock.service)
@@ -98,11 +98,11 @@ def bpf_objects(cache: Path) -> dict[str, bytes]:
     return {f"/var/cache/portguard/{path.name}": path.read_bytes() for path in cache.iterdir()}
 
 
-def guest_files(attach_cgroup: str, objects: dict[str, bytes]) -> dict[str, str | bytes]:
-    files: dict[str, str | bytes] = {f"{UNIT_DIR}/{name}": text for name, text in UNITS.items()}
+def guest_files(attach_cgroup: str, objects: dict[str, bytes]) -> GuestFiles:
+    files: GuestFiles = {f"{UNIT_DIR}/{name}": text for name, text in UNITS.items()}
     files[f"{UNIT_DIR}/portguard.service"] = (REPO / "systemd/portguard.service").read_text()
     for wants, unit in ENABLED.items():
-        files[f"{UNIT_DIR}/{wants}/{unit}"] = f"@symlink:{UNIT_DIR}/{unit}"
+        files[f"{UNIT_DIR}/{wants}/{unit}"] = Symlink(f"{UNIT_DIR}/{unit}")
     files["/etc/portguard/portguard.toml"] = config(attach_cgroup)
     files.update(objects)
     return files

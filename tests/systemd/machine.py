@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from guard import cgroups
-
 REPO = Path(__file__).resolve().parents[2]
 GUEST_REPO = "/opt/portguard"
 GUEST_RESULTS = "/results"
@@ -37,15 +35,25 @@ class MachineError(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class Result:
     returncode: int
     stdout: str
     stderr: str
 
 
+@dataclass(frozen=True)
+class Symlink:
+    """A file of the guest that is a symbolic link (e.g. enabling a unit)."""
+
+    target: str
+
+
+GuestFiles = dict[str, "str | bytes | Symlink"]
+
+
 class Machine:
-    def __init__(self, rootfs: Path, cgroup_root: Path, files: dict[str, str | bytes],
+    def __init__(self, rootfs: Path, cgroup_root: Path, files: GuestFiles,
                  name: str | None = None, cgroup_namespace: bool = False):
         self.name = name or f"portguard-nspawn-{secrets.token_hex(3)}"
         self.rootfs = rootfs
@@ -81,10 +89,10 @@ class Machine:
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.is_symlink() or target.exists():
                 target.unlink()
-            if isinstance(content, bytes):
+            if isinstance(content, Symlink):
+                target.symlink_to(content.target)
+            elif isinstance(content, bytes):
                 target.write_bytes(content)
-            elif content.startswith("@symlink:"):
-                target.symlink_to(content.removeprefix("@symlink:"))
             else:
                 target.write_text(content)
         self.cgroup_dir.mkdir()
@@ -226,6 +234,3 @@ def _remove_cgroup_tree(top: Path) -> None:
         time.sleep(0.05)
     raise MachineError(f"could not remove {top}")
 
-
-def host_cgroup_root() -> Path:
-    return cgroups.cgroup2_mount()

@@ -158,6 +158,9 @@ def ensure_rootfs(log=print) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_dir():
             build(target, log)
+            for stale in target.parent.glob("rootfs-*"):
+                if stale != target:  # built from an older recipe: never used again
+                    shutil.rmtree(stale, ignore_errors=True)
     return target
 
 
