@@ -123,6 +123,7 @@ def preflight(settings: Settings, *, mount_bpffs: bool) -> tuple[Path, Path]:
     if os.geteuid() != 0:
         raise GuardError("portguard must run as root: it loads BPF programs into the kernel")
     try:
+        cgroups.require_initial_namespace()
         root = cgroups.cgroup2_mount()
     except cgroups.CgroupError as exc:
         raise GuardError(str(exc)) from None
