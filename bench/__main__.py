@@ -26,9 +26,15 @@ SUITES = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("suites", nargs="*", metavar="SUITE",
-                        help=f"one or more of {', '.join(SUITES)} (default: all)")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and iterations (a smoke run)")
+    parser.add_argument(
+        "suites",
+        nargs="*",
+        metavar="SUITE",
+        help=f"one or more of {', '.join(SUITES)} (default: all)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer rounds and iterations (a smoke run)"
+    )
     args = parser.parse_args()
     chosen = args.suites or list(SUITES)
     unknown = [name for name in chosen if name not in SUITES]

@@ -41,6 +41,7 @@ class Unavailable(RuntimeError):
 
 # ---- numbers ----------------------------------------------------------------------------------
 
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -51,8 +52,11 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table, readable in a terminal as it is."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
     out = [f"\n### {title}\n", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
     return "\n".join(out)
@@ -65,12 +69,15 @@ def machine() -> str:
             cpu = entry.split(":", 1)[1].strip()
             break
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return (f"kernel {platform.release()}, {os.cpu_count()} × {cpu}, "
-            f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
-            f"load average at start {load}")
+    return (
+        f"kernel {platform.release()}, {os.cpu_count()} × {cpu}, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
+        f"load average at start {load}"
+    )
 
 
 # ---- the world --------------------------------------------------------------------------------
+
 
 @dataclass
 class World:
@@ -93,7 +100,9 @@ class World:
         return self.box.cli(*args, netns=netns, env=self.env, check=check)
 
     def apply_config(self, ports: list[str], owners: tuple[str, ...] = ("guarded/owner",)) -> None:
-        self.box.write_config(self.box.owner_block(ports, *owners), cgroup=f"{self.box.top}/guarded")
+        self.box.write_config(
+            self.box.owner_block(ports, *owners), cgroup=f"{self.box.top}/guarded"
+        )
         self.cli("apply")
 
     def prog_id(self, link: str = "bind4") -> int:
@@ -160,8 +169,12 @@ def bpf_stats(w: World) -> Iterator[None]:
 
 def prog_stats(prog_id: int) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of a program."""
-    out = subprocess.run(["bpftool", "prog", "show", "id", str(prog_id), "-j"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bpftool", "prog", "show", "id", str(prog_id), "-j"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     info = json.loads(out)
     return info.get("run_time_ns", 0), info.get("run_cnt", 0)
 
@@ -172,6 +185,7 @@ def prog_id_of_fd(fd: int) -> int:
 
 # ---- measuring commands -----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Run:
     wall_ms: float
@@ -181,12 +195,15 @@ class Run:
 def timed(cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> Run:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})},
-                          check=False)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, check=False
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        )
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return Run(wall * 1000, cpu * 1000)
 
@@ -203,8 +220,14 @@ def drop_caches() -> None:
 def processes_left_by(cmd: list[str], env: dict) -> int:
     """Run cmd as the leader of a new session; count processes of that session alive after
     it exited (a daemon or helper left behind would be one)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **env},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     proc.wait()
     left = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -222,7 +245,11 @@ def maps_memlock(pin_dir: Path) -> dict[str, int]:
     sizes = {}
     for maps_dir in pin_dir.glob("maps-*"):
         for pinned in sorted(maps_dir.iterdir()):
-            out = subprocess.run(["bpftool", "map", "show", "pinned", str(pinned), "-j"],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                ["bpftool", "map", "show", "pinned", str(pinned), "-j"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             sizes[pinned.name] = int(json.loads(out).get("bytes_memlock", 0))
     return sizes

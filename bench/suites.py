@@ -67,11 +67,16 @@ class Settings:
 
 def settings(quick: bool) -> Settings:
     if quick:
-        return Settings(rounds=3, c_iterations=20000, py_iterations=5000, lifecycle_rounds=2, cold_rounds=1)
-    return Settings(rounds=9, c_iterations=100000, py_iterations=30000, lifecycle_rounds=5, cold_rounds=3)
+        return Settings(
+            rounds=3, c_iterations=20000, py_iterations=5000, lifecycle_rounds=2, cold_rounds=1
+        )
+    return Settings(
+        rounds=9, c_iterations=100000, py_iterations=30000, lifecycle_rounds=5, cold_rounds=3
+    )
 
 
 # ---- bind loops -------------------------------------------------------------------------------
+
 
 def _bind_once(w: World, case: Case, driver: str, iterations: int) -> tuple[float, float]:
     """(wall ns, CPU ns) per socket()+bind()+close() of one driver run."""
@@ -80,7 +85,9 @@ def _bind_once(w: World, case: Case, driver: str, iterations: int) -> tuple[floa
         cmd = [str(w.bindloop_c), procs, str(case.port), str(iterations)]
     else:
         cmd = [sys.executable, str(HERE / "bindloop.py"), procs, str(case.port), str(iterations)]
-    out = subprocess.run([*in_netns(w.box.netns), *cmd], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [*in_netns(w.box.netns), *cmd], capture_output=True, text=True, check=True
+    ).stdout
     wall, cpu, ok, last_errno = out.split()
     if case.expect_errno:
         assert int(ok) == 0 and int(last_errno) == case.expect_errno, (case, out)
@@ -89,8 +96,9 @@ def _bind_once(w: World, case: Case, driver: str, iterations: int) -> tuple[floa
     return float(wall), float(cpu)
 
 
-def interleaved(w: World, cases: list[Case], driver: str, iterations: int, rounds: int,
-                progs: dict[str, int]) -> dict[str, dict]:
+def interleaved(
+    w: World, cases: list[Case], driver: str, iterations: int, rounds: int, progs: dict[str, int]
+) -> dict[str, dict]:
     """Per case and round: wall and CPU ns per bind, CPU ratio to the round's first case (no
     guard). Then, in separate rounds with kernel statistics on (they add their own clock
     reads to every run, so they stay off while ratios are measured): kernel ns per run."""
@@ -111,7 +119,9 @@ def interleaved(w: World, cases: list[Case], driver: str, iterations: int, round
                 if case.prog:
                     before = prog_stats(progs[case.prog])
                     _bind_once(w, case, driver, iterations // 4)
-                    run_ns, runs = (a - b for a, b in zip(prog_stats(progs[case.prog]), before))
+                    run_ns, runs = (
+                        a - b for a, b in zip(prog_stats(progs[case.prog]), before, strict=True)
+                    )
                     if runs:
                         results[case.label]["kernel"].append(run_ns / runs)
     return results
@@ -127,13 +137,26 @@ def _rows(cases: list[Case], results: dict, prefix: str = "") -> list[list[str]]
             kernel_cells = [f"{kernel_ns:.0f}", f"{1 + kernel_ns / base_cpu:.3f}×"]
         else:
             kernel_cells = ["–", "–"]
-        rows.append([prefix + case.label, f"{median(r['wall']):.0f}", f"{median(r['cpu']):.0f}",
-                     f"{median(r['ratio']):.3f}× ({spread(r['ratio'], '{:.2f}')})", *kernel_cells])
+        rows.append(
+            [
+                prefix + case.label,
+                f"{median(r['wall']):.0f}",
+                f"{median(r['cpu']):.0f}",
+                f"{median(r['ratio']):.3f}× ({spread(r['ratio'], '{:.2f}')})",
+                *kernel_cells,
+            ]
+        )
     return rows
 
 
-HEADER = ["case", "wall ns/bind", "CPU ns/bind", "CPU ratio to no guard (spread)",
-          "guard's kernel ns/run", "no guard + kernel ns, as ratio"]
+HEADER = [
+    "case",
+    "wall ns/bind",
+    "CPU ns/bind",
+    "CPU ratio to no guard (spread)",
+    "guard's kernel ns/run",
+    "no guard + kernel ns, as ratio",
+]
 
 
 def bind_cost(w: World, s: Settings) -> str:
@@ -144,17 +167,30 @@ def bind_cost(w: World, s: Settings) -> str:
         Case("no guard (port 30000)", "plain/x", PORT),
         Case("guard, port not reserved", "guarded/stranger", FREE, prog="guard"),
         Case("guard, owner binds its port", "guarded/owner", PORT, prog="guard"),
-        Case("guard, stranger refused (EADDRINUSE)", "guarded/stranger", PORT, errno.EADDRINUSE, "guard"),
+        Case(
+            "guard, stranger refused (EADDRINUSE)",
+            "guarded/stranger",
+            PORT,
+            errno.EADDRINUSE,
+            "guard",
+        ),
     ]
     out = []
     for driver, iterations in (("C", s.c_iterations), ("Python", s.py_iterations)):
         results = interleaved(w, cases, driver, iterations, s.rounds, progs)
-        out.append(table(f"Bind cost, {driver} driver: socket()+bind()+close(), IPv4 TCP, "
-                         f"{iterations:,} binds × {s.rounds} rounds", HEADER, _rows(cases, results)))
+        out.append(
+            table(
+                f"Bind cost, {driver} driver: socket()+bind()+close(), IPv4 TCP, "
+                f"{iterations:,} binds × {s.rounds} rounds",
+                HEADER,
+                _rows(cases, results),
+            )
+        )
     return "\n".join(out)
 
 
 # ---- scale and the linear scan ----------------------------------------------------------------
+
 
 @dataclass
 class ScanGuard:
@@ -167,8 +203,13 @@ class ScanGuard:
 
 
 class Rule(C.Structure):
-    _fields_ = [("family", C.c_uint32), ("protocol", C.c_uint32), ("port_first", C.c_uint16),
-                ("port_count", C.c_uint16), ("pad", C.c_uint32)]
+    _fields_ = [
+        ("family", C.c_uint32),
+        ("protocol", C.c_uint32),
+        ("port_first", C.c_uint16),
+        ("port_count", C.c_uint16),
+        ("pad", C.c_uint32),
+    ]
 
 
 def load_scan(w: World) -> ScanGuard:
@@ -179,21 +220,44 @@ def load_scan(w: World) -> ScanGuard:
     import sysconfig
 
     include = [f"-I/usr/include/{sysconfig.get_config_var('MULTIARCH')}"]
-    subprocess.run([clang, "-O2", "-g", "-target", "bpf", *include, "-c",
-                    str(HERE / "linear_scan.bpf.c"), "-o", str(obj)], check=True)
+    subprocess.run(
+        [
+            clang,
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            *include,
+            "-c",
+            str(HERE / "linear_scan.bpf.c"),
+            "-o",
+            str(obj),
+        ],
+        check=True,
+    )
     lib = kernel.lib()
     handle = lib.bpf_object__open_file(str(obj).encode(), None)
     if not handle or lib.bpf_object__load(handle) < 0:
         raise RuntimeError(f"loading {obj} failed:\n{kernel.libbpf_log_tail()}")
-    fd_of = lambda name: lib.bpf_map__fd(lib.bpf_object__find_map_by_name(handle, name))
+
+    def fd_of(name: bytes) -> int:
+        return lib.bpf_map__fd(lib.bpf_object__find_map_by_name(handle, name))
+
     scan_dir = w.box.cgroup_root / w.box.top.lstrip("/") / "scan"
     prog_ids = []
-    for name, attach in (("scan_bind4", kernel.BPF_CGROUP_INET4_BIND), ("scan_bind6", kernel.BPF_CGROUP_INET6_BIND)):
+    for name, attach in (
+        ("scan_bind4", kernel.BPF_CGROUP_INET4_BIND),
+        ("scan_bind6", kernel.BPF_CGROUP_INET6_BIND),
+    ):
         prog_fd = lib.bpf_program__fd(lib.bpf_object__find_program_by_name(handle, name.encode()))
         w.links.append(kernel.attach_cgroup(prog_fd, scan_dir, attach))  # dies with this process
         prog_ids.append(prog_id_of_fd(prog_fd))
-    return ScanGuard(handle, kernel.Map(fd_of(b"rules"), layout.U32, Rule),
-                     kernel.Map(fd_of(b"rule_count"), layout.U32, layout.U32), prog_ids[0])
+    return ScanGuard(
+        handle,
+        kernel.Map(fd_of(b"rules"), layout.U32, Rule),
+        kernel.Map(fd_of(b"rule_count"), layout.U32, layout.U32),
+        prog_ids[0],
+    )
 
 
 def set_rules(scan: ScanGuard, n: int) -> None:
@@ -211,18 +275,22 @@ def scale(w: World, s: Settings) -> str:
     for n, ports in SCALES.items():
         w.apply_config(ports)
         progs = {"guard": w.prog_id()}
-        cases = [base,
-                 Case("port not reserved", "guarded/stranger", FREE, prog="guard"),
-                 Case("owner binds its port", "guarded/owner", PORT, prog="guard"),
-                 Case("stranger refused", "guarded/stranger", PORT, errno.EADDRINUSE, "guard")]
+        cases = [
+            base,
+            Case("port not reserved", "guarded/stranger", FREE, prog="guard"),
+            Case("owner binds its port", "guarded/owner", PORT, prog="guard"),
+            Case("stranger refused", "guarded/stranger", PORT, errno.EADDRINUSE, "guard"),
+        ]
         results = interleaved(w, cases, "C", s.c_iterations, s.rounds, progs)
         rows += _rows(cases, results, f"portguard, {n:,} reservation{'s' if n > 1 else ''}: ")[1:]
     owners = tuple(f"guarded/o{i:02d}" for i in range(64))
     w.apply_config(SCALES[1], owners)
     progs = {"guard": w.prog_id()}
-    cases = [base,
-             Case("owner (the 64th checked) binds", "guarded/o63", PORT, prog="guard"),
-             Case("stranger refused (64 checked)", "guarded/stranger", PORT, errno.EADDRINUSE, "guard")]
+    cases = [
+        base,
+        Case("owner (the 64th checked) binds", "guarded/o63", PORT, prog="guard"),
+        Case("stranger refused (64 checked)", "guarded/stranger", PORT, errno.EADDRINUSE, "guard"),
+    ]
     results = interleaved(w, cases, "C", s.c_iterations, s.rounds, progs)
     rows += _rows(cases, results, "portguard, 64 owners on the port: ")[1:]
     for n in (1, 128):
@@ -232,16 +300,24 @@ def scale(w: World, s: Settings) -> str:
         results = interleaved(w, cases, "C", s.c_iterations, s.rounds, progs)
         rows += _rows(cases, results, f"linear scan, {n} rules: ")[1:]
     kernel.lib().bpf_object__close(scan.handle)
-    return table(f"Scale, C driver ({s.c_iterations:,} binds × {s.rounds} rounds per case; ratios "
-                 "against no guard in the same round)", HEADER, rows)
+    return table(
+        f"Scale, C driver ({s.c_iterations:,} binds × {s.rounds} rounds per case; ratios "
+        "against no guard in the same round)",
+        HEADER,
+        rows,
+    )
 
 
 # ---- apply / re-apply / remove, memory ----------------------------------------------------------
 
+
 def _lifecycle_once(w: World, cold: bool) -> dict[str, Run]:
     runs = {}
-    for step, args in (("apply (onto an empty pin dir)", ["apply"]), ("re-apply, unchanged", ["apply"]),
-                       ("remove", ["remove"])):
+    for step, args in (
+        ("apply (onto an empty pin dir)", ["apply"]),
+        ("re-apply, unchanged", ["apply"]),
+        ("remove", ["remove"]),
+    ):
         if cold:
             drop_caches()
         runs[step] = timed(portguard(w, *args), w.env)
@@ -256,8 +332,14 @@ def lifecycle(w: World, s: Settings) -> str:
         w.cli("apply")
         memory = maps_memlock(w.box.pin_dir)
         left = processes_left_by(portguard(w, "apply"), w.env)
-        memory_rows.append([f"{n:,}", f"{memory['ports'] / 1024:,.0f} KiB",
-                            f"{sum(memory.values()) / 1024:,.0f} KiB", str(left)])
+        memory_rows.append(
+            [
+                f"{n:,}",
+                f"{memory['ports'] / 1024:,.0f} KiB",
+                f"{sum(memory.values()) / 1024:,.0f} KiB",
+                str(left),
+            ]
+        )
         w.cli("remove")
         for cold, rounds in ((False, s.lifecycle_rounds), (True, s.cold_rounds)):
             samples: dict[str, list[Run]] = {}
@@ -267,13 +349,40 @@ def lifecycle(w: World, s: Settings) -> str:
             for step, runs in samples.items():
                 wall = [r.wall_ms for r in runs]
                 cpu = [r.cpu_ms for r in runs]
-                rows.append([f"{n:,}", step, "cold" if cold else "warm", f"{median(wall):.0f}",
-                             spread(wall), f"{median(cpu):.0f}", str(len(runs))])
-    out = [table("apply / re-apply / remove (`python -m guard`, process start to exit, in the "
-                 "sandbox's network namespace)", ["reserved pairs", "step", "cache", "wall ms (median)",
-                                                  "spread", "CPU ms (median)", "runs"], rows)]
-    out.append(table("Kernel memory of the maps (bpftool bytes_memlock) and processes left after apply",
-                     ["reserved pairs", "ports map", "all maps", "processes left running"], memory_rows))
+                rows.append(
+                    [
+                        f"{n:,}",
+                        step,
+                        "cold" if cold else "warm",
+                        f"{median(wall):.0f}",
+                        spread(wall),
+                        f"{median(cpu):.0f}",
+                        str(len(runs)),
+                    ]
+                )
+    out = [
+        table(
+            "apply / re-apply / remove (`python -m guard`, process start to exit, in the "
+            "sandbox's network namespace)",
+            [
+                "reserved pairs",
+                "step",
+                "cache",
+                "wall ms (median)",
+                "spread",
+                "CPU ms (median)",
+                "runs",
+            ],
+            rows,
+        )
+    ]
+    out.append(
+        table(
+            "Kernel memory of the maps (bpftool bytes_memlock) and processes left after apply",
+            ["reserved pairs", "ports map", "all maps", "processes left running"],
+            memory_rows,
+        )
+    )
     return "\n".join(out)
 
 
@@ -287,7 +396,10 @@ def _interpreters() -> dict[str, tuple[list[str], dict[str, str]]]:
     found = {"this interpreter": ([sys.executable], {})}
     if SYSTEM_PYTHON.exists() and Path(sys.prefix) != Path(sys.base_prefix):
         path = os.pathsep.join([str(HERE.parent), sysconfig.get_paths()["purelib"]])
-        found[f"{SYSTEM_PYTHON}, modules on PYTHONPATH"] = ([str(SYSTEM_PYTHON)], {"PYTHONPATH": path})
+        found[f"{SYSTEM_PYTHON}, modules on PYTHONPATH"] = (
+            [str(SYSTEM_PYTHON)],
+            {"PYTHONPATH": path},
+        )
     return found
 
 
@@ -299,7 +411,10 @@ def startup(w: World, s: Settings) -> str:
     for name, (python, env) in _interpreters().items():
         env = {**w.env, **env}
         config = ["--config", str(w.box.config_path)]
-        run = lambda *args, python=python: [*in_netns(w.box.netns), *python, *args]
+
+        def run(*args: str, python: list[str] = python) -> list[str]:
+            return [*in_netns(w.box.netns), *python, *args]
+
         commands = {
             "python -c pass (interpreter floor)": run("-c", "pass"),
             "apply (onto an empty pin dir)": run("-m", "guard", *config, "apply"),
@@ -314,18 +429,42 @@ def startup(w: World, s: Settings) -> str:
         for _ in range(s.lifecycle_rounds * 2):
             for label, cmd in commands.items():  # in this order: apply finds an empty pin dir
                 samples[label].append(timed(cmd, env))
-            proc = subprocess.run([*python, "-X", "importtime", "-m", "guard", "--help"], capture_output=True,
-                                  text=True, cwd=REPO, env={**os.environ, **env}, check=False)
+            proc = subprocess.run(
+                [*python, "-X", "importtime", "-m", "guard", "--help"],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                env={**os.environ, **env},
+                check=False,
+            )
             match = re.search(r"\|\s*(\d+) \| guard\.cli$", proc.stderr, re.MULTILINE)
             if match:
                 imports.append(int(match.group(1)) / 1000)
-        rows += [[name, label, f"{median([r.wall_ms for r in runs]):.0f}", spread([r.wall_ms for r in runs]),
-                  f"{median([r.cpu_ms for r in runs]):.0f}"] for label, runs in samples.items()]
+        rows += [
+            [
+                name,
+                label,
+                f"{median([r.wall_ms for r in runs]):.0f}",
+                spread([r.wall_ms for r in runs]),
+                f"{median([r.cpu_ms for r in runs]):.0f}",
+            ]
+            for label, runs in samples.items()
+        ]
         if imports:
-            rows.append([name, "import guard.cli (-X importtime, cumulative)", f"{median(imports):.0f}",
-                         spread(imports), "–"])
-    return table("CLI, one reservation, warm page cache (process start to exit)",
-                 ["interpreter", "command", "wall ms (median)", "spread", "CPU ms (median)"], rows)
+            rows.append(
+                [
+                    name,
+                    "import guard.cli (-X importtime, cumulative)",
+                    f"{median(imports):.0f}",
+                    spread(imports),
+                    "–",
+                ]
+            )
+    return table(
+        "CLI, one reservation, warm page cache (process start to exit)",
+        ["interpreter", "command", "wall ms (median)", "spread", "CPU ms (median)"],
+        rows,
+    )
 
 
 # ---- portreserve's model ----------------------------------------------------------------------
@@ -354,8 +493,12 @@ def _hold(w: World, first: int, last: int) -> tuple[list[subprocess.Popen], int,
     holders, fds, rss = [], 0, 0
     for start in range(first, last + 1, per_process):
         end = min(last, start + per_process - 1)
-        holder = subprocess.Popen([*in_netns(w.box.netns), sys.executable, "-c", HOLDER, str(start), str(end)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        holder = subprocess.Popen(
+            [*in_netns(w.box.netns), sys.executable, "-c", HOLDER, str(start), str(end)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         holders.append(holder)
         fds += int(holder.stdout.readline())
         status = Path(f"/proc/{holder.pid}/status").read_text()
@@ -389,11 +532,26 @@ def portreserve_model(w: World, s: Settings) -> str:
         w.cli("apply")
         memory = maps_memlock(w.box.pin_dir)
         w.cli("remove")
-        rows.append([f"{n:,} ports × tcp+udp = {pairs:,}", f"{fds:,} in {len(holders)} process(es)",
-                     f"{rss / 1024:,.1f} MiB",
-                     f"{slab / 1024:,.1f} MiB", f"{memory['ports'] / 1024:,.0f} KiB",
-                     f"{sum(memory.values()) / 1024:,.0f} KiB"])
-    return table("portreserve's model (a process holding one bound socket per port and protocol) "
-                 "vs portguard's maps", ["reserved pairs", "holder fds", "holder RSS",
-                                         "kernel slab growth (system-wide, noisy)", "portguard ports map",
-                                         "portguard all maps"], rows)
+        rows.append(
+            [
+                f"{n:,} ports × tcp+udp = {pairs:,}",
+                f"{fds:,} in {len(holders)} process(es)",
+                f"{rss / 1024:,.1f} MiB",
+                f"{slab / 1024:,.1f} MiB",
+                f"{memory['ports'] / 1024:,.0f} KiB",
+                f"{sum(memory.values()) / 1024:,.0f} KiB",
+            ]
+        )
+    return table(
+        "portreserve's model (a process holding one bound socket per port and protocol) "
+        "vs portguard's maps",
+        [
+            "reserved pairs",
+            "holder fds",
+            "holder RSS",
+            "kernel slab growth (system-wide, noisy)",
+            "portguard ports map",
+            "portguard all maps",
+        ],
+        rows,
+    )

@@ -135,10 +135,12 @@ def status(config_path: str | None, as_json: bool) -> None:
     for link in state.links:
         where = f" cgroup id {link.cgroup_id}" if link.cgroup_id else ""
         click.echo(f"  link {link.name}: id {link.link_id}, program id {link.prog_id}{where}")
-    click.echo(f"{'PORT':>5} {'PROTO':5} {'DENIED':>7}  OWNERS")
+    click.echo(f"{'PORT':>5} {'PROTO':5} {'DENIED':>7} {'DROPPED':>9}  OWNERS")
     for res in state.reservations:
-        owners = ", ".join(f"{o.cgroup} ({'id ' + str(o.id) if o.id else 'absent'})" for o in res.owners)
-        click.echo(f"{res.port:>5} {res.protocol:5} {res.denied:>7}  {owners}")
+        owners = ", ".join(f"{o.unit or o.cgroup} ({'id ' + str(o.id) if o.id else 'absent'})"
+                           for o in res.owners)
+        dropped = res.contained_drops if res.contain else "-"
+        click.echo(f"{res.port:>5} {res.protocol:5} {res.denied:>7} {dropped:>9}  {owners}")
 
 
 @main.command()
@@ -184,6 +186,28 @@ def build() -> None:
             click.echo(f"portguard: built {objects.build(variant)}")
     except objects.BuildError as exc:
         raise RuntimeProblem(str(exc)) from None
+
+
+@main.command()
+def demo() -> None:
+    """Apply the embedded default policy in a private cgroup subtree and network namespace,
+    show refusals and bindresvport() moving on, then remove everything."""
+    from guard import demo as demo_mod
+
+    _runtime(demo_mod.run, click.echo)
+
+
+@main.command("import-portreserve")
+@click.argument("directory", default="/etc/portreserve", type=click.Path(file_okay=False))
+def import_portreserve(directory: str) -> None:
+    """Print portreserve's configuration (DIRECTORY, default /etc/portreserve) as portguard
+    TOML. portguard reads those files as they are anyway; this is for migrating."""
+    from guard.portreserve import PortreserveError, read_portreserve, to_toml
+
+    try:
+        click.echo(to_toml(read_portreserve(Path(directory))), nl=False)
+    except PortreserveError as exc:
+        raise ConfigProblem(str(exc)) from None
 
 
 def portrelease() -> None:

@@ -22,6 +22,7 @@ class Plan:
     sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # set id -> owner indices
     paths: tuple[str, ...] = ()  # owner index -> cgroup path
     owner_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # path -> units/slices
+    contained: frozenset[tuple[int, int]] = frozenset()  # (proto, port) with contain on
 
     def owners_of(self, proto: int, port: int) -> tuple[str, ...]:
         set_id = self.ports.get((proto, port))
@@ -38,6 +39,7 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
     # One owner set per block, shared by all its ports (a range of thousands of ports
     # costs one frozenset); a port named by several blocks gets the union.
     owners_by_port: dict[tuple[int, int], frozenset[str]] = {}
+    contained: set[tuple[int, int]] = set()
     first_origin: dict[tuple[int, int], Origin] = {}
     names: dict[str, set[str]] = {}
     extra = frozenset(extra_owners)
@@ -58,6 +60,8 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
                     first_origin[key] = origin
                 elif not block_owners <= known:
                     owners_by_port[key] = known | block_owners
+                if block.contain or config.settings.contain:
+                    contained.add(key)
     problems = []
     for key, owners in owners_by_port.items():
         if len(owners) > layout.MAX_OWNERS:
@@ -80,4 +84,4 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
     set_of_owners = {owners: set_of[members] for owners, members in members_of.items()}
     ports = {key: set_of_owners[owners] for key, owners in sorted(owners_by_port.items())}
     return Plan(config.settings, ports, dict(enumerate(distinct)), paths,
-                {p: tuple(sorted(n)) for p, n in names.items()})
+                {p: tuple(sorted(n)) for p, n in names.items()}, frozenset(contained))

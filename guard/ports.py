@@ -56,7 +56,8 @@ class Services:
         return self._names.get(name)
 
 
-def _port_number(text: str, services: Services | dict[str, dict[str, int]], protocols: tuple[str, ...]) -> int:
+def _port_number(text: str, services: Services | dict[str, dict[str, int]],
+                 protocols: tuple[str, ...]) -> int:
     if text.isdigit():
         port = int(text)
         if not 1 <= port <= 65535:
@@ -73,7 +74,8 @@ def _port_number(text: str, services: Services | dict[str, dict[str, int]], prot
     return next(iter(entry.values()))
 
 
-def parse_port_spec(spec: str, services: Services | dict[str, dict[str, int]] | None = None) -> PortRange:
+def parse_port_spec(spec: str,
+                    services: Services | dict[str, dict[str, int]] | None = None) -> PortRange:
     """"631", "ipp", "8000-8010/tcp", "53/udp" -> PortRange. No protocol means both."""
     if not isinstance(spec, str):
         raise PortSpecError(f"port entry {spec!r} must be a string")

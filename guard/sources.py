@@ -18,4 +18,4 @@ try:
     # measurable part of a cold-cache apply at boot for three small digests.
     from _sha256 import sha256
 except ImportError:  # other Pythons (3.12 calls it _sha2)
-    from hashlib import sha256
+    from hashlib import sha256  # noqa: F401 (re-exported)

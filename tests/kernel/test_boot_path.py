@@ -27,7 +27,7 @@ NO_COMPILER = {"PORTGUARD_CLANG": ""}
 
 @pytest.fixture
 def cache(sandbox) -> Path:
-    """A private cache filled by `portguard build` (both variants), as a package's postinst would."""
+    """A private cache filled by `portguard build` (both variants), as a postinst would."""
     if objects.find_clang() is None:
         missing("clang is needed to fill the object cache")
     path = sandbox.work / "cache"
