@@ -450,6 +450,7 @@ class ReservationState:
     protocol: str
     owners: tuple[OwnerState, ...]
     denied: int
+    holders: tuple = ()  # squatters.HolderState, filled by squatters.with_holders
 
 
 @dataclass(frozen=True)
@@ -463,6 +464,7 @@ class GuardState:
     netns_cookie: int | None = None
     reservations: tuple[ReservationState, ...] = ()
     lost_events: int = 0
+    holders_checked: bool = False  # holders are only seen from the guarded network namespace
 
 
 def read_state(settings: Settings) -> GuardState:

@@ -92,6 +92,30 @@ CHILD = textwrap.dedent(r"""
                 fail += 1
                 errors[e] = errors.get(e, 0) + 1
         print(json.dumps({"ok": ok, "fail": fail, "errors": errors}))
+    elif action == "repeat":
+        # bind the same port n times in a tight loop; report counts
+        fam, typ, port, n = args
+        ok = fail = 0
+        errors = {}
+        for _ in range(n):
+            e = bind(fam, typ, port)
+            if e == 0:
+                ok += 1
+            else:
+                fail += 1
+                errors[e] = errors.get(e, 0) + 1
+        print(json.dumps({"ok": ok, "fail": fail, "errors": errors}))
+    elif action == "hold":
+        # bind (and listen, for TCP) and keep the port until killed
+        fam, typ, port = args
+        family, addr = FAM[fam]
+        s = socket.socket(family, TYPE[typ])
+        s.bind((addr, port))
+        if typ == "tcp":
+            s.listen()
+        print(json.dumps({"pid": os.getpid()}), flush=True)
+        while True:
+            time.sleep(3600)
     elif action == "bindresvport":
         libc = ctypes.CDLL(None, use_errno=True)
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
