@@ -104,7 +104,7 @@ CHILD = textwrap.dedent(r"""
             else:
                 fail += 1
                 errors[e] = errors.get(e, 0) + 1
-        print(json.dumps({"ok": ok, "fail": fail, "errors": errors}))
+        print(json.dumps({"ok": ok, "fail": fail, "errors": errors, "pid": os.getpid()}))
     elif action == "hold":
         # bind (and listen, for TCP) and keep the port until killed
         fam, typ, port = args
@@ -242,6 +242,21 @@ class Sandbox:
 
     def status(self) -> dict:
         return json.loads(self.cli("status", "--json").stdout)
+
+    def monitor(self, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+        """Start `portguard monitor ARGS` in the namespace, stdout to a file (a full pipe would
+        stall it); returns once it consumes events (its ready line on stderr)."""
+        out = self.work / f"monitor-{len(self.children)}.out"
+        cmd = [*in_netns(self.netns), *PORTGUARD, "--config", str(self.config_path), "monitor", *args]
+        with open(out, "w") as stdout:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, **(env or {})})
+        self.children.append(proc)
+        ready = proc.stderr.readline()
+        if "monitoring" not in ready:
+            proc.wait(timeout=60)
+            raise AssertionError(f"monitor did not start ({proc.returncode}): {ready}{proc.stderr.read()}")
+        return proc, out
 
     # -- child processes ---------------------------------------------------------------
     def _child_cmd(self, cgroup_rel: str, action: str, args, netns: str | None) -> list[str]:
