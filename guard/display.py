@@ -18,9 +18,11 @@ WIDTH = 100
 ELLIPSIS = "…"
 
 
-def shorten(text: str, width: int) -> str:
-    """text, or its last width-1 characters after an ellipsis when longer than width."""
-    return text if len(text) <= width else ELLIPSIS + text[len(text) - width + 1:]
+def shorten(text: str, width: int, keep_end: bool = True) -> str:
+    """text, or when longer than width its end (paths) or start (names) and an ellipsis."""
+    if len(text) <= width:
+        return text
+    return ELLIPSIS + text[len(text) - width + 1:] if keep_end else text[: width - 1] + ELLIPSIS
 
 
 def _fit(line: str) -> str:
@@ -69,8 +71,9 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
 # ---- monitor --------------------------------------------------------------------------------
 
 # TIME PID COMM UID CGROUP/UNIT PROTO ADDR:PORT OWNER(S) VERDICT, like bcc's bindsnoop
-_COLUMNS = "{:8} {:>7} {:15} {:>5} {:17} {:6} {:>17} {:10} {}"
-MONITOR_HEADER = _COLUMNS.format("TIME", "PID", "COMM", "UID", "CGROUP/UNIT", "PROTO",
+_COLUMNS = "{:8} {:>7} {:15} {:>6} {:17} {:4} {:>16} {:12} {}"
+_CALLER_WIDTH = 17
+MONITOR_HEADER = _COLUMNS.format("TIME", "PID", "COMM", "UID", "CGROUP/UNIT", "PROT",
                                  "ADDR:PORT", "OWNER(S)", "VERDICT")
 
 
@@ -82,7 +85,7 @@ def _owners_column(owners: tuple[str, ...]) -> str:
     if not owners:
         return "-"
     more = f"+{len(owners) - 1}" if len(owners) > 1 else ""
-    return shorten(_last_component(owners[0]), 10 - len(more)) + more
+    return shorten(_last_component(owners[0]), 12 - len(more), keep_end=False) + more
 
 
 def address_port(denial: Denial) -> str:
@@ -91,15 +94,21 @@ def address_port(denial: Denial) -> str:
 
 
 def monitor_line(denial: Denial) -> str:
-    caller = denial.unit or denial.cgroup or f"id:{denial.cgroup_id}"
-    return _COLUMNS.format(
+    pid, uid = str(denial.pid), str(denial.uid)
+    # a pid or uid wider than its column takes room from the caller's: the line still fits
+    caller_width = _CALLER_WIDTH - max(0, len(pid) - 7) - max(0, len(uid) - 6)
+    if denial.unit:
+        caller = shorten(denial.unit, caller_width, keep_end=False)
+    else:
+        caller = shorten(denial.cgroup or f"id:{denial.cgroup_id}", caller_width)
+    return _COLUMNS.replace("{:17}", f"{{:{caller_width}}}").format(
         time.strftime("%H:%M:%S", time.localtime(denial.time)),
-        denial.pid,
+        pid,
         denial.comm[:15],
-        denial.uid,
-        shorten(caller, 17),
-        f"{denial.family[-2:]}/{denial.protocol}",
-        shorten(address_port(denial), 17),
+        uid,
+        caller,
+        f"{denial.protocol}{denial.family[-1]}",
+        shorten(address_port(denial), 16),
         _owners_column(denial.owners),
         denial.verdict,
     )

@@ -130,11 +130,11 @@ def test_monitor_prints_aligned_lines_that_fit_100_columns(sandbox):
     proc, out = monitor
     proc.wait(timeout=60)
     lines = out.read_text().splitlines()
-    assert lines[0].split() == ["TIME", "PID", "COMM", "UID", "CGROUP/UNIT", "PROTO", "ADDR:PORT",
+    assert lines[0].split() == ["TIME", "PID", "COMM", "UID", "CGROUP/UNIT", "PROT", "ADDR:PORT",
                                 "OWNER(S)", "VERDICT"]
     assert len(lines) == 3 and all(len(line) <= 100 for line in lines)
-    assert "v4/tcp" in lines[1] and f"127.0.0.1:{PORT}" in lines[1] and lines[1].endswith("denied")
-    assert "v6/udp" in lines[2] and "/stranger" in lines[2] and "owner" in lines[2]
+    assert " tcp4 " in lines[1] and f"127.0.0.1:{PORT}" in lines[1] and lines[1].endswith("denied")
+    assert " udp6 " in lines[2] and "/stranger" in lines[2] and "owner" in lines[2]
     assert len({line.index("VERDICT" if i == 0 else "denied") for i, line in enumerate(lines)}) == 1
 
 
