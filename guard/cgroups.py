@@ -49,3 +49,14 @@ def path_of_current_process() -> str:
         if line.startswith("0::"):
             return line[3:]
     raise CgroupError("this process is not in a cgroup2 hierarchy")
+
+
+UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
+
+
+def unit_of_cgroup(path: str) -> str | None:
+    """The systemd unit a cgroup path belongs to (the deepest one), or None outside any unit."""
+    for component in reversed(path.split("/")):
+        if component.endswith(UNIT_SUFFIXES) and not component.startswith("."):
+            return component
+    return None

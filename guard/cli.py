@@ -233,6 +233,28 @@ def build() -> None:
         raise RuntimeProblem(str(exc)) from None
 
 
+@main.command()
+def demo() -> None:
+    """Apply the embedded default policy in a private cgroup subtree and network namespace,
+    show refusals and bindresvport() moving on, then remove everything."""
+    from guard import demo as demo_mod
+
+    _runtime(demo_mod.run, click.echo)
+
+
+@main.command("import-portreserve")
+@click.argument("directory", default="/etc/portreserve", type=click.Path(file_okay=False))
+def import_portreserve(directory: str) -> None:
+    """Print portreserve's configuration (DIRECTORY, default /etc/portreserve) as portguard
+    TOML. portguard reads those files as they are anyway; this is for migrating."""
+    from guard.portreserve import PortreserveError, read_portreserve, to_toml
+
+    try:
+        click.echo(to_toml(read_portreserve(Path(directory))), nl=False)
+    except PortreserveError as exc:
+        raise ConfigProblem(str(exc)) from None
+
+
 def portrelease() -> None:
     """portreserve's portrelease: with portguard there is nothing to release, ever."""
     sys.exit(0)

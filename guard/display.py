@@ -54,7 +54,8 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
         rows = []
         for owner in res.owners:
             known = f"id {owner.id}" if owner.id else "absent"
-            rows.append(("owner", shorten(owner.cgroup, _WHAT - len(known) - 3) + f" ({known})"))
+            name = owner.unit or owner.cgroup
+            rows.append(("owner", shorten(name, _WHAT - len(known) - 3) + f" ({known})"))
         for holder in res.holders:
             pid = str(holder.pid) if holder.pid else "-"
             where = shorten(holder.cgroup or "(cgroup removed)", _HOLDER_WHERE)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_FUNC_set_retval = 187

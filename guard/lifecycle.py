@@ -14,10 +14,10 @@ import fcntl
 import hashlib
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from guard import cgroups, kernel, layout, objects, sysctl
 from guard.config import Settings
@@ -71,7 +71,7 @@ class Maps:
             raise AttributeError(name) from None
 
     @classmethod
-    def open_pinned(cls, maps_dir: Path) -> "Maps | None":
+    def open_pinned(cls, maps_dir: Path) -> Maps | None:
         fds: dict[str, int] = {}
         for name in layout.MAPS:
             fd = kernel.get_pinned(maps_dir / name)
@@ -442,6 +442,7 @@ class LinkState:
 class OwnerState:
     cgroup: str
     id: int | None  # as the kernel knows it right now; None: the cgroup does not exist
+    unit: str | None = None  # the systemd unit the cgroup belongs to, if any
 
 
 @dataclass(frozen=True)
@@ -503,7 +504,8 @@ def _read_state(pins: Pins, settings: Settings) -> GuardState:
         denied = {(k.proto, k.port): sum(v) for k, v in maps.denied.items()}
         reservations = []
         for (proto, port), set_id in sorted(slot.ports.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            owners = tuple(OwnerState(path_of.get(i, "?"), owner_ids.get(i) or None)
+            owners = tuple(OwnerState(path_of.get(i, "?"), owner_ids.get(i) or None,
+                                      cgroups.unit_of_cgroup(path_of.get(i, "")))
                            for i in slot.sets.get(set_id, ()))
             reservations.append(ReservationState(port, layout.PROTOCOL_NAMES.get(proto, str(proto)),
                                                  owners, denied.get((proto, port), 0)))
