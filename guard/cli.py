@@ -148,7 +148,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     found = squatters.of_state(state)
     if found:
         if not as_json:
-            click.echo(f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)", err=True)
+            click.echo(f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)",
+                       err=True)
         sys.exit(EXIT_SQUATTER)
 
 
@@ -189,7 +190,8 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
               help="Log to the systemd journal with PORTGUARD_* fields instead of printing.")
 @click.option("--count", type=click.IntRange(min=1), metavar="N",
               help="Stop after N events (received or lost).")
-@click.option("--duration", type=click.FloatRange(min=0), metavar="SECONDS", help="Stop after SECONDS.")
+@click.option("--duration", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Stop after SECONDS.")
 @click.option("--stall-until", type=click.Path(path_type=Path), hidden=True,
               help="Testing: consume nothing until this file exists (forces losses).")
 @click.pass_obj

@@ -60,12 +60,14 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
             pid = str(holder.pid) if holder.pid else "-"
             where = shorten(holder.cgroup or "(cgroup removed)", _HOLDER_WHERE)
             mark = "owner" if holder.owner else "SQUATTER"
-            rows.append(("holder", f"{pid:>7} {(holder.comm or '-')[:15]:15} {where:{_HOLDER_WHERE}} {mark}"))
+            comm = (holder.comm or "-")[:15]
+            rows.append(("holder", f"{pid:>7} {comm:15} {where:{_HOLDER_WHERE}} {mark}"))
         rows = rows or [("", "")]
         for i, (role, what) in enumerate(rows):
             first = i == 0
-            lines.append(_RES.format(port=res.port if first else "", proto=res.protocol if first else "",
-                                     denied=res.denied if first else "", role=role, what=what).rstrip())
+            line = _RES.format(port=res.port if first else "", proto=res.protocol if first else "",
+                               denied=res.denied if first else "", role=role, what=what)
+            lines.append(line.rstrip())
     return [_fit(line) for line in lines]
 
 
@@ -126,7 +128,8 @@ def journal_fields(denial: Denial) -> list[tuple[str, object]]:
     fields: list[tuple[str, object]] = [
         ("MESSAGE", (f"{what} bind of {address_port(denial)}/{denial.protocol} by pid {denial.pid} "
                      f"({denial.comm}) in {caller}; reserved for {owners}")),
-        ("PRIORITY", journal.PRIORITY_WARNING if denial.verdict == "denied" else journal.PRIORITY_NOTICE),
+        ("PRIORITY", (journal.PRIORITY_WARNING if denial.verdict == "denied"
+                      else journal.PRIORITY_NOTICE)),
         ("PORTGUARD_VERDICT", denial.verdict),
         ("PORTGUARD_PORT", denial.port),
         ("PORTGUARD_PROTOCOL", denial.protocol),

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -54,7 +54,7 @@ class Denial:
 
     def as_json(self) -> dict:
         return {
-            "time": datetime.fromtimestamp(self.time, timezone.utc).isoformat(timespec="microseconds"),
+            "time": datetime.fromtimestamp(self.time, UTC).isoformat(timespec="microseconds"),
             "pid": self.pid, "uid": self.uid, "comm": self.comm,
             "cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "unit": self.unit,
             "family": self.family, "protocol": self.protocol, "address": self.address,

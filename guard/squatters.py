@@ -49,9 +49,11 @@ class Squatter:
     holder: HolderState
 
     def describe(self) -> str:
-        who = f"pid {self.holder.pid} ({self.holder.comm})" if self.holder.pid else "a socket of no process"
+        holder = self.holder
+        who = f"pid {holder.pid} ({holder.comm})" if holder.pid else "a socket of no process"
         return (f"port {self.port}/{self.protocol} is held by {who} in cgroup "
-                f"{self.holder.cgroup or '(removed)'}, not an owner: it keeps the port until it closes it")
+                f"{holder.cgroup or '(removed)'}, not an owner: it keeps the port until it "
+                "closes it")
 
 
 def within(cgroup: str, owner: str) -> bool:
@@ -114,11 +116,13 @@ def with_holders(state: GuardState, current_netns_cookie: int) -> GuardState:
     namespace (a guard with no namespace filter is checked in the caller's)."""
     if not state.loaded or (state.netns_cookie and state.netns_cookie != current_netns_cookie):
         return state
-    found = holder_states((r.port, r.protocol, [o.cgroup for o in r.owners]) for r in state.reservations)
+    found = holder_states((r.port, r.protocol, [o.cgroup for o in r.owners])
+                          for r in state.reservations)
     reservations = tuple(replace(r, holders=tuple(found.get((r.port, r.protocol), ())))
                          for r in state.reservations)
     return replace(state, reservations=reservations, holders_checked=True)
 
 
 def of_state(state: GuardState) -> list[Squatter]:
-    return [Squatter(r.port, r.protocol, h) for r in state.reservations for h in r.holders if not h.owner]
+    return [Squatter(r.port, r.protocol, h)
+            for r in state.reservations for h in r.holders if not h.owner]

@@ -247,7 +247,8 @@ class Sandbox:
         """Start `portguard monitor ARGS` in the namespace, stdout to a file (a full pipe would
         stall it); returns once it consumes events (its ready line on stderr)."""
         out = self.work / f"monitor-{len(self.children)}.out"
-        cmd = [*in_netns(self.netns), *PORTGUARD, "--config", str(self.config_path), "monitor", *args]
+        cmd = [*in_netns(self.netns), *PORTGUARD, "--config", str(self.config_path),
+               "monitor", *args]
         with open(out, "w") as stdout:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
                                     env={**os.environ, **(env or {})})
@@ -255,7 +256,8 @@ class Sandbox:
         ready = proc.stderr.readline()
         if "monitoring" not in ready:
             proc.wait(timeout=60)
-            raise AssertionError(f"monitor did not start ({proc.returncode}): {ready}{proc.stderr.read()}")
+            raise AssertionError(f"monitor did not start ({proc.returncode}): "
+                                 f"{ready}{proc.stderr.read()}")
         return proc, out
 
     # -- child processes ---------------------------------------------------------------

@@ -38,7 +38,8 @@ def denied(sandbox, port=PORT, protocol="tcp") -> int:
 
 def repeat_in_parallel(sandbox, jobs: list[tuple[str, str, str, int]], port=PORT) -> list[dict]:
     """Each job (cgroup, family, protocol, n) binds port n times, all jobs at once."""
-    children = [sandbox.start(cgroup, "repeat", [fam, proto, port, n]) for cgroup, fam, proto, n in jobs]
+    children = [sandbox.start(cgroup, "repeat", [fam, proto, port, n])
+                for cgroup, fam, proto, n in jobs]
     results = []
     for child in children:
         out, err = child.communicate(timeout=300)
@@ -89,13 +90,15 @@ def test_counters_are_kept_by_a_reapply_that_keeps_the_port(sandbox):
 def test_monitor_receives_every_denial_with_its_fields(sandbox):
     applied(sandbox)
     monitor = sandbox.monitor("--json", "--count", "500")
-    v4, v6 = repeat_in_parallel(sandbox, [("stranger", "v4", "tcp", 300), ("stranger/sub", "v6", "udp", 200)])
+    v4, v6 = repeat_in_parallel(sandbox, [("stranger", "v4", "tcp", 300),
+                                          ("stranger/sub", "v6", "udp", 200)])
     events, err = finish(monitor)
     assert "0 lost" in err
     assert len(events) == 500 and not [e for e in events if "lost" in e]
     common = {"port": PORT, "uid": 0, "owners": [f"{sandbox.top}/owner"], "verdict": "denied"}
     by_pid = {v4["pid"]: {**common, "protocol": "tcp", "family": "ipv4", "address": "127.0.0.1",
-                          "cgroup": f"{sandbox.top}/stranger", "cgroup_id": sandbox.cgroup_id("stranger")},
+                          "cgroup": f"{sandbox.top}/stranger",
+                          "cgroup_id": sandbox.cgroup_id("stranger")},
               v6["pid"]: {**common, "protocol": "udp", "family": "ipv6", "address": "::1",
                           "cgroup": f"{sandbox.top}/stranger/sub",
                           "cgroup_id": sandbox.cgroup_id("stranger/sub")}}
@@ -112,7 +115,8 @@ def test_monitor_reports_lost_events_when_its_buffer_overflows(sandbox):
     assert total > RING_BYTES // RECORD_BYTES
     stall = sandbox.work / "consume"
     monitor = sandbox.monitor("--json", "--count", str(total), "--stall-until", str(stall))
-    repeat_in_parallel(sandbox, [("stranger/a", "v4", "tcp", total // 2), ("stranger/b", "v6", "tcp", total // 2)])
+    repeat_in_parallel(sandbox, [("stranger/a", "v4", "tcp", total // 2),
+                                 ("stranger/b", "v6", "tcp", total // 2)])
     stall.touch()
     events, err = finish(monitor)
     received = [e for e in events if "lost" not in e]
@@ -217,8 +221,8 @@ def test_owner_holding_its_port_is_no_squatter_until_moved_out(sandbox):
     proc = sandbox.cli("status", "--json", check=False)
     assert proc.returncode == 0
     [holder] = json.loads(proc.stdout)["reservations"][0]["holders"]
-    assert holder == {**holder, "pid": owner, "owner": True, "cgroup": f"{sandbox.top}/owner/worker",
-                      "family": "ipv6", "address": "::1"}
+    assert holder == {**holder, "pid": owner, "owner": True,
+                      "cgroup": f"{sandbox.top}/owner/worker", "family": "ipv6", "address": "::1"}
     # moved out of the owner's cgroup with the port still open: now a squatter
     procs = cgroups.directory(sandbox.cgroup("elsewhere"), sandbox.cgroup_root) / "cgroup.procs"
     procs.write_text(str(owner))

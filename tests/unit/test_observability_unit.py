@@ -19,25 +19,27 @@ LONG = "/system.slice/" + "very-long-name-" * 10 + ".service"
 
 
 def denial(**changes) -> Denial:
-    values = dict(time=1_700_000_000.0, pid=4242, uid=0, comm="python3", cgroup_id=77,
-                  cgroup="/user.slice/stranger.scope", unit="stranger.scope", family="ipv4",
-                  protocol="tcp", address="127.0.0.1", port=631,
-                  owners=("/system.slice/cups.service",), verdict="denied")
+    values = {"time": 1_700_000_000.0, "pid": 4242, "uid": 0, "comm": "python3", "cgroup_id": 77,
+              "cgroup": "/user.slice/stranger.scope", "unit": "stranger.scope", "family": "ipv4",
+              "protocol": "tcp", "address": "127.0.0.1", "port": 631,
+              "owners": ("/system.slice/cups.service",), "verdict": "denied"}
     values.update(changes)
     return Denial(**values)
 
 
 def holder_state(**changes) -> HolderState:
-    values = dict(pid=812, comm="cupsd", cgroup="/system.slice/cups.service", unit="cups.service",
-                  owner=True, family="ipv4", address="0.0.0.0", socket_cgroup="/system.slice/cups.service")
+    values = {"pid": 812, "comm": "cupsd", "cgroup": "/system.slice/cups.service",
+              "unit": "cups.service", "owner": True, "family": "ipv4", "address": "0.0.0.0",
+              "socket_cgroup": "/system.slice/cups.service"}
     values.update(changes)
     return HolderState(**values)
 
 
 def state(*reservations: ReservationState, **changes) -> GuardState:
-    values = dict(loaded=True, pin_dir="/sys/fs/bpf/portguard", program="guard-retval-0123456789abcdef",
-                  links=(LinkState("bind4", 1, 2, 3),), mode="enforce", deny_errno=98,
-                  netns_cookie=1, reservations=reservations, holders_checked=True)
+    values = {"loaded": True, "pin_dir": "/sys/fs/bpf/portguard",
+              "program": "guard-retval-0123456789abcdef", "links": (LinkState("bind4", 1, 2, 3),),
+              "mode": "enforce", "deny_errno": 98, "netns_cookie": 1,
+              "reservations": reservations, "holders_checked": True}
     values.update(changes)
     return GuardState(**values)
 
@@ -58,7 +60,9 @@ def test_shorten_never_exceeds_the_width_and_keeps_the_end(text, width):
 
 def test_status_table_fits_100_columns_with_long_paths_and_marks_squatters():
     res = ReservationState(
-        631, "tcp", (OwnerState(LONG, 1234), OwnerState("/system.slice/cups-browsed.service", None)), 12345678,
+        631, "tcp",
+        (OwnerState(LONG, 1234), OwnerState("/system.slice/cups-browsed.service", None)),
+        12345678,
         (holder_state(cgroup=LONG), holder_state(pid=4000000, comm="a-fifteen-chars", owner=False,
                                                  cgroup="/user.slice/" + "x" * 90)))
     lines = display.status_lines(state(res, pin_dir="/sys/fs/bpf/" + "p" * 120), "/")
@@ -84,8 +88,8 @@ def test_status_not_loaded_is_one_line():
 
 @pytest.mark.parametrize("event", [
     denial(),
-    denial(family="ipv6", address="ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", port=65535, pid=4194304,
-           uid=4294967294, comm="fifteen-chars-x", cgroup=LONG, unit=None,
+    denial(family="ipv6", address="ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", port=65535,
+           pid=4194304, uid=4294967294, comm="fifteen-chars-x", cgroup=LONG, unit=None,
            owners=(LONG, "/a", "/b"), verdict="audit"),
     denial(cgroup=None, unit=None, owners=()),
 ])
@@ -101,7 +105,8 @@ def test_monitor_line_names_caller_unit_address_and_owner():
     line = display.monitor_line(denial())
     assert line.split()[1:] == ["4242", "python3", "0", "stranger.scope", "tcp4", "127.0.0.1:631",
                                 "cups.service", "denied"]
-    ipv6 = display.monitor_line(denial(family="ipv6", address="::1", unit=None, cgroup_id=9, cgroup=None))
+    ipv6 = display.monitor_line(denial(family="ipv6", address="::1", unit=None, cgroup_id=9,
+                                       cgroup=None))
     assert "[::1]:631" in ipv6 and "id:9" in ipv6 and "tcp6" in ipv6
 
 
@@ -113,7 +118,8 @@ def test_several_owners_show_the_first_and_how_many_more():
 def test_json_event_carries_every_field():
     data = denial().as_json()
     assert data["time"] == "2023-11-14T22:13:20.000000+00:00"
-    assert {k: data[k] for k in ("port", "protocol", "family", "pid", "comm", "cgroup", "verdict")} == {
+    keys = ("port", "protocol", "family", "pid", "comm", "cgroup", "verdict")
+    assert {k: data[k] for k in keys} == {
         "port": 631, "protocol": "tcp", "family": "ipv4", "pid": 4242, "comm": "python3",
         "cgroup": "/user.slice/stranger.scope", "verdict": "denied"}
     assert data["owners"] == ["/system.slice/cups.service"] and data["unit"] == "stranger.scope"
@@ -122,11 +128,13 @@ def test_json_event_carries_every_field():
 # ---- journal --------------------------------------------------------------------------------
 
 def test_journal_entry_is_key_value_lines():
-    assert journal.encode([("MESSAGE", "hi"), ("PORTGUARD_PORT", 631)]) == b"MESSAGE=hi\nPORTGUARD_PORT=631\n"
+    entry = journal.encode([("MESSAGE", "hi"), ("PORTGUARD_PORT", 631)])
+    assert entry == b"MESSAGE=hi\nPORTGUARD_PORT=631\n"
 
 
 def test_journal_value_with_a_newline_is_length_prefixed():
-    assert journal.encode([("MESSAGE", "a\nb")]) == b"MESSAGE\n" + (3).to_bytes(8, "little") + b"a\nb\n"
+    entry = journal.encode([("MESSAGE", "a\nb")])
+    assert entry == b"MESSAGE\n" + (3).to_bytes(8, "little") + b"a\nb\n"
 
 
 @pytest.mark.parametrize("name", ["_PID", "lower", "1ST", "WITH-DASH", "", "A" * 65])
@@ -142,7 +150,8 @@ def test_journal_fields_of_a_denial():
             "PORTGUARD_COMM", "PORTGUARD_UNIT", "PORTGUARD_CGROUP", "OBJECT_PID"} <= set(names)
     assert [v for n, v in fields if n == "PORTGUARD_OWNER"] == ["/a.service", "/b.service"]
     assert dict(fields)["PRIORITY"] == journal.PRIORITY_WARNING
-    assert dict(display.journal_fields(denial(verdict="audit")))["PRIORITY"] == journal.PRIORITY_NOTICE
+    audit = dict(display.journal_fields(denial(verdict="audit")))
+    assert audit["PRIORITY"] == journal.PRIORITY_NOTICE
     journal.encode(fields)  # every name is valid
 
 
@@ -204,7 +213,8 @@ def test_a_holder_is_an_owner_only_when_socket_and_process_are_in_an_owner_cgrou
 
 def test_a_socket_of_no_known_process_or_cgroup_is_a_squatter(tmp_path):
     assert classify(holder(None, None), ["/"], tmp_path).owner is False
-    gone = classify(holder(999, "/system.slice/cups.service"), ["/system.slice/cups.service"], tmp_path)
+    cups = "/system.slice/cups.service"
+    gone = classify(holder(999, cups), [cups], tmp_path)
     assert gone.owner is True and gone.cgroup == "/system.slice/cups.service"
     assert gone.unit == "cups.service"
 
