@@ -12,7 +12,7 @@ from typing import TextIO
 
 from guard import journal
 from guard.lifecycle import GuardState, errno_name
-from guard.monitor import Denial
+from guard.monitor import Denial, SecondClock
 
 WIDTH = 100
 ELLIPSIS = "…"
@@ -96,6 +96,9 @@ def address_port(denial: Denial) -> str:
     return f"{host}:{denial.port}"
 
 
+_local_clock = SecondClock("%H:%M:%S", time.localtime)
+
+
 def monitor_line(denial: Denial) -> str:
     pid, uid = str(denial.pid), str(denial.uid)
     # a pid or uid wider than its column takes room from the caller's: the line still fits
@@ -105,7 +108,7 @@ def monitor_line(denial: Denial) -> str:
     else:
         caller = shorten(denial.cgroup or f"id:{denial.cgroup_id}", caller_width)
     return _COLUMNS.replace("{:17}", f"{{:{caller_width}}}").format(
-        time.strftime("%H:%M:%S", time.localtime(denial.time)),
+        _local_clock(denial.time),
         pid,
         denial.comm[:15],
         uid,

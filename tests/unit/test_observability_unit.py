@@ -224,3 +224,28 @@ def test_squatters_of_a_state_are_the_non_owner_holders():
     [squatter] = of_state(state(res))
     assert squatter.holder.pid == 9
     assert squatter.describe().startswith("port 631/tcp is held by pid 9 (cupsd) in cgroup ")
+
+
+# ---- event records --------------------------------------------------------------------------
+
+def test_event_struct_reads_what_the_layout_header_describes():
+    from guard import layout
+    from guard.monitor import EVENT, CgroupNames, Decoder
+
+    ev = layout.Event(ts_ns=5, cgroup_id=77, pid=4242, uid=1000, port=631, proto=17,
+                      family=socket.AF_INET6, verdict=layout.VERDICT_AUDIT, set=3, comm=b"cupsd")
+    ev.addr[:] = list(socket.inet_pton(socket.AF_INET6, "fe80::1"))
+    raw = bytes(ev)
+    assert EVENT.size <= len(raw) == layout.C.sizeof(layout.Event)
+
+    class Owners:
+        def owners(self, proto, port):
+            return ("/o",) if (proto, port) == (17, 631) else ()
+
+    names = CgroupNames(Path("/nonexistent"))
+    names._names[77] = ("/a/b.service", "b.service")
+    got = Decoder(names, Owners()).decode(raw)
+    assert (got.pid, got.uid, got.port, got.protocol, got.family, got.verdict, got.comm) == (
+        4242, 1000, 631, "udp", "ipv6", "audit", "cupsd")
+    assert (got.address, got.cgroup, got.unit, got.owners) == ("fe80::1", "/a/b.service",
+                                                               "b.service", ("/o",))
