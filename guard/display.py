@@ -58,7 +58,10 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
             rows.append(("owner", shorten(name, _WHAT - len(known) - 3) + f" ({known})"))
         for holder in res.holders:
             pid = str(holder.pid) if holder.pid else "-"
-            where = shorten(holder.cgroup or "(cgroup removed)", _HOLDER_WHERE)
+            if holder.unit:
+                where = shorten(holder.unit, _HOLDER_WHERE, keep_end=False)
+            else:
+                where = shorten(holder.cgroup or "(cgroup removed)", _HOLDER_WHERE)
             mark = "owner" if holder.owner else "SQUATTER"
             comm = (holder.comm or "-")[:15]
             rows.append(("holder", f"{pid:>7} {comm:15} {where:{_HOLDER_WHERE}} {mark}"))
