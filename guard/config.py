@@ -20,11 +20,11 @@ MODES = ("enforce", "audit")
 MAX_PATH_BYTES = 254  # the kernel key holds 256 bytes incl. NUL; longer paths are refused
 
 GUARD_KEYS = {"cgroup", "pin_dir", "deny_errno", "mode", "trust_init", "use_defaults",
-              "portreserve_dir"}
+              "portreserve_dir", "contain"}
 PORTRESERVE_DIR = "/etc/portreserve"
 OWNER_KEYS = {"cgroup": "cgroup", "cgroups": "cgroup", "unit": "unit", "units": "unit",
               "slice": "slice", "slices": "slice"}
-RESERVE_KEYS = {"ports", "if_installed", "comment", *OWNER_KEYS}
+RESERVE_KEYS = {"ports", "if_installed", "comment", "contain", *OWNER_KEYS}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class ReserveBlock:
     owners: tuple[OwnerRef, ...]
     origin: Origin
     if_installed: bool = False
+    contain: bool = False  # drop traffic of non-owner sockets on these ports
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Settings:
     trust_init: bool = False
     use_defaults: bool | None = None  # None: the default policy applies when no file exists
     portreserve_dir: str = PORTRESERVE_DIR  # "" turns reading portreserve's files off
+    contain: bool = False  # contain = true for every reservation
 
     @property
     def deny_errno_number(self) -> int:
@@ -196,7 +198,7 @@ def _parse_text(name: str, text: str, services: dict, problems: list[str]) -> tu
 
 
 def _check_guard_value(key: str, value: object, where: Origin, problems: list[str]) -> object:
-    if key in ("trust_init", "use_defaults"):
+    if key in ("trust_init", "use_defaults", "contain"):
         if not isinstance(value, bool):
             problems.append(f"{where}: {key} must be true or false")
             return None
@@ -274,9 +276,13 @@ def _parse_block(table: object, origin: Origin, lines: _Lines, end: int, service
     if not isinstance(if_installed, bool):
         problems.append(f"{Origin(origin.file, lines.key(origin.line, end, 'if_installed'))}: "
                         "if_installed must be true or false")
+    contain = table.get("contain", False)
+    if not isinstance(contain, bool):
+        problems.append(f"{Origin(origin.file, lines.key(origin.line, end, 'contain'))}: "
+                        "contain must be true or false")
     if len(problems) > before:
         return None
-    return ReserveBlock(tuple(ports), tuple(owners), origin, if_installed)
+    return ReserveBlock(tuple(ports), tuple(owners), origin, if_installed, contain)
 
 
 def config_files(main: Path) -> list[Path]:

@@ -31,8 +31,8 @@ def _fit(line: str) -> str:
 
 # ---- status ---------------------------------------------------------------------------------
 
-_RES = "{port:>5} {proto:5} {denied:>8}  {role:6} {what}"
-_WHAT = WIDTH - len(_RES.format(port="", proto="", denied="", role="", what=""))
+_RES = "{port:>5} {proto:5} {denied:>8} {dropped:>8}  {role:6} {what}"
+_WHAT = WIDTH - len(_RES.format(port="", proto="", denied="", dropped="", role="", what=""))
 _HOLDER_WHERE = _WHAT - 7 - 1 - 15 - 1 - 1 - 8
 
 
@@ -49,7 +49,8 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
         lines.append(f"  link {link.name}: id {link.link_id}, program id {link.prog_id}{where}")
     if not state.holders_checked:
         lines.append("  holders not shown: run status in the guarded network namespace")
-    lines.append(f"{'PORT':>5} {'PROTO':5} {'DENIED':>8}  {'':6} OWNERS AND HOLDERS")
+    lines.append(_RES.format(port="PORT", proto="PROTO", denied="DENIED", dropped="DROPPED",
+                             role="", what="OWNERS AND HOLDERS"))
     for res in state.reservations:
         rows = []
         for owner in res.owners:
@@ -68,8 +69,10 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
         rows = rows or [("", "")]
         for i, (role, what) in enumerate(rows):
             first = i == 0
+            dropped = res.contained_drops if res.contain else "-"
             line = _RES.format(port=res.port if first else "", proto=res.protocol if first else "",
-                               denied=res.denied if first else "", role=role, what=what)
+                               denied=res.denied if first else "",
+                               dropped=dropped if first else "", role=role, what=what)
             lines.append(line.rstrip())
     return [_fit(line) for line in lines]
 

@@ -13,8 +13,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_FUNC_get_netns_cookie = 122
 BPF_FUNC_set_retval = 187
+BPF_CGROUP_INET_INGRESS = 0
+BPF_CGROUP_INET_EGRESS = 1
 BPF_CGROUP_INET4_BIND = 8
 BPF_CGROUP_INET6_BIND = 9
 BPF_ANY = 0
@@ -22,6 +26,7 @@ BPF_NOEXIST = 1
 LINK_TYPE_CGROUP = 3
 
 BIND_ATTACH_TYPES = {"bind4": BPF_CGROUP_INET4_BIND, "bind6": BPF_CGROUP_INET6_BIND}
+PACKET_ATTACH_TYPES = {"ingress": BPF_CGROUP_INET_INGRESS, "egress": BPF_CGROUP_INET_EGRESS}
 
 
 class BpfError(OSError):
@@ -66,6 +71,7 @@ def lib() -> C.CDLL:
         "bpf_object__find_program_by_name": (P, [P, C.c_char_p]),
         "bpf_object__find_map_by_name": (P, [P, C.c_char_p]),
         "bpf_program__fd": (I, [P]),
+        "bpf_program__set_autoload": (I, [P, C.c_bool]),
         "bpf_map__fd": (I, [P]),
         "bpf_map__set_pin_path": (I, [P, C.c_char_p]),
         "bpf_obj_pin": (I, [I, C.c_char_p]),
@@ -121,6 +127,12 @@ def has_set_retval() -> bool:
     return lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_set_retval, None) == 1
 
 
+def has_packet_netns_cookie() -> bool:
+    """Whether cgroup_skb programs may call bpf_get_netns_cookie, which containment needs to
+    leave other network namespaces alone (accepted on 6.18; older kernels refuse it)."""
+    return lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SKB, BPF_FUNC_get_netns_cookie, None) == 1
+
+
 @dataclass
 class LoadedObject:
     """A loaded (verified) object: program fds by name, map fds by name. Owns the fds."""
@@ -133,9 +145,11 @@ class LoadedObject:
         lib().bpf_object__close(self.handle)
 
 
-def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str]) -> LoadedObject:
+def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str],
+                skip: tuple[str, ...] = ()) -> LoadedObject:
     """Load and verify the object; its maps are reused from maps_dir when pinned there
-    (same layout), else created and pinned there."""
+    (same layout), else created and pinned there. Programs named in skip are not loaded
+    (this kernel would refuse them)."""
     bpf = lib()
     _LOG.clear()
     handle = bpf.bpf_object__open_file(str(path).encode(), None)
@@ -150,12 +164,18 @@ def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str]
                 raise BpfError(errno.ENOENT, f"map {name} missing from {path}")
             _check(bpf.bpf_map__set_pin_path(m, str(maps_dir / name).encode()), f"pin path for {name}")
             map_fds_pending[name] = m
+        for name in skip:
+            p = bpf.bpf_object__find_program_by_name(handle, name.encode())
+            if p:
+                _check(bpf.bpf_program__set_autoload(p, False), f"not loading {name}")
         ret = bpf.bpf_object__load(handle)
         if ret < 0:
             err = C.get_errno() or -ret
             raise BpfError(err, f"loading BPF programs failed: {os.strerror(err)}\n{libbpf_log_tail()}")
         prog_fds = {}
         for name in programs:
+            if name in skip:
+                continue
             p = bpf.bpf_object__find_program_by_name(handle, name.encode())
             if not p:
                 raise BpfError(errno.ENOENT, f"program {name} missing from {path}")

@@ -28,8 +28,14 @@ PROGRAMS = {
     "bind6": "portguard_bind6",
     "mkdir": "portguard_cgroup_mkdir",
     "rmdir": "portguard_cgroup_rmdir",
+    "ingress": "portguard_ingress",
+    "egress": "portguard_egress",
 }
-PERCPU_MAPS = {"denied", "lost"}
+# Attached only while some reservation has contain on: without it no packet pays for them.
+PACKET_LINKS = tuple(kernel.PACKET_ATTACH_TYPES)
+CORE_LINKS = tuple(name for name in PROGRAMS if name not in PACKET_LINKS)
+CGROUP_ATTACH_TYPES = {**kernel.BIND_ATTACH_TYPES, **kernel.PACKET_ATTACH_TYPES}
+PERCPU_MAPS = {"denied", "contained", "lost"}
 MAP_NAMES = [*layout.MAPS, "events", "scratch"]
 BPF_FS_MAGIC_NAME = "bpf"
 SO_NETNS_COOKIE = 71
@@ -117,6 +123,7 @@ def preflight(settings: Settings, *, mount_bpffs: bool) -> tuple[Path, Path]:
     if os.geteuid() != 0:
         raise GuardError("portguard must run as root: it loads BPF programs into the kernel")
     try:
+        cgroups.require_initial_namespace()
         root = cgroups.cgroup2_mount()
     except cgroups.CgroupError as exc:
         raise GuardError(str(exc)) from None
@@ -159,17 +166,21 @@ class SlotContents:
     ports: dict[tuple[int, int], int]
     sets: dict[int, tuple[int, ...]]
     paths: dict[str, int]
+    contained: frozenset[tuple[int, int]] = frozenset()
 
 
 def read_slot(maps: Maps, slot: int) -> SlotContents:
-    ports = {(k.proto, k.port): v.set for k, v in maps.ports.items() if k.slot == slot}
+    entries = [(k, v) for k, v in maps.ports.items() if k.slot == slot]
+    ports = {(k.proto, k.port): v.set for k, v in entries}
+    contained = frozenset((k.proto, k.port) for k, v in entries if v.flags & layout.PORT_CONTAIN)
     sets = {k.set: tuple(v.owner[: v.count]) for k, v in maps.sets.items() if k.slot == slot}
     paths = {k.path.decode(): v for k, v in maps.paths.items() if k.slot == slot}
-    return SlotContents(ports, sets, paths)
+    return SlotContents(ports, sets, paths, contained)
 
 
 def _desired(plan: Plan) -> SlotContents:
-    return SlotContents(dict(plan.ports), dict(plan.sets), {p: i for i, p in enumerate(plan.paths)})
+    return SlotContents(dict(plan.ports), dict(plan.sets), {p: i for i, p in enumerate(plan.paths)},
+                        plan.contained)
 
 
 def _config_value(plan: Plan, cookie: int, variant: str) -> layout.Config:
@@ -207,7 +218,8 @@ def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root
             value.owner[i] = member
         maps.sets.update(layout.SetKey(slot, set_id), value)
     for (proto, port), set_id in plan.ports.items():
-        maps.ports.update(layout.PortKey(slot, proto, port), layout.PortVal(set_id, 0))
+        flags = layout.PORT_CONTAIN if (proto, port) in plan.contained else 0
+        maps.ports.update(layout.PortKey(slot, proto, port), layout.PortVal(set_id, flags))
 
 
 def flip(maps: Maps, slot: int) -> None:
@@ -264,14 +276,19 @@ def apply(plan: Plan) -> ApplyResult:
     try:
         variant, notes = choose_variant(settings)
         object_path = objects.ensure_object(variant)
+        can_contain = kernel.has_packet_netns_cookie()
     except (objects.BuildError, kernel.BpfError) as exc:
         raise GuardError(str(exc)) from None
+    if plan.contained and not can_contain:
+        raise GuardError("contain = true needs cgroup_skb programs that may call bpf_get_netns_cookie, "
+                         "which this kernel refuses; nothing applied (turn contain off)")
     pins = Pins(Path(settings.pin_dir))
     with _locked(pins.root):
         pins.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(pins.root, 0o700)
         try:
-            result = _apply_locked(plan, pins, object_path, variant, cgroup_root, attach_dir)
+            result = _apply_locked(plan, pins, object_path, variant, cgroup_root, attach_dir,
+                                   can_contain)
         except kernel.BpfError as exc:
             raise GuardError(str(exc)) from None
     result.warnings[:0] = notes
@@ -279,17 +296,21 @@ def apply(plan: Plan) -> ApplyResult:
 
 
 def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
-                  cgroup_root: Path, attach_dir: Path) -> ApplyResult:
+                  cgroup_root: Path, attach_dir: Path, can_contain: bool) -> ApplyResult:
     digest = object_path.stem.encode()
     links = {name: kernel.get_pinned(pins.link(name)) for name in PROGRAMS}
     maps = Maps.open_pinned(pins.maps_dir)
     loaded = None
+    contain = bool(plan.contained)
+    wanted_links = CORE_LINKS + (PACKET_LINKS if contain else ())
     try:
         stale_program = maps is None or maps.meta.lookup(0).object != digest
-        need_load = stale_program or any(fd is None for fd in links.values())
+        need_load = stale_program or any(links[name] is None for name in wanted_links)
         if need_load:
             pins.maps_dir.mkdir(mode=0o700, exist_ok=True)
-            loaded = kernel.load_object(object_path, pins.maps_dir, list(PROGRAMS.values()), MAP_NAMES)
+            skip = () if can_contain else tuple(PROGRAMS[name] for name in PACKET_LINKS)
+            loaded = kernel.load_object(object_path, pins.maps_dir, list(PROGRAMS.values()), MAP_NAMES,
+                                        skip)
             if maps is None:
                 maps = Maps({name: os.dup(loaded.maps[name]) for name in layout.MAPS})
             if links["bind4"] is None and links["bind6"] is None:
@@ -298,11 +319,19 @@ def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
                 clear_slot(maps, 1)
                 maps.config.update(0, _config_value(plan, netns_cookie(), variant))
                 flip(maps, 0)
-            _attach(pins, links, loaded, attach_dir, replace_program=stale_program)
+            _attach(pins, links, loaded, attach_dir, replace_program=stale_program, contain=contain)
             maps.meta.update(0, layout.Meta(digest))
         else:
             _reattach_if_moved(pins, links, attach_dir)
         changed = _apply_maps(maps, plan, netns_cookie(), variant, cgroup_root)
+        if not contain:
+            # After the flip: no active reservation contains any more, the programs are idle.
+            for name in PACKET_LINKS:
+                if links[name] is not None:
+                    kernel.close(links[name])
+                    links[name] = None
+                    _unlink(pins.link(name))
+                    changed = True
         return ApplyResult(changed or need_load, need_load, variant, [])
     finally:
         for fd in links.values():
@@ -314,7 +343,7 @@ def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
 
 
 def _attach(pins: Pins, links: dict[str, int | None], loaded: kernel.LoadedObject,
-            attach_dir: Path, replace_program: bool) -> None:
+            attach_dir: Path, replace_program: bool, contain: bool) -> None:
     for name in ("mkdir", "rmdir"):
         if links[name] is None or replace_program:
             # Old and new tracker briefly both run: they write the same owner ids.
@@ -322,12 +351,16 @@ def _attach(pins: Pins, links: dict[str, int | None], loaded: kernel.LoadedObjec
             _pin_replace(new, pins.link(name))
             kernel.close(links[name])
             links[name] = new
-    for name, attach_type in kernel.BIND_ATTACH_TYPES.items():
-        prog = loaded.programs[PROGRAMS[name]]
+    for name, attach_type in CGROUP_ATTACH_TYPES.items():
+        prog = loaded.programs.get(PROGRAMS[name])
         if links[name] is None:
+            # Packet programs are attached before the flip that turns containment on; while
+            # the active slot has no contained port they pass everything.
+            if name in PACKET_LINKS and not contain:
+                continue
             links[name] = kernel.attach_cgroup(prog, attach_dir, attach_type)
             kernel.pin(links[name], pins.link(name))
-        elif replace_program:
+        elif replace_program and prog is not None:
             kernel.update_link(links[name], prog)
     _reattach_if_moved(pins, links, attach_dir)
 
@@ -335,8 +368,10 @@ def _attach(pins: Pins, links: dict[str, int | None], loaded: kernel.LoadedObjec
 def _reattach_if_moved(pins: Pins, links: dict[str, int | None], attach_dir: Path) -> None:
     """The attach cgroup changed in the config: attach there, then let go of the old one."""
     want = os.stat(attach_dir).st_ino
-    for name, attach_type in kernel.BIND_ATTACH_TYPES.items():
+    for name, attach_type in CGROUP_ATTACH_TYPES.items():
         fd = links[name]
+        if fd is None:
+            continue
         info = kernel.link_info(fd)
         if info.cgroup_id == want:
             continue
@@ -375,8 +410,9 @@ def _apply_maps(maps: Maps, plan: Plan, cookie: int, variant: str, cgroup_root: 
     flip(maps, inactive)
     clear_slot(maps, active)
     reserved = {(proto, port) for proto, port in plan.ports}
-    for key in [k for k in maps.denied.keys() if (k.proto, k.port) not in reserved]:
-        maps.denied.delete(key)
+    for counters in (maps.denied, maps.contained):
+        for key in [k for k in counters.keys() if (k.proto, k.port) not in reserved]:
+            counters.delete(key)
     _sysctl_drop(maps, wanted_ports)
     return True
 
@@ -451,6 +487,8 @@ class ReservationState:
     protocol: str
     owners: tuple[OwnerState, ...]
     denied: int
+    contain: bool = False
+    contained_drops: int = 0  # packets of non-owner sockets on the port dropped (or, audit, seen)
     holders: tuple = ()  # squatters.HolderState, filled by squatters.with_holders
 
 
@@ -465,6 +503,7 @@ class GuardState:
     netns_cookie: int | None = None
     reservations: tuple[ReservationState, ...] = ()
     lost_events: int = 0
+    containment: bool = False  # packet programs attached (some reservation has contain on)
     holders_checked: bool = False  # holders are only seen from the guarded network namespace
 
 
@@ -502,13 +541,16 @@ def _read_state(pins: Pins, settings: Settings) -> GuardState:
         owner_ids = {k.idx: v.id for k, v in maps.owners.items() if k.slot == active}
         path_of = {idx: path for path, idx in slot.paths.items()}
         denied = {(k.proto, k.port): sum(v) for k, v in maps.denied.items()}
+        drops = {(k.proto, k.port): sum(v) for k, v in maps.contained.items()}
         reservations = []
         for (proto, port), set_id in sorted(slot.ports.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             owners = tuple(OwnerState(path_of.get(i, "?"), owner_ids.get(i) or None,
                                       cgroups.unit_of_cgroup(path_of.get(i, "")))
                            for i in slot.sets.get(set_id, ()))
             reservations.append(ReservationState(port, layout.PROTOCOL_NAMES.get(proto, str(proto)),
-                                                 owners, denied.get((proto, port), 0)))
+                                                 owners, denied.get((proto, port), 0),
+                                                 (proto, port) in slot.contained,
+                                                 drops.get((proto, port), 0)))
         meta = maps.meta.lookup(0)
         lost = maps.lost.lookup(0)
         return GuardState(
@@ -521,6 +563,7 @@ def _read_state(pins: Pins, settings: Settings) -> GuardState:
             netns_cookie=cfg.netns_cookie if cfg else None,
             reservations=tuple(reservations),
             lost_events=sum(lost) if lost else 0,
+            containment=all(name in {ls.name for ls in link_states} for name in PACKET_LINKS),
         )
     finally:
         maps.close()

@@ -13,7 +13,6 @@ from pathlib import Path
 from guard import units
 from guard.config import Config, ConfigError, OwnerRef, ReserveBlock
 
-INIT_SCOPE = "/init.scope"
 UNIT_DIRS_ENV = "PORTGUARD_UNIT_DIRS"  # colon-separated unit directories (chroots, tests)
 
 
@@ -70,4 +69,6 @@ def resolve(config: Config) -> dict[int, list[tuple[str, str | None]]]:
 
 
 def extra_owners(config: Config) -> tuple[str, ...]:
-    return (INIT_SCOPE,) if config.settings.trust_init else ()
+    if not config.settings.trust_init:
+        return ()
+    return (units.resolve_unit(units.INIT_SCOPE, unit_dirs=unit_dirs()),)

@@ -22,6 +22,7 @@ class Plan:
     sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # set id -> owner indices
     paths: tuple[str, ...] = ()  # owner index -> cgroup path
     owner_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # path -> units/slices
+    contained: frozenset[tuple[int, int]] = frozenset()  # (proto, port) with contain on
 
     def owners_of(self, proto: int, port: int) -> tuple[str, ...]:
         set_id = self.ports.get((proto, port))
@@ -36,6 +37,7 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
     """owner_paths: for each block (by index) its resolved owners as (cgroup path, name);
     extra_owners: paths trusted for every reserved port (e.g. /init.scope)."""
     owners_by_port: dict[tuple[int, int], set[str]] = {}
+    contained: set[tuple[int, int]] = set()
     first_origin: dict[tuple[int, int], Origin] = {}
     names: dict[str, set[str]] = {}
     for index, block in enumerate(config.blocks):
@@ -49,6 +51,8 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
             for proto_name, port in port_range.pairs():
                 key = (PROTO_NUMBERS[proto_name], port)
                 owners_by_port.setdefault(key, set()).update(p for p, _ in resolved)
+                if block.contain or config.settings.contain:
+                    contained.add(key)
                 first_origin.setdefault(key, origin)
     problems = []
     for key, owners in owners_by_port.items():
@@ -71,4 +75,4 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
     ports = {key: set_of[tuple(sorted(index_of[p] for p in owners))]
              for key, owners in sorted(owners_by_port.items())}
     return Plan(config.settings, ports, dict(enumerate(distinct)), paths,
-                {p: tuple(sorted(n)) for p, n in names.items()})
+                {p: tuple(sorted(n)) for p, n in names.items()}, frozenset(contained))

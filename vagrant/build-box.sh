@@ -3,6 +3,9 @@
 #
 #   vagrant/build-box.sh RELEASE        RELEASE: bullseye (5.10) | bookworm (6.1) | trixie (6.12)
 #
+# bullseye means Debian 11's kernel (5.10, no bpf_set_retval) on a Debian 12 userland: portguard
+# needs Python >= 3.11 and Debian 11 ships 3.9, so stock Debian 11 cannot install it at all.
+#
 # The box is named portguard-RELEASE. It boots without a bootloader: the kernel and a small
 # initramfs (virtio + ext4 + 9p only; TCG boots ~6 s faster than with the default one) sit next to
 # the image in vagrant/.cache/boxes/RELEASE/ and in the box itself, for lv.kernel / lv.initrd.
@@ -61,6 +64,12 @@ vagrant_pubkey() {
   echo "Vagrant's insecure public key not found (is vagrant installed?)" >&2; exit 1
 }
 
+# Userland suite, and the suite the kernel comes from.
+case $release in
+  bullseye) userland=bookworm; kernel_suite=bullseye ;;
+  *)        userland=$release; kernel_suite=$release ;;
+esac
+
 mirror=$(debian_mirror)
 log "mirror $mirror"
 mkdir -p "$out"
@@ -77,7 +86,7 @@ trap cleanup EXIT
 log "debootstrap"
 debootstrap --variant=minbase \
   --include=systemd-sysv,udev,dbus,kmod,iproute2,procps,openssh-server,sudo,python3,python3-venv,initramfs-tools,zstd \
-  "$release" "$rootfs" "$mirror" > "$work/debootstrap.log" 2>&1 \
+  "$userland" "$rootfs" "$mirror" > "$work/debootstrap.log" 2>&1 \
   || { tail -30 "$work/debootstrap.log" >&2; exit 1; }
 
 in_root() { chroot "$rootfs" /usr/bin/env DEBIAN_FRONTEND=noninteractive LC_ALL=C "$@"; }
@@ -96,15 +105,24 @@ printf '%s\n' virtio_pci virtio_blk virtio_net ext4 9p 9pnet_virtio > "$rootfs/e
 # 2. The rest: kernel, portguard's build deps (clang + libbpf), bindresvport callers at boot
 #    (rpcbind, rpc.statd from nfs-common), networking.
 log "apt-get install"
-wanted=(linux-image-amd64 clang libbpf-dev rpcbind nfs-common python3-pip
-        bpftool systemd-networkd)
+wanted=(clang libbpf-dev rpcbind nfs-common python3-pip bpftool systemd-networkd)
+[[ $kernel_suite == "$userland" ]] && wanted=(linux-image-amd64 "${wanted[@]}")
 in_root apt-get update -qq > /dev/null
 available=()
 for p in "${wanted[@]}"; do
-  if in_root apt-cache show "$p" > /dev/null 2>&1; then available+=("$p"); else log "not in $release: $p"; fi
+  if in_root apt-cache show "$p" > /dev/null 2>&1; then available+=("$p"); else log "not in $userland: $p"; fi
 done
 in_root apt-get install -y -qq --no-install-recommends "${available[@]}" > "$work/apt.log" 2>&1 \
   || { tail -30 "$work/apt.log" >&2; exit 1; }
+if [[ $kernel_suite != "$userland" ]]; then
+  log "kernel from $kernel_suite"
+  echo "deb $mirror $kernel_suite main" > "$rootfs/etc/apt/sources.list.d/kernel.list"
+  in_root apt-get update -qq > /dev/null
+  in_root apt-get install -y -qq --no-install-recommends -t "$kernel_suite" linux-image-amd64 \
+    >> "$work/apt.log" 2>&1 || { tail -30 "$work/apt.log" >&2; exit 1; }
+  rm "$rootfs/etc/apt/sources.list.d/kernel.list"
+  in_root apt-get update -qq > /dev/null
+fi
 in_root apt-get clean
 
 # 3. Configuration: fstab, hostname, DHCP on the first NIC, vagrant user, quiet and fast boot.

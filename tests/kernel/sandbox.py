@@ -134,6 +134,49 @@ CHILD = textwrap.dedent(r"""
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b"x", ("127.0.0.1", target))
             seen.append(s.getsockname()[1]); s.close()
         print(json.dumps(sorted(set(seen))))
+    elif action == "serve":
+        # echo server on a port until killed: TCP connections one after the other, UDP datagrams
+        fam, typ, port = args
+        family, addr = FAM[fam]
+        s = socket.socket(family, TYPE[typ])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == "dual":
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind((addr, port))
+        if typ == "tcp":
+            s.listen(16)
+        print("ready", flush=True)
+        while True:
+            if typ == "udp":
+                data, peer = s.recvfrom(2048)
+                s.sendto(data, peer)
+                continue
+            conn, _ = s.accept()
+            with conn:
+                conn.settimeout(5)
+                try:
+                    while data := conn.recv(2048):
+                        conn.sendall(data)
+                except OSError:
+                    pass
+    elif action == "talk":
+        # one request to an echo server; an answer that does not come within `wait` seconds
+        # (a dropped packet is never answered) counts as no answer
+        fam, typ, port, wait = args
+        family, addr = FAM[fam]
+        s = socket.socket(family, TYPE[typ])
+        s.settimeout(wait)
+        payload = b"ping %d" % os.getpid()
+        try:
+            if typ == "tcp":
+                s.connect((addr, port)); s.sendall(payload); answer = s.recv(2048)
+            else:
+                s.sendto(payload, (addr, port)); answer = s.recvfrom(2048)[0]
+            print(json.dumps({"answered": answer == payload, "error": None}))
+        except OSError as e:
+            print(json.dumps({"answered": False, "error": type(e).__name__}))
+        finally:
+            s.close()
 """)
 
 
@@ -283,6 +326,22 @@ class Sandbox:
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.children.append(child)
         return child
+
+    def serve(self, cgroup_rel: str, fam: str, typ: str, port: int,
+              netns: str | None = "own") -> subprocess.Popen:
+        """An echo server on the port, running (bound, listening) when this returns."""
+        child = self.start(cgroup_rel, "serve", [fam, typ, port], netns)
+        line = child.stdout.readline().strip()
+        if line != "ready":
+            child.kill()
+            raise AssertionError(f"echo server on {fam}/{typ}/{port} did not start: "
+                                 f"{child.stderr.read()}")
+        return child
+
+    def talk(self, cgroup_rel: str, fam: str, typ: str, port: int, wait: float = 1.5,
+             netns: str | None = "own") -> bool:
+        """Whether one request to the echo server on the port was answered."""
+        return self.run(cgroup_rel, "talk", [fam, typ, port, wait], netns)["answered"]
 
     def new_netns(self) -> str:
         name = f"{self.name}-x{len(self.other_netns)}"

@@ -62,16 +62,18 @@ def test_status_table_fits_100_columns_with_long_paths_and_marks_squatters():
     res = ReservationState(
         631, "tcp",
         (OwnerState(LONG, 1234), OwnerState("/system.slice/cups-browsed.service", None)),
-        12345678,
-        (holder_state(cgroup=LONG), holder_state(pid=4000000, comm="a-fifteen-chars", owner=False,
-                                                 cgroup="/user.slice/" + "x" * 90)))
+        12345678, contain=True, contained_drops=87654321,
+        holders=(holder_state(cgroup=LONG),
+                 holder_state(pid=4000000, comm="a-fifteen-chars", owner=False, unit=None,
+                              cgroup="/user.slice/" + "x" * 90)))
     lines = display.status_lines(state(res, pin_dir="/sys/fs/bpf/" + "p" * 120), "/")
     assert all(len(line) <= display.WIDTH for line in lines)
     table = lines[lines.index(next(line for line in lines if line.lstrip().startswith("PORT"))):]
-    assert table[1].split()[:3] == ["631", "tcp", "12345678"] and table[1].endswith("(id 1234)")
+    assert table[1].split()[:4] == ["631", "tcp", "12345678", "87654321"]
+    assert table[1].endswith("(id 1234)")
     assert table[2].endswith("cups-browsed.service (absent)")
     assert table[3].split()[:3] == ["holder", "812", "cupsd"] and table[3].endswith(" owner")
-    assert "4000000 a-fifteen-chars" in table[4] and table[4].endswith("SQUATTER")
+    assert "4000000 a-fifteen-chars …xxxx" in table[4] and table[4].endswith("SQUATTER")
 
 
 def test_status_without_holders_says_where_to_run_it():
@@ -220,7 +222,8 @@ def test_a_socket_of_no_known_process_or_cgroup_is_a_squatter(tmp_path):
 
 
 def test_squatters_of_a_state_are_the_non_owner_holders():
-    res = ReservationState(631, "tcp", (), 0, (holder_state(), holder_state(pid=9, owner=False)))
+    res = ReservationState(631, "tcp", (), 0,
+                           holders=(holder_state(), holder_state(pid=9, owner=False)))
     [squatter] = of_state(state(res))
     assert squatter.holder.pid == 9
     assert squatter.describe().startswith("port 631/tcp is held by pid 9 (cupsd) in cgroup ")
