@@ -22,15 +22,8 @@ def applied(sandbox, ports=(f"{PORT}",), owners=("owner",), **guard):
     return sandbox.cli("apply")
 
 
-def status(sandbox) -> dict:
-    """status --json; exit 3 (a squatter) is expected where audit mode lets strangers bind."""
-    proc = sandbox.cli("status", "--json", check=False)
-    assert proc.returncode in (0, 3), proc.stderr
-    return json.loads(proc.stdout)
-
-
 def denied(sandbox, port=PORT, protocol="tcp") -> int:
-    for res in status(sandbox)["reservations"]:
+    for res in sandbox.status()["reservations"]:
         if (res["port"], res["protocol"]) == (port, protocol):
             return res["denied"]
     raise AssertionError(f"{port}/{protocol} is not reserved")
@@ -275,7 +268,7 @@ def test_switching_between_audit_and_enforce_by_reapply_is_atomic(sandbox):
         assert child.stdout.readline().strip() == "ready"
     for i in range(10):
         sandbox.cli("apply", config=configs[(i + 1) % 2])
-        assert status(sandbox)["mode"] == ("audit", "enforce")[i % 2]
+        assert sandbox.status()["mode"] == ("audit", "enforce")[i % 2]
     stop.touch()
     s = json.loads(stranger.communicate(timeout=60)[0].strip().splitlines()[-1])
     o = json.loads(owner.communicate(timeout=60)[0].strip().splitlines()[-1])
