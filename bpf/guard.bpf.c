@@ -150,20 +150,23 @@ static __always_inline int is_owner(__u32 slot, __u32 set_id, struct bpf_sock *s
 	return 0;
 }
 
-/* counters: the denied or the contained map */
+/* counters: the denied or the contained map. Per-CPU values, yet atomic adds: cgroup
+ * programs run with migration disabled but stay preemptible, so two tasks on one CPU may
+ * interleave a plain load-add-store and lose a count. The add's result is unused, so it
+ * compiles to a plain BPF atomic add. */
 static __always_inline void count(void *counters, __u8 proto, __u16 port)
 {
 	struct pg_count_key ck = { .proto = proto, .port = port };
 	__u64 one = 1, *count = bpf_map_lookup_elem(counters, &ck);
 
 	if (count) {
-		*count += 1;  /* per-CPU value: no other writer */
+		__sync_fetch_and_add(count, 1);
 		return;
 	}
 	if (bpf_map_update_elem(counters, &ck, &one, BPF_NOEXIST)) {
 		count = bpf_map_lookup_elem(counters, &ck);
 		if (count)
-			*count += 1;
+			__sync_fetch_and_add(count, 1);
 	}
 }
 
@@ -177,7 +180,7 @@ static __always_inline void report(struct bpf_sock_addr *ctx, __u8 family, __u8 
 		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
 
 		if (n)
-			*n += 1;
+			__sync_fetch_and_add(n, 1);
 		return;
 	}
 	ev->ts_ns = bpf_ktime_get_ns();

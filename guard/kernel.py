@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class BpfError(OSError):
 _LIB: C.CDLL | None = None
 _LOG: list[str] = []
 _PRINT_FN = C.CFUNCTYPE(C.c_int, C.c_int, C.c_char_p, C.c_void_p)
+_RING_SAMPLE_FN = C.CFUNCTYPE(C.c_int, C.c_void_p, C.c_void_p, C.c_size_t)
 
 
 @_PRINT_FN
@@ -93,6 +95,9 @@ def lib() -> C.CDLL:
         "libbpf_probe_bpf_helper": (I, [I, I, P]),
         "libbpf_num_possible_cpus": (I, []),
         "libbpf_set_print": (P, [_PRINT_FN]),
+        "ring_buffer__new": (P, [I, _RING_SAMPLE_FN, P, P]),
+        "ring_buffer__poll": (I, [P, I]),
+        "ring_buffer__free": (None, [P]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(bpf, name)
@@ -420,3 +425,44 @@ class Map:
 
     def _key(self, key):
         return key if isinstance(key, self.key_type) else self.key_type(key)
+
+
+_STOP_POLL = -errno.ECANCELED
+
+
+class RingBuffer:
+    """The consumer of a BPF ring buffer map: poll() hands every record, as bytes, to
+    on_record, which returns False to end the poll after that record. The map has one
+    consumer position, so one consumer at a time."""
+
+    def __init__(self, map_fd: int, on_record: Callable[[bytes], bool]):
+        self._on_record = on_record
+        self._failure: BaseException | None = None
+        self._callback = _RING_SAMPLE_FN(self._sample)  # kept alive as long as the buffer
+        self._handle = lib().ring_buffer__new(map_fd, self._callback, None, None)
+        if not self._handle:
+            err = C.get_errno()
+            raise BpfError(err, f"opening the event ring buffer: {os.strerror(err)}")
+
+    def _sample(self, _ctx: int, data: int, size: int) -> int:
+        try:
+            go_on = self._on_record(C.string_at(data, size))
+        except BaseException as exc:  # noqa: BLE001 - raised again in poll(): a callback cannot raise
+            self._failure = exc
+            return _STOP_POLL  # the record counts as consumed
+        return 0 if go_on else _STOP_POLL
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for records and consume all that are there: their number."""
+        ret = lib().ring_buffer__poll(self._handle, timeout_ms)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        if ret in (-errno.EINTR, _STOP_POLL):  # a signal, or on_record said enough
+            return 0
+        return _check(ret, "polling the event ring buffer")
+
+    def close(self) -> None:
+        if self._handle:
+            lib().ring_buffer__free(self._handle)
+            self._handle = None

@@ -491,6 +491,7 @@ class ReservationState:
     denied: int
     contain: bool = False
     contained_drops: int = 0  # packets of non-owner sockets on the port dropped (or, audit, seen)
+    holders: tuple = ()  # squatters.HolderState, filled by squatters.with_holders
 
 
 @dataclass(frozen=True)
@@ -505,6 +506,7 @@ class GuardState:
     reservations: tuple[ReservationState, ...] = ()
     lost_events: int = 0
     containment: bool = False  # packet programs attached (some reservation has contain on)
+    holders_checked: bool = False  # holders are only seen from the guarded network namespace
 
 
 def read_state(settings: Settings, only: list[tuple[str, int]] | None = None) -> GuardState:

@@ -92,6 +92,30 @@ CHILD = textwrap.dedent(r"""
                 fail += 1
                 errors[e] = errors.get(e, 0) + 1
         print(json.dumps({"ok": ok, "fail": fail, "errors": errors}))
+    elif action == "repeat":
+        # bind the same port n times in a tight loop; report counts
+        fam, typ, port, n = args
+        ok = fail = 0
+        errors = {}
+        for _ in range(n):
+            e = bind(fam, typ, port)
+            if e == 0:
+                ok += 1
+            else:
+                fail += 1
+                errors[e] = errors.get(e, 0) + 1
+        print(json.dumps({"ok": ok, "fail": fail, "errors": errors, "pid": os.getpid()}))
+    elif action == "hold":
+        # bind (and listen, for TCP) and keep the port until killed
+        fam, typ, port = args
+        family, addr = FAM[fam]
+        s = socket.socket(family, TYPE[typ])
+        s.bind((addr, port))
+        if typ == "tcp":
+            s.listen()
+        print(json.dumps({"pid": os.getpid()}), flush=True)
+        while True:
+            time.sleep(3600)
     elif action == "bindresvport":
         libc = ctypes.CDLL(None, use_errno=True)
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -260,7 +284,29 @@ class Sandbox:
         return proc
 
     def status(self) -> dict:
-        return json.loads(self.cli("status", "--json").stdout)
+        """status --json; its exit 3 (a reserved port held by a non-owner) is a state many
+        tests create on purpose, not a failure."""
+        proc = self.cli("status", "--json", check=False)
+        if proc.returncode not in (0, 3):
+            raise AssertionError(f"portguard status failed ({proc.returncode}):\n{proc.stderr}")
+        return json.loads(proc.stdout)
+
+    def monitor(self, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+        """Start `portguard monitor ARGS` in the namespace, stdout to a file (a full pipe would
+        stall it); returns once it consumes events (its ready line on stderr)."""
+        out = self.work / f"monitor-{len(self.children)}.out"
+        cmd = [*in_netns(self.netns), *PORTGUARD, "--config", str(self.config_path),
+               "monitor", *args]
+        with open(out, "w") as stdout:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, **(env or {})})
+        self.children.append(proc)
+        ready = proc.stderr.readline()
+        if "monitoring" not in ready:
+            proc.wait(timeout=60)
+            raise AssertionError(f"monitor did not start ({proc.returncode}): "
+                                 f"{ready}{proc.stderr.read()}")
+        return proc, out
 
     # -- child processes ---------------------------------------------------------------
     def _child_cmd(self, cgroup_rel: str, action: str, args, netns: str | None) -> list[str]:

@@ -130,7 +130,7 @@ def test_status_from_a_fresh_process_shows_links_and_reservations(sandbox):
     assert set(state["links"]) == {"bind4", "bind6", "mkdir", "rmdir"}
     assert state["links"]["bind4"]["cgroup_id"] == sandbox.top_dir.stat().st_ino
     assert state["reservations"] == [{
-        "port": PORT, "protocol": "tcp", "denied": 0,
+        "port": PORT, "protocol": "tcp", "denied": 0, "holders": [],
         "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner"),
                     "unit": None}],
         "contain": False, "contained_drops": 0,
