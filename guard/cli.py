@@ -101,12 +101,19 @@ def apply(config_path: str | None) -> None:
 
 
 def _squatters_of_plan(plan) -> list:
-    """Holders of the planned ports that are not owners (apply runs in the guarded netns)."""
-    from guard import squatters
+    """Holders of the planned ports that are not owners (apply runs in the guarded netns).
+    /proc/net is read first: only when a reserved port is held does sock_diag run."""
+    from guard.holders import bound_ports
     from guard.layout import PROTOCOL_NAMES
 
+    bound = bound_ports()
     reservations = [(port, PROTOCOL_NAMES[proto], [plan.paths[i] for i in plan.sets[set_id]])
-                    for (proto, port), set_id in plan.ports.items()]
+                    for (proto, port), set_id in plan.ports.items()
+                    if (port, PROTOCOL_NAMES[proto]) in bound]
+    if not reservations:
+        return []
+    from guard import squatters
+
     return squatters.find(reservations)
 
 
