@@ -435,7 +435,7 @@ def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
                     maps.close()
                 maps = Maps({name: os.dup(loaded.maps[name]) for name in layout.MAPS})
                 readers, takeover = [], bool(bind_links)
-                _carry_sysctl_records(pins, maps)
+            _carry_sysctl_records(pins, maps)
             if not readers:
                 # No link reads these maps: start from an empty active slot whatever was left.
                 clear_slot(maps, 0)
@@ -444,16 +444,17 @@ def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
                 flip(maps, 0)
             staged = _stage_trackers(pins, loaded)
             if takeover:
-                # Complete the new guard before any link reads it; the old one enforces meanwhile.
-                _apply_maps(maps, plan, cookie, variant, cgroup_root)
+                # Complete the new guard before any link reads it; the old one enforces meanwhile
+                # (so its ports stay in the sysctl until the final _apply_maps below).
+                _apply_maps(maps, plan, cookie, variant, cgroup_root, drop_stale=False)
             _attach_bind(pins, links, loaded, attach_dir)
             for name in staged:
                 kernel.rename_pin(pins.staged_link(name), pins.link(name))
             maps.meta.update(0, layout.Meta(digest))
         _reattach_if_moved(pins, links, attach_dir)
+        dropped = _drop_other_maps(pins, maps)
         changed = _apply_maps(maps, plan, cookie, variant, cgroup_root)
-        _drop_other_maps(pins)
-        return ApplyResult(changed or need_load, need_load, variant, [])
+        return ApplyResult(changed or need_load or dropped, need_load, variant, [])
     finally:
         for fd in links.values():
             kernel.close(fd)
@@ -475,14 +476,18 @@ def _carry_sysctl_records(pins: Pins, maps: Maps) -> None:
             os.close(records.fd)
 
 
-def _drop_other_maps(pins: Pins) -> None:
-    """Maps no link reads any more (older layouts, retired sets): their records were carried
-    over, their contents are dead."""
-    for other in pins.other_maps_dirs():
+def _drop_other_maps(pins: Pins, maps: Maps) -> bool:
+    """Maps no link reads any more (older layouts, retired sets, a killed run's): their sysctl
+    records are carried over (again: a run killed after loading may not have), the rest is
+    dead."""
+    others = pins.other_maps_dirs()
+    _carry_sysctl_records(pins, maps)
+    for other in others:
         for entry in other.iterdir():
             kernel.unpin(entry)
         other.rmdir()
         kernel.step()
+    return bool(others)
 
 
 def _stage_trackers(pins: Pins, loaded: kernel.LoadedObject) -> list[str]:
@@ -539,7 +544,8 @@ def _pin_replace(fd: int, path: Path) -> None:
     kernel.rename_pin(tmp, path)
 
 
-def _apply_maps(maps: Maps, plan: Plan, cookie: int, variant: str, cgroup_root: Path) -> bool:
+def _apply_maps(maps: Maps, plan: Plan, cookie: int, variant: str, cgroup_root: Path,
+                drop_stale: bool = True) -> bool:
     active = maps.active
     cfg = _config_value(plan, cookie, variant)
     wanted_ports = {port for _, port in plan.ports}
@@ -558,7 +564,8 @@ def _apply_maps(maps: Maps, plan: Plan, cookie: int, variant: str, cgroup_root: 
     reserved = {(proto, port) for proto, port in plan.ports}
     for key in [k for k in maps.denied.keys() if (k.proto, k.port) not in reserved]:
         maps.denied.delete(key)
-    _sysctl_drop(maps.sysctl_added, wanted_ports)
+    if drop_stale:
+        _sysctl_drop(maps.sysctl_added, wanted_ports)
     return True
 
 
@@ -650,6 +657,9 @@ class GuardState:
     netns_cookie: int | None = None
     reservations: tuple[ReservationState, ...] = ()
     lost_events: int = 0
+    # An apply or remove was interrupted: the bind links may still enforce other maps than
+    # these (shown here), or leftovers wait to be dropped. The next apply settles it.
+    interrupted: bool = False
 
 
 def read_state(settings: Settings) -> GuardState:
@@ -676,10 +686,15 @@ def _read_state(pins: Pins, settings: Settings) -> GuardState:
         finally:
             os.close(fd)
         link_states.append(LinkState(name, info.id, info.prog_id, info.cgroup_id))
+    leftovers = bool(pins.other_maps_dirs()) or any(pins.staged_link(n).exists() for n in PROGRAMS)
     maps = Maps.open_pinned(pins.maps_dir)
     if maps is None:
-        return GuardState(bool(link_states), settings.pin_dir, tuple(link_states))
+        return GuardState(bool(link_states), settings.pin_dir, tuple(link_states),
+                          interrupted=bool(link_states) or leftovers)
     try:
+        state_id = kernel.map_info(maps.fds["state"]).id
+        elsewhere = any(state_id not in kernel.prog_map_ids(ls.prog_id)
+                        for ls in link_states if ls.name in kernel.BIND_ATTACH_TYPES)
         active = maps.active
         slot = read_slot(maps, active)
         cfg = maps.config.lookup(active)
@@ -704,6 +719,7 @@ def _read_state(pins: Pins, settings: Settings) -> GuardState:
             netns_cookie=cfg.netns_cookie if cfg else None,
             reservations=tuple(reservations),
             lost_events=sum(lost) if lost else 0,
+            interrupted=leftovers or elsewhere,
         )
     finally:
         maps.close()
