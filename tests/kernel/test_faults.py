@@ -14,7 +14,6 @@ import errno
 import os
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -41,7 +40,7 @@ class Guard:
     extra: dict = field(default_factory=dict)  # [guard] settings
 
     def expected(self, cgroup: str, case: tuple[str, str, int]) -> int:
-        fam, proto, port = case
+        _, proto, port = case
         owners = self.reserved.get((port, proto))
         return 0 if owners is None or cgroup in owners else self.deny
 
@@ -84,7 +83,7 @@ class Rig:
         assert "Traceback" not in proc.stderr
         return proc.returncode
 
-    def observe(self) -> tuple[dict, dict, "lifecycle.GuardState"]:
+    def observe(self) -> tuple[dict, dict, lifecycle.GuardState]:
         out = self.sandbox.run("stranger", "matrix", self.matrix_args)
         sysctl = out.pop("sysctl")
         return out, sysctl, lifecycle.read_state(self.settings)

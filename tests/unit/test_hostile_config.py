@@ -8,6 +8,7 @@ PORTGUARD_FUZZ_EXAMPLES=10000 (the soak sets it) makes about 15,000.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -49,7 +50,7 @@ def _quote(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value) if value == value else "nan"
+        return "nan" if math.isnan(value) else repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_quote(v) for v in value) + "]"
     if isinstance(value, dict):
@@ -226,7 +227,7 @@ def test_an_unreadable_file_is_refused_with_file_and_line(tmp_path, monkeypatch)
 # ---- long cgroup paths ---------------------------------------------------------------------------
 
 def _path_of(length: int) -> str:
-    parts, path = [], ""
+    path = ""
     while len(path) < length:
         path += "/" + "c" * min(100, length - len(path) - 1)
     return path
@@ -243,8 +244,8 @@ def test_long_owner_paths_are_refused_never_truncated(length):
         return
     with pytest.raises(config.ConfigError) as exc:
         config.loads(text, "p.toml")
-    assert exc.value.problems == [f"p.toml:3: owner cgroup path is {length} bytes; at most 254 fit "
-                                  "the kernel's key (a truncated key could match another cgroup)"]
+    assert exc.value.problems == [(f"p.toml:3: owner cgroup path is {length} bytes; at most 254 fit "
+                                   "the kernel's key (a truncated key could match another cgroup)")]
 
 
 def test_a_resolved_owner_path_too_long_for_the_key_is_refused_by_the_plan():
