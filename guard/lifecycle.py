@@ -440,6 +440,8 @@ def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
                 # No link reads these maps: start from an empty active slot whatever was left.
                 clear_slot(maps, 0)
                 clear_slot(maps, 1)
+                for key in list(maps.denied.keys()):  # counts of a guard that is gone
+                    maps.denied.delete(key)
                 maps.config.update(0, _config_value(plan, cookie, variant))
                 flip(maps, 0)
             staged = _stage_trackers(pins, loaded)
