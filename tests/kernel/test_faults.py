@@ -6,22 +6,31 @@ process kills itself right after its N-th map write, load, pin, unpin, attach, l
 sysctl write). Each scenario walks N = 1, 1+stride, ... until a run completes, so every step
 is a kill point when the stride is 1. Counts: PORTGUARD_FAULT_STRIDE (default 3 here; the
 soak, tests/soak.py, uses 1) and PORTGUARD_FAULT_ROUNDS (default 1).
+
+Kills between steps cannot land inside libbpf's object load (maps created and pinned one by
+one); test_apply_killed_at_random_moments adds SIGKILLs at random delays for that
+(PORTGUARD_FAULT_TIMED trials, default 10).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
+import subprocess
+import time
 from dataclasses import dataclass, field
 
 import pytest
 
 from guard import layout, lifecycle
 from guard.config import Settings
+from tests.kernel.sandbox import PORTGUARD, REPO, in_netns
 
 STRIDE = int(os.environ.get("PORTGUARD_FAULT_STRIDE", "3"))
 ROUNDS = int(os.environ.get("PORTGUARD_FAULT_ROUNDS", "1"))
+TIMED = int(os.environ.get("PORTGUARD_FAULT_TIMED", "10"))
 PA, PB, PC = 7641, 7642, 7643
 CGROUPS = ("a", "b", "stranger")
 CASES = [("v4", "tcp", PA), ("v6", "udp", PA), ("mapped", "tcp", PA),
@@ -214,3 +223,33 @@ def test_remove_killed_anywhere_leaves_the_guard_or_nothing(rig):
     for _ in range(ROUNDS):
         rig.reset(A)
         assert rig.walk("remove", A, NONE) > 20
+
+
+def test_apply_killed_at_random_moments_leaves_the_old_guard_or_the_new(rig):
+    # Delays spread over one whole apply (measured, not asserted): kills land in imports,
+    # inside the object load, between map writes, anywhere.
+    sandbox = rig.sandbox
+    rig.reset(NONE)
+    began = time.monotonic()
+    rig.run("apply", A)
+    span = time.monotonic() - began
+    rng = random.Random(os.environ.get("PORTGUARD_FAULT_SEED", "7"))
+    landed = 0
+    for trial in range(TIMED):
+        before, after = [(NONE, A), (A, B), (B, A)][trial % 3]
+        rig.reset(before)
+        cmd = [*in_netns(sandbox.netns), *PORTGUARD, "--config", str(rig.paths[after.name]), "apply"]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        time.sleep(rng.uniform(0, span))
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert "Traceback" not in err
+        if proc.returncode == -signal.SIGKILL:
+            landed += 1
+            rig.trials += 1
+        rig.assert_one_of((before, after), per_family=False)
+        rig.run("apply", after)
+        rig.assert_exactly(after)
+    print(f"\ntimed kills: {TIMED}, landed before apply finished: {landed}")
+
