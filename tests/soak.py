@@ -4,7 +4,7 @@
     sudo .venv/bin/python -m tests.soak --quick    # the default (CI) counts, same tests
 
 Full counts: every step of apply/remove is a kill point (PORTGUARD_FAULT_STRIDE=1) in
-PORTGUARD_FAULT_ROUNDS rounds, 10,000 owner-cgroup restarts under stranger load, 1,000
+PORTGUARD_FAULT_ROUNDS rounds, 100 kills at random moments, 10,000 owner-cgroup restarts under stranger load, 1,000
 re-applies alternating configs under bind load, 10,000+ generated configuration files.
 Each count can be overridden through its environment variable. Prints the figures the tests
 report (trials, faults, wrong answers) and exits with pytest's status.
@@ -21,6 +21,7 @@ from pathlib import Path
 FULL = {
     "PORTGUARD_FAULT_STRIDE": "1",
     "PORTGUARD_FAULT_ROUNDS": "1",
+    "PORTGUARD_FAULT_TIMED": "100",
     "PORTGUARD_STRESS_RESTARTS": "10000",
     "PORTGUARD_STRESS_REAPPLIES": "1000",
     "PORTGUARD_FUZZ_EXAMPLES": "10000",
@@ -31,7 +32,7 @@ TESTS = [
     "tests/unit/test_hostile_config.py",
     "tests/unit/test_preflight.py",
 ]
-FIGURES = ("fault trials", "owner restarts", "re-applies", "passed", "failed", "error")
+FIGURES = ("fault trials", "timed kills", "owner restarts", "re-applies", "passed", "failed", "error")
 
 
 def main() -> int:
