@@ -3,9 +3,10 @@ holds or the new one, never neither and never a mix, and the next run settles ev
 
 The kill points come from the fault hook in guard/kernel.py (PORTGUARD_FAULT_AFTER=N: the
 process kills itself right after its N-th map write, load, pin, unpin, attach, link update or
-sysctl write). Each scenario walks N = 1, 1+stride, ... until a run completes, so every step
-is a kill point when the stride is 1. Counts: PORTGUARD_FAULT_STRIDE (default 3 here; the
-soak, tests/soak.py, uses 1) and PORTGUARD_FAULT_ROUNDS (default 1).
+sysctl write). Each scenario walks N = offset, offset+stride, ... until a run completes, so
+every step is a kill point when the stride is 1. Counts: PORTGUARD_FAULT_STRIDE (default 4 here, from
+a random first step, PORTGUARD_FAULT_OFFSET, printed; the soak, tests/soak.py, uses 1) and
+PORTGUARD_FAULT_ROUNDS (default 1).
 
 Kills between steps cannot land inside libbpf's object load (maps created and pinned one by
 one); test_apply_killed_at_random_moments adds SIGKILLs at random delays for that
@@ -28,7 +29,9 @@ from guard import layout, lifecycle
 from guard.config import Settings
 from tests.kernel.sandbox import PORTGUARD, REPO, in_netns
 
-STRIDE = int(os.environ.get("PORTGUARD_FAULT_STRIDE", "3"))
+STRIDE = int(os.environ.get("PORTGUARD_FAULT_STRIDE", "4"))
+# first kill point: random by default, so successive CI runs cover different steps
+OFFSET = int(os.environ.get("PORTGUARD_FAULT_OFFSET") or random.randint(1, STRIDE))
 ROUNDS = int(os.environ.get("PORTGUARD_FAULT_ROUNDS", "1"))
 TIMED = int(os.environ.get("PORTGUARD_FAULT_TIMED", "10"))
 PA, PB, PC = 7641, 7642, 7643
@@ -145,7 +148,7 @@ class Rig:
         """Kill `command` (towards `after`) at every stride-th step, starting each trial from
         `before`; check, recover, check. Returns the fault count that let the run complete
         (about the number of steps it has)."""
-        fault, killed = 1, 0
+        fault, killed = OFFSET, 0
         while True:
             if prepare:
                 prepare()
@@ -173,7 +176,8 @@ class Rig:
 def rig(sandbox):
     r = Rig(sandbox)
     yield r
-    print(f"\nfault trials: {r.trials}, per-family splits: {r.splits}")
+    print(f"\nfault trials: {r.trials}, per-family splits: {r.splits} "
+          f"(stride {STRIDE}, first step {OFFSET})")
 
 
 def test_first_apply_killed_anywhere_leaves_no_guard_or_the_whole_guard(rig):
