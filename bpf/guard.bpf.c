@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * portguard kernel side: cgroup bind4/bind6 guard plus cgroup_mkdir/rmdir
- * trackers that keep owner cgroup ids current with no process running.
+ * trackers that keep owner cgroup ids current with no process running, and
+ * cgroup_skb ingress/egress containment of sockets that hold a reserved port
+ * without being an owner's (squatters bound before the guard was loaded).
  *
  * Built once with `clang -target bpf` (see guard/objects.py); CO-RE relocations
  * against the running kernel's BTF make the object independent of kernel headers.
@@ -17,6 +19,8 @@
 
 #define ALLOW 1
 #define DENY 0
+#define PASS 1  /* cgroup_skb verdicts */
+#define DROP 0
 #define AF_INET 2
 #define AF_INET6 10
 
@@ -76,6 +80,14 @@ struct {
 } denied SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, PG_MAX_PORTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_count_key);
+	__type(value, __u64);
+} contained SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
@@ -111,10 +123,13 @@ struct {
 	__type(value, struct pg_path_key);
 } scratch SEC(".maps");
 
-static __always_inline int caller_is_owner(__u32 slot, __u32 set_id)
+/* Whether the subject belongs to an owner of the set: the calling task (sk == NULL, the
+ * bind hooks) or the cgroup the socket was created in (the packet hooks). sk is a constant
+ * NULL in the bind hooks, so the socket helper, which they may not call, is compiled out. */
+static __always_inline int is_owner(__u32 slot, __u32 set_id, struct bpf_sock *sk)
 {
-	struct pg_set_key sk = { .slot = slot, .set = set_id };
-	struct pg_set_val *set = bpf_map_lookup_elem(&sets, &sk);
+	struct pg_set_key key = { .slot = slot, .set = set_id };
+	struct pg_set_val *set = bpf_map_lookup_elem(&sets, &key);
 
 	if (!set)
 		return 0;
@@ -124,26 +139,34 @@ static __always_inline int caller_is_owner(__u32 slot, __u32 set_id)
 		struct pg_owner_key ok = { .slot = slot, .idx = set->owner[i] };
 		struct pg_owner_val *owner = bpf_map_lookup_elem(&owners, &ok);
 
-		if (owner && owner->id &&
-		    bpf_get_current_ancestor_cgroup_id(owner->level) == owner->id)
+		if (!owner || !owner->id)
+			continue;
+		__u64 ancestor = sk ? bpf_sk_ancestor_cgroup_id(sk, owner->level)
+				    : bpf_get_current_ancestor_cgroup_id(owner->level);
+
+		if (ancestor == owner->id)
 			return 1;
 	}
 	return 0;
 }
 
-static __always_inline void count_denial(__u8 proto, __u16 port)
+/* counters: the denied or the contained map. Per-CPU values, yet atomic adds: cgroup
+ * programs run with migration disabled but stay preemptible, so two tasks on one CPU may
+ * interleave a plain load-add-store and lose a count. The add's result is unused, so it
+ * compiles to a plain BPF atomic add. */
+static __always_inline void count(void *counters, __u8 proto, __u16 port)
 {
 	struct pg_count_key ck = { .proto = proto, .port = port };
-	__u64 one = 1, *count = bpf_map_lookup_elem(&denied, &ck);
+	__u64 one = 1, *count = bpf_map_lookup_elem(counters, &ck);
 
 	if (count) {
-		*count += 1;  /* per-CPU value: no other writer */
+		__sync_fetch_and_add(count, 1);
 		return;
 	}
-	if (bpf_map_update_elem(&denied, &ck, &one, BPF_NOEXIST)) {
-		count = bpf_map_lookup_elem(&denied, &ck);
+	if (bpf_map_update_elem(counters, &ck, &one, BPF_NOEXIST)) {
+		count = bpf_map_lookup_elem(counters, &ck);
 		if (count)
-			*count += 1;
+			__sync_fetch_and_add(count, 1);
 	}
 }
 
@@ -157,7 +180,7 @@ static __always_inline void report(struct bpf_sock_addr *ctx, __u8 family, __u8 
 		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
 
 		if (n)
-			*n += 1;
+			__sync_fetch_and_add(n, 1);
 		return;
 	}
 	ev->ts_ns = bpf_ktime_get_ns();
@@ -216,10 +239,10 @@ static __always_inline int guard_bind(struct bpf_sock_addr *ctx, __u8 family)
 		return ALLOW;
 	__u32 set_id = reservation->set;
 
-	if (caller_is_owner(slot, set_id))
+	if (is_owner(slot, set_id, NULL))
 		return ALLOW;
 
-	count_denial(protocol, port);
+	count(&denied, protocol, port);
 	if (cfg->mode == PG_MODE_AUDIT) {
 		report(ctx, family, protocol, port, set_id, PG_VERDICT_AUDIT);
 		return ALLOW;
@@ -243,6 +266,62 @@ SEC("cgroup/bind6")
 int portguard_bind6(struct bpf_sock_addr *ctx)
 {
 	return guard_bind(ctx, AF_INET6);
+}
+
+/* A packet of a socket whose local port is reserved with PG_PORT_CONTAIN passes only when
+ * the socket was created in an owner's cgroup (or below). The programs run for sockets
+ * created inside the attach cgroup's subtree; skb->sk is then the full socket (a listener
+ * for its SYN-ACKs and request sockets; accepted sockets keep the listener's cgroup). */
+static __always_inline int contain(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct pg_state *st = bpf_map_lookup_elem(&state, &zero);
+
+	if (!st)
+		return PASS;
+	struct bpf_sock *sk = skb->sk;
+
+	if (!sk)
+		return PASS;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return PASS;
+	__u32 protocol = sk->protocol;
+
+	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+		return PASS;
+	__u16 port = sk->src_port;  /* host byte order: the socket's local port */
+
+	if (!port)
+		return PASS;
+	__u32 slot = st->active & 1;
+	struct pg_port_key pk = { .slot = slot, .proto = protocol, .port = port };
+	struct pg_port_val *reservation = bpf_map_lookup_elem(&ports, &pk);
+
+	if (!reservation || !(reservation->flags & PG_PORT_CONTAIN))
+		return PASS;
+	struct pg_config *cfg = bpf_map_lookup_elem(&config, &slot);
+
+	if (!cfg)
+		return PASS;
+	if (cfg->netns_cookie && bpf_get_netns_cookie(skb) != cfg->netns_cookie)
+		return PASS;
+	if (is_owner(slot, reservation->set, sk))
+		return PASS;
+	count(&contained, protocol, port);
+	return cfg->mode == PG_MODE_AUDIT ? PASS : DROP;
+}
+
+SEC("cgroup_skb/ingress")
+int portguard_ingress(struct __sk_buff *skb)
+{
+	return contain(skb);
+}
+
+SEC("cgroup_skb/egress")
+int portguard_egress(struct __sk_buff *skb)
+{
+	return contain(skb);
 }
 
 /* Minimal kernel types for CO-RE: field offsets come from the kernel's BTF at load. */

@@ -26,6 +26,9 @@
 #define PG_VERDICT_DENIED 0
 #define PG_VERDICT_AUDIT 1
 
+/* pg_port_val.flags */
+#define PG_PORT_CONTAIN 1  /* drop packets of sockets on the port that are not an owner's */
+
 /* ports: which (slot, protocol, port) is reserved, and for which owner set */
 struct pg_port_key {
 	__u8 slot;
@@ -35,7 +38,7 @@ struct pg_port_key {
 
 struct pg_port_val {
 	__u32 set;    /* owner set id */
-	__u32 flags;  /* reserved for later use, 0 */
+	__u32 flags;  /* PG_PORT_* */
 };
 
 /* sets: the owners allowed to bind a port */
@@ -88,6 +91,8 @@ struct pg_count_key {
 	__u8 pad;
 	__u16 port;
 };
+
+/* contained: per-CPU counters of dropped packets (PG_PORT_CONTAIN), keyed like denied */
 
 /* events: one record per refused (or, in audit mode, would-be refused) bind */
 struct pg_event {

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 MOUNTS = Path("/proc/mounts")
+CGROUP_NAMESPACE = Path("/proc/self/ns/cgroup")
+INITIAL_CGROUP_NAMESPACE_INO = 0xEFFFFFFB  # PROC_CGROUP_INIT_INO, fixed by the kernel
 
 
 class CgroupError(RuntimeError):
@@ -23,6 +25,25 @@ def cgroup2_mount(mounts: Path = MOUNTS) -> Path:
         if len(fields) >= 3 and fields[2] == "cgroup2":
             return Path(fields[1].replace("\\040", " "))
     raise CgroupError("no cgroup2 file system is mounted (portguard needs the unified hierarchy)")
+
+
+def require_initial_namespace(namespace: Path = CGROUP_NAMESPACE) -> None:
+    """Refuse to work inside a cgroup namespace.
+
+    The kernel's cgroup_mkdir tracepoint reports paths from the real cgroup2 root and BPF
+    cgroup levels count from there, but inside a cgroup namespace /proc, the cgroup2 mount and
+    systemd all show paths relative to the namespace's root: owners would resolve to paths the
+    tracker never sees and to wrong levels, so every owner would be refused.
+    """
+    try:
+        inode = os.stat(namespace).st_ino
+    except OSError:
+        return  # no cgroup namespaces in this kernel: nothing to be inside of
+    if inode != INITIAL_CGROUP_NAMESPACE_INO:
+        raise CgroupError(
+            "portguard must run in the host's cgroup namespace (this process is inside another "
+            "one, where cgroup paths differ from the kernel's): for systemd-nspawn set "
+            "SYSTEMD_NSPAWN_USE_CGNS=0")
 
 
 def directory(path: str, root: Path | None = None) -> Path:
@@ -49,3 +70,14 @@ def path_of_current_process() -> str:
         if line.startswith("0::"):
             return line[3:]
     raise CgroupError("this process is not in a cgroup2 hierarchy")
+
+
+UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
+
+
+def unit_of_cgroup(path: str) -> str | None:
+    """The systemd unit a cgroup path belongs to (the deepest one), or None outside any unit."""
+    for component in reversed(path.split("/")):
+        if component.endswith(UNIT_SUFFIXES) and not component.startswith("."):
+            return component
+    return None

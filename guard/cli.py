@@ -1,6 +1,7 @@
 """Command line: portguard apply|status|check|remove|build, and the portrelease shim.
 
-Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration.
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration; `status` exits 3 when a
+reserved port is held by a non-owner (a squatter), so monitoring can alert on it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from guard import config as config_mod
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+EXIT_SQUATTER = 3
 
 
 class ConfigProblem(click.ClickException):
@@ -91,10 +93,22 @@ def apply(config_path: str | None) -> None:
     result = _runtime(lifecycle.apply, plan)
     for note in result.warnings:
         click.echo(f"portguard: warning: {note}", err=True)
+    for squatter in _squatters_of_plan(plan):
+        click.echo(f"portguard: warning: {squatter.describe()}", err=True)
     ports = len(plan.ports)
     state = "applied" if result.changed else "unchanged"
     click.echo(f"portguard: {state}: {ports} reserved port/protocol pairs, "
                f"{len(plan.paths)} owner cgroups, mode {plan.settings.mode}")
+
+
+def _squatters_of_plan(plan) -> list:
+    """Holders of the planned ports that are not owners (apply runs in the guarded netns)."""
+    from guard import squatters
+    from guard.layout import PROTOCOL_NAMES
+
+    reservations = [(port, PROTOCOL_NAMES[proto], [plan.paths[i] for i in plan.sets[set_id]])
+                    for (proto, port), set_id in plan.ports.items()]
+    return squatters.find(reservations)
 
 
 @main.command()
@@ -117,27 +131,26 @@ def _state_dict(state) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def status(config_path: str | None, as_json: bool) -> None:
-    """Show the guard as the kernel holds it: links, every reservation and its owners."""
-    from guard import lifecycle
+    """Show the guard as the kernel holds it: links, every reservation, its owners, the
+    denied binds, and who holds the port now. Exits 3 when a non-owner holds a reserved port.
+
+    Run it in the guarded network namespace: holders are read there."""
+    from guard import display, lifecycle, squatters
 
     settings = _load_settings(config_path)
     state = _runtime(lifecycle.read_state, settings)
+    state = squatters.with_holders(state, lifecycle.netns_cookie())
     if as_json:
         click.echo(json.dumps(_state_dict(state), indent=2))
-        return
-    if not state.loaded:
-        click.echo(f"portguard: not loaded (pin directory {state.pin_dir})")
-        return
-    click.echo(f"portguard: loaded, mode {state.mode}, refused binds see "
-               f"{lifecycle.errno_name(state.deny_errno)}")
-    click.echo(f"  attach cgroup {settings.cgroup}, pins {state.pin_dir}, program {state.program}")
-    for link in state.links:
-        where = f" cgroup id {link.cgroup_id}" if link.cgroup_id else ""
-        click.echo(f"  link {link.name}: id {link.link_id}, program id {link.prog_id}{where}")
-    click.echo(f"{'PORT':>5} {'PROTO':5} {'DENIED':>7}  OWNERS")
-    for res in state.reservations:
-        owners = ", ".join(f"{o.cgroup} ({'id ' + str(o.id) if o.id else 'absent'})" for o in res.owners)
-        click.echo(f"{res.port:>5} {res.protocol:5} {res.denied:>7}  {owners}")
+    else:
+        for line in display.status_lines(state, settings.cgroup):
+            click.echo(line)
+    found = squatters.of_state(state)
+    if found:
+        if not as_json:
+            click.echo(f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)",
+                       err=True)
+        sys.exit(EXIT_SQUATTER)
 
 
 @main.command()
@@ -172,6 +185,45 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--journal", "to_journal", is_flag=True,
+              help="Log to the systemd journal with PORTGUARD_* fields instead of printing.")
+@click.option("--count", type=click.IntRange(min=1), metavar="N",
+              help="Stop after N events (received or lost).")
+@click.option("--duration", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Stop after SECONDS.")
+@click.option("--stall-until", type=click.Path(path_type=Path), hidden=True,
+              help="Testing: consume nothing until this file exists (forces losses).")
+@click.pass_obj
+def monitor(config_path: str | None, as_json: bool, to_journal: bool, count: int | None,
+            duration: float | None, stall_until: Path | None) -> None:
+    """Print every refused bind as it happens (in audit mode: every bind that would be
+    refused). Lost events are reported as "lost N events", never dropped silently.
+    One monitor at a time; runs until interrupted."""
+    from guard import display, journal
+    from guard import monitor as monitor_mod
+
+    settings = _load_settings(config_path)
+    if to_journal:
+        try:
+            sink = display.JournalSink(journal.Journal())
+        except journal.JournalError as exc:
+            raise RuntimeProblem(str(exc)) from None
+    elif as_json:
+        sink = display.JsonSink(sys.stdout)
+    else:
+        sink = display.TextSink(sys.stdout)
+
+    def ready() -> None:
+        click.echo(f"portguard: monitoring refused binds of {settings.pin_dir}", err=True)
+
+    summary = _runtime(lambda: monitor_mod.run(Path(settings.pin_dir), sink, count=count,
+                                               duration=duration, stall_until=stall_until,
+                                               on_ready=ready))
+    click.echo(f"portguard: {summary.received} events, {summary.lost} lost", err=True)
+
+
+@main.command()
 def build() -> None:
     """Compile the BPF object into the cache, so apply needs no compiler (e.g. at boot)."""
     from guard import objects
@@ -181,6 +233,28 @@ def build() -> None:
             click.echo(f"portguard: built {objects.build(variant)}")
     except objects.BuildError as exc:
         raise RuntimeProblem(str(exc)) from None
+
+
+@main.command()
+def demo() -> None:
+    """Apply the embedded default policy in a private cgroup subtree and network namespace,
+    show refusals and bindresvport() moving on, then remove everything."""
+    from guard import demo as demo_mod
+
+    _runtime(demo_mod.run, click.echo)
+
+
+@main.command("import-portreserve")
+@click.argument("directory", default="/etc/portreserve", type=click.Path(file_okay=False))
+def import_portreserve(directory: str) -> None:
+    """Print portreserve's configuration (DIRECTORY, default /etc/portreserve) as portguard
+    TOML. portguard reads those files as they are anyway; this is for migrating."""
+    from guard.portreserve import PortreserveError, read_portreserve, to_toml
+
+    try:
+        click.echo(to_toml(read_portreserve(Path(directory))), nl=False)
+    except PortreserveError as exc:
+        raise ConfigProblem(str(exc)) from None
 
 
 def portrelease() -> None:

@@ -22,10 +22,12 @@ MODES = ("enforce", "audit")
 MAX_PATH_BYTES = 254  # the kernel key holds 256 bytes incl. NUL; longer paths are refused
 MAX_FILE_BYTES = 1 << 20  # a configuration file larger than this is refused, not read
 
-GUARD_KEYS = {"cgroup", "pin_dir", "deny_errno", "mode", "trust_init"}
+GUARD_KEYS = {"cgroup", "pin_dir", "deny_errno", "mode", "trust_init", "use_defaults",
+              "portreserve_dir", "contain"}
+PORTRESERVE_DIR = "/etc/portreserve"
 OWNER_KEYS = {"cgroup": "cgroup", "cgroups": "cgroup", "unit": "unit", "units": "unit",
               "slice": "slice", "slices": "slice"}
-RESERVE_KEYS = {"ports", "if_installed", "comment", *OWNER_KEYS}
+RESERVE_KEYS = {"ports", "if_installed", "comment", "contain", *OWNER_KEYS}
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ReserveBlock:
     owners: tuple[OwnerRef, ...]
     origin: Origin
     if_installed: bool = False
+    contain: bool = False  # drop traffic of non-owner sockets on these ports
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class Settings:
     deny_errno: str = "EADDRINUSE"
     mode: str = "enforce"
     trust_init: bool = False
+    use_defaults: bool | None = None  # None: the default policy applies when no file exists
+    portreserve_dir: str = PORTRESERVE_DIR  # "" turns reading portreserve's files off
+    contain: bool = False  # contain = true for every reservation
 
     @property
     def deny_errno_number(self) -> int:
@@ -219,9 +225,9 @@ def _parse_text(name: str, text: str, services: dict, problems: list[str]) -> tu
 
 
 def _check_guard_value(key: str, value: object, where: Origin, problems: list[str]) -> object:
-    if key == "trust_init":
+    if key in ("trust_init", "use_defaults", "contain"):
         if not isinstance(value, bool):
-            problems.append(f"{where}: trust_init must be true or false")
+            problems.append(f"{where}: {key} must be true or false")
             return None
         return value
     if not isinstance(value, str):
@@ -237,6 +243,9 @@ def _check_guard_value(key: str, value: object, where: Origin, problems: list[st
         return _check_cgroup_path(value, where, problems)
     if key == "pin_dir" and not value.startswith("/"):
         problems.append(f"{where}: pin_dir {value!r} must be an absolute path")
+        return None
+    if key == "portreserve_dir" and value and not value.startswith("/"):
+        problems.append(f"{where}: portreserve_dir {value!r} must be an absolute path or \"\"")
         return None
     return value.upper() if key == "deny_errno" else value
 
@@ -294,9 +303,13 @@ def _parse_block(table: object, origin: Origin, lines: _Lines, end: int, service
     if not isinstance(if_installed, bool):
         problems.append(f"{Origin(origin.file, lines.key(origin.line, end, 'if_installed'))}: "
                         "if_installed must be true or false")
+    contain = table.get("contain", False)
+    if not isinstance(contain, bool):
+        problems.append(f"{Origin(origin.file, lines.key(origin.line, end, 'contain'))}: "
+                        "contain must be true or false")
     if len(problems) > before:
         return None
-    return ReserveBlock(tuple(ports), tuple(owners), origin, if_installed)
+    return ReserveBlock(tuple(ports), tuple(owners), origin, if_installed, contain)
 
 
 def config_files(main: Path) -> list[Path]:
@@ -310,18 +323,52 @@ def config_files(main: Path) -> list[Path]:
 
 def load(paths: list[Path], services_file: Path | None = None) -> Config:
     """Parse and validate files in order; [guard] keys of later files override earlier ones,
-    reservations accumulate. Raises ConfigError listing every problem."""
+    reservations accumulate. The embedded default policy joins when no file exists (or
+    use_defaults = true), and portreserve's files are read as they are (portreserve_dir).
+    Raises ConfigError listing every problem."""
     services = read_services(services_file) if services_file else read_services()
     problems: list[str] = []
     guard: dict = {}
     blocks: list[ReserveBlock] = []
+    names = [str(p) for p in paths]
     for path in paths:
         file_guard, file_blocks = _parse_file(path, services, problems)
         guard.update(file_guard)
         blocks.extend(file_blocks)
+    if guard.get("use_defaults", not paths):
+        from guard.defaults import DEFAULT_POLICY_NAME, default_policy_text
+
+        _, default_blocks = _parse_text(DEFAULT_POLICY_NAME, default_policy_text(), services, problems)
+        blocks.extend(default_blocks)
+        names.append(DEFAULT_POLICY_NAME)
+    portreserve_dir = guard.get("portreserve_dir", PORTRESERVE_DIR)
+    if portreserve_dir:
+        blocks.extend(_portreserve_blocks(Path(portreserve_dir), services, problems))
     if problems:
         raise ConfigError(problems)
-    return Config(Settings(**guard), tuple(blocks), tuple(str(p) for p in paths))
+    return Config(Settings(**guard), tuple(blocks), tuple(names))
+
+
+def _portreserve_blocks(directory: Path, services: dict, problems: list[str]) -> list[ReserveBlock]:
+    """portreserve's files as reservations owned by the service the file is named after.
+    portreserve held IPv4 sockets only; these reservations cover IPv6 too."""
+    from guard.portreserve import PortreserveError, read_portreserve
+
+    try:
+        entries = read_portreserve(directory)
+    except PortreserveError as exc:
+        problems.append(str(exc))
+        return []
+    blocks = []
+    for entry in entries:
+        where = Origin(entry.file, entry.line)
+        try:
+            port_range = parse_port_spec(entry.spec, services)
+        except PortSpecError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        blocks.append(ReserveBlock(((port_range, where),), (OwnerRef("unit", entry.unit, where),), where))
+    return blocks
 
 
 def loads(text: str, name: str = "<config>", services_file: Path | None = None) -> Config:

@@ -10,14 +10,17 @@ import ctypes as C
 import errno
 import os
 import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
+BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_FUNC_get_netns_cookie = 122
 BPF_FUNC_get_current_ancestor_cgroup_id = 123
 BPF_FUNC_set_retval = 187
+BPF_CGROUP_INET_INGRESS = 0
+BPF_CGROUP_INET_EGRESS = 1
 BPF_CGROUP_INET4_BIND = 8
 BPF_CGROUP_INET6_BIND = 9
 BPF_ANY = 0
@@ -28,6 +31,7 @@ LINK_TYPE_CGROUP = 3
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 
 BIND_ATTACH_TYPES = {"bind4": BPF_CGROUP_INET4_BIND, "bind6": BPF_CGROUP_INET6_BIND}
+PACKET_ATTACH_TYPES = {"ingress": BPF_CGROUP_INET_INGRESS, "egress": BPF_CGROUP_INET_EGRESS}
 
 
 class BpfError(OSError):
@@ -53,6 +57,7 @@ def step() -> None:
 _LIB: C.CDLL | None = None
 _LOG: list[str] = []
 _PRINT_FN = C.CFUNCTYPE(C.c_int, C.c_int, C.c_char_p, C.c_void_p)
+_RING_SAMPLE_FN = C.CFUNCTYPE(C.c_int, C.c_void_p, C.c_void_p, C.c_size_t)
 
 
 @_PRINT_FN
@@ -87,6 +92,7 @@ def lib() -> C.CDLL:
         "bpf_object__find_program_by_name": (P, [P, C.c_char_p]),
         "bpf_object__find_map_by_name": (P, [P, C.c_char_p]),
         "bpf_program__fd": (I, [P]),
+        "bpf_program__set_autoload": (I, [P, C.c_bool]),
         "bpf_map__fd": (I, [P]),
         "bpf_map__set_pin_path": (I, [P, C.c_char_p]),
         "bpf_obj_pin": (I, [I, C.c_char_p]),
@@ -104,6 +110,9 @@ def lib() -> C.CDLL:
         "libbpf_probe_bpf_helper": (I, [I, I, P]),
         "libbpf_num_possible_cpus": (I, []),
         "libbpf_set_print": (P, [_PRINT_FN]),
+        "ring_buffer__new": (P, [I, _RING_SAMPLE_FN, P, P]),
+        "ring_buffer__poll": (I, [P, I]),
+        "ring_buffer__free": (None, [P]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(bpf, name)
@@ -180,6 +189,12 @@ def object_kind(fd: int) -> tuple[str, str]:
     return "other", "?"
 
 
+def has_packet_netns_cookie() -> bool:
+    """Whether cgroup_skb programs may call bpf_get_netns_cookie, which containment needs to
+    leave other network namespaces alone (accepted on 6.18; older kernels refuse it)."""
+    return lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SKB, BPF_FUNC_get_netns_cookie, None) == 1
+
+
 @dataclass
 class LoadedObject:
     """A loaded (verified) object: program fds by name, map fds by name. Owns the fds."""
@@ -192,9 +207,11 @@ class LoadedObject:
         lib().bpf_object__close(self.handle)
 
 
-def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str]) -> LoadedObject:
+def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str],
+                skip: tuple[str, ...] = ()) -> LoadedObject:
     """Load and verify the object; its maps are reused from maps_dir when pinned there
-    (same layout), else created and pinned there."""
+    (same layout), else created and pinned there. Programs named in skip are not loaded
+    (this kernel would refuse them)."""
     bpf = lib()
     _LOG.clear()
     handle = bpf.bpf_object__open_file(str(path).encode(), None)
@@ -209,12 +226,18 @@ def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str]
                 raise BpfError(errno.ENOENT, f"map {name} missing from {path}")
             _check(bpf.bpf_map__set_pin_path(m, str(maps_dir / name).encode()), f"pin path for {name}")
             map_fds_pending[name] = m
+        for name in skip:
+            p = bpf.bpf_object__find_program_by_name(handle, name.encode())
+            if p:
+                _check(bpf.bpf_program__set_autoload(p, False), f"not loading {name}")
         ret = bpf.bpf_object__load(handle)
         if ret < 0:
             err = C.get_errno() or -ret
             raise BpfError(err, f"loading BPF programs failed: {os.strerror(err)}\n{libbpf_log_tail()}")
         prog_fds = {}
         for name in programs:
+            if name in skip:
+                continue
             p = bpf.bpf_object__find_program_by_name(handle, name.encode())
             if not p:
                 raise BpfError(errno.ENOENT, f"program {name} missing from {path}")
@@ -350,6 +373,7 @@ class Map:
         self.fd = fd
         self.key_type = key_type
         self.value_type = value_type
+        self.percpu = percpu
         self.ncpu = possible_cpus() if percpu else 1
 
     def lookup(self, key) -> object | None:
@@ -361,14 +385,14 @@ class Map:
             if err == errno.ENOENT:
                 return None
             raise BpfError(err, f"map lookup: {os.strerror(err)}")
-        return list(buf) if self.ncpu > 1 else buf[0]
+        return list(buf) if self.percpu else buf[0]
 
     def update(self, key, value, flags: int = BPF_ANY) -> bool:
         """Write one element; False when BPF_NOEXIST found it present."""
         key = self._key(key)
         if not isinstance(value, self.value_type):
             value = self.value_type(value)
-        if self.ncpu > 1:
+        if self.percpu:
             values = (self.value_type * self.ncpu)(*([value] * self.ncpu))
         else:
             values = value
@@ -415,3 +439,44 @@ class Map:
 
     def _key(self, key):
         return key if isinstance(key, self.key_type) else self.key_type(key)
+
+
+_STOP_POLL = -errno.ECANCELED
+
+
+class RingBuffer:
+    """The consumer of a BPF ring buffer map: poll() hands every record, as bytes, to
+    on_record, which returns False to end the poll after that record. The map has one
+    consumer position, so one consumer at a time."""
+
+    def __init__(self, map_fd: int, on_record: Callable[[bytes], bool]):
+        self._on_record = on_record
+        self._failure: BaseException | None = None
+        self._callback = _RING_SAMPLE_FN(self._sample)  # kept alive as long as the buffer
+        self._handle = lib().ring_buffer__new(map_fd, self._callback, None, None)
+        if not self._handle:
+            err = C.get_errno()
+            raise BpfError(err, f"opening the event ring buffer: {os.strerror(err)}")
+
+    def _sample(self, _ctx: int, data: int, size: int) -> int:
+        try:
+            go_on = self._on_record(C.string_at(data, size))
+        except BaseException as exc:  # noqa: BLE001 - raised again in poll(): a callback cannot raise
+            self._failure = exc
+            return _STOP_POLL  # the record counts as consumed
+        return 0 if go_on else _STOP_POLL
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for records and consume all that are there: their number."""
+        ret = lib().ring_buffer__poll(self._handle, timeout_ms)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        if ret in (-errno.EINTR, _STOP_POLL):  # a signal, or on_record said enough
+            return 0
+        return _check(ret, "polling the event ring buffer")
+
+    def close(self) -> None:
+        if self._handle:
+            lib().ring_buffer__free(self._handle)
+            self._handle = None

@@ -20,6 +20,7 @@ MODE_ENFORCE = 0
 MODE_AUDIT = 1
 VERDICT_DENIED = 0
 VERDICT_AUDIT = 1
+PORT_CONTAIN = 1  # PortVal.flags
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
@@ -100,6 +101,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "config": (U32, Config),
     "state": (U32, State),
     "denied": (CountKey, U64),
+    "contained": (CountKey, U64),
     "lost": (U32, U64),
     "meta": (U32, Meta),
     "sysctl_added": (U16, U8),

@@ -22,10 +22,10 @@ import hashlib
 import os
 import secrets
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from guard import cgroups, kernel, layout, objects, sysctl
 from guard.config import Settings
@@ -36,8 +36,14 @@ PROGRAMS = {
     "bind6": "portguard_bind6",
     "mkdir": "portguard_cgroup_mkdir",
     "rmdir": "portguard_cgroup_rmdir",
+    "ingress": "portguard_ingress",
+    "egress": "portguard_egress",
 }
-PERCPU_MAPS = {"denied", "lost"}
+# Attached only while some reservation has contain on: without it no packet pays for them.
+PACKET_LINKS = tuple(kernel.PACKET_ATTACH_TYPES)
+CORE_LINKS = tuple(name for name in PROGRAMS if name not in PACKET_LINKS)
+CGROUP_ATTACH_TYPES = {**kernel.BIND_ATTACH_TYPES, **kernel.PACKET_ATTACH_TYPES}
+PERCPU_MAPS = {"denied", "contained", "lost"}
 MAP_NAMES = [*layout.MAPS, "events", "scratch"]
 BPF_FS_MAGIC_NAME = "bpf"
 SO_NETNS_COOKIE = 71
@@ -86,7 +92,7 @@ class Maps:
             raise AttributeError(name) from None
 
     @classmethod
-    def open_pinned(cls, maps_dir: Path) -> "Maps | None":
+    def open_pinned(cls, maps_dir: Path) -> Maps | None:
         """The complete set of maps of this layout, or None when any is missing or is not
         what the layout says (a half-created set, a foreign or damaged pin)."""
         fds: dict[str, int] = {}
@@ -162,6 +168,7 @@ def preflight(settings: Settings, *, mount_bpffs: bool,
     if os.geteuid() != 0:
         raise GuardError("portguard must run as root: it loads BPF programs into the kernel")
     try:
+        cgroups.require_initial_namespace()
         root = cgroups.cgroup2_mount(mounts)
     except cgroups.CgroupError as exc:
         raise GuardError(str(exc)) from None
@@ -204,17 +211,21 @@ class SlotContents:
     ports: dict[tuple[int, int], int]
     sets: dict[int, tuple[int, ...]]
     paths: dict[str, int]
+    contained: frozenset[tuple[int, int]] = frozenset()
 
 
 def read_slot(maps: Maps, slot: int) -> SlotContents:
-    ports = {(k.proto, k.port): v.set for k, v in maps.ports.items() if k.slot == slot}
+    entries = [(k, v) for k, v in maps.ports.items() if k.slot == slot]
+    ports = {(k.proto, k.port): v.set for k, v in entries}
+    contained = frozenset((k.proto, k.port) for k, v in entries if v.flags & layout.PORT_CONTAIN)
     sets = {k.set: tuple(v.owner[: v.count]) for k, v in maps.sets.items() if k.slot == slot}
     paths = {k.path.decode(): v for k, v in maps.paths.items() if k.slot == slot}
-    return SlotContents(ports, sets, paths)
+    return SlotContents(ports, sets, paths, contained)
 
 
 def _desired(plan: Plan) -> SlotContents:
-    return SlotContents(dict(plan.ports), dict(plan.sets), {p: i for i, p in enumerate(plan.paths)})
+    return SlotContents(dict(plan.ports), dict(plan.sets), {p: i for i, p in enumerate(plan.paths)},
+                        plan.contained)
 
 
 def _config_value(plan: Plan, cookie: int, variant: str) -> layout.Config:
@@ -252,7 +263,8 @@ def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root
             value.owner[i] = member
         maps.sets.update(layout.SetKey(slot, set_id), value)
     for (proto, port), set_id in plan.ports.items():
-        maps.ports.update(layout.PortKey(slot, proto, port), layout.PortVal(set_id, 0))
+        flags = layout.PORT_CONTAIN if (proto, port) in plan.contained else 0
+        maps.ports.update(layout.PortKey(slot, proto, port), layout.PortVal(set_id, flags))
 
 
 def flip(maps: Maps, slot: int) -> None:
@@ -313,8 +325,8 @@ def check_features(features: kernel.Features) -> None:
         missing.append("BPF links for cgroup programs (Linux >= 5.7): without them the guard could "
                        "not be swapped atomically nor outlive apply safely")
     if not features.ancestor_cgroup:
-        missing.append("bpf_get_current_ancestor_cgroup_id in bind programs (Linux >= 5.7): without "
-                       "it owners (and their sub-cgroups) cannot be recognised")
+        missing.append("bpf_get_current_ancestor_cgroup_id in bind programs (Linux >= 5.7): "
+                       "without it owners (and their sub-cgroups) cannot be recognised")
     if not features.netns_cookie:
         missing.append("bpf_get_netns_cookie in bind programs (Linux >= 5.7): without it the guard "
                        "would also refuse binds inside every container's own network namespace")
@@ -323,7 +335,8 @@ def check_features(features: kernel.Features) -> None:
                          + "; and ".join(missing))
 
 
-def choose_variant(settings: Settings, features: kernel.Features | None = None) -> tuple[str, list[str]]:
+def choose_variant(settings: Settings,
+                   features: kernel.Features | None = None) -> tuple[str, list[str]]:
     features = features or kernel.probe_features()
     check_features(features)
     if features.set_retval:
@@ -342,8 +355,12 @@ def apply(plan: Plan) -> ApplyResult:
     try:
         variant, notes = choose_variant(settings)
         object_path = objects.ensure_object(variant)
+        can_contain = kernel.has_packet_netns_cookie()
     except (objects.BuildError, kernel.BpfError) as exc:
         raise GuardError(str(exc)) from None
+    if plan.contained and not can_contain:
+        raise GuardError("contain = true needs cgroup_skb programs that may call bpf_get_netns_cookie, "
+                         "which this kernel refuses; nothing applied (turn contain off)")
     pins = Pins(Path(settings.pin_dir))
     with _locked(pins.root):
         try:
@@ -352,7 +369,8 @@ def apply(plan: Plan) -> ApplyResult:
         except OSError as exc:
             raise GuardError(f"cannot use the pin directory {pins.root}: {exc.strerror}") from None
         try:
-            result = _apply_locked(plan, pins, object_path, variant, cgroup_root, attach_dir)
+            result = _apply_locked(plan, pins, object_path, variant, cgroup_root, attach_dir,
+                                   can_contain)
         except kernel.BpfError as exc:
             raise GuardError(str(exc)) from None
         except OSError as exc:
@@ -382,14 +400,16 @@ def _open_links(pins: Pins) -> dict[str, int | None]:
 
 
 def _expected_link(name: str, info: kernel.LinkInfo) -> bool:
-    if name in kernel.BIND_ATTACH_TYPES:
-        return info.type == kernel.LINK_TYPE_CGROUP and info.attach_type == kernel.BIND_ATTACH_TYPES[name]
+    if name in CGROUP_ATTACH_TYPES:
+        return (info.type == kernel.LINK_TYPE_CGROUP
+                and info.attach_type == CGROUP_ATTACH_TYPES[name])
     return info.type in (kernel.LINK_TYPE_RAW_TRACEPOINT, kernel.LINK_TYPE_TRACING)
 
 
 def _reads_maps(link_fd: int, maps: Maps) -> bool:
     """Whether the link's program uses these maps (and not an older set)."""
-    return kernel.map_info(maps.fds["state"]).id in kernel.prog_map_ids(kernel.link_info(link_fd).prog_id)
+    state_id = kernel.map_info(maps.fds["state"]).id
+    return state_id in kernel.prog_map_ids(kernel.link_info(link_fd).prog_id)
 
 
 def _retire(maps_dir: Path) -> None:
@@ -399,37 +419,43 @@ def _retire(maps_dir: Path) -> None:
         kernel.rename_pin(maps_dir, maps_dir.with_name(f"maps-retired-{secrets.token_hex(4)}"))
 
 
-def _load(object_path: Path, pins: Pins, reused: bool) -> tuple[kernel.LoadedObject, bool]:
+def _load(object_path: Path, pins: Pins, reused: bool,
+          skip: tuple[str, ...]) -> tuple[kernel.LoadedObject, bool]:
     """Load, reusing this layout's pinned maps when reused; maps libbpf cannot reuse (their
     definition changed without a layout change) are retired and made afresh."""
     pins.maps_dir.mkdir(mode=0o700, exist_ok=True)
+    programs = list(PROGRAMS.values())
     try:
-        return kernel.load_object(object_path, pins.maps_dir, list(PROGRAMS.values()), MAP_NAMES), reused
+        return kernel.load_object(object_path, pins.maps_dir, programs, MAP_NAMES, skip), reused
     except kernel.BpfError as exc:
         if "reuse pinned map" not in str(exc):
             raise
     _retire(pins.maps_dir)
     pins.maps_dir.mkdir(mode=0o700)
-    return kernel.load_object(object_path, pins.maps_dir, list(PROGRAMS.values()), MAP_NAMES), False
+    return kernel.load_object(object_path, pins.maps_dir, programs, MAP_NAMES, skip), False
 
 
 def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
-                  cgroup_root: Path, attach_dir: Path) -> ApplyResult:
+                  cgroup_root: Path, attach_dir: Path, can_contain: bool) -> ApplyResult:
     digest = object_path.stem.encode()
     cookie = netns_cookie()
     links = _open_links(pins)
     maps = Maps.open_pinned(pins.maps_dir)
     loaded = None
+    contain = bool(plan.contained)
+    wanted_links = CORE_LINKS + (PACKET_LINKS if contain else ())
     try:
-        bind_links = [links[name] for name in kernel.BIND_ATTACH_TYPES if links[name] is not None]
+        # bind and packet links: what enforces, and which maps it reads
+        bind_links = [links[name] for name in CGROUP_ATTACH_TYPES if links[name] is not None]
         readers = [fd for fd in bind_links if maps is not None and _reads_maps(fd, maps)]
         takeover = len(readers) < len(bind_links)  # some link enforces maps we do not trust
         stale_program = maps is None or maps.meta.lookup(0).object != digest
-        need_load = stale_program or takeover or any(fd is None for fd in links.values())
+        need_load = stale_program or takeover or any(links[name] is None for name in wanted_links)
         if need_load:
             if maps is None:
                 _retire(pins.maps_dir)
-            loaded, reused = _load(object_path, pins, maps is not None)
+            skip = () if can_contain else tuple(PROGRAMS[name] for name in PACKET_LINKS)
+            loaded, reused = _load(object_path, pins, maps is not None, skip)
             if not reused:
                 if maps is not None:
                     maps.close()
@@ -440,8 +466,9 @@ def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
                 # No link reads these maps: start from an empty active slot whatever was left.
                 clear_slot(maps, 0)
                 clear_slot(maps, 1)
-                for key in list(maps.denied.keys()):  # counts of a guard that is gone
-                    maps.denied.delete(key)
+                for counters in (maps.denied, maps.contained):  # counts of a guard that is gone
+                    for key in list(counters.keys()):
+                        counters.delete(key)
                 maps.config.update(0, _config_value(plan, cookie, variant))
                 flip(maps, 0)
             staged = _stage_trackers(pins, loaded)
@@ -449,13 +476,21 @@ def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
                 # Complete the new guard before any link reads it; the old one enforces meanwhile
                 # (so its ports stay in the sysctl until the final _apply_maps below).
                 _apply_maps(maps, plan, cookie, variant, cgroup_root, drop_stale=False)
-            _attach_bind(pins, links, loaded, attach_dir)
+            _attach_cgroup_links(pins, links, loaded, attach_dir, contain)
             for name in staged:
                 kernel.rename_pin(pins.staged_link(name), pins.link(name))
             maps.meta.update(0, layout.Meta(digest))
         _reattach_if_moved(pins, links, attach_dir)
         dropped = _drop_other_maps(pins, maps)
         changed = _apply_maps(maps, plan, cookie, variant, cgroup_root)
+        if not contain:
+            # After the flip: no active reservation contains any more, the programs are idle.
+            for name in PACKET_LINKS:
+                if links[name] is not None:
+                    kernel.close(links[name])
+                    links[name] = None
+                    kernel.unpin(pins.link(name))
+                    changed = True
         return ApplyResult(changed or need_load or dropped, need_load, variant, [])
     finally:
         for fd in links.values():
@@ -507,14 +542,18 @@ def _stage_trackers(pins: Pins, loaded: kernel.LoadedObject) -> list[str]:
     return staged
 
 
-def _attach_bind(pins: Pins, links: dict[str, int | None], loaded: kernel.LoadedObject,
-                 attach_dir: Path) -> None:
-    for name, attach_type in kernel.BIND_ATTACH_TYPES.items():
-        prog = loaded.programs[PROGRAMS[name]]
+def _attach_cgroup_links(pins: Pins, links: dict[str, int | None], loaded: kernel.LoadedObject,
+                         attach_dir: Path, contain: bool) -> None:
+    for name, attach_type in CGROUP_ATTACH_TYPES.items():
+        prog = loaded.programs.get(PROGRAMS[name])
         if links[name] is None:
+            # Packet programs are attached before the flip that turns containment on; while
+            # the active slot has no contained port they pass everything.
+            if name in PACKET_LINKS and not contain:
+                continue
             links[name] = kernel.attach_cgroup(prog, attach_dir, attach_type)
             kernel.pin(links[name], pins.link(name))
-        else:
+        elif prog is not None:
             kernel.update_link(links[name], prog)
 
 
@@ -522,8 +561,10 @@ def _reattach_if_moved(pins: Pins, links: dict[str, int | None], attach_dir: Pat
     """The attach cgroup changed in the config (or was removed): attach there, then let go
     of the old one."""
     want = os.stat(attach_dir).st_ino
-    for name, attach_type in kernel.BIND_ATTACH_TYPES.items():
+    for name, attach_type in CGROUP_ATTACH_TYPES.items():
         fd = links[name]
+        if fd is None:
+            continue
         info = kernel.link_info(fd)
         if info.cgroup_id == want:
             continue
@@ -564,8 +605,9 @@ def _apply_maps(maps: Maps, plan: Plan, cookie: int, variant: str, cgroup_root: 
     flip(maps, inactive)
     clear_slot(maps, active)
     reserved = {(proto, port) for proto, port in plan.ports}
-    for key in [k for k in maps.denied.keys() if (k.proto, k.port) not in reserved]:
-        maps.denied.delete(key)
+    for counters in (maps.denied, maps.contained):
+        for key in [k for k in counters.keys() if (k.proto, k.port) not in reserved]:
+            counters.delete(key)
     if drop_stale:
         _sysctl_drop(maps.sysctl_added, wanted_ports)
     return True
@@ -638,6 +680,7 @@ class LinkState:
 class OwnerState:
     cgroup: str
     id: int | None  # as the kernel knows it right now; None: the cgroup does not exist
+    unit: str | None = None  # the systemd unit the cgroup belongs to, if any
 
 
 @dataclass(frozen=True)
@@ -646,6 +689,9 @@ class ReservationState:
     protocol: str
     owners: tuple[OwnerState, ...]
     denied: int
+    contain: bool = False
+    contained_drops: int = 0  # packets of non-owner sockets on the port dropped (or, audit, seen)
+    holders: tuple = ()  # squatters.HolderState, filled by squatters.with_holders
 
 
 @dataclass(frozen=True)
@@ -659,6 +705,8 @@ class GuardState:
     netns_cookie: int | None = None
     reservations: tuple[ReservationState, ...] = ()
     lost_events: int = 0
+    containment: bool = False  # packet programs attached (some reservation has contain on)
+    holders_checked: bool = False  # holders are only seen from the guarded network namespace
     # An apply or remove was interrupted: the bind links may still enforce other maps than
     # these (shown here), or leftovers wait to be dropped. The next apply settles it.
     interrupted: bool = False
@@ -696,19 +744,23 @@ def _read_state(pins: Pins, settings: Settings) -> GuardState:
     try:
         state_id = kernel.map_info(maps.fds["state"]).id
         elsewhere = any(state_id not in kernel.prog_map_ids(ls.prog_id)
-                        for ls in link_states if ls.name in kernel.BIND_ATTACH_TYPES)
+                        for ls in link_states if ls.name in CGROUP_ATTACH_TYPES)
         active = maps.active
         slot = read_slot(maps, active)
         cfg = maps.config.lookup(active)
         owner_ids = {k.idx: v.id for k, v in maps.owners.items() if k.slot == active}
         path_of = {idx: path for path, idx in slot.paths.items()}
         denied = {(k.proto, k.port): sum(v) for k, v in maps.denied.items()}
+        drops = {(k.proto, k.port): sum(v) for k, v in maps.contained.items()}
         reservations = []
         for (proto, port), set_id in sorted(slot.ports.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            owners = tuple(OwnerState(path_of.get(i, "?"), owner_ids.get(i) or None)
+            owners = tuple(OwnerState(path_of.get(i, "?"), owner_ids.get(i) or None,
+                                      cgroups.unit_of_cgroup(path_of.get(i, "")))
                            for i in slot.sets.get(set_id, ()))
             reservations.append(ReservationState(port, layout.PROTOCOL_NAMES.get(proto, str(proto)),
-                                                 owners, denied.get((proto, port), 0)))
+                                                 owners, denied.get((proto, port), 0),
+                                                 (proto, port) in slot.contained,
+                                                 drops.get((proto, port), 0)))
         meta = maps.meta.lookup(0)
         lost = maps.lost.lookup(0)
         return GuardState(
@@ -721,6 +773,7 @@ def _read_state(pins: Pins, settings: Settings) -> GuardState:
             netns_cookie=cfg.netns_cookie if cfg else None,
             reservations=tuple(reservations),
             lost_events=sum(lost) if lost else 0,
+            containment=all(name in {ls.name for ls in link_states} for name in PACKET_LINKS),
             interrupted=leftovers or elsewhere,
         )
     finally:

@@ -1,30 +1,67 @@
-"""Owners as written (cgroup paths, systemd units, slices) -> cgroup paths."""
+"""Owners as written (cgroup paths, systemd units, slices) -> cgroup paths.
+
+Units resolve the way systemd lays them out (guard.units): asking systemd when it runs,
+reading unit files otherwise (early boot, chroots, tests). A unit that is not started yet
+still has a path; the kernel's cgroup tracker makes it the owner the moment it appears.
+"""
 
 from __future__ import annotations
 
-from guard.config import Config, ConfigError, OwnerRef
+import os
+from pathlib import Path
 
-INIT_SCOPE = "/init.scope"
+from guard import units
+from guard.config import Config, ConfigError, OwnerRef, ReserveBlock
+
+UNIT_DIRS_ENV = "PORTGUARD_UNIT_DIRS"  # colon-separated unit directories (chroots, tests)
+
+
+def unit_dirs() -> list[Path] | None:
+    value = os.environ.get(UNIT_DIRS_ENV)
+    return [Path(p) for p in value.split(":") if p] if value else None
 
 
 def resolve_owner(owner: OwnerRef) -> list[tuple[str, str | None]]:
-    """(cgroup path, unit name or None) pairs for one owner."""
-    if owner.kind == "cgroup":
-        return [(owner.name, None)]
-    raise ConfigError([f"{owner.origin}: {owner.kind} owners are not supported yet"])
+    """(cgroup path, unit or slice name or None) pairs for one owner."""
+    try:
+        if owner.kind == "cgroup":
+            return [(owner.name, None)]
+        if owner.kind == "slice":
+            return [(units.slice_cgroup_path(owner.name), owner.name)]
+        if owner.name.endswith(".socket"):
+            # Socket units are bound by PID 1 in /init.scope; the service may bind it too.
+            dirs = unit_dirs()
+            paths = units.socket_unit_owner_paths(
+                owner.name, unit_dirs=dirs, resolve=lambda s: units.resolve_unit(s, unit_dirs=dirs))
+            return [(path, owner.name) for path in paths]
+        return [(units.resolve_unit(owner.name, unit_dirs=unit_dirs()), owner.name)]
+    except units.UnitError as exc:
+        raise ConfigError([f"{owner.origin}: {exc}"]) from None
+
+
+def block_applies(block: ReserveBlock) -> bool:
+    """if_installed blocks apply only where one of their units has a unit file."""
+    if not block.if_installed:
+        return True
+    from guard.defaults import installed_units
+
+    named = [o.name for o in block.owners if o.kind == "unit"]
+    return bool(installed_units(named, unit_dirs()))
 
 
 def resolve(config: Config) -> dict[int, list[tuple[str, str | None]]]:
-    """Resolved owners per reservation block; every problem is reported at once."""
+    """Resolved owners per reservation block (empty for blocks that do not apply here);
+    every problem is reported at once."""
     problems: list[str] = []
     resolved: dict[int, list[tuple[str, str | None]]] = {}
     for index, block in enumerate(config.blocks):
         pairs: list[tuple[str, str | None]] = []
-        for owner in block.owners:
-            try:
-                pairs.extend(resolve_owner(owner))
-            except ConfigError as exc:
-                problems.extend(exc.problems)
+        if block_applies(block):
+            for owner in block.owners:
+                try:
+                    pairs.extend(resolve_owner(owner))
+                except ConfigError as exc:
+                    problems.extend(exc.problems)
         resolved[index] = pairs
     if problems:
         raise ConfigError(problems)
@@ -32,4 +69,6 @@ def resolve(config: Config) -> dict[int, list[tuple[str, str | None]]]:
 
 
 def extra_owners(config: Config) -> tuple[str, ...]:
-    return (INIT_SCOPE,) if config.settings.trust_init else ()
+    if not config.settings.trust_init:
+        return ()
+    return (units.resolve_unit(units.INIT_SCOPE, unit_dirs=unit_dirs()),)

@@ -22,6 +22,7 @@ class Plan:
     sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # set id -> owner indices
     paths: tuple[str, ...] = ()  # owner index -> cgroup path
     owner_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # path -> units/slices
+    contained: frozenset[tuple[int, int]] = frozenset()  # (proto, port) with contain on
 
     def owners_of(self, proto: int, port: int) -> tuple[str, ...]:
         set_id = self.ports.get((proto, port))
@@ -36,6 +37,7 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
     """owner_paths: for each block (by index) its resolved owners as (cgroup path, name);
     extra_owners: paths trusted for every reserved port (e.g. /init.scope)."""
     owners_by_port: dict[tuple[int, int], set[str]] = {}
+    contained: set[tuple[int, int]] = set()
     first_origin: dict[tuple[int, int], Origin] = {}
     names: dict[str, set[str]] = {}
     for index, block in enumerate(config.blocks):
@@ -49,6 +51,8 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
             for proto_name, port in port_range.pairs():
                 key = (PROTO_NUMBERS[proto_name], port)
                 owners_by_port.setdefault(key, set()).update(p for p, _ in resolved)
+                if block.contain or config.settings.contain:
+                    contained.add(key)
                 first_origin.setdefault(key, origin)
     problems = []
     for key, owners in owners_by_port.items():
@@ -60,8 +64,9 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
     for path in paths:  # e.g. a unit's cgroup: the kernel key would be truncated
         if len(path.encode()) > MAX_PATH_BYTES:
             problems.append(f"{config.files[0] if config.files else '<config>'}:1: owner cgroup "
-                            f"{path[:60]}... is {len(path.encode())} bytes; at most {MAX_PATH_BYTES} "
-                            "fit the kernel's key (a truncated key could match another cgroup)")
+                            f"{path[:60]}... is {len(path.encode())} bytes; at most "
+                            f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match "
+                            "another cgroup)")
     if len(paths) > layout.MAX_OWNER_PATHS:
         problems.append(f"{config.files[0] if config.files else '<config>'}:1: {len(paths)} owner "
                         f"cgroups; at most {layout.MAX_OWNER_PATHS}")
@@ -76,4 +81,4 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
     ports = {key: set_of[tuple(sorted(index_of[p] for p in owners))]
              for key, owners in sorted(owners_by_port.items())}
     return Plan(config.settings, ports, dict(enumerate(distinct)), paths,
-                {p: tuple(sorted(n)) for p, n in names.items()})
+                {p: tuple(sorted(n)) for p, n in names.items()}, frozenset(contained))

@@ -571,6 +571,20 @@ def _systemctl_show(unit: str, properties: Sequence[str]) -> dict[str, str] | No
     return shown
 
 
+def manager_cgroup_root() -> str:
+    """The cgroup the running systemd manages, relative to the cgroup2 root (no trailing slash).
+
+    ``""`` on a host. A systemd nested in a container without a cgroup namespace (e.g.
+    systemd-nspawn with ``SYSTEMD_NSPAWN_USE_CGNS=0``) manages a subtree, and every cgroup it
+    creates lies below it: running units report it in ``ControlGroup``, but slice names do not
+    carry it, so paths built from them need it as a prefix. It is ``-.slice``'s ControlGroup.
+    """
+    if not systemd_running():
+        return ""
+    shown = _systemctl_show(ROOT_SLICE, ("ControlGroup",)) or {}
+    return shown.get("ControlGroup", "").rstrip("/")
+
+
 def ask_systemd(unit: str) -> str | None:
     """Ask the running systemd where ``unit``'s cgroup is (or will be).
 
@@ -594,7 +608,7 @@ def ask_systemd(unit: str) -> str | None:
     if shown.get("LoadState") in ("not-found", "masked") or not slice_name:
         return None
     try:
-        return _join(slice_cgroup_path(slice_name), primary)
+        return _join(manager_cgroup_root() + slice_cgroup_path(slice_name), primary)
     except UnitError:
         return None
 
@@ -615,6 +629,7 @@ def resolve_unit(unit: str, *, unit_dirs: Sequence[Path] | None = None) -> str:
         asked = ask_systemd(unit)
         if asked is not None:
             return asked
+        return manager_cgroup_root() + unit_cgroup_path(unit)
     return unit_cgroup_path(unit, unit_dirs=unit_dirs)
 
 
@@ -655,25 +670,29 @@ def socket_unit_owner_paths(
     unit_dirs: Sequence[Path] | None = None,
     resolve: Callable[[str], str] | None = None,
 ) -> list[str]:
-    """The cgroups that bind a socket unit's ports: ``/init.scope`` and the activated service.
+    """The cgroups that bind a socket unit's ports: ``/init.scope``, the socket unit's own
+    cgroup, and the activated service.
 
-    systemd (PID 1, in ``/init.scope``) binds a ``.socket`` unit's listening sockets itself and
-    hands them to the service, so the owner check must let PID 1 bind. The service is included
-    because many daemons (cupsd, rsync) also bind the port themselves when started without their
-    socket. ``Accept=yes`` sockets start one instance per connection that receives an already
-    accepted socket and never binds, so only ``/init.scope`` is returned for them -- granting
-    the template's slice would trust every instance for nothing.
+    systemd binds a ``.socket`` unit's listening sockets itself and hands them to the service.
+    Where BPF firewalling is supported (a unified cgroup hierarchy: every system where the
+    guard works, unless systemd runs in hybrid mode) it creates IPv4/IPv6 sockets in a forked
+    helper, ``(sd-listen)``, placed in the socket unit's own cgroup
+    (``/system.slice/cups.socket``), so that cgroup BPF programs see the right unit
+    (socket_address_listen_in_cgroup() in src/core/socket.c); otherwise PID 1 binds from
+    ``/init.scope``. The service is included because many daemons (cupsd, rsync) also bind the
+    port themselves when started without their socket. ``Accept=yes`` sockets start one
+    instance per connection that receives an already accepted socket and never binds, so the
+    service is left out for them -- granting the template's slice would trust every instance
+    for nothing.
 
     Whether ``/init.scope`` is trusted at all is the caller's policy (a config setting); this
-    function only says which cgroups a socket-activated owner needs. ``resolve`` maps the
-    service name to a path (e.g. :func:`resolve_unit`); by default the unit files are read.
+    function only says which cgroups a socket-activated owner needs. ``resolve`` maps unit
+    names (``init.scope``, the socket, the service) to paths (e.g. :func:`resolve_unit`, which
+    knows where a nested systemd's units are); by default the unit files are read.
     """
     service, accept = socket_service(unit, unit_dirs=unit_dirs)
-    paths = ["/" + INIT_SCOPE]
-    if accept:
-        return paths
     if resolve is None:
-        paths.append(unit_cgroup_path(service, unit_dirs=unit_dirs))
-    else:
-        paths.append(resolve(service))
-    return paths
+        def resolve(name: str) -> str:
+            return unit_cgroup_path(name, unit_dirs=unit_dirs)
+    names = [INIT_SCOPE, unit] if accept else [INIT_SCOPE, unit, service]
+    return [resolve(name) for name in names]

@@ -4,10 +4,11 @@
     sudo .venv/bin/python -m tests.soak --quick    # the default (CI) counts, same tests
 
 Full counts: every step of apply/remove is a kill point (PORTGUARD_FAULT_STRIDE=1) in
-PORTGUARD_FAULT_ROUNDS rounds, 100 kills at random moments, 10,000 owner-cgroup restarts under stranger load, 1,000
-re-applies alternating configs under bind load, 10,000+ generated configuration files.
-Each count can be overridden through its environment variable. Prints the figures the tests
-report (trials, faults, wrong answers) and exits with pytest's status.
+PORTGUARD_FAULT_ROUNDS rounds, 100 kills at random moments, 10,000 owner-cgroup restarts
+under stranger load, 1,000 re-applies alternating configs under bind load, 10,000+
+generated configuration files. Each count can be overridden through its environment
+variable. Prints the figures the tests report (trials, faults, wrong answers) and exits with
+pytest's status.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ TESTS = [
     "tests/unit/test_hostile_config.py",
     "tests/unit/test_preflight.py",
 ]
-FIGURES = ("fault trials", "timed kills", "owner restarts", "re-applies", "passed", "failed", "error")
+FIGURES = (
+    "fault trials",
+    "timed kills",
+    "owner restarts",
+    "re-applies",
+    "passed",
+    "failed",
+    "error",
+)
 
 
 def main() -> int:
@@ -45,8 +54,17 @@ def main() -> int:
         for key, value in FULL.items():
             env.setdefault(key, value)
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *TESTS,
-           *args.pytest_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-s",
+        "-p",
+        "no:cacheprovider",
+        *TESTS,
+        *args.pytest_args,
+    ]
     print("counts:", {k: env.get(k, "default") for k in FULL}, flush=True)
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
     figures = []

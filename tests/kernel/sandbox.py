@@ -95,6 +95,30 @@ CHILD = textwrap.dedent(r"""
                 fail += 1
                 errors[e] = errors.get(e, 0) + 1
         print(json.dumps({"ok": ok, "fail": fail, "errors": errors}))
+    elif action == "repeat":
+        # bind the same port n times in a tight loop; report counts
+        fam, typ, port, n = args
+        ok = fail = 0
+        errors = {}
+        for _ in range(n):
+            e = bind(fam, typ, port)
+            if e == 0:
+                ok += 1
+            else:
+                fail += 1
+                errors[e] = errors.get(e, 0) + 1
+        print(json.dumps({"ok": ok, "fail": fail, "errors": errors, "pid": os.getpid()}))
+    elif action == "hold":
+        # bind (and listen, for TCP) and keep the port until killed
+        fam, typ, port = args
+        family, addr = FAM[fam]
+        s = socket.socket(family, TYPE[typ])
+        s.bind((addr, port))
+        if typ == "tcp":
+            s.listen()
+        print(json.dumps({"pid": os.getpid()}), flush=True)
+        while True:
+            time.sleep(3600)
     elif action == "bindresvport":
         libc = ctypes.CDLL(None, use_errno=True)
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -143,6 +167,49 @@ CHILD = textwrap.dedent(r"""
             join(parking_procs)
             os.rmdir(owner_dir)
         print(json.dumps({"ok": ok, "fail": fail, "errors": errors}))
+    elif action == "serve":
+        # echo server on a port until killed: TCP connections one after the other, UDP datagrams
+        fam, typ, port = args
+        family, addr = FAM[fam]
+        s = socket.socket(family, TYPE[typ])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == "dual":
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind((addr, port))
+        if typ == "tcp":
+            s.listen(16)
+        print("ready", flush=True)
+        while True:
+            if typ == "udp":
+                data, peer = s.recvfrom(2048)
+                s.sendto(data, peer)
+                continue
+            conn, _ = s.accept()
+            with conn:
+                conn.settimeout(5)
+                try:
+                    while data := conn.recv(2048):
+                        conn.sendall(data)
+                except OSError:
+                    pass
+    elif action == "talk":
+        # one request to an echo server; an answer that does not come within `wait` seconds
+        # (a dropped packet is never answered) counts as no answer
+        fam, typ, port, wait = args
+        family, addr = FAM[fam]
+        s = socket.socket(family, TYPE[typ])
+        s.settimeout(wait)
+        payload = b"ping %d" % os.getpid()
+        try:
+            if typ == "tcp":
+                s.connect((addr, port)); s.sendall(payload); answer = s.recv(2048)
+            else:
+                s.sendto(payload, (addr, port)); answer = s.recvfrom(2048)[0]
+            print(json.dumps({"answered": answer == payload, "error": None}))
+        except OSError as e:
+            print(json.dumps({"answered": False, "error": type(e).__name__}))
+        finally:
+            s.close()
 """)
 
 
@@ -254,7 +321,29 @@ class Sandbox:
         return proc
 
     def status(self) -> dict:
-        return json.loads(self.cli("status", "--json").stdout)
+        """status --json; its exit 3 (a reserved port held by a non-owner) is a state many
+        tests create on purpose, not a failure."""
+        proc = self.cli("status", "--json", check=False)
+        if proc.returncode not in (0, 3):
+            raise AssertionError(f"portguard status failed ({proc.returncode}):\n{proc.stderr}")
+        return json.loads(proc.stdout)
+
+    def monitor(self, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+        """Start `portguard monitor ARGS` in the namespace, stdout to a file (a full pipe would
+        stall it); returns once it consumes events (its ready line on stderr)."""
+        out = self.work / f"monitor-{len(self.children)}.out"
+        cmd = [*in_netns(self.netns), *PORTGUARD, "--config", str(self.config_path),
+               "monitor", *args]
+        with open(out, "w") as stdout:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, **(env or {})})
+        self.children.append(proc)
+        ready = proc.stderr.readline()
+        if "monitoring" not in ready:
+            proc.wait(timeout=60)
+            raise AssertionError(f"monitor did not start ({proc.returncode}): "
+                                 f"{ready}{proc.stderr.read()}")
+        return proc, out
 
     # -- child processes ---------------------------------------------------------------
     def _child_cmd(self, cgroup_rel: str, action: str, args, netns: str | None) -> list[str]:
@@ -279,6 +368,22 @@ class Sandbox:
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.children.append(child)
         return child
+
+    def serve(self, cgroup_rel: str, fam: str, typ: str, port: int,
+              netns: str | None = "own") -> subprocess.Popen:
+        """An echo server on the port, running (bound, listening) when this returns."""
+        child = self.start(cgroup_rel, "serve", [fam, typ, port], netns)
+        line = child.stdout.readline().strip()
+        if line != "ready":
+            child.kill()
+            raise AssertionError(f"echo server on {fam}/{typ}/{port} did not start: "
+                                 f"{child.stderr.read()}")
+        return child
+
+    def talk(self, cgroup_rel: str, fam: str, typ: str, port: int, wait: float = 1.5,
+             netns: str | None = "own") -> bool:
+        """Whether one request to the echo server on the port was answered."""
+        return self.run(cgroup_rel, "talk", [fam, typ, port, wait], netns)["answered"]
 
     def new_netns(self) -> str:
         name = f"{self.name}-x{len(self.other_netns)}"

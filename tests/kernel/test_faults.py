@@ -4,9 +4,9 @@ holds or the new one, never neither and never a mix, and the next run settles ev
 The kill points come from the fault hook in guard/kernel.py (PORTGUARD_FAULT_AFTER=N: the
 process kills itself right after its N-th map write, load, pin, unpin, attach, link update or
 sysctl write). Each scenario walks N = offset, offset+stride, ... until a run completes, so
-every step is a kill point when the stride is 1. Counts: PORTGUARD_FAULT_STRIDE (default 4 here, from
-a random first step, PORTGUARD_FAULT_OFFSET, printed; the soak, tests/soak.py, uses 1) and
-PORTGUARD_FAULT_ROUNDS (default 1).
+every step is a kill point when the stride is 1. Counts: PORTGUARD_FAULT_STRIDE (default 4
+here, from a random first step, PORTGUARD_FAULT_OFFSET, printed; the soak, tests/soak.py,
+uses 1) and PORTGUARD_FAULT_ROUNDS (default 1).
 
 Kills between steps cannot land inside libbpf's object load (maps created and pinned one by
 one); test_apply_killed_at_random_moments adds SIGKILLs at random delays for that
@@ -36,9 +36,15 @@ ROUNDS = int(os.environ.get("PORTGUARD_FAULT_ROUNDS", "1"))
 TIMED = int(os.environ.get("PORTGUARD_FAULT_TIMED", "10"))
 PA, PB, PC = 7641, 7642, 7643
 CGROUPS = ("a", "b", "stranger")
-CASES = [("v4", "tcp", PA), ("v6", "udp", PA), ("mapped", "tcp", PA),
-         ("v4", "tcp", PB), ("dual", "tcp", PB),
-         ("v6", "tcp", PC), ("v4", "udp", PC)]
+CASES = [
+    ("v4", "tcp", PA),
+    ("v6", "udp", PA),
+    ("mapped", "tcp", PA),
+    ("v4", "tcp", PB),
+    ("dual", "tcp", PB),
+    ("v6", "tcp", PC),
+    ("v4", "udp", PC),
+]
 BIND6 = {"v6", "dual", "mapped"}  # families that go through the bind6 program
 
 
@@ -57,8 +63,14 @@ class Guard:
         return 0 if owners is None or cgroup in owners else self.deny
 
     def matrix(self, family_filter=None) -> dict:
-        return {cg: {f"{f}/{t}/{p}": self.expected(cg, (f, t, p)) for f, t, p in CASES
-                     if family_filter is None or family_filter(f)} for cg in CGROUPS}
+        return {
+            cg: {
+                f"{f}/{t}/{p}": self.expected(cg, (f, t, p))
+                for f, t, p in CASES
+                if family_filter is None or family_filter(f)
+            }
+            for cg in CGROUPS
+        }
 
     def ports(self) -> set[int]:
         return {port for port, _ in self.reserved}
@@ -66,8 +78,12 @@ class Guard:
 
 NONE = Guard("none")
 A = Guard("A", {(PA, "tcp"): {"a"}, (PA, "udp"): {"a"}, (PB, "tcp"): {"b"}}, errno.EADDRINUSE)
-B = Guard("B", {(PA, "tcp"): {"b"}, (PA, "udp"): {"b"}, (PC, "tcp"): {"a"}, (PC, "udp"): {"a"}},
-          errno.EACCES, {"deny_errno": "EACCES"})
+B = Guard(
+    "B",
+    {(PA, "tcp"): {"b"}, (PA, "udp"): {"b"}, (PC, "tcp"): {"a"}, (PC, "udp"): {"a"}},
+    errno.EACCES,
+    {"deny_errno": "EACCES"},
+)
 
 
 class Rig:
@@ -89,8 +105,9 @@ class Rig:
 
     def run(self, command: str, guard: Guard, fault: int | None = None) -> int:
         env = {"PORTGUARD_FAULT_AFTER": str(fault)} if fault else None
-        proc = self.sandbox.cli(command, check=False, config=self.paths.get(guard.name, self.paths["A"]),
-                                env=env)
+        proc = self.sandbox.cli(
+            command, check=False, config=self.paths.get(guard.name, self.paths["A"]), env=env
+        )
         assert proc.returncode in (0, -signal.SIGKILL), proc.stderr
         assert "Traceback" not in proc.stderr
         return proc.returncode
@@ -102,8 +119,10 @@ class Rig:
 
     @staticmethod
     def reservations(state) -> dict:
-        return {(r.port, r.protocol): {o.cgroup.rsplit("/", 1)[1] for o in r.owners}
-                for r in state.reservations}
+        return {
+            (r.port, r.protocol): {o.cgroup.rsplit("/", 1)[1] for o in r.owners}
+            for r in state.reservations
+        }
 
     def assert_one_of(self, allowed: tuple[Guard, ...], per_family: bool = False) -> None:
         """The binds show exactly one of the allowed guards (per address family when
@@ -112,18 +131,31 @@ class Rig:
         matrix, sysctl, state = self.observe()
         shown = [g for g in allowed if g.matrix() == matrix]
         if not shown and per_family:
-            v4 = [g for g in allowed if g.matrix(lambda f: f not in BIND6) ==
-                  {cg: {k: v for k, v in row.items() if k.split("/")[0] not in BIND6}
-                   for cg, row in matrix.items()}]
-            v6 = [g for g in allowed if g.matrix(lambda f: f in BIND6) ==
-                  {cg: {k: v for k, v in row.items() if k.split("/")[0] in BIND6}
-                   for cg, row in matrix.items()}]
+            v4 = [
+                g
+                for g in allowed
+                if g.matrix(lambda f: f not in BIND6)
+                == {
+                    cg: {k: v for k, v in row.items() if k.split("/")[0] not in BIND6}
+                    for cg, row in matrix.items()
+                }
+            ]
+            v6 = [
+                g
+                for g in allowed
+                if g.matrix(lambda f: f in BIND6)
+                == {
+                    cg: {k: v for k, v in row.items() if k.split("/")[0] in BIND6}
+                    for cg, row in matrix.items()
+                }
+            ]
             assert v4 and v6, f"neither or a mix within a family: {matrix}"
             self.splits += 1
             shown = v4 + v6
         assert shown, f"binds match none of {[g.name for g in allowed]}: {matrix}"
         reserved_now = set().union(*(g.ports() for g in shown))
         from guard import sysctl as sysctl_mod
+
         assert reserved_now <= sysctl_mod.parse(sysctl), (sysctl, [g.name for g in shown])
         if not state.interrupted:
             assert self.reservations(state) in [g.reserved for g in shown], state
@@ -132,6 +164,7 @@ class Rig:
         matrix, sysctl, state = self.observe()
         assert matrix == guard.matrix()
         from guard import sysctl as sysctl_mod
+
         assert sysctl_mod.parse(sysctl) == guard.ports()
         pins = self.sandbox.pin_dir
         if guard is NONE:
@@ -141,10 +174,12 @@ class Rig:
         assert self.reservations(state) == guard.reserved
         assert {link.name for link in state.links} == {"bind4", "bind6", "mkdir", "rmdir"}
         assert sorted(p.name for p in pins.iterdir()) == sorted(
-            [f"maps-{layout.LAYOUT}", "link_bind4", "link_bind6", "link_mkdir", "link_rmdir"])
+            [f"maps-{layout.LAYOUT}", "link_bind4", "link_bind6", "link_mkdir", "link_rmdir"]
+        )
 
-    def walk(self, command: str, before: Guard, after: Guard, prepare=None,
-             per_family: bool = False) -> int:
+    def walk(
+        self, command: str, before: Guard, after: Guard, prepare=None, per_family: bool = False
+    ) -> int:
         """Kill `command` (towards `after`) at every stride-th step, starting each trial from
         `before`; check, recover, check. Returns the fault count that let the run complete
         (about the number of steps it has)."""
@@ -176,8 +211,10 @@ class Rig:
 def rig(sandbox):
     r = Rig(sandbox)
     yield r
-    print(f"\nfault trials: {r.trials}, per-family splits: {r.splits} "
-          f"(stride {STRIDE}, first step {OFFSET})")
+    print(
+        f"\nfault trials: {r.trials}, per-family splits: {r.splits} "
+        f"(stride {STRIDE}, first step {OFFSET})"
+    )
 
 
 def test_first_apply_killed_anywhere_leaves_no_guard_or_the_whole_guard(rig):
@@ -242,9 +279,16 @@ def test_apply_killed_at_random_moments_leaves_the_old_guard_or_the_new(rig):
     for trial in range(TIMED):
         before, after = [(NONE, A), (A, B), (B, A)][trial % 3]
         rig.reset(before)
-        cmd = [*in_netns(sandbox.netns), *PORTGUARD, "--config", str(rig.paths[after.name]), "apply"]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+        cmd = [
+            *in_netns(sandbox.netns),
+            *PORTGUARD,
+            "--config",
+            str(rig.paths[after.name]),
+            "apply",
+        ]
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         time.sleep(rng.uniform(0, span))
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()
@@ -256,4 +300,3 @@ def test_apply_killed_at_random_moments_leaves_the_old_guard_or_the_new(rig):
         rig.run("apply", after)
         rig.assert_exactly(after)
     print(f"\ntimed kills: {TIMED}, landed before apply finished: {landed}")
-

@@ -130,8 +130,10 @@ def test_status_from_a_fresh_process_shows_links_and_reservations(sandbox):
     assert set(state["links"]) == {"bind4", "bind6", "mkdir", "rmdir"}
     assert state["links"]["bind4"]["cgroup_id"] == sandbox.top_dir.stat().st_ino
     assert state["reservations"] == [{
-        "port": PORT, "protocol": "tcp", "denied": 0,
-        "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner")}],
+        "port": PORT, "protocol": "tcp", "denied": 0, "holders": [],
+        "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner"),
+                    "unit": None}],
+        "contain": False, "contained_drops": 0,
     }]
 
 
@@ -140,7 +142,8 @@ def test_check_names_the_owner(sandbox):
     out = json.loads(sandbox.cli("check", f"{PORT}", "--json").stdout)
     assert out == [
         {"port": PORT, "protocol": "tcp", "reserved": True,
-         "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner")}]},
+         "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner"),
+                     "unit": None}]},
         {"port": PORT, "protocol": "udp", "reserved": False, "owners": []},
     ]
 

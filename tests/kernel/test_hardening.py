@@ -32,18 +32,22 @@ def applied(sandbox, ports=(str(PORT),), owners=("owner",), **guard):
 
 def guarded(sandbox) -> bool:
     """The whole guard as applied(): owner binds, stranger refused, every family."""
-    return (set(sandbox.bind("owner", CASES).values()) == {0}
-            and set(sandbox.bind("stranger", CASES).values()) == {errno.EADDRINUSE})
+    return set(sandbox.bind("owner", CASES).values()) == {0} and set(
+        sandbox.bind("stranger", CASES).values()
+    ) == {errno.EADDRINUSE}
 
 
 def pin_names(sandbox) -> list[str]:
     return sorted(p.name for p in sandbox.pin_dir.iterdir())
 
 
-CLEAN_PINS = sorted([f"maps-{layout.LAYOUT}", "link_bind4", "link_bind6", "link_mkdir", "link_rmdir"])
+CLEAN_PINS = sorted(
+    [f"maps-{layout.LAYOUT}", "link_bind4", "link_bind6", "link_mkdir", "link_rmdir"]
+)
 
 
-# ---- leftovers in the pin directory ---------------------------------------------------------------
+# ---- leftovers in the pin directory -----------------------------------------------------------
+
 
 def test_a_foreign_pin_under_a_link_name_is_one_clear_sentence_and_the_guard_stays(sandbox):
     applied(sandbox)
@@ -110,8 +114,10 @@ def test_without_bpffs_and_tracefs_mounted_apply_mounts_bpffs_and_works(sandbox)
     net = " ".join(in_netns(sandbox.netns))
     py = shlex.quote(sys.executable)
     cfg = shlex.quote(str(sandbox.config_path))
-    bind = " ".join(shlex.quote(a) for a in [sys.executable, "-c", CHILD, sandbox.procs("stranger"),
-                                              "bind", json.dumps(CASES)])
+    bind = " ".join(
+        shlex.quote(a)
+        for a in [sys.executable, "-c", CHILD, sandbox.procs("stranger"), "bind", json.dumps(CASES)]
+    )
     script = textwrap.dedent(f"""
         set -e
         for m in /sys/kernel/tracing /sys/kernel/debug/tracing /sys/fs/bpf; do
@@ -124,8 +130,12 @@ def test_without_bpffs_and_tracefs_mounted_apply_mounts_bpffs_and_works(sandbox)
         {net} {bind}
         {net} {py} -m guard --config {cfg} remove
     """)
-    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-2])
@@ -135,11 +145,12 @@ def test_without_bpffs_and_tracefs_mounted_apply_mounts_bpffs_and_works(sandbox)
 
 # ---- long cgroup paths -------------------------------------------------------------------------
 
+
 def test_a_300_byte_cgroup_path_never_matches_an_owner_by_truncation(sandbox):
     # owner: exactly 254 bytes (the longest the key holds); twin: the same 254 bytes followed by
     # 46 more in its last name, 300 bytes. A key truncated to 254 bytes would make twin the owner.
     prefix = f"{sandbox.top}/" + "p" * 100 + "/"
-    owner_rel = ("p" * 100 + "/" + "o" * (254 - len(prefix)))
+    owner_rel = "p" * 100 + "/" + "o" * (254 - len(prefix))
     owner = f"{sandbox.top}/{owner_rel}"
     assert len(owner.encode()) == 254
     twin_rel = owner_rel + "x" * 46
@@ -147,7 +158,8 @@ def test_a_300_byte_cgroup_path_never_matches_an_owner_by_truncation(sandbox):
     sandbox.write_config(sandbox.owner_block([str(PORT)], owner_rel))
     sandbox.cli("apply")
     sandbox.cgroup(twin_rel)  # the mkdir tracker sees a 300-byte path: skipped, never truncated
-    assert sandbox.status()["reservations"][0]["owners"] == [{"cgroup": owner, "id": None}]
+    owners = sandbox.status()["reservations"][0]["owners"]
+    assert [(o["cgroup"], o["id"]) for o in owners] == [(owner, None)]
     assert set(sandbox.bind(twin_rel, CASES).values()) == {errno.EADDRINUSE}
     sandbox.cgroup(owner_rel)
     assert set(sandbox.bind(owner_rel, CASES).values()) == {0}
@@ -187,8 +199,9 @@ def test_pins_are_root_only_nobody_can_neither_open_nor_unpin_them(sandbox):
             out["listed"] = False
         print(json.dumps(out))
     """)
-    proc = subprocess.run([*NOBODY, sys.executable, "-c", probe, *names],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*NOBODY, sys.executable, "-c", probe, *names], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out.pop("listed") is False
@@ -203,19 +216,34 @@ def test_a_stranger_with_cap_net_bind_service_is_refused_too(sandbox):
     applied(sandbox, ports=(str(low),))
     cases = [("v4", "tcp", low), ("v6", "udp", low), ("v4", "tcp", low + 1)]
     inner = [sys.executable, "-c", CHILD, "-", "bind", json.dumps(cases)]
-    for caps, expected in ((["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"],
-                            {f"v4/tcp/{low}": errno.EADDRINUSE, f"v6/udp/{low}": errno.EADDRINUSE,
-                             f"v4/tcp/{low + 1}": 0}),
-                           ([], {f"v4/tcp/{low}": errno.EADDRINUSE, f"v6/udp/{low}": errno.EADDRINUSE,
-                                 f"v4/tcp/{low + 1}": errno.EACCES})):
+    for caps, expected in (
+        (
+            ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"],
+            {
+                f"v4/tcp/{low}": errno.EADDRINUSE,
+                f"v6/udp/{low}": errno.EADDRINUSE,
+                f"v4/tcp/{low + 1}": 0,
+            },
+        ),
+        (
+            [],
+            {
+                f"v4/tcp/{low}": errno.EADDRINUSE,
+                f"v6/udp/{low}": errno.EADDRINUSE,
+                f"v4/tcp/{low + 1}": errno.EACCES,
+            },
+        ),
+    ):
         result = sandbox.run("stranger", "exec", [*NOBODY, *caps, *inner])
         assert result == expected, caps
     # root in a stranger cgroup: refused as well
     assert set(sandbox.bind("stranger", [("v4", "tcp", low), ("dual", "udp", low)]).values()) == {
-        errno.EADDRINUSE}
+        errno.EADDRINUSE
+    }
 
 
 # ---- stress ------------------------------------------------------------------------------------
+
 
 def _finish(children, stop):
     stop.touch()
@@ -230,21 +258,26 @@ def _finish(children, stop):
 def test_owner_restarts_while_strangers_hammer_the_port(sandbox):
     applied(sandbox)
     stop = sandbox.work / "stop"
-    strangers = [sandbox.start("stranger", "loop", [fam, typ, PORT, str(stop)])
-                 for fam, typ in (("v4", "tcp"), ("dual", "tcp"), ("v6", "udp"), ("mapped", "udp"))]
+    strangers = [
+        sandbox.start("stranger", "loop", [fam, typ, PORT, str(stop)])
+        for fam, typ in (("v4", "tcp"), ("dual", "tcp"), ("v6", "udp"), ("mapped", "udp"))
+    ]
     for child in strangers:
         assert child.stdout.readline().strip() == "ready"
     owner_dir = str(sandbox.cgroup_root / sandbox.top.lstrip("/") / "owner")
     owner_cases = [("v4", "tcp", PORT), ("dual", "udp", PORT)]
-    driver = sandbox.start("parking", "restarts", [owner_dir, sandbox.procs("parking"), RESTARTS,
-                                                   owner_cases])
+    driver = sandbox.start(
+        "parking", "restarts", [owner_dir, sandbox.procs("parking"), RESTARTS, owner_cases]
+    )
     out, err = driver.communicate()  # no timeout: the soak's 10,000 restarts take a while
     assert driver.returncode == 0, err
     restarts = json.loads(out.strip().splitlines()[-1])
     hammer = _finish(strangers, stop)
     stranger_ok = sum(r["ok"] for r in hammer)
-    print(f"\nowner restarts: {RESTARTS}, owner binds ok {restarts['ok']} failed {restarts['fail']}; "
-          f"stranger binds refused {sum(r['fail'] for r in hammer)} succeeded {stranger_ok}")
+    print(
+        f"\nowner restarts: {RESTARTS}, owner binds ok {restarts['ok']} failed {restarts['fail']}; "
+        f"stranger binds refused {sum(r['fail'] for r in hammer)} succeeded {stranger_ok}"
+    )
     assert restarts == {"ok": RESTARTS * len(owner_cases), "fail": 0, "errors": {}}
     assert stranger_ok == 0 and all(r["fail"] > 0 for r in hammer)
     assert all(set(r["errors"]) == {str(errno.EADDRINUSE)} for r in hammer)
@@ -254,19 +287,29 @@ def test_reapplies_alternating_configs_while_binds_run_give_no_wrong_answer(sand
     stop = sandbox.work / "stop"
     configs = []
     for i, extra in enumerate(([], ["9000-9049/tcp", f"{FREE}/udp"])):
-        sandbox.write_config(sandbox.owner_block([str(PORT), *extra], "owner")
-                             + "\n" + sandbox.owner_block([f"{FREE}/tcp"], ["owner", "other"][i]),
-                             deny_errno=["EADDRINUSE", "EACCES"][i], mode="enforce")
+        sandbox.write_config(
+            sandbox.owner_block([str(PORT), *extra], "owner")
+            + "\n"
+            + sandbox.owner_block([f"{FREE}/tcp"], ["owner", "other"][i]),
+            deny_errno=["EADDRINUSE", "EACCES"][i],
+            mode="enforce",
+        )
         path = sandbox.work / f"c{i}.toml"
         path.write_text(sandbox.config_path.read_text())
         configs.append(str(path))
     sandbox.cli("apply", config=sandbox.work / "c0.toml")
     # PORT: owner's in both configs; FREE/tcp: owner's in c0, other's in c1 -> the stranger is
     # refused throughout, whatever the moment.
-    loops = [("stranger", "dual", "tcp", PORT), ("stranger", "v4", "udp", PORT),
-             ("stranger", "v6", "tcp", FREE), ("owner", "v4", "tcp", PORT),
-             ("owner", "mapped", "udp", PORT)]
-    children = [sandbox.start(cg, "loop", [fam, typ, port, str(stop)]) for cg, fam, typ, port in loops]
+    loops = [
+        ("stranger", "dual", "tcp", PORT),
+        ("stranger", "v4", "udp", PORT),
+        ("stranger", "v6", "tcp", FREE),
+        ("owner", "v4", "tcp", PORT),
+        ("owner", "mapped", "udp", PORT),
+    ]
+    children = [
+        sandbox.start(cg, "loop", [fam, typ, port, str(stop)]) for cg, fam, typ, port in loops
+    ]
     for child in children:
         assert child.stdout.readline().strip() == "ready"
     driver = textwrap.dedent(f"""
@@ -279,18 +322,26 @@ def test_reapplies_alternating_configs_while_binds_run_give_no_wrong_answer(sand
         changed = sum(lifecycle.apply(plans[(i + 1) % 2]).changed for i in range({REAPPLIES}))
         print(changed)
     """)
-    proc = subprocess.run([*in_netns(sandbox.netns), sys.executable, "-c", driver],
-                          capture_output=True, text=True, cwd=REPO, check=False)
+    proc = subprocess.run(
+        [*in_netns(sandbox.netns), sys.executable, "-c", driver],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     results = _finish(children, stop)
-    wrong = sum(r["ok"] for r, (cg, *_) in zip(results, loops) if cg == "stranger") + \
-        sum(r["fail"] for r, (cg, *_) in zip(results, loops) if cg == "owner")
+    wrong = sum(
+        r["ok"] for r, (cg, *_) in zip(results, loops, strict=True) if cg == "stranger"
+    ) + sum(r["fail"] for r, (cg, *_) in zip(results, loops, strict=True) if cg == "owner")
     total = sum(r["ok"] + r["fail"] for r in results)
-    print(f"\nre-applies: {REAPPLIES} ({proc.stdout.strip()} changed the guard), binds: {total}, "
-          f"wrong answers: {wrong}")
+    print(
+        f"\nre-applies: {REAPPLIES} ({proc.stdout.strip()} changed the guard), binds: {total}, "
+        f"wrong answers: {wrong}"
+    )
     assert int(proc.stdout) == REAPPLIES
     assert wrong == 0
-    for r, (cg, *_) in zip(results, loops):
+    for r, (cg, *_) in zip(results, loops, strict=True):
         assert (r["ok"] if cg == "owner" else r["fail"]) > 0
         if cg == "stranger":
             assert set(map(int, r["errors"])) <= {errno.EADDRINUSE, errno.EACCES}

@@ -23,8 +23,12 @@ from guard import cli, config, lifecycle, plan
 from guard.portreserve import PortreserveError, read_file, to_toml
 
 EXAMPLES = int(os.environ.get("PORTGUARD_FUZZ_EXAMPLES", "2000"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 FUZZ_SMALL = settings(FUZZ, max_examples=max(EXAMPLES // 4, 50))
 CLEAN = re.compile(r"^\S.*:\d+: ")
 
@@ -32,8 +36,12 @@ CLEAN = re.compile(r"^\S.*:\d+: ")
 
 port_text = st.one_of(
     st.integers(-5, 70000).map(str),
-    st.tuples(st.integers(0, 66000), st.integers(0, 66000)).map(lambda r: f"{r[0]}-{r[0] + r[1] % 40}"),
-    st.sampled_from(["ipp", "ssh", "nfs", "sunrpc", "no-such-service", "", "/tcp", "-", "1-", "x/udp"]),
+    st.tuples(st.integers(0, 66000), st.integers(0, 66000)).map(
+        lambda r: f"{r[0]}-{r[0] + r[1] % 40}"
+    ),
+    st.sampled_from(
+        ["ipp", "ssh", "nfs", "sunrpc", "no-such-service", "", "/tcp", "-", "1-", "x/udp"]
+    ),
 ).flatmap(lambda p: st.sampled_from([p, f"{p}/tcp", f"{p}/udp", f"{p}/sctp"]))
 cgroup_text = st.one_of(
     st.sampled_from(["/system.slice/cups.service", "/", "relative", "/a/../b", "/a/./b", "/a\0b"]),
@@ -41,8 +49,12 @@ cgroup_text = st.one_of(
     st.text(max_size=40).map(lambda t: "/" + t),
 )
 toml_scalar = st.one_of(
-    st.text(max_size=30), st.integers(-2**70, 2**70), st.booleans(), st.floats(allow_nan=True),
-    st.just([]), st.just({}),
+    st.text(max_size=30),
+    st.integers(-(2**70), 2**70),
+    st.booleans(),
+    st.floats(allow_nan=True),
+    st.just([]),
+    st.just({}),
 )
 
 
@@ -55,8 +67,16 @@ def _quote(value) -> str:
         return "[" + ", ".join(_quote(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{}"
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") \
-        .replace("\0", "\\u0000").replace("\r", "\\r").replace("\t", "\\t") + '"'
+    return (
+        '"'
+        + value.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\0", "\\u0000")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+        + '"'
+    )
 
 
 @st.composite
@@ -64,19 +84,49 @@ def toml_files(draw) -> bytes:
     lines = []
     if draw(st.booleans()):
         lines.append("[guard]")
-        for key in draw(st.lists(st.sampled_from(
-                ["cgroup", "pin_dir", "deny_errno", "mode", "trust_init", "bogus"]), max_size=4)):
-            value = draw(st.one_of(cgroup_text, st.sampled_from(
-                ["EADDRINUSE", "eperm", "EIO", "audit", "enforce", "x", True]), toml_scalar))
+        for key in draw(
+            st.lists(
+                st.sampled_from(["cgroup", "pin_dir", "deny_errno", "mode", "trust_init", "bogus"]),
+                max_size=4,
+            )
+        ):
+            value = draw(
+                st.one_of(
+                    cgroup_text,
+                    st.sampled_from(["EADDRINUSE", "eperm", "EIO", "audit", "enforce", "x", True]),
+                    toml_scalar,
+                )
+            )
             lines.append(f"{key} = {_quote(value)}")
     for _ in range(draw(st.integers(0, 4))):
-        lines.append(draw(st.sampled_from(["[[reserve]]", "[reserve]", "[[ reserve ]]", "[other]"])))
-        for key in draw(st.lists(st.sampled_from(
-                ["ports", "cgroup", "cgroups", "unit", "units", "slice", "if_installed", "comment",
-                 "nope"]), max_size=4)):
+        lines.append(
+            draw(st.sampled_from(["[[reserve]]", "[reserve]", "[[ reserve ]]", "[other]"]))
+        )
+        for key in draw(
+            st.lists(
+                st.sampled_from(
+                    [
+                        "ports",
+                        "cgroup",
+                        "cgroups",
+                        "unit",
+                        "units",
+                        "slice",
+                        "if_installed",
+                        "comment",
+                        "nope",
+                    ]
+                ),
+                max_size=4,
+            )
+        ):
             if key == "ports":
-                value = draw(st.one_of(st.lists(st.one_of(port_text, st.integers(-1, 70000)),
-                                                max_size=5), toml_scalar))
+                value = draw(
+                    st.one_of(
+                        st.lists(st.one_of(port_text, st.integers(-1, 70000)), max_size=5),
+                        toml_scalar,
+                    )
+                )
             elif key in ("cgroup", "unit", "slice"):
                 value = draw(st.one_of(cgroup_text, toml_scalar))
             elif key in ("cgroups", "units"):
@@ -89,18 +139,30 @@ def toml_files(draw) -> bytes:
         if not text:
             break
         at = draw(st.integers(0, len(text)))
-        text = draw(st.sampled_from([
-            text[:at], text[:at] + text[at // 2:], text[:at] + draw(st.text(max_size=8)) + text[at:],
-            text[:at] + "[" * draw(st.integers(1, 3000)) + text[at:]]))
+        text = draw(
+            st.sampled_from(
+                [
+                    text[:at],
+                    text[:at] + text[at // 2 :],
+                    text[:at] + draw(st.text(max_size=8)) + text[at:],
+                    text[:at] + "[" * draw(st.integers(1, 3000)) + text[at:],
+                ]
+            )
+        )
     encoding = draw(st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-8-sig", "utf-16", "latin-1"]))
     return text.encode(encoding, errors="replace")
 
 
 # ---- the properties -------------------------------------------------------------------------
 
+
 def _run_apply(path: Path, monkeypatch) -> tuple[int, list]:
     applied = []
-    monkeypatch.setattr(lifecycle, "apply", lambda p: applied.append(p) or lifecycle.ApplyResult(True, True, "retval", []))
+    monkeypatch.setattr(
+        lifecycle,
+        "apply",
+        lambda p: applied.append(p) or lifecycle.ApplyResult(True, True, "retval", []),
+    )
     result = CliRunner().invoke(cli.main, ["--config", str(path), "apply"])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a traceback: the bug this test exists for
@@ -137,8 +199,10 @@ def test_random_bytes_give_clean_errors(content, scratch):
 
 
 @FUZZ_SMALL
-@given(lines=st.lists(st.one_of(port_text, st.text(max_size=20)), max_size=8),
-       name=st.sampled_from(["cups", "rpcbind", "a" * 300, "bad name", "x@", "nfs-server"]))
+@given(
+    lines=st.lists(st.one_of(port_text, st.text(max_size=20)), max_size=8),
+    name=st.sampled_from(["cups", "rpcbind", "a" * 300, "bad name", "x@", "nfs-server"]),
+)
 def test_portreserve_files_read_cleanly_and_convert_to_valid_toml(lines, name):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name[:250]
@@ -174,6 +238,7 @@ def scratch():
 
 # ---- files that are not plain files -----------------------------------------------------------
 
+
 def _special(tmp: Path, kind: str) -> Path:
     path = tmp / "portguard.toml"
     if kind == "fifo":
@@ -197,7 +262,9 @@ def _special(tmp: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "device", "loop", "oversized", "nested"])
-def test_files_that_are_not_plain_config_are_refused_with_file_and_line(tmp_path, kind, monkeypatch):
+def test_files_that_are_not_plain_config_are_refused_with_file_and_line(
+    tmp_path, kind, monkeypatch
+):
     path = _special(tmp_path, kind)
     code, applied, output = _run_apply(path, monkeypatch)
     assert code == 2 and not applied, output
@@ -226,6 +293,7 @@ def test_an_unreadable_file_is_refused_with_file_and_line(tmp_path, monkeypatch)
 
 # ---- long cgroup paths ---------------------------------------------------------------------------
 
+
 def _path_of(length: int) -> str:
     path = ""
     while len(path) < length:
@@ -244,13 +312,19 @@ def test_long_owner_paths_are_refused_never_truncated(length):
         return
     with pytest.raises(config.ConfigError) as exc:
         config.loads(text, "p.toml")
-    assert exc.value.problems == [(f"p.toml:3: owner cgroup path is {length} bytes; at most 254 fit "
-                                   "the kernel's key (a truncated key could match another cgroup)")]
+    assert exc.value.problems == [
+        (
+            f"p.toml:3: owner cgroup path is {length} bytes; at most 254 fit "
+            "the kernel's key (a truncated key could match another cgroup)"
+        )
+    ]
 
 
 def test_a_resolved_owner_path_too_long_for_the_key_is_refused_by_the_plan():
     # units and slices resolve to paths after parsing: the plan checks again
     cfg = config.loads('[[reserve]]\nports = ["7000"]\nunit = "x.service"\n', "p.toml")
     long_path = _path_of(300)
-    with pytest.raises(config.ConfigError, match=r"^p.toml:1: owner cgroup .* is 300 bytes; at most 254"):
+    with pytest.raises(
+        config.ConfigError, match=r"^p.toml:1: owner cgroup .* is 300 bytes; at most 254"
+    ):
         plan.build(cfg, {0: [(long_path, "x.service")]})

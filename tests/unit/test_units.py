@@ -294,10 +294,11 @@ def test_slash_names_other_than_user_units_are_refused(dirs):
         unit_cgroup_path("system.slice/foo.service", unit_dirs=dirs)
 
 
-def test_socket_owner_is_init_scope_plus_matching_service(dirs):
+def test_socket_owner_is_init_scope_the_socket_unit_and_matching_service(dirs):
     write(dirs[2] / "cups.socket", "[Socket]\nListenStream=631\n")
     assert socket_unit_owner_paths("cups.socket", unit_dirs=dirs) == [
         "/init.scope",
+        "/system.slice/cups.socket",
         "/system.slice/cups.service",
     ]
 
@@ -307,19 +308,21 @@ def test_socket_owner_follows_service_setting_and_its_slice(dirs):
     write(dirs[2] / "cupsd.service", "[Service]\nSlice=printing.slice\n")
     assert socket_unit_owner_paths("print.socket", unit_dirs=dirs) == [
         "/init.scope",
+        "/system.slice/print.socket",
         "/printing.slice/cupsd.service",
     ]
 
 
-def test_accept_socket_trusts_only_init_because_instances_never_bind(dirs):
+def test_accept_socket_trusts_no_service_because_instances_never_bind(dirs):
     write(dirs[2] / "rsyncd.socket", "[Socket]\nListenStream=873\nAccept=yes\n")
-    assert socket_unit_owner_paths("rsyncd.socket", unit_dirs=dirs) == ["/init.scope"]
+    assert socket_unit_owner_paths("rsyncd.socket", unit_dirs=dirs) == [
+        "/init.scope", "/system.slice/rsyncd.socket"]
 
 
 def test_socket_service_can_be_resolved_by_a_given_function(dirs):
     write(dirs[2] / "cups.socket", "[Socket]\nListenStream=631\n")
     paths = socket_unit_owner_paths("cups.socket", unit_dirs=dirs, resolve=lambda u: "/x/" + u)
-    assert paths == ["/init.scope", "/x/cups.service"]
+    assert paths == ["/x/init.scope", "/x/cups.socket", "/x/cups.service"]
 
 
 def test_socket_owner_paths_refuse_non_socket_units(dirs):
@@ -395,3 +398,44 @@ def test_ask_systemd_survives_a_missing_or_hung_systemctl(monkeypatch):
 
     monkeypatch.setattr(units.subprocess, "run", hang)
     assert units.ask_systemd("db.service") is None
+
+
+def _fake_nested_systemctl(monkeypatch, root: str, shown: dict[str, dict[str, str]]):
+    """A systemd managing the subtree ``root`` (a container without a cgroup namespace)."""
+    monkeypatch.setattr(units, "systemd_running", lambda: True)
+    answers = {"-.slice": {"ControlGroup": root}, **shown}
+    monkeypatch.setattr(units, "_systemctl_show", lambda unit, properties: answers.get(unit))
+
+
+def test_nested_systemd_prefixes_not_started_units_with_its_root(monkeypatch):
+    _fake_nested_systemctl(monkeypatch, "/machine/payload", {
+        "db.service": {"Id": "db.service", "ControlGroup": "", "Slice": "system.slice",
+                       "LoadState": "loaded"}})
+    assert resolve_unit("db.service") == "/machine/payload/system.slice/db.service"
+
+
+def test_nested_systemd_prefixes_units_it_cannot_find(monkeypatch):
+    _fake_nested_systemctl(monkeypatch, "/machine/payload", {
+        "x.service": {"Id": "x.service", "ControlGroup": "", "Slice": "", "LoadState": "not-found"}})
+    assert resolve_unit("x.service") == "/machine/payload/system.slice/x.service"
+
+
+def test_nested_systemd_socket_owner_is_its_own_init_scope(dirs, monkeypatch):
+    write(dirs[0] / "cups.socket", "[Socket]\nListenStream=631\n")
+    _fake_nested_systemctl(monkeypatch, "/machine/payload", {
+        "init.scope": {"Id": "init.scope", "ControlGroup": "/machine/payload/init.scope",
+                       "Slice": "-.slice", "LoadState": "loaded"},
+        "cups.service": {"Id": "cups.service", "ControlGroup": "", "Slice": "system.slice",
+                         "LoadState": "loaded"},
+        "cups.socket": {"Id": "cups.socket", "ControlGroup": "", "Slice": "system.slice",
+                        "LoadState": "loaded"}})
+    assert socket_unit_owner_paths("cups.socket", unit_dirs=dirs, resolve=resolve_unit) == [
+        "/machine/payload/init.scope", "/machine/payload/system.slice/cups.socket",
+        "/machine/payload/system.slice/cups.service"]
+
+
+def test_systemd_at_the_cgroup_root_adds_no_prefix(monkeypatch):
+    _fake_nested_systemctl(monkeypatch, "/", {
+        "db.service": {"Id": "db.service", "ControlGroup": "", "Slice": "system.slice",
+                       "LoadState": "loaded"}})
+    assert resolve_unit("db.service") == "/system.slice/db.service"

@@ -1,0 +1,113 @@
+"""`portguard demo`: the embedded default policy applied for real, in a sandbox.
+
+The guard is attached to a private cgroup subtree (/portguard-demo-PID) inside a private
+network namespace, with the default policy's owners placed below that subtree, so the demo
+shows real kernel refusals without touching the machine's services. Everything it creates
+is removed at the end, also on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from guard import cgroups, config, lifecycle, owners, plan
+
+CLONE_NEWNET = 0x40000000
+
+CHILD = r"""
+import ctypes, json, os, socket, sys
+open(sys.argv[1], "w").write(str(os.getpid()))
+action, port = sys.argv[2], int(sys.argv[3])
+if action == "bind":
+    out = {}
+    for name, fam, addr in (("IPv4", socket.AF_INET, "127.0.0.1"), ("IPv6", socket.AF_INET6, "::")):
+        for proto, typ in (("tcp", socket.SOCK_STREAM), ("udp", socket.SOCK_DGRAM)):
+            s = socket.socket(fam, typ)
+            try:
+                s.bind((addr, port)); out[f"{name}/{proto}"] = "ok"
+            except OSError as e:
+                out[f"{name}/{proto}"] = __import__("errno").errorcode[e.errno]
+            s.close()
+    print(json.dumps(out))
+else:
+    s = socket.socket()
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.bindresvport(s.fileno(), None)
+    print(json.dumps({"bindresvport": s.getsockname()[1] if rc == 0 else
+                      __import__("errno").errorcode[ctypes.get_errno()]}))
+"""
+
+
+def _unshare_net() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise lifecycle.GuardError(f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=False)
+
+
+def _child(cgroup_dir: Path, action: str, port: int) -> dict:
+    cgroup_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(cgroup_dir / "cgroup.procs"), action, str(port)],
+                          capture_output=True, text=True, timeout=60)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr.strip()}
+
+
+def _remove_tree(top: Path) -> None:
+    if not top.exists():
+        return
+    for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        directory.rmdir()
+    top.rmdir()
+
+
+def run(echo=print) -> int:
+    """Apply the default policy in a sandbox, show it working, take it all away."""
+    if os.geteuid() != 0:
+        raise lifecycle.GuardError("portguard demo must run as root: it loads BPF programs into the kernel")
+    root = cgroups.cgroup2_mount()
+    name = f"portguard-demo-{os.getpid()}"
+    top = f"/{name}"
+    top_dir = root / name
+    settings = config.Settings(cgroup=top, pin_dir=f"/sys/fs/bpf/{name}", portreserve_dir="")
+    defaults = config.load([], None)
+    # Every default block, installed or not, with its owners moved below the demo subtree.
+    blocks = tuple(replace(b, if_installed=False) for b in defaults.blocks)
+    cfg = config.Config(settings, blocks, defaults.files)
+    resolved = {i: [(top + path, label) for path, label in pairs]
+                for i, pairs in owners.resolve(cfg).items()}
+    the_plan = plan.build(cfg, resolved)
+    _unshare_net()
+    top_dir.mkdir()
+    try:
+        result = lifecycle.apply(the_plan)
+        for note in result.warnings:
+            echo(f"warning: {note}")
+        echo(f"portguard demo: default policy applied to cgroup {top} in a private network namespace")
+        echo(f"  {len(the_plan.ports)} reserved port/protocol pairs, program {result.variant}")
+        state = lifecycle.read_state(settings)
+        echo(f"\n{'PORT':>5} {'PROTO':5}  OWNERS")
+        for res in state.reservations:
+            names = ", ".join(o.unit or o.cgroup for o in res.owners)
+            echo(f"{res.port:>5} {res.protocol:5}  {names}")
+        cups = cgroups.directory(top + "/system.slice/cups.service", root)
+        stranger = cgroups.directory(top + "/system.slice/rpcbind.service", root)
+        echo("\nWho may bind 631 (IPP)?")
+        echo(f"  cups.service    -> {_child(cups, 'bind', 631)}")
+        echo(f"  rpcbind.service -> {_child(stranger, 'bind', 631)}")
+        echo("bindresvport() from rpcbind.service walks past reserved ports:")
+        echo(f"  -> {_child(stranger, 'bindresvport', 0)}")
+        denied = sum(r.denied for r in lifecycle.read_state(settings).reservations)
+        echo(f"refused binds counted by the kernel: {denied}")
+    finally:
+        try:
+            lifecycle.remove(settings)
+        finally:
+            _remove_tree(top_dir)
+    echo("\nportguard demo: removed the guard and the sandbox; the machine is as before")
+    return 0

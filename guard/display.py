@@ -1,0 +1,209 @@
+"""What people and scripts see: the status table, monitor lines (text, JSON, journal).
+
+Human output fits 100 columns: long cgroup paths and addresses are shortened from the left
+with an ellipsis, keeping their informative end; `--json` carries every value in full.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TextIO
+
+from guard import journal
+from guard.lifecycle import GuardState, errno_name
+from guard.monitor import Denial, SecondClock
+
+WIDTH = 100
+ELLIPSIS = "…"
+
+
+def shorten(text: str, width: int, keep_end: bool = True) -> str:
+    """text, or when longer than width its end (paths) or start (names) and an ellipsis."""
+    if len(text) <= width:
+        return text
+    return ELLIPSIS + text[len(text) - width + 1:] if keep_end else text[: width - 1] + ELLIPSIS
+
+
+def _fit(line: str) -> str:
+    return line if len(line) <= WIDTH else line[: WIDTH - 1] + ELLIPSIS
+
+
+# ---- status ---------------------------------------------------------------------------------
+
+_RES = "{port:>5} {proto:5} {denied:>8} {dropped:>8}  {role:6} {what}"
+_WHAT = WIDTH - len(_RES.format(port="", proto="", denied="", dropped="", role="", what=""))
+_HOLDER_WHERE = _WHAT - 7 - 1 - 15 - 1 - 1 - 8
+
+
+def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
+    if not state.loaded:
+        return [_fit(f"portguard: not loaded (pin directory {state.pin_dir})")]
+    lines = [
+        (f"portguard: loaded, mode {state.mode}, refused binds see {errno_name(state.deny_errno)}, "
+         f"{state.lost_events} events lost"),
+        f"  attach cgroup {attach_cgroup}, pins {state.pin_dir}, program {state.program}",
+    ]
+    for link in state.links:
+        where = f" cgroup id {link.cgroup_id}" if link.cgroup_id else ""
+        lines.append(f"  link {link.name}: id {link.link_id}, program id {link.prog_id}{where}")
+    if not state.holders_checked:
+        lines.append("  holders not shown: run status in the guarded network namespace")
+    lines.append(_RES.format(port="PORT", proto="PROTO", denied="DENIED", dropped="DROPPED",
+                             role="", what="OWNERS AND HOLDERS"))
+    for res in state.reservations:
+        rows = []
+        for owner in res.owners:
+            known = f"id {owner.id}" if owner.id else "absent"
+            name = owner.unit or owner.cgroup
+            rows.append(("owner", shorten(name, _WHAT - len(known) - 3) + f" ({known})"))
+        for holder in res.holders:
+            pid = str(holder.pid) if holder.pid else "-"
+            if holder.unit:
+                where = shorten(holder.unit, _HOLDER_WHERE, keep_end=False)
+            else:
+                where = shorten(holder.cgroup or "(cgroup removed)", _HOLDER_WHERE)
+            mark = "owner" if holder.owner else "SQUATTER"
+            comm = (holder.comm or "-")[:15]
+            rows.append(("holder", f"{pid:>7} {comm:15} {where:{_HOLDER_WHERE}} {mark}"))
+        rows = rows or [("", "")]
+        for i, (role, what) in enumerate(rows):
+            first = i == 0
+            dropped = res.contained_drops if res.contain else "-"
+            line = _RES.format(port=res.port if first else "", proto=res.protocol if first else "",
+                               denied=res.denied if first else "",
+                               dropped=dropped if first else "", role=role, what=what)
+            lines.append(line.rstrip())
+    return [_fit(line) for line in lines]
+
+
+# ---- monitor --------------------------------------------------------------------------------
+
+# TIME PID COMM UID CGROUP/UNIT PROTO ADDR:PORT OWNER(S) VERDICT, like bcc's bindsnoop
+_COLUMNS = "{:8} {:>7} {:15} {:>6} {:17} {:4} {:>16} {:12} {}"
+_CALLER_WIDTH = 17
+MONITOR_HEADER = _COLUMNS.format("TIME", "PID", "COMM", "UID", "CGROUP/UNIT", "PROT",
+                                 "ADDR:PORT", "OWNER(S)", "VERDICT")
+
+
+def _last_component(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1] or "/"
+
+
+def _owners_column(owners: tuple[str, ...]) -> str:
+    if not owners:
+        return "-"
+    more = f"+{len(owners) - 1}" if len(owners) > 1 else ""
+    return shorten(_last_component(owners[0]), 12 - len(more), keep_end=False) + more
+
+
+def address_port(denial: Denial) -> str:
+    host = f"[{denial.address}]" if denial.family == "ipv6" else denial.address
+    return f"{host}:{denial.port}"
+
+
+_local_clock = SecondClock("%H:%M:%S", time.localtime)
+
+
+def monitor_line(denial: Denial) -> str:
+    pid, uid = str(denial.pid), str(denial.uid)
+    # a pid or uid wider than its column takes room from the caller's: the line still fits
+    caller_width = _CALLER_WIDTH - max(0, len(pid) - 7) - max(0, len(uid) - 6)
+    if denial.unit:
+        caller = shorten(denial.unit, caller_width, keep_end=False)
+    else:
+        caller = shorten(denial.cgroup or f"id:{denial.cgroup_id}", caller_width)
+    return _COLUMNS.replace("{:17}", f"{{:{caller_width}}}").format(
+        _local_clock(denial.time),
+        pid,
+        denial.comm[:15],
+        uid,
+        caller,
+        f"{denial.protocol}{denial.family[-1]}",
+        shorten(address_port(denial), 16),
+        _owners_column(denial.owners),
+        denial.verdict,
+    )
+
+
+def lost_line(count: int) -> str:
+    return f"lost {count} events (the event buffer was full; the DENIED counters stay exact)"
+
+
+def journal_fields(denial: Denial) -> list[tuple[str, object]]:
+    what = "refused" if denial.verdict == "denied" else "would refuse (audit mode)"
+    caller = denial.unit or denial.cgroup or f"cgroup id {denial.cgroup_id}"
+    owners = ", ".join(denial.owners) or "nobody"
+    fields: list[tuple[str, object]] = [
+        ("MESSAGE", (f"{what} bind of {address_port(denial)}/{denial.protocol} by pid {denial.pid} "
+                     f"({denial.comm}) in {caller}; reserved for {owners}")),
+        ("PRIORITY", (journal.PRIORITY_WARNING if denial.verdict == "denied"
+                      else journal.PRIORITY_NOTICE)),
+        ("PORTGUARD_VERDICT", denial.verdict),
+        ("PORTGUARD_PORT", denial.port),
+        ("PORTGUARD_PROTOCOL", denial.protocol),
+        ("PORTGUARD_FAMILY", denial.family),
+        ("PORTGUARD_ADDRESS", denial.address),
+        ("PORTGUARD_PID", denial.pid),
+        ("PORTGUARD_UID", denial.uid),
+        ("PORTGUARD_COMM", denial.comm),
+        ("PORTGUARD_CGROUP", denial.cgroup or ""),
+        # journald adds the OBJECT_* fields (unit, exe, ...) of this process while it lives
+        ("OBJECT_PID", denial.pid),
+    ]
+    if denial.unit:
+        fields.append(("PORTGUARD_UNIT", denial.unit))
+    fields += [("PORTGUARD_OWNER", owner) for owner in denial.owners]
+    return fields
+
+
+class TextSink:
+    def __init__(self, out: TextIO):
+        self.out = out
+
+    def start(self) -> None:
+        self.out.write(MONITOR_HEADER + "\n")
+
+    def denial(self, denial: Denial) -> None:
+        self.out.write(monitor_line(denial) + "\n")
+
+    def lost(self, count: int) -> None:
+        self.out.write(lost_line(count) + "\n")
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class JsonSink:
+    def __init__(self, out: TextIO):
+        self.out = out
+
+    def start(self) -> None:
+        pass
+
+    def denial(self, denial: Denial) -> None:
+        self.out.write(json.dumps(denial.as_json()) + "\n")
+
+    def lost(self, count: int) -> None:
+        self.out.write(json.dumps({"lost": count}) + "\n")
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class JournalSink:
+    def __init__(self, target: journal.Journal):
+        self.journal = target
+
+    def start(self) -> None:
+        pass
+
+    def denial(self, denial: Denial) -> None:
+        self.journal.send(journal_fields(denial))
+
+    def lost(self, count: int) -> None:
+        self.journal.send([("MESSAGE", lost_line(count)), ("PRIORITY", journal.PRIORITY_WARNING),
+                           ("PORTGUARD_LOST", count)])
+
+    def flush(self) -> None:
+        pass

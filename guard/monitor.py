@@ -1,0 +1,295 @@
+"""portguard monitor: every refused (or, in audit mode, would-be refused) bind, as it happens.
+
+The guard writes one record per denial into the pinned `events` ring buffer; when the buffer is
+full the record is dropped and the per-CPU `lost` counter goes up instead (the `denied` counters
+stay exact either way). The monitor consumes the buffer, names the caller's cgroup and the
+reservation's owners, and reports every increase of `lost` as "lost N events": never silent.
+
+A ring buffer has one consumer position, so one monitor runs at a time per pin directory (a
+second one is refused). Records still in the buffer when the monitor starts (denials made while
+no monitor ran) are delivered first, with the time they happened; losses from before the start
+are not reported here (`status` shows the total since the guard was loaded).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from guard import cgroups, kernel, layout
+from guard.holders import _cgroup_paths, unit_of_cgroup
+from guard.lifecycle import LOCK_DIR, GuardError, Maps, Pins
+from guard.squatters import FAMILY_NAMES, process_cgroup
+
+POLL_MS = 100
+VERDICTS = {layout.VERDICT_DENIED: "denied", layout.VERDICT_AUDIT: "audit"}
+_CACHE_LIMIT = 4096
+
+
+class SecondClock:
+    """time.strftime once per second: events come in bursts."""
+
+    def __init__(self, fmt: str, convert: Callable[[float], time.struct_time]):
+        self.fmt, self.convert = fmt, convert
+        self.second: int | None = None
+        self.text = ""
+
+    def __call__(self, when: float) -> str:
+        second = int(when)
+        if second != self.second:
+            self.second, self.text = second, time.strftime(self.fmt, self.convert(second))
+        return self.text
+
+
+_utc_clock = SecondClock("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
+
+def iso_time(when: float) -> str:
+    """RFC 3339 UTC with microseconds."""
+    return f"{_utc_clock(when)}.{int(when % 1 * 1e6):06d}+00:00"
+
+
+@dataclass(slots=True)
+class Denial:
+    time: float  # seconds since the epoch
+    pid: int
+    uid: int
+    comm: str
+    cgroup_id: int
+    cgroup: str | None  # None: the cgroup is gone (and the process with it)
+    unit: str | None
+    family: str  # "ipv4" | "ipv6"
+    protocol: str  # "tcp" | "udp"
+    address: str
+    port: int
+    owners: tuple[str, ...]
+    verdict: str  # "denied" | "audit"
+
+    def as_json(self) -> dict:
+        return {
+            "time": iso_time(self.time),
+            "pid": self.pid, "uid": self.uid, "comm": self.comm,
+            "cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "unit": self.unit,
+            "family": self.family, "protocol": self.protocol, "address": self.address,
+            "port": self.port, "owners": list(self.owners), "verdict": self.verdict,
+        }
+
+
+class Sink(Protocol):
+    def start(self) -> None: ...
+    def denial(self, denial: Denial) -> None: ...
+    def lost(self, count: int) -> None: ...
+    def flush(self) -> None: ...
+
+
+@dataclass
+class Summary:
+    received: int = 0
+    lost: int = 0
+
+
+class CgroupNames:
+    """cgroup id -> (path, unit). The caller's /proc entry answers at once while it lives;
+    else one walk of the cgroup2 tree. Answers (also "gone") are cached: ids are not reused."""
+
+    def __init__(self, root: Path, proc_root: Path = Path("/proc")):
+        self.root = root
+        self.proc_root = proc_root
+        self._names: dict[int, tuple[str | None, str | None]] = {}
+
+    def names(self, cgroup_id: int, pid: int) -> tuple[str | None, str | None]:
+        known = self._names.get(cgroup_id)
+        if known is not None:
+            return known
+        if len(self._names) >= _CACHE_LIMIT:
+            self._names.clear()
+        path = process_cgroup(pid, self.proc_root)
+        if path is None or cgroups.cgroup_id(path, self.root) != cgroup_id:
+            path = _cgroup_paths({cgroup_id}, self.root).get(cgroup_id)
+        known = self._names[cgroup_id] = (path, unit_of_cgroup(path) if path else None)
+        return known
+
+
+class OwnerNames:
+    """(protocol, port) -> owner cgroup paths, as the active slot says; re-read after a flip."""
+
+    def __init__(self, maps: Maps):
+        self.maps = maps
+        self.slot: int | None = None
+        self._owners: dict[tuple[int, int], tuple[str, ...]] = {}
+        self._paths: dict[int, str] | None = None
+
+    def refresh(self) -> None:
+        active = self.maps.active
+        if active != self.slot:
+            self.slot = active
+            self._owners.clear()
+            self._paths = None
+
+    def owners(self, proto: int, port: int) -> tuple[str, ...]:
+        key = (proto, port)
+        if key not in self._owners:
+            self._owners[key] = self._read(proto, port)
+        return self._owners[key]
+
+    def _read(self, proto: int, port: int) -> tuple[str, ...]:
+        reservation = self.maps.ports.lookup(layout.PortKey(self.slot, proto, port))
+        if reservation is None:
+            return ()
+        members = self.maps.sets.lookup(layout.SetKey(self.slot, reservation.set))
+        if members is None:
+            return ()
+        if self._paths is None:
+            self._paths = {idx: key.path.decode() for key, idx in self.maps.paths.items()
+                           if key.slot == self.slot}
+        return tuple(self._paths.get(i, "?") for i in members.owner[: members.count])
+
+
+# struct pg_event (bpf/guard.h, guard.layout.Event): unpacked with struct, several times
+# faster than through ctypes on the monitor's hot path; a unit test compares the two.
+EVENT = struct.Struct("<QQIIHBBB3xI16s16s")
+
+
+class Decoder:
+    """Raw ring buffer records -> Denial."""
+
+    def __init__(self, cgroup_names: CgroupNames, owner_names: OwnerNames):
+        self.cgroup_names = cgroup_names
+        self.owner_names = owner_names
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as is time.monotonic() on Linux
+        self.epoch_offset = time.time() - time.monotonic()
+
+    def decode(self, raw: bytes) -> Denial:
+        (ts_ns, cgroup_id, pid, uid, port, proto, family, verdict, _set, comm,
+         addr) = EVENT.unpack_from(raw)
+        if family == socket.AF_INET:
+            address = socket.inet_ntop(socket.AF_INET, addr[:4])
+        else:
+            address = socket.inet_ntop(socket.AF_INET6, addr)
+        cgroup, unit = self.cgroup_names.names(cgroup_id, pid)
+        return Denial(
+            time=ts_ns / 1e9 + self.epoch_offset,
+            pid=pid,
+            uid=uid,
+            comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+            cgroup_id=cgroup_id,
+            cgroup=cgroup,
+            unit=unit,
+            family=FAMILY_NAMES.get(family, str(family)),
+            protocol=layout.PROTOCOL_NAMES.get(proto, str(proto)),
+            address=address,
+            port=port,
+            owners=self.owner_names.owners(proto, port),
+            verdict=VERDICTS.get(verdict, str(verdict)),
+        )
+
+
+def lost_total(maps: Maps) -> int:
+    values = maps.lost.lookup(0)
+    return sum(values) if values else 0
+
+
+@contextmanager
+def _sole_monitor(pin_dir: Path) -> Iterator[None]:
+    """One consumer per ring buffer: a second monitor would split the events with the first."""
+    try:
+        LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+        lock_dir = LOCK_DIR
+    except OSError:
+        lock_dir = Path("/tmp")
+    name = hashlib.sha256(str(pin_dir).encode()).hexdigest()[:16]
+    with open(lock_dir / f"portguard-monitor-{name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GuardError(f"another portguard monitor is reading the events of {pin_dir}: "
+                             "the event buffer has a single reader") from None
+        yield
+
+
+def _stop_on_sigterm() -> None:
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+
+
+def run(pin_dir: Path, sink: Sink, *, count: int | None = None, duration: float | None = None,
+        stall_until: Path | None = None, on_ready=lambda: None) -> Summary:
+    """Report denials to sink until count events (delivered + lost) or duration seconds or
+    SIGINT/SIGTERM. stall_until (for tests): consume nothing until that file exists."""
+    if os.geteuid() != 0:
+        raise GuardError("portguard monitor must run as root: the pinned maps are root-only")
+    pins = Pins(pin_dir)
+    summary = Summary()
+    with _sole_monitor(pins.root):
+        try:
+            maps = Maps.open_pinned(pins.maps_dir)
+            events_fd = kernel.get_pinned(pins.maps_dir / "events")
+        except kernel.BpfError as exc:
+            raise GuardError(str(exc)) from None
+        if maps is None or events_fd is None:
+            kernel.close(events_fd)
+            raise GuardError(f"the guard is not loaded (nothing pinned in {pin_dir}): "
+                             "run portguard apply first")
+        try:
+            _stop_on_sigterm()
+            _consume(maps, events_fd, sink, summary, count, duration, stall_until, on_ready)
+        except KeyboardInterrupt:
+            pass
+        except kernel.BpfError as exc:
+            raise GuardError(str(exc)) from None
+        finally:
+            sink.flush()
+            os.close(events_fd)
+            maps.close()
+    return summary
+
+
+def _consume(maps: Maps, events_fd: int, sink: Sink, summary: Summary, count: int | None,
+             duration: float | None, stall_until: Path | None, on_ready) -> None:
+    try:
+        cgroup_root = cgroups.cgroup2_mount()
+    except cgroups.CgroupError as exc:
+        raise GuardError(str(exc)) from None
+    owner_names = OwnerNames(maps)
+    owner_names.refresh()
+    decoder = Decoder(CgroupNames(cgroup_root), owner_names)
+
+    def on_record(raw: bytes) -> bool:
+        sink.denial(decoder.decode(raw))
+        summary.received += 1
+        return count is None or summary.received + summary.lost < count
+
+    lost_seen = lost_total(maps)
+    ring = kernel.RingBuffer(events_fd, on_record)
+    try:
+        sink.start()
+        on_ready()
+        while stall_until is not None and not stall_until.exists():
+            time.sleep(0.05)
+        deadline = None if duration is None else time.monotonic() + duration
+        while True:
+            owner_names.refresh()
+            ring.poll(POLL_MS)
+            lost_now = lost_total(maps)
+            if lost_now > lost_seen:
+                sink.lost(lost_now - lost_seen)
+                summary.lost += lost_now - lost_seen
+                lost_seen = lost_now
+            sink.flush()
+            if count is not None and summary.received + summary.lost >= count:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+    finally:
+        ring.close()

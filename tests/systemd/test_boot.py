@@ -1,0 +1,116 @@
+"""portguard under a real systemd: Debian bookworm booted with systemd-nspawn --boot.
+
+portguard.service is enabled in the guest and applies /etc/portguard/portguard.toml at early
+boot: 631 tcp+udp owned by pg-owner.service (enabled, started at boot), 873/tcp owned by the
+socket unit pg-sock.socket. Stranger units try the same ports. The guest's kernel is the host's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.systemd.guest_files import OWNER_PORT, PGNET, SOCKET_PORT
+from tests.systemd.machine import Machine
+
+pytestmark = pytest.mark.kernel
+
+EADDRINUSE = 98
+ALL_WAYS = ("v4/tcp", "v4/udp", "v6/tcp", "v6/udp")
+TCP_WAYS = ("v4/tcp", "v6/tcp")
+
+
+def status(machine: Machine) -> dict:
+    return json.loads(machine.run("portguard", "status", "--json", check=True).stdout)
+
+
+def reservation(machine: Machine, port: int, protocol: str) -> dict:
+    found = [r for r in status(machine)["reservations"]
+             if (r["port"], r["protocol"]) == (port, protocol)]
+    assert len(found) == 1, status(machine)
+    return found[0]
+
+
+def stranger_tries(machine: Machine, port: int) -> dict[str, int]:
+    """errno per way of binding, seen by the unit pg-try@PORT.service."""
+    machine.systemctl("start", f"pg-try@{port}.service")
+    return machine.result(f"try-{port}.json")
+
+
+def monotonic(machine: Machine, unit: str, prop: str) -> int:
+    return int(machine.show(unit, prop)[prop])
+
+
+def test_portguard_service_applies_at_boot_before_rpcbind(machine: Machine):
+    shown = machine.show("portguard.service", "ActiveState", "Result")
+    assert shown == {"ActiveState": "active", "Result": "success"}
+    guarded = monotonic(machine, "portguard.service", "ActiveEnterTimestampMonotonic")
+    assert guarded > 0
+    for unit in ("rpcbind.socket", "rpcbind.service"):
+        assert machine.show(unit, "ActiveState")["ActiveState"] == "active"
+        started = monotonic(machine, unit, "InactiveExitTimestampMonotonic")
+        assert guarded <= started, f"{unit} started before portguard.service had finished"
+
+
+def test_status_shows_owners_by_unit_name(machine: Machine):
+    for protocol in ("tcp", "udp"):
+        owners = reservation(machine, OWNER_PORT, protocol)["owners"]
+        assert [o["unit"] for o in owners] == ["pg-owner.service"]
+        assert owners[0]["cgroup"] == f"{machine.cgroup}/system.slice/pg-owner.service"
+        assert owners[0]["id"] is not None  # started at boot, tracked by the kernel
+    owners = reservation(machine, SOCKET_PORT, "tcp")["owners"]
+    assert {o["unit"] for o in owners} == {"init.scope", "pg-sock.socket", "pg-sock.service"}
+    assert all(o["cgroup"].startswith(machine.cgroup + "/") for o in owners)
+
+
+def test_owner_unit_started_at_boot_holds_its_port(machine: Machine):
+    assert machine.show("pg-owner.service", "ActiveState")["ActiveState"] == "active"
+    listening = machine.run("ss", "-Hltn", f"sport = :{OWNER_PORT}", check=True).stdout
+    assert len(listening.splitlines()) == 2  # IPv4 and IPv6
+
+
+def test_stranger_unit_gets_eaddrinuse_while_the_owner_runs_and_while_it_is_stopped(
+        machine: Machine):
+    denied_before = reservation(machine, OWNER_PORT, "udp")["denied"]
+    assert stranger_tries(machine, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
+    machine.systemctl("stop", "pg-owner.service")
+    try:
+        # Nobody holds the port now: only the guard refuses.
+        assert stranger_tries(machine, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
+    finally:
+        machine.systemctl("start", "pg-owner.service")
+    assert reservation(machine, OWNER_PORT, "udp")["denied"] >= denied_before + 4
+
+
+def test_owner_restarted_100_times_while_a_stranger_hammers_the_port(machine: Machine):
+    cgroup_id_before = reservation(machine, OWNER_PORT, "tcp")["owners"][0]["id"]
+    machine.systemctl("start", "pg-hammer.service")  # ready once it has tried every way
+    restarts = machine.run("sh", "-c", """
+        failed=0
+        for i in $(seq 100); do systemctl restart pg-owner.service || failed=$((failed + 1)); done
+        echo $failed""", timeout=600, check=True)
+    machine.systemctl("stop", "pg-hammer.service")
+    assert restarts.stdout.split() == ["0"], restarts.stderr
+    assert machine.show("pg-owner.service", "ActiveState")["ActiveState"] == "active"
+    hammer = machine.result("hammer.json")
+    assert hammer["attempts"] > 0
+    assert hammer["bound"] == 0
+    assert set(hammer["errors"]) == {str(EADDRINUSE)}
+    # Every restart made a new cgroup; the kernel's tracker followed it.
+    assert reservation(machine, OWNER_PORT, "tcp")["owners"][0]["id"] != cgroup_id_before
+
+
+def test_socket_activated_owner_serves_and_its_port_is_refused_to_strangers(machine: Machine):
+    assert machine.show("pg-sock.socket", "ActiveState")["ActiveState"] == "active"
+    greeting = machine.run(*PGNET.split(), "connect", str(SOCKET_PORT), check=True).stdout
+    assert greeting.startswith("hello from pid")
+    machine.systemctl("stop", "pg-sock.socket")
+    try:
+        tried = stranger_tries(machine, SOCKET_PORT)
+    finally:
+        machine.systemctl("start", "pg-sock.socket")
+    assert {way: tried[way] for way in TCP_WAYS} == dict.fromkeys(TCP_WAYS, EADDRINUSE)
+    assert {way: tried[way] for way in ("v4/udp", "v6/udp")} == {"v4/udp": 0, "v6/udp": 0}
+    greeting = machine.run(*PGNET.split(), "connect", str(SOCKET_PORT), check=True).stdout
+    assert greeting.startswith("hello from pid")

@@ -1,0 +1,62 @@
+"""Planning: reservations + owners -> map contents. Pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from guard import config, layout, plan
+from guard.config import ConfigError
+
+TCP, UDP = layout.PROTOCOLS["tcp"], layout.PROTOCOLS["udp"]
+
+
+def cfg(text: str) -> config.Config:
+    return config.loads('[guard]\nportreserve_dir = ""\n' + text)
+
+
+def build(text: str, extra=()) -> plan.Plan:
+    c = cfg(text)
+    owners = {i: [(o.name, None) for o in b.owners] for i, b in enumerate(c.blocks)}
+    return plan.build(c, owners, extra)
+
+
+def test_one_owner_set_serves_a_whole_range():
+    p = build('[[reserve]]\nports = ["8000-8999"]\ncgroup = "/a"\n')
+    assert len(p.ports) == 2000
+    assert set(p.ports.values()) == {0}
+    assert p.sets == {0: (0,)} and p.paths == ("/a",)
+
+
+def test_a_port_reserved_twice_belongs_to_both_owners():
+    p = build('[[reserve]]\nports = ["631"]\ncgroup = "/cups"\n'
+              '[[reserve]]\nports = ["631/udp"]\ncgroup = "/browsed"\n')
+    assert p.owners_of(TCP, 631) == ("/cups",)
+    assert set(p.owners_of(UDP, 631)) == {"/cups", "/browsed"}
+
+
+def test_extra_owners_join_every_port():
+    p = build('[[reserve]]\nports = ["1"]\ncgroup = "/a"\n', extra=("/init.scope",))
+    assert set(p.owners_of(TCP, 1)) == {"/a", "/init.scope"}
+
+
+def test_plan_is_deterministic():
+    text = '[[reserve]]\nports = ["1", "2"]\ncgroups = ["/b", "/a"]\n[[reserve]]\nports = ["3"]\ncgroup = "/c"\n'
+    assert build(text) == build(text)
+
+
+def test_more_than_64_owners_on_a_port_is_a_config_error():
+    owners = ", ".join(f'"/o{i}"' for i in range(65))
+    with pytest.raises(ConfigError) as exc:
+        build(f'[[reserve]]\nports = ["1"]\ncgroups = [{owners}]\n')
+    assert "at most 64 per port" in str(exc.value)
+    assert str(exc.value).startswith("<config>:")
+
+
+def test_unreserved_port_has_no_owners():
+    p = build('[[reserve]]\nports = ["1"]\ncgroup = "/a"\n')
+    assert p.owners_of(TCP, 2) == ()
+
+
+def test_blocks_without_resolved_owners_reserve_nothing():
+    c = cfg('[[reserve]]\nports = ["1"]\nunit = "nothere.service"\nif_installed = true\n')
+    assert plan.build(c, {0: []}).ports == {}

@@ -1,0 +1,372 @@
+#!/usr/bin/python3
+"""Guest side of portguard's VM scenarios. Standard library only; runs on Python 3.9 (bullseye).
+
+Service roles (run from the pg-*.service units):
+  owner PORT        bind PORT tcp+udp, tell systemd READY, hold them
+  squat PORT        the same, as an unwelcome service
+  resv-hog          call glibc bindresvport() until the privileged range is exhausted, hold all
+  stranger PORT S   for S seconds, keep trying to bind PORT tcp+udp (hold 0.2 s on success)
+
+Scenarios (run as root over ssh; each prints one JSON object on its last line):
+  series N MODE     start a series of N reboots; MODE guarded|unguarded (see boot-check)
+  results           the per-boot records of the current series
+  storm N S         restart pg-owner N times while a stranger hammers 631 for at most S seconds
+  features          apply/status output against what this kernel can do
+  analyze           systemd-analyze: portguard.service before rpcbind, and its duration
+"""
+
+import ctypes
+import errno
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+STATE = "/var/lib/pg-tests"
+RUN = "/run/pg-tests"
+PORT = 631
+OWNER_UNIT = "pg-owner.service"
+PORTGUARD = "/opt/portguard/bin/portguard"
+
+
+def errname(code):
+    return errno.errorcode.get(code, str(code))
+
+
+def sd_notify(message):
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+def write_json(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def sh(*cmd, check=False):
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def bind_both(port):
+    """Bind PORT on tcp (listening) and udp; returns (sockets, {proto: errno name or 'ok'})."""
+    socks, result = [], {}
+    for proto, kind in (("tcp", socket.SOCK_STREAM), ("udp", socket.SOCK_DGRAM)):
+        sock = socket.socket(socket.AF_INET, kind)
+        try:
+            sock.bind(("0.0.0.0", port))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(8)
+            socks.append(sock)
+            result[proto] = "ok"
+        except OSError as exc:
+            sock.close()
+            result[proto] = errname(exc.errno)
+    return socks, result
+
+
+# ---- service roles --------------------------------------------------------------------------
+
+def role_bind_and_hold(name, port):
+    socks, result = bind_both(port)
+    write_json(f"{RUN}/{name}.json", {"pid": os.getpid(), "port": port, "bind": result})
+    if len(socks) != 2:
+        print(f"{name}: bind {port}: {result}", file=sys.stderr)
+        return 1
+    sd_notify("READY=1")
+    signal.pause()
+    return 0
+
+
+def role_resv_hog():
+    libc = ctypes.CDLL(None, use_errno=True)
+    held, report = [], {}
+    for proto, kind in (("tcp", socket.SOCK_STREAM), ("udp", socket.SOCK_DGRAM)):
+        ports, errors = [], {}
+        for _ in range(1200):
+            sock = socket.socket(socket.AF_INET, kind)
+            if libc.bindresvport(sock.fileno(), None) == 0:
+                ports.append(sock.getsockname()[1])
+                held.append(sock)
+                continue
+            code = ctypes.get_errno()
+            sock.close()
+            errors[errname(code)] = errors.get(errname(code), 0) + 1
+            if code == errno.EADDRINUSE:  # glibc tried the whole range: exhausted
+                break
+        report[proto] = {"count": len(ports), "got_631": PORT in ports, "errors": errors,
+                         "lowest": min(ports, default=None), "highest": max(ports, default=None)}
+    write_json(f"{RUN}/resv.json", {"pid": os.getpid(), "bindresvport": report})
+    sd_notify("READY=1")
+    signal.pause()
+    return 0
+
+
+def role_stranger(port, seconds):
+    stats = {"attempts": 0, "successes": 0, "errors": {}}
+    stop = time.monotonic() + seconds
+    signal.signal(signal.SIGTERM, lambda *_: setattr(role_stranger, "stop", True))
+    role_stranger.stop = False
+    while time.monotonic() < stop and not role_stranger.stop:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            sock = socket.socket(socket.AF_INET, kind)
+            stats["attempts"] += 1
+            try:
+                sock.bind(("0.0.0.0", port))
+                stats["successes"] += 1
+                time.sleep(0.2)  # hold it a moment, as a real service would
+            except OSError as exc:
+                stats["errors"][errname(exc.errno)] = stats["errors"].get(errname(exc.errno), 0) + 1
+            finally:
+                sock.close()
+        time.sleep(0.001)
+    write_json(f"{RUN}/stranger.json", stats)
+    return 0
+
+
+# ---- facts ----------------------------------------------------------------------------------
+
+def unit_state(unit):
+    props = sh("systemctl", "show", unit, "-p", "ActiveState,Result,MainPID,SubState").stdout
+    return dict(line.split("=", 1) for line in props.splitlines() if "=" in line)
+
+
+def port_holders(port):
+    """[(proto, process name, pid)] of sockets bound to PORT, from ss."""
+    out = sh("ss", "-H", "-tulnp", f"sport = :{port}").stdout
+    holders = []
+    for line in out.splitlines():
+        proto = line.split()[0]
+        for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line):
+            holders.append((proto, name, int(pid)))
+    return holders
+
+
+def ports_of(unit):
+    pid = unit_state(unit).get("MainPID", "0")
+    if pid == "0":
+        return []
+    out = sh("ss", "-H", "-tuanp").stdout
+    return sorted({int(m.group(1)) for line in out.splitlines() if f"pid={pid}," in line
+                   for m in [re.search(r":(\d+)\s", line.split()[4] + " ")] if m})
+
+
+def kernel_has_set_retval():
+    major, minor = (int(x) for x in platform.release().split(".")[:2])
+    return (major, minor) >= (5, 18)
+
+
+# ---- scenarios ------------------------------------------------------------------------------
+
+def set_mode(mode):
+    """guarded: portguard.service enabled; unguarded: disabled. The squatter runs in both."""
+    action = "enable" if mode == "guarded" else "disable"
+    sh("systemctl", action, "portguard.service", check=True)
+    sh("systemctl", "add-wants", "pg-owner.service", "pg-squat.service", check=True)
+
+
+def scenario_series(count, mode):
+    os.makedirs(STATE, exist_ok=True)
+    set_mode(mode)
+    write_json(f"{STATE}/series.json", {"mode": mode, "remaining": count})
+    with open(f"{STATE}/boots.jsonl", "w"):
+        pass
+    sh("systemd-run", "--on-active=1", "--timer-property=AccuracySec=10ms",
+       "systemctl", "reboot", check=True)
+    print(json.dumps({"series": mode, "boots": count}))
+    return 0
+
+
+def boot_check():
+    series = read_json(f"{STATE}/series.json")
+    if not series or series["remaining"] <= 0:
+        return 0
+    mode = series["mode"]
+    owner = unit_state(OWNER_UNIT)
+    owner_bind = (read_json(f"{RUN}/owner.json") or {}).get("bind", {})
+    squat_bind = (read_json(f"{RUN}/squat.json") or {}).get("bind", {})
+    resv = (read_json(f"{RUN}/resv.json") or {}).get("bindresvport", {})
+    holders = port_holders(PORT)
+    rpc = {u: {"active": unit_state(u).get("ActiveState"), "ports": ports_of(u)}
+           for u in ("rpcbind.service", "rpc-statd.service")}
+    record = {
+        "boot": sh("cat", "/proc/sys/kernel/random/boot_id").stdout.strip(),
+        "kernel": platform.release(), "mode": mode,
+        "portguard": unit_state("portguard.service").get("ActiveState"),
+        "owner": owner.get("ActiveState"), "owner_bind": owner_bind,
+        "squatter_bind": squat_bind, "bindresvport": resv, "rpc": rpc,
+        "holders_631": sorted({f"{p}:{n}" for p, n, _ in holders}),
+        "uptime_s": float(open("/proc/uptime").read().split()[0]),
+    }
+    owner_ok = owner.get("ActiveState") == "active" and owner_bind == {"tcp": "ok", "udp": "ok"}
+    rpc_ok = all(v["active"] == "active" and PORT not in v["ports"] for v in rpc.values())
+    if mode == "guarded":
+        record["ok"] = (owner_ok and rpc_ok and record["portguard"] == "active"
+                        and {pid for _, _, pid in holders} == {int(owner.get("MainPID", 0))}
+                        and all(r.get("count", 0) > 0 and not r.get("got_631") for r in resv.values())
+                        and "ok" not in squat_bind.values())
+    else:  # the contrast: without the guard the owner must lose its port
+        record["ok"] = not owner_ok
+    with open(f"{STATE}/boots.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    series["remaining"] -= 1
+    write_json(f"{STATE}/series.json", series)
+    if series["remaining"] > 0:
+        sh("systemd-run", "--on-active=1", "--timer-property=AccuracySec=10ms", "systemctl", "reboot")
+    return 0
+
+
+def scenario_results():
+    series = read_json(f"{STATE}/series.json") or {}
+    try:
+        boots = [json.loads(line) for line in open(f"{STATE}/boots.jsonl")]
+    except OSError:
+        boots = []
+    print(json.dumps({"remaining": series.get("remaining"), "mode": series.get("mode"),
+                      "boots": boots}))
+    return 0
+
+
+def scenario_storm(restarts, seconds):
+    sh("systemctl", "stop", "pg-squat.service", "pg-stranger.service")
+    sh("systemctl", "reset-failed")
+    sh("systemctl", "start", OWNER_UNIT, check=False)
+    if os.path.exists(f"{RUN}/stranger.json"):
+        os.unlink(f"{RUN}/stranger.json")
+    sh("systemd-run", "--unit=pg-stranger", "--collect", "/usr/bin/python3", os.path.abspath(__file__),
+       "stranger", str(PORT), str(seconds), check=True)
+    time.sleep(1)
+    failures, started = [], time.monotonic()
+    for i in range(restarts):
+        proc = sh("systemctl", "restart", OWNER_UNIT)
+        if proc.returncode != 0:
+            failures.append(i)
+            sh("systemctl", "reset-failed", OWNER_UNIT)
+    elapsed = time.monotonic() - started
+    sh("systemctl", "stop", "pg-stranger.service")
+    for _ in range(50):
+        stranger = read_json(f"{RUN}/stranger.json")
+        if stranger:
+            break
+        time.sleep(0.2)
+    else:
+        stranger = {}
+    print(json.dumps({"restarts": restarts, "owner_failures": len(failures),
+                      "first_failures": failures[:5], "seconds": round(elapsed, 1),
+                      "stranger": stranger, "kernel": platform.release()}))
+    return 0
+
+
+def scenario_features():
+    apply = sh(PORTGUARD, "apply")
+    status_proc = sh(PORTGUARD, "status", "--json")
+    try:
+        status = json.loads(status_proc.stdout)
+    except ValueError:
+        status = None
+    _, denied = bind_both(PORT)  # this ssh session is no owner: both binds must be refused
+    expected_errno = "EADDRINUSE" if kernel_has_set_retval() else "EPERM"
+    owner_cgroup = "/sys/fs/cgroup/system.slice/" + OWNER_UNIT
+    owner_id = os.stat(owner_cgroup).st_ino if os.path.isdir(owner_cgroup) else None
+    reservations = {}
+    for res in (status or {}).get("reservations", []):
+        reservations[f"{res.get('port')}/{res.get('protocol')}"] = [o.get("id") for o in res.get("owners", [])]
+    warned = "set_retval" in apply.stderr
+    status_errno = (status or {}).get("deny_errno")
+    if isinstance(status_errno, int):
+        status_errno = errname(status_errno)
+    checks = {
+        "apply_ok": apply.returncode == 0,
+        "warning_iff_old_kernel": warned == (not kernel_has_set_retval()),
+        "status_loaded": bool(status and status.get("loaded")),
+        "status_errno_matches_kernel": status_errno == expected_errno,
+        "stranger_sees_expected_errno": denied == {"tcp": expected_errno, "udp": expected_errno},
+        "status_has_631_tcp_udp": {"631/tcp", "631/udp"} <= set(reservations),
+        "status_owner_id_is_live_cgroup": owner_id is not None and all(
+            owner_id in ids for key, ids in reservations.items() if key.startswith("631/")),
+    }
+    print(json.dumps({"kernel": platform.release(), "set_retval": kernel_has_set_retval(),
+                      "apply_rc": apply.returncode, "apply_stdout": apply.stdout.strip(),
+                      "apply_stderr": apply.stderr.strip(), "status_rc": status_proc.returncode,
+                      "status_errno": status_errno, "stranger_bind": denied,
+                      "owner_cgroup_id": owner_id, "reservations": reservations,
+                      "checks": checks, "ok": all(checks.values())}))
+    return 0
+
+
+def monotonic_us(unit, prop):
+    value = sh("systemctl", "show", unit, "-p", prop, "--value").stdout.strip()
+    return int(value) if value.isdigit() else None
+
+
+def scenario_analyze():
+    sh("systemctl", "is-system-running", "--wait")
+    pg_start = monotonic_us("portguard.service", "InactiveExitTimestampMonotonic")
+    pg_done = monotonic_us("portguard.service", "ActiveEnterTimestampMonotonic")
+    rpc_start = monotonic_us("rpcbind.service", "InactiveExitTimestampMonotonic")
+    blame = [line.strip() for line in sh("systemd-analyze", "blame").stdout.splitlines()
+             if "portguard" in line or "rpcbind" in line]
+    chain = sh("systemd-analyze", "critical-chain", "rpcbind.service").stdout.strip().splitlines()
+    total = sh("systemd-analyze", "time").stdout.strip().splitlines()
+    before = bool(pg_done and rpc_start and pg_done <= rpc_start)
+    duration_ms = round((pg_done - pg_start) / 1000) if pg_done and pg_start else None
+    print(json.dumps({"kernel": platform.release(), "portguard_before_rpcbind": before,
+                      "portguard_ms": duration_ms, "portguard_done_us": pg_done,
+                      "rpcbind_start_us": rpc_start, "blame": blame, "critical_chain": chain[-6:],
+                      "boot_time": total[0] if total else "", "ok": before}))
+    return 0
+
+
+def main(argv):
+    if not argv:
+        print(__doc__)
+        return 2
+    cmd, args = argv[0], argv[1:]
+    if cmd in ("owner", "squat"):
+        return role_bind_and_hold(cmd, int(args[0]))
+    if cmd == "resv-hog":
+        return role_resv_hog()
+    if cmd == "stranger":
+        return role_stranger(int(args[0]), float(args[1]))
+    if cmd == "boot-check":
+        return boot_check()
+    if cmd == "series":
+        return scenario_series(int(args[0]), args[1])
+    if cmd == "results":
+        return scenario_results()
+    if cmd == "storm":
+        return scenario_storm(int(args[0]), float(args[1]))
+    if cmd == "features":
+        return scenario_features()
+    if cmd == "analyze":
+        return scenario_analyze()
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
