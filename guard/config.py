@@ -7,7 +7,9 @@ so a bad file never leads to a partial apply.
 from __future__ import annotations
 
 import errno as errno_mod
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ DEFAULT_CONFIG = Path("/etc/portguard/portguard.toml")
 DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")
 MODES = ("enforce", "audit")
 MAX_PATH_BYTES = 254  # the kernel key holds 256 bytes incl. NUL; longer paths are refused
+MAX_FILE_BYTES = 1 << 20  # a configuration file larger than this is refused, not read
 
 GUARD_KEYS = {"cgroup", "pin_dir", "deny_errno", "mode", "trust_init", "use_defaults",
               "portreserve_dir", "contain"}
@@ -136,12 +139,33 @@ def _check_cgroup_path(path: object, where: Origin, problems: list[str]) -> str 
     return normal
 
 
+def read_limited(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file (symlinks followed) of at most limit bytes. A FIFO, device or
+    directory raises OSError instead of blocking or reading forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno_mod.EINVAL, "not a regular file", str(path))
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise OSError(errno_mod.EFBIG, f"larger than {limit} bytes", str(path))
+    return b"".join(chunks)
+
+
 def _parse_file(path: Path, services: dict, problems: list[str]) -> tuple[dict, list[ReserveBlock]]:
     name = str(path)
     try:
-        raw = path.read_bytes()
+        raw = read_limited(path)
     except OSError as exc:
-        problems.append(f"{name}:1: cannot read: {exc.strerror}")
+        problems.append(f"{name}:1: cannot read: {exc.strerror or exc}")
         return {}, []
     try:
         text = raw.decode("utf-8")
@@ -159,6 +183,9 @@ def _parse_text(name: str, text: str, services: dict, problems: list[str]) -> tu
         match = re.search(r"at line (\d+)", str(exc))
         line = match.group(1) if match else "1"
         problems.append(f"{name}:{line}: TOML syntax error: {str(exc).split(' (at line')[0]}")
+        return {}, []
+    except RecursionError:  # tomllib recurses per nesting level of arrays and inline tables
+        problems.append(f"{name}:1: TOML syntax error: arrays or tables nested too deeply")
         return {}, []
 
     lines = _Lines(text)
@@ -361,8 +388,8 @@ def load_settings(paths: list[Path]) -> Settings:
     guard: dict = {}
     for path in paths:
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            data = tomllib.loads(read_limited(path).decode())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
             continue
         section = data.get("guard")
         if isinstance(section, dict):

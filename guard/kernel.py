@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_FUNC_get_netns_cookie = 122
+BPF_FUNC_get_current_ancestor_cgroup_id = 123
 BPF_FUNC_set_retval = 187
 BPF_CGROUP_INET_INGRESS = 0
 BPF_CGROUP_INET_EGRESS = 1
@@ -23,7 +25,10 @@ BPF_CGROUP_INET4_BIND = 8
 BPF_CGROUP_INET6_BIND = 9
 BPF_ANY = 0
 BPF_NOEXIST = 1
+LINK_TYPE_RAW_TRACEPOINT = 1  # tp_btf programs attached with bpf_raw_tracepoint_open
+LINK_TYPE_TRACING = 2
 LINK_TYPE_CGROUP = 3
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 
 BIND_ATTACH_TYPES = {"bind4": BPF_CGROUP_INET4_BIND, "bind6": BPF_CGROUP_INET6_BIND}
 PACKET_ATTACH_TYPES = {"ingress": BPF_CGROUP_INET_INGRESS, "egress": BPF_CGROUP_INET_EGRESS}
@@ -34,6 +39,22 @@ NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP}
 
 class BpfError(OSError):
     """A bpf() operation failed; the message says which and why."""
+
+
+# Test hook for the fault tests (tests/kernel/test_faults.py): with PORTGUARD_FAULT_AFTER=N
+# in the environment, the process SIGKILLs itself right after its N-th state-changing step
+# (map write or delete, load, pin, unpin, attach, link update, sysctl write), so every step of
+# apply and remove can be interrupted. Unset (always, outside tests) it is one comparison.
+_FAULT_AFTER = int(os.environ.get("PORTGUARD_FAULT_AFTER") or 0)
+_steps = 0
+
+
+def step() -> None:
+    """Count one state-changing step (and die here when the fault hook says so)."""
+    global _steps
+    _steps += 1
+    if _FAULT_AFTER and _steps >= _FAULT_AFTER:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _LIB: C.CDLL | None = None
@@ -133,6 +154,47 @@ def has_set_retval() -> bool:
     return lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_set_retval, None) == 1
 
 
+@dataclass(frozen=True)
+class Features:
+    """What the running kernel offers the guard (see lifecycle.check_features)."""
+
+    set_retval: bool = True       # bpf_set_retval in bind programs (5.18)
+    netns_cookie: bool = True     # bpf_get_netns_cookie in bind programs (5.7)
+    ancestor_cgroup: bool = True  # bpf_get_current_ancestor_cgroup_id in bind programs (5.7)
+    bpf_link: bool = True         # BPF_LINK_CREATE for cgroup programs (5.7)
+    btf: bool = True              # /sys/kernel/btf/vmlinux: CO-RE and tp_btf trackers (5.5)
+
+
+def _helper(func: int) -> bool:
+    return lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, func, None) == 1
+
+
+def _has_bpf_link() -> bool:
+    # With bad fds a kernel that knows BPF_LINK_CREATE says EBADF; one that does not, EINVAL.
+    if lib().bpf_link_create(-1, -1, BPF_CGROUP_INET4_BIND, None) >= 0:
+        return True
+    return C.get_errno() == errno.EBADF
+
+
+def probe_features() -> Features:
+    return Features(
+        set_retval=has_set_retval(),
+        netns_cookie=_helper(BPF_FUNC_get_netns_cookie),
+        ancestor_cgroup=_helper(BPF_FUNC_get_current_ancestor_cgroup_id),
+        bpf_link=_has_bpf_link(),
+        btf=VMLINUX_BTF.exists(),
+    )
+
+
+def object_kind(fd: int) -> tuple[str, str]:
+    """("link", "cgroup"), ("map", "1"), ("prog", "18")...: what a bpf fd is, from fdinfo."""
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("link_type", "map_type", "prog_type"):
+            return key.removesuffix("_type"), value.strip()
+    return "other", "?"
+
+
 def has_packet_netns_cookie() -> bool:
     """Whether cgroup_skb programs may call bpf_get_netns_cookie, which containment needs to
     leave other network namespaces alone (accepted on 6.18; older kernels refuse it)."""
@@ -190,11 +252,29 @@ def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str]
     except BaseException:
         bpf.bpf_object__close(handle)
         raise
+    step()
     return LoadedObject(handle, prog_fds, map_fds)
 
 
 def pin(fd: int, path: Path) -> None:
     _check(lib().bpf_obj_pin(fd, str(path).encode()), f"pinning {path}")
+    step()
+
+
+def unpin(path: Path) -> bool:
+    """Remove a pin (an unpinned link detaches once no fd holds it); False when absent."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    step()
+    return True
+
+
+def rename_pin(source: Path, target: Path) -> None:
+    """Move a pin or a pin directory; an existing target pin is replaced in the same step."""
+    os.replace(source, target)
+    step()
 
 
 def get_pinned(path: Path) -> int | None:
@@ -213,20 +293,25 @@ def attach_cgroup(prog_fd: int, cgroup_dir: Path, attach_type: int) -> int:
     descendant cgroups run too and cannot override it). Returns the link fd."""
     cg_fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return _check(lib().bpf_link_create(prog_fd, cg_fd, attach_type, None),
-                      f"attaching to cgroup {cgroup_dir}")
+        fd = _check(lib().bpf_link_create(prog_fd, cg_fd, attach_type, None),
+                    f"attaching to cgroup {cgroup_dir}")
     finally:
         os.close(cg_fd)
+    step()
+    return fd
 
 
 def attach_tracing(prog_fd: int) -> int:
     """A raw tracepoint link for a tp_btf program; returns the link fd."""
-    return _check(lib().bpf_raw_tracepoint_open(None, prog_fd), "attaching tracepoint program")
+    fd = _check(lib().bpf_raw_tracepoint_open(None, prog_fd), "attaching tracepoint program")
+    step()
+    return fd
 
 
 def update_link(link_fd: int, prog_fd: int) -> None:
     """Swap the link's program in one step: no instant without a program."""
     _check(lib().bpf_link_update(link_fd, prog_fd, None), "replacing program of link")
+    step()
 
 
 def _info(fd: int, size: int) -> bytes:
@@ -252,6 +337,22 @@ def link_info(fd: int) -> LinkInfo:
         return LinkInfo(link_id, link_type, prog_id, int.from_bytes(raw[16:24], "little"),
                         int.from_bytes(raw[24:28], "little"))
     return LinkInfo(link_id, link_type, prog_id, None, None)
+
+
+def prog_map_ids(prog_id: int) -> set[int]:
+    """Ids of the maps a loaded program uses."""
+    fd = _check(lib().bpf_prog_get_fd_by_id(prog_id), f"opening program {prog_id}")
+    try:
+        count = int.from_bytes(_info(fd, 64)[52:56], "little")  # bpf_prog_info.nr_map_ids
+        ids = (C.c_uint32 * max(count, 1))()
+        buf = C.create_string_buffer(64)
+        C.memmove(C.addressof(buf) + 52, C.byref(C.c_uint32(count)), 4)
+        C.memmove(C.addressof(buf) + 56, C.byref(C.c_uint64(C.addressof(ids))), 8)
+        length = C.c_uint32(64)
+        _check(lib().bpf_obj_get_info_by_fd(fd, buf, C.byref(length)), "reading program info")
+        return set(ids[:count])
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -306,6 +407,7 @@ class Map:
             if err == errno.EEXIST and flags == BPF_NOEXIST:
                 return False
             raise BpfError(err, f"map update: {os.strerror(err)}")
+        step()
         return True
 
     def delete(self, key) -> bool:
@@ -315,6 +417,7 @@ class Map:
             if err == errno.ENOENT:
                 return False
             raise BpfError(err, f"map delete: {os.strerror(err)}")
+        step()
         return True
 
     def keys(self) -> list:
@@ -401,6 +504,7 @@ class Map:
             buf = (self.key_type * len(chunk))(*chunk)
             count = C.c_uint32(len(chunk))
             if bpf.bpf_map_delete_batch(self.fd, buf, C.byref(count), None) == 0:
+                step()
                 deleted += len(chunk)
                 pending = pending[len(chunk):]
                 continue
@@ -417,6 +521,7 @@ class Map:
         """One batched write; False when the kernel has no batch operations for this map."""
         count = C.c_uint32(n)
         if fn(self.fd, keys, values, C.byref(count), None) == 0:
+            step()
             return True
         err = C.get_errno()
         if err in NO_BATCH and count.value == 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from guard import layout
-from guard.config import Config, ConfigError, Origin, Settings
+from guard.config import MAX_PATH_BYTES, Config, ConfigError, Origin, Settings
 
 PROTO_NUMBERS = layout.PROTOCOLS
 
@@ -69,6 +69,12 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
                             f"at most {layout.MAX_OWNERS} per port")
     distinct_owners = set(owners_by_port.values())
     paths = tuple(sorted({p for owners in distinct_owners for p in owners}))
+    for path in paths:  # e.g. a unit's cgroup: the kernel key would be truncated
+        if len(path.encode()) > MAX_PATH_BYTES:
+            problems.append(f"{config.files[0] if config.files else '<config>'}:1: owner cgroup "
+                            f"{path[:60]}... is {len(path.encode())} bytes; at most "
+                            f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match "
+                            "another cgroup)")
     if len(paths) > layout.MAX_OWNER_PATHS:
         problems.append(f"{config.files[0] if config.files else '<config>'}:1: {len(paths)} owner "
                         f"cgroups; at most {layout.MAX_OWNER_PATHS}")

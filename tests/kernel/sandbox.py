@@ -56,8 +56,11 @@ def require_kernel() -> Path:
 CHILD = textwrap.dedent(r"""
     import ctypes, errno, json, os, socket, sys, time
     cgroup_procs, action, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    with open(cgroup_procs, "w") as f:
-        f.write(str(os.getpid()))
+    def join(procs):
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    if cgroup_procs != "-":  # "-": already placed (e.g. by the "exec" action of a parent)
+        join(cgroup_procs)
     FAM = {"v4": (socket.AF_INET, "127.0.0.1"), "v6": (socket.AF_INET6, "::1"),
            "dual": (socket.AF_INET6, "::"), "mapped": (socket.AF_INET6, "::ffff:127.0.0.1")}
     TYPE = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
@@ -134,6 +137,36 @@ CHILD = textwrap.dedent(r"""
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b"x", ("127.0.0.1", target))
             seen.append(s.getsockname()[1]); s.close()
         print(json.dumps(sorted(set(seen))))
+    elif action == "matrix":
+        # the same binds from several cgroups in turn: {label: {case: errno}}, plus the sysctl
+        out = {}
+        for procs, label, cases in args:
+            join(procs)
+            out[label] = {f"{f}/{t}/{p}": bind(f, t, p) for f, t, p in cases}
+        with open("/proc/sys/net/ipv4/ip_local_reserved_ports") as f:
+            out["sysctl"] = f.read().strip()
+        print(json.dumps(out))
+    elif action == "exec":
+        # placed in the cgroup as root; now become someone else (e.g. setpriv ... python ...)
+        os.execvp(args[0], args)
+    elif action == "restarts":
+        # owner restarts: mkdir the owner cgroup, join it, bind, leave, rmdir; count failures
+        owner_dir, parking_procs, count, cases = args
+        ok = fail = 0
+        errors = {}
+        for _ in range(count):
+            os.mkdir(owner_dir)
+            join(os.path.join(owner_dir, "cgroup.procs"))
+            for f, t, p in cases:
+                e = bind(f, t, p)
+                if e == 0:
+                    ok += 1
+                else:
+                    fail += 1
+                    errors[e] = errors.get(e, 0) + 1
+            join(parking_procs)
+            os.rmdir(owner_dir)
+        print(json.dumps({"ok": ok, "fail": fail, "errors": errors}))
     elif action == "serve":
         # echo server on a port until killed: TCP connections one after the other, UDP datagrams
         fam, typ, port = args
@@ -259,6 +292,10 @@ class Sandbox:
 
     def cgroup_id(self, rel: str) -> int | None:
         return cgroups.cgroup_id(f"{self.top}/{rel}", self.cgroup_root)
+
+    def procs(self, rel: str) -> str:
+        """cgroup.procs of a sandbox cgroup (created if needed)."""
+        return str(cgroups.directory(self.cgroup(rel), self.cgroup_root) / "cgroup.procs")
 
     # -- config and CLI ----------------------------------------------------------------
     def write_config(self, reserve: str, **guard: str) -> Path:

@@ -1,0 +1,140 @@
+"""Missing kernel features and missing mounts: one clear sentence or an explicit warning.
+
+The probes are faked (kernel.Features); real old kernels are the VM matrix's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from guard import cli, kernel, lifecycle
+from guard.config import Settings
+
+ALL = kernel.Features()
+
+
+@pytest.mark.parametrize(
+    "feature, says",
+    [
+        ("btf", "kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)"),
+        ("bpf_link", "BPF links for cgroup programs (Linux >= 5.7)"),
+        ("ancestor_cgroup", "bpf_get_current_ancestor_cgroup_id"),
+        ("netns_cookie", "would also refuse binds inside every container's own network namespace"),
+    ],
+)
+def test_a_missing_essential_feature_refuses_naming_it_and_what_it_costs(feature, says):
+    features = dataclasses.replace(ALL, **{feature: False})
+    with pytest.raises(lifecycle.GuardError) as exc:
+        lifecycle.choose_variant(Settings(), features)
+    assert str(exc.value).startswith(
+        "this kernel cannot run portguard, nothing was loaded; it lacks "
+    )
+    assert says in str(exc.value)
+
+
+def test_every_missing_feature_is_named_at_once():
+    with pytest.raises(lifecycle.GuardError) as exc:
+        lifecycle.choose_variant(Settings(), kernel.Features(False, False, False, False, False))
+    assert str(exc.value).count("; and ") == 3
+
+
+def test_without_set_retval_the_guard_degrades_to_eperm_and_says_what_is_lost():
+    variant, notes = lifecycle.choose_variant(
+        Settings(), dataclasses.replace(ALL, set_retval=False)
+    )
+    assert variant == "eperm"
+    assert notes == [
+        (
+            "this kernel lacks bpf_set_retval (Linux < 5.18): refused binds fail with EPERM, "
+            "not EADDRINUSE, so bindresvport() callers give up instead of moving to the "
+            "next port"
+        )
+    ]
+
+
+def test_without_set_retval_and_eperm_configured_nothing_is_lost():
+    assert lifecycle.choose_variant(
+        Settings(deny_errno="EPERM"), dataclasses.replace(ALL, set_retval=False)
+    ) == ("eperm", [])
+
+
+def test_with_every_feature_the_full_guard_loads():
+    assert lifecycle.choose_variant(Settings(), ALL) == ("retval", [])
+
+
+def test_the_warning_reaches_the_user_and_the_refusal_exits_1_without_traceback(
+    tmp_path, monkeypatch
+):
+    config = tmp_path / "portguard.toml"
+    config.write_text('[[reserve]]\nports = ["7000"]\ncgroup = "/x"\n')
+    monkeypatch.setattr(kernel, "probe_features", lambda: kernel.Features(bpf_link=False))
+    monkeypatch.setattr(lifecycle, "preflight", lambda *a, **k: (tmp_path, tmp_path))
+    result = CliRunner().invoke(cli.main, ["--config", str(config), "apply"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "Error: this kernel cannot run portguard" in result.output
+
+
+# ---- mounts ----------------------------------------------------------------------------------
+
+
+def _mounts(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "mounts"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+@pytest.fixture
+def as_root(monkeypatch):
+    monkeypatch.setattr(lifecycle.os, "geteuid", lambda: 0)
+
+
+def test_no_cgroup2_is_one_clear_sentence(tmp_path, as_root):
+    mounts = _mounts(
+        tmp_path, "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0", "bpf /sys/fs/bpf bpf rw 0 0"
+    )
+    with pytest.raises(
+        lifecycle.GuardError,
+        match=r"^no cgroup2 file system is mounted \(portguard needs the unified hierarchy\)$",
+    ):
+        lifecycle.preflight(Settings(), mount_bpffs=False, mounts=mounts)
+
+
+def test_unreadable_mount_table_is_one_clear_sentence(tmp_path, as_root):
+    with pytest.raises(
+        lifecycle.GuardError, match=r"^cannot read .*/nope: No such file or directory$"
+    ):
+        lifecycle.preflight(Settings(), mount_bpffs=False, mounts=tmp_path / "nope")
+
+
+def test_missing_attach_cgroup_is_one_clear_sentence(tmp_path, as_root):
+    mounts = _mounts(tmp_path, f"cgroup2 {tmp_path} cgroup2 rw 0 0")
+    with pytest.raises(
+        lifecycle.GuardError, match=r"^the attach cgroup /gone does not exist under "
+    ):
+        lifecycle.preflight(Settings(cgroup="/gone"), mount_bpffs=False, mounts=mounts)
+
+
+def test_pin_dir_off_bpffs_is_one_clear_sentence_naming_the_fix(tmp_path, as_root):
+    (tmp_path / "top").mkdir()
+    mounts = _mounts(tmp_path, f"cgroup2 {tmp_path} cgroup2 rw 0 0")
+    with pytest.raises(
+        lifecycle.GuardError, match=r"is not on a BPF file system \(mount -t bpf bpf"
+    ):
+        lifecycle.preflight(
+            Settings(cgroup="/top", pin_dir="/sys/fs/bpf/portguard"),
+            mount_bpffs=False,
+            mounts=mounts,
+        )
+
+
+def test_with_everything_mounted_preflight_names_the_places(tmp_path, as_root):
+    (tmp_path / "top").mkdir()
+    mounts = _mounts(tmp_path, f"cgroup2 {tmp_path} cgroup2 rw 0 0", "bpf /sys/fs/bpf bpf rw 0 0")
+    assert lifecycle.preflight(Settings(cgroup="/top"), mount_bpffs=False, mounts=mounts) == (
+        tmp_path,
+        tmp_path / "top",
+    )
