@@ -225,10 +225,8 @@ class _Scratch(type(Path())):
 @pytest.fixture(scope="module")
 def scratch():
     """One file rewritten per example (temporary directories per example cost more than the
-    parse), /etc/services read once."""
+    parse; /etc/services is read only when a service name is looked up)."""
     mp = pytest.MonkeyPatch()
-    services = config.read_services()
-    mp.setattr(config, "read_services", lambda *args: services)
     with tempfile.TemporaryDirectory() as tmp:
         path = _Scratch(tmp, "portguard.toml")
         path.monkeypatch = mp
