@@ -16,12 +16,12 @@ round by round so drift of the machine hits all alike:
 Three loads: TCP bulk (iperf3 default; large GSO segments, so few packets per byte), UDP
 with 64-byte datagrams (iperf3, packet rate bound), and `udp64-cpu`: one process sends a
 64-byte datagram to its own socket on the port and reads it back, in a loop, and reports the
-CPU time per datagram, with bpf_stats off (the least of several runs: CPU time and the minimum resist the noise of
-a busy machine, where wall-clock throughput does not). Reported: the median over rounds and
-its ratio to `none` (for udp64-cpu: none's cost divided by this one's, so that below 1 is
-slower everywhere), and the programs' own cost per run as the kernel measures it
-(kernel.bpf_stats_enabled, switched on for the run and restored afterwards).
-Everything it creates is removed at the end.
+CPU time per datagram, with bpf_stats off (the least of several runs: CPU time and the
+minimum resist the noise of a busy machine, where wall-clock throughput does not).
+Reported: the median over rounds and its ratio to `none` (for udp64-cpu: none's cost
+divided by this one's, so that below 1 is slower everywhere), and the programs' own cost
+per run as the kernel measures it (kernel.bpf_stats_enabled, switched on for the run and
+restored afterwards). Everything it creates is removed at the end.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ int main(int argc, char **argv)
     for (int r = 0; r < runs; r++) {
         double start = cpu_ns();
         for (int i = 0; i < count; i++) {
-            if (sendto(tx, buf, sizeof(buf), 0, (struct sockaddr *)&addr, sizeof(addr)) != sizeof(buf)
+            if (sendto(tx, buf, sizeof(buf), 0, (struct sockaddr *)&addr, sizeof(addr))
+                    != sizeof(buf)
                 || recv(rx, buf, sizeof(buf), 0) != sizeof(buf)) { perror("pingpong"); return 1; }
         }
         double per = (cpu_ns() - start) / count;
@@ -119,8 +120,13 @@ def build_pingpong(work: Path) -> Path:
 def pingpong(box: Sandbox, binary: Path, port: int, seconds: float) -> float:
     """CPU nanoseconds per 64-byte datagram sent to and read from a socket on the port."""
     count = int(20000 * seconds)
-    out = subprocess.run(in_cgroup(box, "owner", [str(binary), str(port), str(count), "5"]),
-                         capture_output=True, text=True, check=True, timeout=seconds * 60 + 30)
+    out = subprocess.run(
+        in_cgroup(box, "owner", [str(binary), str(port), str(count), "5"]),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds * 60 + 30,
+    )
     return float(out.stdout)
 
 
@@ -132,19 +138,43 @@ def measure(box: Sandbox, binary: Path, port: int, load: str, seconds: float) ->
 
 def iperf(box: Sandbox, port: int, load: str, seconds: float) -> float:
     """Bits per second (tcp) or datagrams received per second (udp64)."""
-    server = subprocess.Popen(in_cgroup(box, "owner", ["iperf3", "-s", "-1", "-p", str(port)]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        in_cgroup(box, "owner", ["iperf3", "-s", "-1", "-p", str(port)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):  # until the server listens
-            probe = subprocess.run([*in_netns(box.netns), "ss", "-Htln", f"sport = :{port}"],
-                                   capture_output=True, text=True, check=False)
+            probe = subprocess.run(
+                [*in_netns(box.netns), "ss", "-Htln", f"sport = :{port}"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if probe.stdout.strip():
                 break
             time.sleep(0.05)
         client = subprocess.run(
-            in_cgroup(box, "client", ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
-                                      "-J", *LOADS[load]]),
-            capture_output=True, text=True, check=False, timeout=seconds + 30)
+            in_cgroup(
+                box,
+                "client",
+                [
+                    "iperf3",
+                    "-c",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-t",
+                    str(seconds),
+                    "-J",
+                    *LOADS[load],
+                ],
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=seconds + 30,
+        )
         result = json.loads(client.stdout)
         if "error" in result:
             raise RuntimeError(f"iperf3: {result['error']}")
@@ -164,10 +194,22 @@ def program_stats(box: Sandbox) -> dict[str, tuple[int, int]]:
         link = box.pin_dir / f"link_{name}"
         if not link.exists():
             continue
-        info = json.loads(subprocess.run(["bpftool", "-j", "link", "show", "pinned", str(link)],
-                                         capture_output=True, text=True, check=True).stdout)
-        prog = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(info["prog_id"])],
-                                         capture_output=True, text=True, check=True).stdout)
+        info = json.loads(
+            subprocess.run(
+                ["bpftool", "-j", "link", "show", "pinned", str(link)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        prog = json.loads(
+            subprocess.run(
+                ["bpftool", "-j", "prog", "show", "id", str(info["prog_id"])],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         stats[name] = (prog.get("run_cnt", 0), prog.get("run_time_ns", 0))
     return stats
 
@@ -204,10 +246,21 @@ def run(seconds: float, rounds: int) -> dict:
         for setup in SETUPS:
             median = statistics.median(samples[(setup, load)])
             ratio = base / median if load == "udp64-cpu" else median / base  # cost vs. rate
-            results[load][setup] = {"median": median, "ratio": ratio, "samples": samples[(setup, load)]}
-    return {"seconds": seconds, "rounds": rounds, "kernel": os.uname().release, "cpus": os.cpu_count(),
-            "loads": results,
-            "program_ns_per_packet": {s: statistics.median(v) if v else None for s, v in per_run_ns.items()}}
+            results[load][setup] = {
+                "median": median,
+                "ratio": ratio,
+                "samples": samples[(setup, load)],
+            }
+    return {
+        "seconds": seconds,
+        "rounds": rounds,
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "loads": results,
+        "program_ns_per_packet": {
+            s: statistics.median(v) if v else None for s, v in per_run_ns.items()
+        },
+    }
 
 
 def main() -> None:
@@ -220,16 +273,25 @@ def main() -> None:
         sys.exit("bench/containment.py must run as root (it loads BPF programs)")
     for tool in ("iperf3", "bpftool", "ss", "nsenter"):
         if shutil.which(tool) is None:
-            sys.exit(f"bench/containment.py needs {tool} (apt install iperf3 bpftool iproute2 util-linux)")
+            sys.exit(
+                f"bench/containment.py needs {tool} "
+                "(apt install iperf3 bpftool iproute2 util-linux)"
+            )
     report = run(args.seconds, args.rounds)
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"kernel {report['kernel']}, {report['cpus']} CPUs, {args.rounds} rounds of {args.seconds:g} s; "
-          "median, ratio to no guard")
+    print(
+        f"kernel {report['kernel']}, {report['cpus']} CPUs, "
+        f"{args.rounds} rounds of {args.seconds:g} s; median, ratio to no guard"
+    )
     for load, by_setup in report["loads"].items():
-        unit, scale = {"tcp": ("Gbit/s", 1e9), "udp64": ("kpps", 1e3), "udp64-cpu": ("ns/pkt", 1)}[load]
-        cells = "  ".join(f"{s} {v['median'] / scale:8.2f} {unit} ({v['ratio']:.3f})" for s, v in by_setup.items())
+        unit, scale = {"tcp": ("Gbit/s", 1e9), "udp64": ("kpps", 1e3), "udp64-cpu": ("ns/pkt", 1)}[
+            load
+        ]
+        cells = "  ".join(
+            f"{s} {v['median'] / scale:8.2f} {unit} ({v['ratio']:.3f})" for s, v in by_setup.items()
+        )
         print(f"{load:6} {cells}")
     for setup, ns in report["program_ns_per_packet"].items():
         if ns is not None:

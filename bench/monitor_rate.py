@@ -100,18 +100,29 @@ def denied(box) -> int:
 
 def one_rate(box, producer: Path, rate: int, count: int, sink: list[str]) -> dict:
     before = denied(box)
-    cmd = [*in_netns(box.netns), *PORTGUARD, "--config", str(box.config_path), "monitor",
-           *sink, "--count", str(count)]
+    cmd = [
+        *in_netns(box.netns),
+        *PORTGUARD,
+        "--config",
+        str(box.config_path),
+        "monitor",
+        *sink,
+        "--count",
+        str(count),
+    ]
     with open(os.devnull, "w") as devnull:
-        monitor = subprocess.Popen(cmd, cwd=REPO, stdout=devnull, stderr=subprocess.PIPE,
-                                   text=True)
+        monitor = subprocess.Popen(cmd, cwd=REPO, stdout=devnull, stderr=subprocess.PIPE, text=True)
     try:
         ready = monitor.stderr.readline()
         if "monitoring" not in ready:
             sys.exit(f"monitor did not start: {ready}{monitor.stderr.read()}")
         procs = cgroups.directory(box.cgroup("stranger"), box.cgroup_root) / "cgroup.procs"
-        out = subprocess.run([*in_netns(box.netns), str(producer), str(procs), str(PORT),
-                              str(count), str(rate)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [*in_netns(box.netns), str(producer), str(procs), str(PORT), str(count), str(rate)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         refused, seconds = out.stdout.split()
         monitor.wait(timeout=max(60, count / 1000))
     finally:
@@ -120,16 +131,25 @@ def one_rate(box, producer: Path, rate: int, count: int, sink: list[str]) -> dic
             monitor.wait()
     summary = re.search(r"(\d+) events, (\d+) lost", monitor.stderr.read())
     received, lost = (int(summary[1]), int(summary[2])) if summary else (0, count)
-    return {"target": rate or None, "produced": int(refused), "rate": int(refused) / float(seconds),
-            "received": received, "lost": lost, "ratio": received / int(refused),
-            "counted": denied(box) - before}
+    return {
+        "target": rate or None,
+        "produced": int(refused),
+        "rate": int(refused) / float(seconds),
+        "received": received,
+        "lost": lost,
+        "ratio": received / int(refused),
+        "counted": denied(box) - before,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="production time per rate")
-    parser.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)),
-                        help="comma-separated target rates per second; 0 = unpaced")
+    parser.add_argument(
+        "--rates",
+        default=",".join(map(str, DEFAULT_RATES)),
+        help="comma-separated target rates per second; 0 = unpaced",
+    )
     parser.add_argument("--text", action="store_true", help="measure the text output, not --json")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
@@ -148,9 +168,12 @@ def main() -> None:
             row = results[-1]
             if not args.json:
                 target = f"{row['target']:>8}" if row["target"] else "     max"
-                print(f"target {target}/s  produced {row['rate']:>9.0f}/s  "
-                      f"received {row['received']:>7}  lost {row['lost']:>7}  "
-                      f"ratio {row['ratio']:.3f}  kernel counted {row['counted']}", flush=True)
+                print(
+                    f"target {target}/s  produced {row['rate']:>9.0f}/s  "
+                    f"received {row['received']:>7}  lost {row['lost']:>7}  "
+                    f"ratio {row['ratio']:.3f}  kernel counted {row['counted']}",
+                    flush=True,
+                )
             time.sleep(0.2)
     finally:
         box.destroy()

@@ -43,7 +43,8 @@ def require_initial_namespace(namespace: Path = CGROUP_NAMESPACE) -> None:
         raise CgroupError(
             "portguard must run in the host's cgroup namespace (this process is inside another "
             "one, where cgroup paths differ from the kernel's): for systemd-nspawn set "
-            "SYSTEMD_NSPAWN_USE_CGNS=0")
+            "SYSTEMD_NSPAWN_USE_CGNS=0"
+        )
 
 
 def directory(path: str, root: Path | None = None) -> Path:

@@ -71,9 +71,14 @@ def _runtime(fn, *args):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", metavar="PATH", envvar="PORTGUARD_CONFIG",
-              help=f"Main configuration file (default {config_mod.DEFAULT_CONFIG}); "
-                   "drop-ins are read from conf.d/*.toml beside it.")
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    envvar="PORTGUARD_CONFIG",
+    help=f"Main configuration file (default {config_mod.DEFAULT_CONFIG}); "
+    "drop-ins are read from conf.d/*.toml beside it.",
+)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Race-free port reservations: binds to a reserved port fail (EADDRINUSE) unless the
@@ -96,8 +101,10 @@ def apply(config_path: str | None) -> None:
         click.echo(f"portguard: warning: {squatter.describe()}", err=True)
     ports = len(plan.ports)
     state = "applied" if result.changed else "unchanged"
-    click.echo(f"portguard: {state}: {ports} reserved port/protocol pairs, "
-               f"{len(plan.paths)} owner cgroups, mode {plan.settings.mode}")
+    click.echo(
+        f"portguard: {state}: {ports} reserved port/protocol pairs, "
+        f"{len(plan.paths)} owner cgroups, mode {plan.settings.mode}"
+    )
 
 
 def _squatters_of_plan(plan) -> list:
@@ -107,9 +114,11 @@ def _squatters_of_plan(plan) -> list:
     from guard.layout import PROTOCOL_NAMES
 
     bound = bound_ports()
-    reservations = [(port, PROTOCOL_NAMES[proto], [plan.paths[i] for i in plan.sets[set_id]])
-                    for (proto, port), set_id in plan.ports.items()
-                    if (port, PROTOCOL_NAMES[proto]) in bound]
+    reservations = [
+        (port, PROTOCOL_NAMES[proto], [plan.paths[i] for i in plan.sets[set_id]])
+        for (proto, port), set_id in plan.ports.items()
+        if (port, PROTOCOL_NAMES[proto]) in bound
+    ]
     if not reservations:
         return []
     from guard import squatters
@@ -129,7 +138,9 @@ def remove(config_path: str | None) -> None:
 
 def _state_dict(state) -> dict:
     data = asdict(state)
-    data["links"] = {link["name"]: {k: v for k, v in link.items() if k != "name"} for link in data["links"]}
+    data["links"] = {
+        link["name"]: {k: v for k, v in link.items() if k != "name"} for link in data["links"]
+    }
     return data
 
 
@@ -156,8 +167,9 @@ def status(config_path: str | None, as_json: bool) -> None:
     found = squatters.of_state(state)
     if found:
         if not as_json:
-            click.echo(f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)",
-                       err=True)
+            click.echo(
+                f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)", err=True
+            )
         sys.exit(EXIT_SQUATTER)
 
 
@@ -179,8 +191,14 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
     results = []
     for proto, number in pairs:
         res = by_key.get((proto, number))
-        results.append({"port": number, "protocol": proto, "reserved": res is not None,
-                        "owners": [asdict(o) for o in res.owners] if res else []})
+        results.append(
+            {
+                "port": number,
+                "protocol": proto,
+                "reserved": res is not None,
+                "owners": [asdict(o) for o in res.owners] if res else [],
+            }
+        )
     if as_json:
         import json
 
@@ -196,17 +214,36 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--journal", "to_journal", is_flag=True,
-              help="Log to the systemd journal with PORTGUARD_* fields instead of printing.")
-@click.option("--count", type=click.IntRange(min=1), metavar="N",
-              help="Stop after N events (received or lost).")
-@click.option("--duration", type=click.FloatRange(min=0), metavar="SECONDS",
-              help="Stop after SECONDS.")
-@click.option("--stall-until", type=click.Path(path_type=Path), hidden=True,
-              help="Testing: consume nothing until this file exists (forces losses).")
+@click.option(
+    "--journal",
+    "to_journal",
+    is_flag=True,
+    help="Log to the systemd journal with PORTGUARD_* fields instead of printing.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Stop after N events (received or lost).",
+)
+@click.option(
+    "--duration", type=click.FloatRange(min=0), metavar="SECONDS", help="Stop after SECONDS."
+)
+@click.option(
+    "--stall-until",
+    type=click.Path(path_type=Path),
+    hidden=True,
+    help="Testing: consume nothing until this file exists (forces losses).",
+)
 @click.pass_obj
-def monitor(config_path: str | None, as_json: bool, to_journal: bool, count: int | None,
-            duration: float | None, stall_until: Path | None) -> None:
+def monitor(
+    config_path: str | None,
+    as_json: bool,
+    to_journal: bool,
+    count: int | None,
+    duration: float | None,
+    stall_until: Path | None,
+) -> None:
     """Print every refused bind as it happens (in audit mode: every bind that would be
     refused). Lost events are reported as "lost N events", never dropped silently.
     One monitor at a time; runs until interrupted."""
@@ -227,9 +264,16 @@ def monitor(config_path: str | None, as_json: bool, to_journal: bool, count: int
     def ready() -> None:
         click.echo(f"portguard: monitoring refused binds of {settings.pin_dir}", err=True)
 
-    summary = _runtime(lambda: monitor_mod.run(Path(settings.pin_dir), sink, count=count,
-                                               duration=duration, stall_until=stall_until,
-                                               on_ready=ready))
+    summary = _runtime(
+        lambda: monitor_mod.run(
+            Path(settings.pin_dir),
+            sink,
+            count=count,
+            duration=duration,
+            stall_until=stall_until,
+            on_ready=ready,
+        )
+    )
     click.echo(f"portguard: {summary.received} events, {summary.lost} lost", err=True)
 
 

@@ -22,11 +22,25 @@ MODES = ("enforce", "audit")
 MAX_PATH_BYTES = 254  # the kernel key holds 256 bytes incl. NUL; longer paths are refused
 MAX_FILE_BYTES = 1 << 20  # a configuration file larger than this is refused, not read
 
-GUARD_KEYS = {"cgroup", "pin_dir", "deny_errno", "mode", "trust_init", "use_defaults",
-              "portreserve_dir", "contain"}
+GUARD_KEYS = {
+    "cgroup",
+    "pin_dir",
+    "deny_errno",
+    "mode",
+    "trust_init",
+    "use_defaults",
+    "portreserve_dir",
+    "contain",
+}
 PORTRESERVE_DIR = "/etc/portreserve"
-OWNER_KEYS = {"cgroup": "cgroup", "cgroups": "cgroup", "unit": "unit", "units": "unit",
-              "slice": "slice", "slices": "slice"}
+OWNER_KEYS = {
+    "cgroup": "cgroup",
+    "cgroups": "cgroup",
+    "unit": "unit",
+    "units": "unit",
+    "slice": "slice",
+    "slices": "slice",
+}
 RESERVE_KEYS = {"ports", "if_installed", "comment", "contain", *OWNER_KEYS}
 
 
@@ -95,12 +109,15 @@ class _Lines:
         self.lines = text.splitlines()
 
     def tables(self, name: str, array: bool) -> list[int]:
-        pattern = re.compile(r"^\s*\[\[\s*%s\s*\]\]" % re.escape(name) if array
-                             else r"^\s*\[\s*%s\s*\]" % re.escape(name))
+        pattern = re.compile(
+            rf"^\s*\[\[\s*{re.escape(name)}\s*\]\]"
+            if array
+            else rf"^\s*\[\s*{re.escape(name)}\s*\]"
+        )
         return [i + 1 for i, line in enumerate(self.lines) if pattern.match(line)]
 
     def key(self, start: int, end: int, key: str) -> int:
-        pattern = re.compile(r"^\s*[\"']?%s[\"']?\s*=" % re.escape(key))
+        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
         for number in range(start, min(end, len(self.lines) + 1)):
             if pattern.match(self.lines[number - 1]):
                 return number
@@ -114,7 +131,9 @@ class _Lines:
         return fallback
 
 
-def _block_bounds(starts: list[int], index: int, total_lines: int, all_headers: list[int]) -> tuple[int, int]:
+def _block_bounds(
+    starts: list[int], index: int, total_lines: int, all_headers: list[int]
+) -> tuple[int, int]:
     start = starts[index] if index < len(starts) else 1
     following = [h for h in all_headers if h > start]
     return start, (min(following) if following else total_lines + 1)
@@ -125,7 +144,9 @@ def _check_cgroup_path(path: object, where: Origin, problems: list[str]) -> str 
         problems.append(f"{where}: owner cgroup must be a string, not {path!r}")
         return None
     if not path.startswith("/"):
-        problems.append(f"{where}: owner cgroup {path!r} must be absolute (relative to the cgroup2 root)")
+        problems.append(
+            f"{where}: owner cgroup {path!r} must be absolute (relative to the cgroup2 root)"
+        )
         return None
     parts = [p for p in path.split("/") if p]
     if any(p in (".", "..") for p in parts) or "\0" in path:
@@ -133,8 +154,10 @@ def _check_cgroup_path(path: object, where: Origin, problems: list[str]) -> str 
         return None
     normal = "/" + "/".join(parts)
     if len(normal.encode()) > MAX_PATH_BYTES:
-        problems.append(f"{where}: owner cgroup path is {len(normal.encode())} bytes; at most "
-                        f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match another cgroup)")
+        problems.append(
+            f"{where}: owner cgroup path is {len(normal.encode())} bytes; at most "
+            f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match another cgroup)"
+        )
         return None
     return normal
 
@@ -170,13 +193,15 @@ def _parse_file(path: Path, services: dict, problems: list[str]) -> tuple[dict, 
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
+        line = raw[: exc.start].count(b"\n") + 1
         problems.append(f"{name}:{line}: not valid UTF-8")
         return {}, []
     return _parse_text(name, text, services, problems)
 
 
-def _parse_text(name: str, text: str, services: dict, problems: list[str]) -> tuple[dict, list[ReserveBlock]]:
+def _parse_text(
+    name: str, text: str, services: dict, problems: list[str]
+) -> tuple[dict, list[ReserveBlock]]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -202,8 +227,10 @@ def _parse_text(name: str, text: str, services: dict, problems: list[str]) -> tu
             for gkey, gvalue in value.items():
                 where = Origin(name, lines.key(start, end, gkey))
                 if gkey not in GUARD_KEYS:
-                    problems.append(f"{where}: unknown key {gkey!r} in [guard] "
-                                    f"(known: {', '.join(sorted(GUARD_KEYS))})")
+                    problems.append(
+                        f"{where}: unknown key {gkey!r} in [guard] "
+                        f"(known: {', '.join(sorted(GUARD_KEYS))})"
+                    )
                     continue
                 checked = _check_guard_value(gkey, gvalue, where, problems)
                 if checked is not None:
@@ -211,7 +238,10 @@ def _parse_text(name: str, text: str, services: dict, problems: list[str]) -> tu
         elif key == "reserve":
             starts = lines.tables("reserve", True)
             if not isinstance(value, list):
-                problems.append(f"{name}:{lines.key(1, total + 1, 'reserve')}: reserve must be [[reserve]] tables")
+                problems.append(
+                    f"{name}:{lines.key(1, total + 1, 'reserve')}: "
+                    "reserve must be [[reserve]] tables"
+                )
                 continue
             for index, table in enumerate(value):
                 start, end = _block_bounds(starts, index, total, all_headers)
@@ -219,8 +249,10 @@ def _parse_text(name: str, text: str, services: dict, problems: list[str]) -> tu
                 if block is not None:
                     blocks.append(block)
         else:
-            problems.append(f"{name}:{lines.key(1, total + 1, key)}: unknown table or key {key!r} "
-                            "(expected [guard] and [[reserve]])")
+            problems.append(
+                f"{name}:{lines.key(1, total + 1, key)}: unknown table or key {key!r} "
+                "(expected [guard] and [[reserve]])"
+            )
     return guard, blocks
 
 
@@ -245,28 +277,33 @@ def _check_guard_value(key: str, value: object, where: Origin, problems: list[st
         problems.append(f"{where}: pin_dir {value!r} must be an absolute path")
         return None
     if key == "portreserve_dir" and value and not value.startswith("/"):
-        problems.append(f"{where}: portreserve_dir {value!r} must be an absolute path or \"\"")
+        problems.append(f'{where}: portreserve_dir {value!r} must be an absolute path or ""')
         return None
     return value.upper() if key == "deny_errno" else value
 
 
-def _parse_block(table: object, origin: Origin, lines: _Lines, end: int, services: dict,
-                 problems: list[str]) -> ReserveBlock | None:
+def _parse_block(
+    table: object, origin: Origin, lines: _Lines, end: int, services: dict, problems: list[str]
+) -> ReserveBlock | None:
     if not isinstance(table, dict):
         problems.append(f"{origin}: [[reserve]] must be a table")
         return None
     before = len(problems)
     for key in table:
         if key not in RESERVE_KEYS:
-            problems.append(f"{Origin(origin.file, lines.key(origin.line, end, key))}: unknown key "
-                            f"{key!r} in [[reserve]] (known: {', '.join(sorted(RESERVE_KEYS))})")
+            problems.append(
+                f"{Origin(origin.file, lines.key(origin.line, end, key))}: unknown key "
+                f"{key!r} in [[reserve]] (known: {', '.join(sorted(RESERVE_KEYS))})"
+            )
     ports_value = table.get("ports")
     ports_line = lines.key(origin.line, end, "ports")
     ports: list[tuple[PortRange, Origin]] = []
     if ports_value is None:
         problems.append(f"{origin}: [[reserve]] needs ports = [...]")
     elif not isinstance(ports_value, list) or not ports_value:
-        problems.append(f"{Origin(origin.file, ports_line)}: ports must be a non-empty list of strings")
+        problems.append(
+            f"{Origin(origin.file, ports_line)}: ports must be a non-empty list of strings"
+        )
     else:
         for spec in ports_value:
             spec_text = str(spec)
@@ -298,15 +335,21 @@ def _parse_block(table: object, origin: Origin, lines: _Lines, end: int, service
             else:
                 owners.append(OwnerRef(kind, value, where))
     if not owners and not any(k in table for k in OWNER_KEYS):
-        problems.append(f"{origin}: [[reserve]] needs an owner: cgroup, cgroups, unit, units or slice")
+        problems.append(
+            f"{origin}: [[reserve]] needs an owner: cgroup, cgroups, unit, units or slice"
+        )
     if_installed = table.get("if_installed", False)
     if not isinstance(if_installed, bool):
-        problems.append(f"{Origin(origin.file, lines.key(origin.line, end, 'if_installed'))}: "
-                        "if_installed must be true or false")
+        problems.append(
+            f"{Origin(origin.file, lines.key(origin.line, end, 'if_installed'))}: "
+            "if_installed must be true or false"
+        )
     contain = table.get("contain", False)
     if not isinstance(contain, bool):
-        problems.append(f"{Origin(origin.file, lines.key(origin.line, end, 'contain'))}: "
-                        "contain must be true or false")
+        problems.append(
+            f"{Origin(origin.file, lines.key(origin.line, end, 'contain'))}: "
+            "contain must be true or false"
+        )
     if len(problems) > before:
         return None
     return ReserveBlock(tuple(ports), tuple(owners), origin, if_installed, contain)
@@ -338,7 +381,9 @@ def load(paths: list[Path], services_file: Path | None = None) -> Config:
     if guard.get("use_defaults", not paths):
         from guard.defaults import DEFAULT_POLICY_NAME, default_policy_text
 
-        _, default_blocks = _parse_text(DEFAULT_POLICY_NAME, default_policy_text(), services, problems)
+        _, default_blocks = _parse_text(
+            DEFAULT_POLICY_NAME, default_policy_text(), services, problems
+        )
         blocks.extend(default_blocks)
         names.append(DEFAULT_POLICY_NAME)
     portreserve_dir = guard.get("portreserve_dir", PORTRESERVE_DIR)
@@ -367,7 +412,9 @@ def _portreserve_blocks(directory: Path, services: dict, problems: list[str]) ->
         except PortSpecError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        blocks.append(ReserveBlock(((port_range, where),), (OwnerRef("unit", entry.unit, where),), where))
+        blocks.append(
+            ReserveBlock(((port_range, where),), (OwnerRef("unit", entry.unit, where),), where)
+        )
     return blocks
 
 

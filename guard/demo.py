@@ -47,14 +47,20 @@ else:
 def _unshare_net() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
-        raise lifecycle.GuardError(f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}")
+        raise lifecycle.GuardError(
+            f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}"
+        )
     subprocess.run(["ip", "link", "set", "lo", "up"], check=False)
 
 
 def _child(cgroup_dir: Path, action: str, port: int) -> dict:
     cgroup_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(cgroup_dir / "cgroup.procs"), action, str(port)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(cgroup_dir / "cgroup.procs"), action, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr.strip()}
 
 
@@ -69,7 +75,9 @@ def _remove_tree(top: Path) -> None:
 def run(echo=print) -> int:
     """Apply the default policy in a sandbox, show it working, take it all away."""
     if os.geteuid() != 0:
-        raise lifecycle.GuardError("portguard demo must run as root: it loads BPF programs into the kernel")
+        raise lifecycle.GuardError(
+            "portguard demo must run as root: it loads BPF programs into the kernel"
+        )
     root = cgroups.cgroup2_mount()
     name = f"portguard-demo-{os.getpid()}"
     top = f"/{name}"
@@ -79,8 +87,10 @@ def run(echo=print) -> int:
     # Every default block, installed or not, with its owners moved below the demo subtree.
     blocks = tuple(replace(b, if_installed=False) for b in defaults.blocks)
     cfg = config.Config(settings, blocks, defaults.files)
-    resolved = {i: [(top + path, label) for path, label in pairs]
-                for i, pairs in owners.resolve(cfg).items()}
+    resolved = {
+        i: [(top + path, label) for path, label in pairs]
+        for i, pairs in owners.resolve(cfg).items()
+    }
     the_plan = plan.build(cfg, resolved)
     _unshare_net()
     top_dir.mkdir()
@@ -88,7 +98,9 @@ def run(echo=print) -> int:
         result = lifecycle.apply(the_plan)
         for note in result.warnings:
             echo(f"warning: {note}")
-        echo(f"portguard demo: default policy applied to cgroup {top} in a private network namespace")
+        echo(
+            f"portguard demo: default policy applied to cgroup {top} in a private network namespace"
+        )
         echo(f"  {len(the_plan.ports)} reserved port/protocol pairs, program {result.variant}")
         state = lifecycle.read_state(settings)
         echo(f"\n{'PORT':>5} {'PROTO':5}  OWNERS")

@@ -22,7 +22,7 @@ def shorten(text: str, width: int, keep_end: bool = True) -> str:
     """text, or when longer than width its end (paths) or start (names) and an ellipsis."""
     if len(text) <= width:
         return text
-    return ELLIPSIS + text[len(text) - width + 1:] if keep_end else text[: width - 1] + ELLIPSIS
+    return ELLIPSIS + text[len(text) - width + 1 :] if keep_end else text[: width - 1] + ELLIPSIS
 
 
 def _fit(line: str) -> str:
@@ -40,8 +40,11 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
     if not state.loaded:
         return [_fit(f"portguard: not loaded (pin directory {state.pin_dir})")]
     lines = [
-        (f"portguard: loaded, mode {state.mode}, refused binds see {errno_name(state.deny_errno)}, "
-         f"{state.lost_events} events lost"),
+        (
+            f"portguard: loaded, mode {state.mode}, "
+            f"refused binds see {errno_name(state.deny_errno)}, "
+            f"{state.lost_events} events lost"
+        ),
         f"  attach cgroup {attach_cgroup}, pins {state.pin_dir}, program {state.program}",
     ]
     for link in state.links:
@@ -49,8 +52,16 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
         lines.append(f"  link {link.name}: id {link.link_id}, program id {link.prog_id}{where}")
     if not state.holders_checked:
         lines.append("  holders not shown: run status in the guarded network namespace")
-    lines.append(_RES.format(port="PORT", proto="PROTO", denied="DENIED", dropped="DROPPED",
-                             role="", what="OWNERS AND HOLDERS"))
+    lines.append(
+        _RES.format(
+            port="PORT",
+            proto="PROTO",
+            denied="DENIED",
+            dropped="DROPPED",
+            role="",
+            what="OWNERS AND HOLDERS",
+        )
+    )
     for res in state.reservations:
         rows = []
         for owner in res.owners:
@@ -70,9 +81,14 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
         for i, (role, what) in enumerate(rows):
             first = i == 0
             dropped = res.contained_drops if res.contain else "-"
-            line = _RES.format(port=res.port if first else "", proto=res.protocol if first else "",
-                               denied=res.denied if first else "",
-                               dropped=dropped if first else "", role=role, what=what)
+            line = _RES.format(
+                port=res.port if first else "",
+                proto=res.protocol if first else "",
+                denied=res.denied if first else "",
+                dropped=dropped if first else "",
+                role=role,
+                what=what,
+            )
             lines.append(line.rstrip())
     return [_fit(line) for line in lines]
 
@@ -82,8 +98,9 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
 # TIME PID COMM UID CGROUP/UNIT PROTO ADDR:PORT OWNER(S) VERDICT, like bcc's bindsnoop
 _COLUMNS = "{:8} {:>7} {:15} {:>6} {:17} {:4} {:>16} {:12} {}"
 _CALLER_WIDTH = 17
-MONITOR_HEADER = _COLUMNS.format("TIME", "PID", "COMM", "UID", "CGROUP/UNIT", "PROT",
-                                 "ADDR:PORT", "OWNER(S)", "VERDICT")
+MONITOR_HEADER = _COLUMNS.format(
+    "TIME", "PID", "COMM", "UID", "CGROUP/UNIT", "PROT", "ADDR:PORT", "OWNER(S)", "VERDICT"
+)
 
 
 def _last_component(path: str) -> str:
@@ -135,10 +152,17 @@ def journal_fields(denial: Denial) -> list[tuple[str, object]]:
     caller = denial.unit or denial.cgroup or f"cgroup id {denial.cgroup_id}"
     owners = ", ".join(denial.owners) or "nobody"
     fields: list[tuple[str, object]] = [
-        ("MESSAGE", (f"{what} bind of {address_port(denial)}/{denial.protocol} by pid {denial.pid} "
-                     f"({denial.comm}) in {caller}; reserved for {owners}")),
-        ("PRIORITY", (journal.PRIORITY_WARNING if denial.verdict == "denied"
-                      else journal.PRIORITY_NOTICE)),
+        (
+            "MESSAGE",
+            (
+                f"{what} bind of {address_port(denial)}/{denial.protocol} by pid {denial.pid} "
+                f"({denial.comm}) in {caller}; reserved for {owners}"
+            ),
+        ),
+        (
+            "PRIORITY",
+            (journal.PRIORITY_WARNING if denial.verdict == "denied" else journal.PRIORITY_NOTICE),
+        ),
         ("PORTGUARD_VERDICT", denial.verdict),
         ("PORTGUARD_PORT", denial.port),
         ("PORTGUARD_PROTOCOL", denial.protocol),
@@ -202,8 +226,13 @@ class JournalSink:
         self.journal.send(journal_fields(denial))
 
     def lost(self, count: int) -> None:
-        self.journal.send([("MESSAGE", lost_line(count)), ("PRIORITY", journal.PRIORITY_WARNING),
-                           ("PORTGUARD_LOST", count)])
+        self.journal.send(
+            [
+                ("MESSAGE", lost_line(count)),
+                ("PRIORITY", journal.PRIORITY_WARNING),
+                ("PORTGUARD_LOST", count),
+            ]
+        )
 
     def flush(self) -> None:
         pass

@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-
 PROC = Path("/proc")
 
 _SS_ESTABLISHED = 1

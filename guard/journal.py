@@ -50,9 +50,10 @@ class Journal:
             self.sock.connect(str(path))
         except OSError as exc:
             self.sock.close()
-            raise JournalError(f"no systemd journal to log to: cannot connect to {path} "
-                               f"({exc.strerror}); run without --journal to print the events"
-                               ) from None
+            raise JournalError(
+                f"no systemd journal to log to: cannot connect to {path} "
+                f"({exc.strerror}); run without --journal to print the events"
+            ) from None
 
     def send(self, fields: Iterable[tuple[str, object]]) -> None:
         self.sock.send(encode([*fields, ("SYSLOG_IDENTIFIER", IDENTIFIER)]))

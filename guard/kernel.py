@@ -86,38 +86,40 @@ def lib() -> C.CDLL:
     try:
         bpf = C.CDLL("libbpf.so.1", use_errno=True)
     except OSError as exc:
-        raise BpfError(errno.ENOENT, "libbpf.so.1 not found: install libbpf1 (apt install libbpf1)") from exc
-    P, I, U32, VP = C.c_void_p, C.c_int, C.c_uint32, C.c_void_p
+        raise BpfError(
+            errno.ENOENT, "libbpf.so.1 not found: install libbpf1 (apt install libbpf1)"
+        ) from exc
+    P, INT, U32, VP = C.c_void_p, C.c_int, C.c_uint32, C.c_void_p
     sigs = {
         "bpf_object__open_file": (P, [C.c_char_p, P]),
-        "bpf_object__load": (I, [P]),
+        "bpf_object__load": (INT, [P]),
         "bpf_object__close": (None, [P]),
         "bpf_object__find_program_by_name": (P, [P, C.c_char_p]),
         "bpf_object__find_map_by_name": (P, [P, C.c_char_p]),
-        "bpf_program__fd": (I, [P]),
-        "bpf_program__set_autoload": (I, [P, C.c_bool]),
-        "bpf_map__fd": (I, [P]),
-        "bpf_map__set_pin_path": (I, [P, C.c_char_p]),
-        "bpf_obj_pin": (I, [I, C.c_char_p]),
-        "bpf_obj_get": (I, [C.c_char_p]),
-        "bpf_link_create": (I, [I, I, I, P]),
-        "bpf_link_update": (I, [I, I, P]),
-        "bpf_raw_tracepoint_open": (I, [C.c_char_p, I]),
-        "bpf_map_update_elem": (I, [I, VP, VP, C.c_uint64]),
-        "bpf_map_lookup_elem": (I, [I, VP, VP]),
-        "bpf_map_delete_elem": (I, [I, VP]),
-        "bpf_map_get_next_key": (I, [I, VP, VP]),
-        "bpf_map_lookup_batch": (I, [I, VP, VP, VP, VP, C.POINTER(U32), P]),
-        "bpf_map_update_batch": (I, [I, VP, VP, C.POINTER(U32), P]),
-        "bpf_map_delete_batch": (I, [I, VP, C.POINTER(U32), P]),
-        "bpf_obj_get_info_by_fd": (I, [I, VP, C.POINTER(U32)]),
-        "bpf_prog_get_fd_by_id": (I, [U32]),
-        "bpf_link_get_fd_by_id": (I, [U32]),
-        "libbpf_probe_bpf_helper": (I, [I, I, P]),
-        "libbpf_num_possible_cpus": (I, []),
+        "bpf_program__fd": (INT, [P]),
+        "bpf_program__set_autoload": (INT, [P, C.c_bool]),
+        "bpf_map__fd": (INT, [P]),
+        "bpf_map__set_pin_path": (INT, [P, C.c_char_p]),
+        "bpf_obj_pin": (INT, [INT, C.c_char_p]),
+        "bpf_obj_get": (INT, [C.c_char_p]),
+        "bpf_link_create": (INT, [INT, INT, INT, P]),
+        "bpf_link_update": (INT, [INT, INT, P]),
+        "bpf_raw_tracepoint_open": (INT, [C.c_char_p, INT]),
+        "bpf_map_update_elem": (INT, [INT, VP, VP, C.c_uint64]),
+        "bpf_map_lookup_elem": (INT, [INT, VP, VP]),
+        "bpf_map_delete_elem": (INT, [INT, VP]),
+        "bpf_map_get_next_key": (INT, [INT, VP, VP]),
+        "bpf_map_lookup_batch": (INT, [INT, VP, VP, VP, VP, C.POINTER(U32), P]),
+        "bpf_map_update_batch": (INT, [INT, VP, VP, C.POINTER(U32), P]),
+        "bpf_map_delete_batch": (INT, [INT, VP, C.POINTER(U32), P]),
+        "bpf_obj_get_info_by_fd": (INT, [INT, VP, C.POINTER(U32)]),
+        "bpf_prog_get_fd_by_id": (INT, [U32]),
+        "bpf_link_get_fd_by_id": (INT, [U32]),
+        "libbpf_probe_bpf_helper": (INT, [INT, INT, P]),
+        "libbpf_num_possible_cpus": (INT, []),
         "libbpf_set_print": (P, [_PRINT_FN]),
-        "ring_buffer__new": (P, [I, _RING_SAMPLE_FN, P, P]),
-        "ring_buffer__poll": (I, [P, I]),
+        "ring_buffer__new": (P, [INT, _RING_SAMPLE_FN, P, P]),
+        "ring_buffer__poll": (INT, [P, INT]),
         "ring_buffer__free": (None, [P]),
     }
     for name, (restype, argtypes) in sigs.items():
@@ -151,18 +153,21 @@ def possible_cpus() -> int:
 
 def has_set_retval() -> bool:
     """Whether cgroup sock_addr programs may call bpf_set_retval (Linux >= 5.18)."""
-    return lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_set_retval, None) == 1
+    return (
+        lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_FUNC_set_retval, None)
+        == 1
+    )
 
 
 @dataclass(frozen=True)
 class Features:
     """What the running kernel offers the guard (see lifecycle.check_features)."""
 
-    set_retval: bool = True       # bpf_set_retval in bind programs (5.18)
-    netns_cookie: bool = True     # bpf_get_netns_cookie in bind programs (5.7)
+    set_retval: bool = True  # bpf_set_retval in bind programs (5.18)
+    netns_cookie: bool = True  # bpf_get_netns_cookie in bind programs (5.7)
     ancestor_cgroup: bool = True  # bpf_get_current_ancestor_cgroup_id in bind programs (5.7)
-    bpf_link: bool = True         # BPF_LINK_CREATE for cgroup programs (5.7)
-    btf: bool = True              # /sys/kernel/btf/vmlinux: CO-RE and tp_btf trackers (5.5)
+    bpf_link: bool = True  # BPF_LINK_CREATE for cgroup programs (5.7)
+    btf: bool = True  # /sys/kernel/btf/vmlinux: CO-RE and tp_btf trackers (5.5)
 
 
 def _helper(func: int) -> bool:
@@ -198,7 +203,10 @@ def object_kind(fd: int) -> tuple[str, str]:
 def has_packet_netns_cookie() -> bool:
     """Whether cgroup_skb programs may call bpf_get_netns_cookie, which containment needs to
     leave other network namespaces alone (accepted on 6.18; older kernels refuse it)."""
-    return lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SKB, BPF_FUNC_get_netns_cookie, None) == 1
+    return (
+        lib().libbpf_probe_bpf_helper(BPF_PROG_TYPE_CGROUP_SKB, BPF_FUNC_get_netns_cookie, None)
+        == 1
+    )
 
 
 @dataclass
@@ -213,8 +221,9 @@ class LoadedObject:
         lib().bpf_object__close(self.handle)
 
 
-def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str],
-                skip: tuple[str, ...] = ()) -> LoadedObject:
+def load_object(
+    path: Path, maps_dir: Path, programs: list[str], maps: list[str], skip: tuple[str, ...] = ()
+) -> LoadedObject:
     """Load and verify the object; its maps are reused from maps_dir when pinned there
     (same layout), else created and pinned there. Programs named in skip are not loaded
     (this kernel would refuse them)."""
@@ -230,7 +239,9 @@ def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str]
             m = bpf.bpf_object__find_map_by_name(handle, name.encode())
             if not m:
                 raise BpfError(errno.ENOENT, f"map {name} missing from {path}")
-            _check(bpf.bpf_map__set_pin_path(m, str(maps_dir / name).encode()), f"pin path for {name}")
+            _check(
+                bpf.bpf_map__set_pin_path(m, str(maps_dir / name).encode()), f"pin path for {name}"
+            )
             map_fds_pending[name] = m
         for name in skip:
             p = bpf.bpf_object__find_program_by_name(handle, name.encode())
@@ -239,7 +250,9 @@ def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str]
         ret = bpf.bpf_object__load(handle)
         if ret < 0:
             err = C.get_errno() or -ret
-            raise BpfError(err, f"loading BPF programs failed: {os.strerror(err)}\n{libbpf_log_tail()}")
+            raise BpfError(
+                err, f"loading BPF programs failed: {os.strerror(err)}\n{libbpf_log_tail()}"
+            )
         prog_fds = {}
         for name in programs:
             if name in skip:
@@ -248,7 +261,9 @@ def load_object(path: Path, maps_dir: Path, programs: list[str], maps: list[str]
             if not p:
                 raise BpfError(errno.ENOENT, f"program {name} missing from {path}")
             prog_fds[name] = _check(bpf.bpf_program__fd(p), f"fd of {name}")
-        map_fds = {name: _check(bpf.bpf_map__fd(m), f"fd of {name}") for name, m in map_fds_pending.items()}
+        map_fds = {
+            name: _check(bpf.bpf_map__fd(m), f"fd of {name}") for name, m in map_fds_pending.items()
+        }
     except BaseException:
         bpf.bpf_object__close(handle)
         raise
@@ -293,8 +308,10 @@ def attach_cgroup(prog_fd: int, cgroup_dir: Path, attach_type: int) -> int:
     descendant cgroups run too and cannot override it). Returns the link fd."""
     cg_fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd = _check(lib().bpf_link_create(prog_fd, cg_fd, attach_type, None),
-                    f"attaching to cgroup {cgroup_dir}")
+        fd = _check(
+            lib().bpf_link_create(prog_fd, cg_fd, attach_type, None),
+            f"attaching to cgroup {cgroup_dir}",
+        )
     finally:
         os.close(cg_fd)
     step()
@@ -332,10 +349,15 @@ class LinkInfo:
 
 def link_info(fd: int) -> LinkInfo:
     raw = _info(fd, 48)
-    link_type, link_id, prog_id = (int.from_bytes(raw[o:o + 4], "little") for o in (0, 4, 8))
+    link_type, link_id, prog_id = (int.from_bytes(raw[o : o + 4], "little") for o in (0, 4, 8))
     if link_type == LINK_TYPE_CGROUP:
-        return LinkInfo(link_id, link_type, prog_id, int.from_bytes(raw[16:24], "little"),
-                        int.from_bytes(raw[24:28], "little"))
+        return LinkInfo(
+            link_id,
+            link_type,
+            prog_id,
+            int.from_bytes(raw[16:24], "little"),
+            int.from_bytes(raw[24:28], "little"),
+        )
     return LinkInfo(link_id, link_type, prog_id, None, None)
 
 
@@ -367,7 +389,7 @@ class MapInfo:
 
 def map_info(fd: int) -> MapInfo:
     raw = _info(fd, 88)
-    u32 = [int.from_bytes(raw[o:o + 4], "little") for o in (0, 4, 8, 12, 16)]
+    u32 = [int.from_bytes(raw[o : o + 4], "little") for o in (0, 4, 8, 12, 16)]
     name = raw[24:40].split(b"\0", 1)[0].decode()
     return MapInfo(u32[1], u32[0], u32[2], u32[3], u32[4], name)
 
@@ -439,17 +461,18 @@ class Map:
             keys = (self.key_type * BATCH)()
             values = (value_type * BATCH)()
             count = C.c_uint32(BATCH)
-            ret = bpf.bpf_map_lookup_batch(self.fd, None if first else tokens[0], tokens[1],
-                                           keys, values, C.byref(count), None)
+            ret = bpf.bpf_map_lookup_batch(
+                self.fd, None if first else tokens[0], tokens[1], keys, values, C.byref(count), None
+            )
             err = C.get_errno() if ret < 0 else 0
             if err in NO_BATCH and first:
                 return self._walk()
             if err not in (0, errno.ENOENT):
                 raise BpfError(err, f"map batch read: {os.strerror(err)}")
-            batch_keys = keys[:count.value]
+            batch_keys = keys[: count.value]
             if issubclass(self.key_type, C._SimpleCData):
                 batch_keys = [self.key_type(k) for k in batch_keys]
-            batch_values = values[:count.value]
+            batch_values = values[: count.value]
             if self.percpu:
                 batch_values = [list(v) for v in batch_values]
             pairs.extend(zip(batch_keys, batch_values, strict=True))
@@ -465,8 +488,9 @@ class Map:
         prev = None
         while True:
             nxt = self.key_type()
-            ret = bpf.bpf_map_get_next_key(self.fd, C.byref(prev) if prev is not None else None,
-                                           C.byref(nxt))
+            ret = bpf.bpf_map_get_next_key(
+                self.fd, C.byref(prev) if prev is not None else None, C.byref(nxt)
+            )
             if ret < 0:
                 err = C.get_errno()
                 if err == errno.ENOENT:
@@ -486,9 +510,9 @@ class Map:
         values as ctypes instances, ints or field tuples (PortKey fields: (slot, proto, port))."""
         bpf = lib()
         for start in range(0, len(keys), BATCH):
-            n = len(keys[start:start + BATCH])
-            key_buf = (self.key_type * n)(*keys[start:start + BATCH])
-            value_buf = (self.value_type * n)(*values[start:start + BATCH])
+            n = len(keys[start : start + BATCH])
+            key_buf = (self.key_type * n)(*keys[start : start + BATCH])
+            value_buf = (self.value_type * n)(*values[start : start + BATCH])
             if self.percpu or not self._batch(bpf.bpf_map_update_batch, key_buf, value_buf, n):
                 for i in range(n):
                     self.update(key_buf[i], value_buf[i])
@@ -506,7 +530,7 @@ class Map:
             if bpf.bpf_map_delete_batch(self.fd, buf, C.byref(count), None) == 0:
                 step()
                 deleted += len(chunk)
-                pending = pending[len(chunk):]
+                pending = pending[len(chunk) :]
                 continue
             err = C.get_errno()
             if err in NO_BATCH:
@@ -514,7 +538,7 @@ class Map:
             if err != errno.ENOENT:
                 raise BpfError(err, f"map batch delete: {os.strerror(err)}")
             deleted += count.value  # the element after those is gone already: skip it
-            pending = pending[count.value + 1:]
+            pending = pending[count.value + 1 :]
         return deleted
 
     def _batch(self, fn, keys, values, n: int) -> bool:

@@ -161,8 +161,9 @@ def _mount(source: str, target: str, fstype: str, data: str) -> None:
         raise GuardError(f"cannot mount {fstype} at {target}: {os.strerror(err)}")
 
 
-def preflight(settings: Settings, *, mount_bpffs: bool,
-              mounts: Path = cgroups.MOUNTS) -> tuple[Path, Path]:
+def preflight(
+    settings: Settings, *, mount_bpffs: bool, mounts: Path = cgroups.MOUNTS
+) -> tuple[Path, Path]:
     """Root, cgroup2, bpffs, the attach cgroup: (cgroup2 mount, attach dir) or GuardError."""
     if os.geteuid() != 0:
         raise GuardError("portguard must run as root: it loads BPF programs into the kernel")
@@ -180,7 +181,9 @@ def preflight(settings: Settings, *, mount_bpffs: bool,
         if mount_bpffs and (pin_dir == default or default in pin_dir.parents) and default.is_dir():
             _mount("bpf", str(default), "bpf", "mode=0700")
         else:
-            raise GuardError(f"{pin_dir} is not on a BPF file system (mount -t bpf bpf /sys/fs/bpf)")
+            raise GuardError(
+                f"{pin_dir} is not on a BPF file system (mount -t bpf bpf /sys/fs/bpf)"
+            )
     return root, attach_dir
 
 
@@ -204,6 +207,7 @@ def _locked(pin_dir: Path) -> Iterator[None]:
 
 
 # ---- slot contents -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SlotContents:
@@ -229,8 +233,9 @@ def read_slot(maps: Maps, slot: int, only: list[tuple[int, int]] | None = None) 
 
 
 def _desired(plan: Plan) -> SlotContents:
-    return SlotContents(dict(plan.ports), dict(plan.sets), {p: i for i, p in enumerate(plan.paths)},
-                        plan.contained)
+    return SlotContents(
+        dict(plan.ports), dict(plan.sets), {p: i for i, p in enumerate(plan.paths)}, plan.contained
+    )
 
 
 def _config_value(plan: Plan, cookie: int, variant: str) -> layout.Config:
@@ -240,7 +245,11 @@ def _config_value(plan: Plan, cookie: int, variant: str) -> layout.Config:
 
 
 def _same_config(a: layout.Config | None, b: layout.Config) -> bool:
-    return a is not None and (a.netns_cookie, a.deny_errno, a.mode) == (b.netns_cookie, b.deny_errno, b.mode)
+    return a is not None and (a.netns_cookie, a.deny_errno, a.mode) == (
+        b.netns_cookie,
+        b.deny_errno,
+        b.mode,
+    )
 
 
 def clear_slot(maps: Maps, slot: int) -> None:
@@ -259,16 +268,21 @@ def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root
     for idx, path in enumerate(plan.paths):
         cg_id = cgroups.cgroup_id(path, cgroup_root)
         if cg_id is not None:
-            maps.owners.update(layout.OwnerKey(slot, idx),
-                               layout.OwnerVal(cg_id, cgroups.level(path), 0), kernel.BPF_NOEXIST)
+            maps.owners.update(
+                layout.OwnerKey(slot, idx),
+                layout.OwnerVal(cg_id, cgroups.level(path), 0),
+                kernel.BPF_NOEXIST,
+            )
     for set_id, members in plan.sets.items():
         value = layout.SetVal(len(members))
         for i, member in enumerate(members):
             value.owner[i] = member
         maps.sets.update(layout.SetKey(slot, set_id), value)
     flags = {pair: layout.PORT_CONTAIN for pair in plan.contained}
-    maps.ports.update_many([(slot, proto, port) for proto, port in plan.ports],
-                           [(set_id, flags.get(pair, 0)) for pair, set_id in plan.ports.items()])
+    maps.ports.update_many(
+        [(slot, proto, port) for proto, port in plan.ports],
+        [(set_id, flags.get(pair, 0)) for pair, set_id in plan.ports.items()],
+    )
 
 
 def flip(maps: Maps, slot: int) -> None:
@@ -276,6 +290,7 @@ def flip(maps: Maps, slot: int) -> None:
 
 
 # ---- sysctl -------------------------------------------------------------------------------------
+
 
 def _sysctl_add(added: kernel.Map, ports: set[int]) -> bool:
     current = sysctl.read()
@@ -309,6 +324,7 @@ def _sysctl_records(maps_dir: Path) -> kernel.Map | None:
 
 # ---- apply --------------------------------------------------------------------------------------
 
+
 @dataclass
 class ApplyResult:
     changed: bool
@@ -321,33 +337,46 @@ def check_features(features: kernel.Features) -> None:
     """Refuse, naming what is missing, when the guard cannot hold on this kernel."""
     missing = []
     if not features.btf:
-        missing.append(f"kernel BTF ({kernel.VMLINUX_BTF}, CONFIG_DEBUG_INFO_BTF): without it the "
-                       "owner-cgroup trackers cannot load, and a restarted owner would be refused")
+        missing.append(
+            f"kernel BTF ({kernel.VMLINUX_BTF}, CONFIG_DEBUG_INFO_BTF): without it the "
+            "owner-cgroup trackers cannot load, and a restarted owner would be refused"
+        )
     if not features.bpf_link:
-        missing.append("BPF links for cgroup programs (Linux >= 5.7): without them the guard could "
-                       "not be swapped atomically nor outlive apply safely")
+        missing.append(
+            "BPF links for cgroup programs (Linux >= 5.7): without them the guard could "
+            "not be swapped atomically nor outlive apply safely"
+        )
     if not features.ancestor_cgroup:
-        missing.append("bpf_get_current_ancestor_cgroup_id in bind programs (Linux >= 5.7): "
-                       "without it owners (and their sub-cgroups) cannot be recognised")
+        missing.append(
+            "bpf_get_current_ancestor_cgroup_id in bind programs (Linux >= 5.7): "
+            "without it owners (and their sub-cgroups) cannot be recognised"
+        )
     if not features.netns_cookie:
-        missing.append("bpf_get_netns_cookie in bind programs (Linux >= 5.7): without it the guard "
-                       "would also refuse binds inside every container's own network namespace")
+        missing.append(
+            "bpf_get_netns_cookie in bind programs (Linux >= 5.7): without it the guard "
+            "would also refuse binds inside every container's own network namespace"
+        )
     if missing:
-        raise GuardError("this kernel cannot run portguard, nothing was loaded; it lacks "
-                         + "; and ".join(missing))
+        raise GuardError(
+            "this kernel cannot run portguard, nothing was loaded; it lacks "
+            + "; and ".join(missing)
+        )
 
 
-def choose_variant(settings: Settings,
-                   features: kernel.Features | None = None) -> tuple[str, list[str]]:
+def choose_variant(
+    settings: Settings, features: kernel.Features | None = None
+) -> tuple[str, list[str]]:
     features = features or kernel.probe_features()
     check_features(features)
     if features.set_retval:
         return "retval", []
     notes = []
     if settings.deny_errno != "EPERM":
-        notes.append(f"this kernel lacks bpf_set_retval (Linux < 5.18): refused binds fail with EPERM, "
-                     f"not {settings.deny_errno}, so bindresvport() callers give up instead of "
-                     "moving to the next port")
+        notes.append(
+            f"this kernel lacks bpf_set_retval (Linux < 5.18): refused binds fail with EPERM, "
+            f"not {settings.deny_errno}, so bindresvport() callers give up instead of "
+            "moving to the next port"
+        )
     return "eperm", notes
 
 
@@ -361,8 +390,10 @@ def apply(plan: Plan) -> ApplyResult:
     except (objects.BuildError, kernel.BpfError) as exc:
         raise GuardError(str(exc)) from None
     if plan.contained and not can_contain:
-        raise GuardError("contain = true needs cgroup_skb programs that may call bpf_get_netns_cookie, "
-                         "which this kernel refuses; nothing applied (turn contain off)")
+        raise GuardError(
+            "contain = true needs cgroup_skb programs that may call bpf_get_netns_cookie, "
+            "which this kernel refuses; nothing applied (turn contain off)"
+        )
     pins = Pins(Path(settings.pin_dir))
     with _locked(pins.root):
         try:
@@ -371,8 +402,9 @@ def apply(plan: Plan) -> ApplyResult:
         except OSError as exc:
             raise GuardError(f"cannot use the pin directory {pins.root}: {exc.strerror}") from None
         try:
-            result = _apply_locked(plan, pins, object_path, variant, cgroup_root, attach_dir,
-                                   can_contain)
+            result = _apply_locked(
+                plan, pins, object_path, variant, cgroup_root, attach_dir, can_contain
+            )
         except kernel.BpfError as exc:
             raise GuardError(str(exc)) from None
         except OSError as exc:
@@ -391,9 +423,11 @@ def _open_links(pins: Pins) -> dict[str, int | None]:
                 continue
             kind, kind_type = kernel.object_kind(fd)
             if kind != "link" or not _expected_link(name, kernel.link_info(fd)):
-                raise GuardError(f"{pins.link(name)} is not a portguard {name} link (a foreign or "
-                                 f"damaged pin: {kind} {kind_type}): remove it or choose "
-                                 "another pin_dir")
+                raise GuardError(
+                    f"{pins.link(name)} is not a portguard {name} link (a foreign or "
+                    f"damaged pin: {kind} {kind_type}): remove it or choose "
+                    "another pin_dir"
+                )
     except BaseException:
         for fd in links.values():
             kernel.close(fd)
@@ -403,8 +437,9 @@ def _open_links(pins: Pins) -> dict[str, int | None]:
 
 def _expected_link(name: str, info: kernel.LinkInfo) -> bool:
     if name in CGROUP_ATTACH_TYPES:
-        return (info.type == kernel.LINK_TYPE_CGROUP
-                and info.attach_type == CGROUP_ATTACH_TYPES[name])
+        return (
+            info.type == kernel.LINK_TYPE_CGROUP and info.attach_type == CGROUP_ATTACH_TYPES[name]
+        )
     return info.type in (kernel.LINK_TYPE_RAW_TRACEPOINT, kernel.LINK_TYPE_TRACING)
 
 
@@ -421,8 +456,9 @@ def _retire(maps_dir: Path) -> None:
         kernel.rename_pin(maps_dir, maps_dir.with_name(f"maps-retired-{secrets.token_hex(4)}"))
 
 
-def _load(object_path: Path, pins: Pins, reused: bool,
-          skip: tuple[str, ...]) -> tuple[kernel.LoadedObject, bool]:
+def _load(
+    object_path: Path, pins: Pins, reused: bool, skip: tuple[str, ...]
+) -> tuple[kernel.LoadedObject, bool]:
     """Load, reusing this layout's pinned maps when reused; maps libbpf cannot reuse (their
     definition changed without a layout change) are retired and made afresh."""
     pins.maps_dir.mkdir(mode=0o700, exist_ok=True)
@@ -437,8 +473,15 @@ def _load(object_path: Path, pins: Pins, reused: bool,
     return kernel.load_object(object_path, pins.maps_dir, programs, MAP_NAMES, skip), False
 
 
-def _apply_locked(plan: Plan, pins: Pins, object_path: Path, variant: str,
-                  cgroup_root: Path, attach_dir: Path, can_contain: bool) -> ApplyResult:
+def _apply_locked(
+    plan: Plan,
+    pins: Pins,
+    object_path: Path,
+    variant: str,
+    cgroup_root: Path,
+    attach_dir: Path,
+    can_contain: bool,
+) -> ApplyResult:
     digest = object_path.stem.encode()
     cookie = netns_cookie()
     links = _open_links(pins)
@@ -544,8 +587,13 @@ def _stage_trackers(pins: Pins, loaded: kernel.LoadedObject) -> list[str]:
     return staged
 
 
-def _attach_cgroup_links(pins: Pins, links: dict[str, int | None], loaded: kernel.LoadedObject,
-                         attach_dir: Path, contain: bool) -> None:
+def _attach_cgroup_links(
+    pins: Pins,
+    links: dict[str, int | None],
+    loaded: kernel.LoadedObject,
+    attach_dir: Path,
+    contain: bool,
+) -> None:
     for name, attach_type in CGROUP_ATTACH_TYPES.items():
         prog = loaded.programs.get(PROGRAMS[name])
         if links[name] is None:
@@ -589,8 +637,9 @@ def _pin_replace(fd: int, path: Path) -> None:
     kernel.rename_pin(tmp, path)
 
 
-def _apply_maps(maps: Maps, plan: Plan, cookie: int, variant: str, cgroup_root: Path,
-                drop_stale: bool = True) -> bool:
+def _apply_maps(
+    maps: Maps, plan: Plan, cookie: int, variant: str, cgroup_root: Path, drop_stale: bool = True
+) -> bool:
     active = maps.active
     cfg = _config_value(plan, cookie, variant)
     wanted_ports = {port for _, port in plan.ports}
@@ -616,6 +665,7 @@ def _apply_maps(maps: Maps, plan: Plan, cookie: int, variant: str, cgroup_root: 
 
 # ---- remove -------------------------------------------------------------------------------------
 
+
 def remove(settings: Settings) -> bool:
     """Detach and unpin everything, restore the sysctl. False when nothing was there."""
     if os.geteuid() != 0:
@@ -632,7 +682,9 @@ def remove(settings: Settings) -> bool:
             raise GuardError(f"{exc.filename or pins.root}: {exc.strerror}") from None
         leftovers = sorted(p.name for p in pins.root.iterdir())
         if leftovers:
-            raise GuardError(f"removed the guard, but {pins.root} holds foreign pins: {', '.join(leftovers)}")
+            raise GuardError(
+                f"removed the guard, but {pins.root} holds foreign pins: {', '.join(leftovers)}"
+            )
         pins.root.rmdir()
     return True
 
@@ -668,6 +720,7 @@ def _remove_locked(pins: Pins) -> None:
 
 
 # ---- read ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LinkState:
@@ -741,12 +794,19 @@ def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | No
     leftovers = bool(pins.other_maps_dirs()) or any(pins.staged_link(n).exists() for n in PROGRAMS)
     maps = Maps.open_pinned(pins.maps_dir)
     if maps is None:
-        return GuardState(bool(link_states), settings.pin_dir, tuple(link_states),
-                          interrupted=bool(link_states) or leftovers)
+        return GuardState(
+            bool(link_states),
+            settings.pin_dir,
+            tuple(link_states),
+            interrupted=bool(link_states) or leftovers,
+        )
     try:
         state_id = kernel.map_info(maps.fds["state"]).id
-        elsewhere = any(state_id not in kernel.prog_map_ids(ls.prog_id)
-                        for ls in link_states if ls.name in CGROUP_ATTACH_TYPES)
+        elsewhere = any(
+            state_id not in kernel.prog_map_ids(ls.prog_id)
+            for ls in link_states
+            if ls.name in CGROUP_ATTACH_TYPES
+        )
         active = maps.active
         wanted = None if only is None else [(layout.PROTOCOLS[proto], port) for proto, port in only]
         slot = read_slot(maps, active, wanted)
@@ -758,18 +818,36 @@ def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | No
             drops = {(k.proto, k.port): sum(v) for k, v in maps.contained.items()}
         else:
             keys = {pair: layout.CountKey(pair[0], 0, pair[1]) for pair in wanted}
-            denied, drops = ({pair: sum(count) for pair, key in keys.items()
-                              if (count := counters.lookup(key)) is not None}
-                             for counters in (maps.denied, maps.contained))
+            denied, drops = (
+                {
+                    pair: sum(count)
+                    for pair, key in keys.items()
+                    if (count := counters.lookup(key)) is not None
+                }
+                for counters in (maps.denied, maps.contained)
+            )
         reservations = []
-        for (proto, port), set_id in sorted(slot.ports.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            owners = tuple(OwnerState(path_of.get(i, "?"), owner_ids.get(i) or None,
-                                      cgroups.unit_of_cgroup(path_of.get(i, "")))
-                           for i in slot.sets.get(set_id, ()))
-            reservations.append(ReservationState(port, layout.PROTOCOL_NAMES.get(proto, str(proto)),
-                                                 owners, denied.get((proto, port), 0),
-                                                 (proto, port) in slot.contained,
-                                                 drops.get((proto, port), 0)))
+        for (proto, port), set_id in sorted(
+            slot.ports.items(), key=lambda kv: (kv[0][1], kv[0][0])
+        ):
+            owners = tuple(
+                OwnerState(
+                    path_of.get(i, "?"),
+                    owner_ids.get(i) or None,
+                    cgroups.unit_of_cgroup(path_of.get(i, "")),
+                )
+                for i in slot.sets.get(set_id, ())
+            )
+            reservations.append(
+                ReservationState(
+                    port,
+                    layout.PROTOCOL_NAMES.get(proto, str(proto)),
+                    owners,
+                    denied.get((proto, port), 0),
+                    (proto, port) in slot.contained,
+                    drops.get((proto, port), 0),
+                )
+            )
         meta = maps.meta.lookup(0)
         lost = maps.lost.lookup(0)
         return GuardState(
@@ -793,4 +871,3 @@ def errno_name(number: int | None) -> str:
     if number is None:
         return "-"
     return errno.errorcode.get(number, str(number)) if number else "EPERM"
-

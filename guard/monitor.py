@@ -78,10 +78,18 @@ class Denial:
     def as_json(self) -> dict:
         return {
             "time": iso_time(self.time),
-            "pid": self.pid, "uid": self.uid, "comm": self.comm,
-            "cgroup": self.cgroup, "cgroup_id": self.cgroup_id, "unit": self.unit,
-            "family": self.family, "protocol": self.protocol, "address": self.address,
-            "port": self.port, "owners": list(self.owners), "verdict": self.verdict,
+            "pid": self.pid,
+            "uid": self.uid,
+            "comm": self.comm,
+            "cgroup": self.cgroup,
+            "cgroup_id": self.cgroup_id,
+            "unit": self.unit,
+            "family": self.family,
+            "protocol": self.protocol,
+            "address": self.address,
+            "port": self.port,
+            "owners": list(self.owners),
+            "verdict": self.verdict,
         }
 
 
@@ -150,8 +158,11 @@ class OwnerNames:
         if members is None:
             return ()
         if self._paths is None:
-            self._paths = {idx: key.path.decode() for key, idx in self.maps.paths.items()
-                           if key.slot == self.slot}
+            self._paths = {
+                idx: key.path.decode()
+                for key, idx in self.maps.paths.items()
+                if key.slot == self.slot
+            }
         return tuple(self._paths.get(i, "?") for i in members.owner[: members.count])
 
 
@@ -170,8 +181,9 @@ class Decoder:
         self.epoch_offset = time.time() - time.monotonic()
 
     def decode(self, raw: bytes) -> Denial:
-        (ts_ns, cgroup_id, pid, uid, port, proto, family, verdict, _set, comm,
-         addr) = EVENT.unpack_from(raw)
+        (ts_ns, cgroup_id, pid, uid, port, proto, family, verdict, _set, comm, addr) = (
+            EVENT.unpack_from(raw)
+        )
         if family == socket.AF_INET:
             address = socket.inet_ntop(socket.AF_INET, addr[:4])
         else:
@@ -212,19 +224,29 @@ def _sole_monitor(pin_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise GuardError(f"another portguard monitor is reading the events of {pin_dir}: "
-                             "the event buffer has a single reader") from None
+            raise GuardError(
+                f"another portguard monitor is reading the events of {pin_dir}: "
+                "the event buffer has a single reader"
+            ) from None
         yield
 
 
 def _stop_on_sigterm() -> None:
     def stop(_signum, _frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, stop)
 
 
-def run(pin_dir: Path, sink: Sink, *, count: int | None = None, duration: float | None = None,
-        stall_until: Path | None = None, on_ready=lambda: None) -> Summary:
+def run(
+    pin_dir: Path,
+    sink: Sink,
+    *,
+    count: int | None = None,
+    duration: float | None = None,
+    stall_until: Path | None = None,
+    on_ready=lambda: None,
+) -> Summary:
     """Report denials to sink until count events (delivered + lost) or duration seconds or
     SIGINT/SIGTERM. stall_until (for tests): consume nothing until that file exists."""
     if os.geteuid() != 0:
@@ -239,8 +261,9 @@ def run(pin_dir: Path, sink: Sink, *, count: int | None = None, duration: float 
             raise GuardError(str(exc)) from None
         if maps is None or events_fd is None:
             kernel.close(events_fd)
-            raise GuardError(f"the guard is not loaded (nothing pinned in {pin_dir}): "
-                             "run portguard apply first")
+            raise GuardError(
+                f"the guard is not loaded (nothing pinned in {pin_dir}): run portguard apply first"
+            )
         try:
             _stop_on_sigterm()
             _consume(maps, events_fd, sink, summary, count, duration, stall_until, on_ready)
@@ -255,8 +278,16 @@ def run(pin_dir: Path, sink: Sink, *, count: int | None = None, duration: float 
     return summary
 
 
-def _consume(maps: Maps, events_fd: int, sink: Sink, summary: Summary, count: int | None,
-             duration: float | None, stall_until: Path | None, on_ready) -> None:
+def _consume(
+    maps: Maps,
+    events_fd: int,
+    sink: Sink,
+    summary: Summary,
+    count: int | None,
+    duration: float | None,
+    stall_until: Path | None,
+    on_ready,
+) -> None:
     try:
         cgroup_root = cgroups.cgroup2_mount()
     except cgroups.CgroupError as exc:

@@ -32,7 +32,8 @@ def resolve_owner(owner: OwnerRef) -> list[tuple[str, str | None]]:
             # Socket units are bound by PID 1 in /init.scope; the service may bind it too.
             dirs = unit_dirs()
             paths = units.socket_unit_owner_paths(
-                owner.name, unit_dirs=dirs, resolve=lambda s: units.resolve_unit(s, unit_dirs=dirs))
+                owner.name, unit_dirs=dirs, resolve=lambda s: units.resolve_unit(s, unit_dirs=dirs)
+            )
             return [(path, owner.name) for path in paths]
         return [(units.resolve_unit(owner.name, unit_dirs=unit_dirs()), owner.name)]
     except units.UnitError as exc:

@@ -32,8 +32,11 @@ class Plan:
         return sorted(self.ports, key=lambda pp: (pp[1], pp[0]))
 
 
-def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
-          extra_owners: tuple[str, ...] = ()) -> Plan:
+def build(
+    config: Config,
+    owner_paths: dict[int, list[tuple[str, str | None]]],
+    extra_owners: tuple[str, ...] = (),
+) -> Plan:
     """owner_paths: for each block (by index) its resolved owners as (cgroup path, name);
     extra_owners: paths trusted for every reserved port (e.g. /init.scope)."""
     # One owner set per block, shared by all its ports (a range of thousands of ports
@@ -65,29 +68,43 @@ def build(config: Config, owner_paths: dict[int, list[tuple[str, str | None]]],
     problems = []
     for key, owners in owners_by_port.items():
         if len(owners) > layout.MAX_OWNERS:
-            problems.append(f"{first_origin[key]}: port {key[1]} has {len(owners)} owners; "
-                            f"at most {layout.MAX_OWNERS} per port")
+            problems.append(
+                f"{first_origin[key]}: port {key[1]} has {len(owners)} owners; "
+                f"at most {layout.MAX_OWNERS} per port"
+            )
     distinct_owners = set(owners_by_port.values())
     paths = tuple(sorted({p for owners in distinct_owners for p in owners}))
     for path in paths:  # e.g. a unit's cgroup: the kernel key would be truncated
         if len(path.encode()) > MAX_PATH_BYTES:
-            problems.append(f"{config.files[0] if config.files else '<config>'}:1: owner cgroup "
-                            f"{path[:60]}... is {len(path.encode())} bytes; at most "
-                            f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match "
-                            "another cgroup)")
+            problems.append(
+                f"{config.files[0] if config.files else '<config>'}:1: owner cgroup "
+                f"{path[:60]}... is {len(path.encode())} bytes; at most "
+                f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match "
+                "another cgroup)"
+            )
     if len(paths) > layout.MAX_OWNER_PATHS:
-        problems.append(f"{config.files[0] if config.files else '<config>'}:1: {len(paths)} owner "
-                        f"cgroups; at most {layout.MAX_OWNER_PATHS}")
+        problems.append(
+            f"{config.files[0] if config.files else '<config>'}:1: {len(paths)} owner "
+            f"cgroups; at most {layout.MAX_OWNER_PATHS}"
+        )
     index_of = {path: i for i, path in enumerate(paths)}
     members_of = {owners: tuple(sorted(index_of[p] for p in owners)) for owners in distinct_owners}
     distinct = sorted(set(members_of.values()))
     if len(distinct) > layout.MAX_SETS:
-        problems.append(f"{config.files[0] if config.files else '<config>'}:1: {len(distinct)} "
-                        f"distinct owner combinations; at most {layout.MAX_SETS}")
+        problems.append(
+            f"{config.files[0] if config.files else '<config>'}:1: {len(distinct)} "
+            f"distinct owner combinations; at most {layout.MAX_SETS}"
+        )
     if problems:
         raise ConfigError(problems)
     set_of = {members: set_id for set_id, members in enumerate(distinct)}
     set_of_owners = {owners: set_of[members] for owners, members in members_of.items()}
     ports = {key: set_of_owners[owners] for key, owners in sorted(owners_by_port.items())}
-    return Plan(config.settings, ports, dict(enumerate(distinct)), paths,
-                {p: tuple(sorted(n)) for p, n in names.items()}, frozenset(contained))
+    return Plan(
+        config.settings,
+        ports,
+        dict(enumerate(distinct)),
+        paths,
+        {p: tuple(sorted(n)) for p, n in names.items()},
+        frozenset(contained),
+    )

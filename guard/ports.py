@@ -20,7 +20,9 @@ class PortRange:
     protocols: tuple[str, ...]
 
     def pairs(self) -> list[tuple[str, int]]:
-        return [(proto, port) for port in range(self.first, self.last + 1) for proto in self.protocols]
+        return [
+            (proto, port) for port in range(self.first, self.last + 1) for proto in self.protocols
+        ]
 
 
 def read_services(path: Path = SERVICES) -> dict[str, dict[str, int]]:
@@ -56,8 +58,9 @@ class Services:
         return self._names.get(name)
 
 
-def _port_number(text: str, services: Services | dict[str, dict[str, int]],
-                 protocols: tuple[str, ...]) -> int:
+def _port_number(
+    text: str, services: Services | dict[str, dict[str, int]], protocols: tuple[str, ...]
+) -> int:
     if text.isdigit():
         port = int(text)
         if not 1 <= port <= 65535:
@@ -74,9 +77,10 @@ def _port_number(text: str, services: Services | dict[str, dict[str, int]],
     return next(iter(entry.values()))
 
 
-def parse_port_spec(spec: str,
-                    services: Services | dict[str, dict[str, int]] | None = None) -> PortRange:
-    """"631", "ipp", "8000-8010/tcp", "53/udp" -> PortRange. No protocol means both."""
+def parse_port_spec(
+    spec: str, services: Services | dict[str, dict[str, int]] | None = None
+) -> PortRange:
+    """ "631", "ipp", "8000-8010/tcp", "53/udp" -> PortRange. No protocol means both."""
     if not isinstance(spec, str):
         raise PortSpecError(f"port entry {spec!r} must be a string")
     text = spec.strip()
@@ -103,7 +107,9 @@ def parse_port_spec(spec: str,
     return PortRange(port, port, protocols)
 
 
-def parse_check_target(text: str, services: dict[str, dict[str, int]] | None = None) -> list[tuple[str, int]]:
+def parse_check_target(
+    text: str, services: dict[str, dict[str, int]] | None = None
+) -> list[tuple[str, int]]:
     """The (protocol, port) pairs named by `portguard check PORT[/tcp|/udp]`."""
     spec = parse_port_spec(text, services)
     if spec.first != spec.last:

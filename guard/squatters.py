@@ -51,9 +51,11 @@ class Squatter:
     def describe(self) -> str:
         holder = self.holder
         who = f"pid {holder.pid} ({holder.comm})" if holder.pid else "a socket of no process"
-        return (f"port {self.port}/{self.protocol} is held by {who} in cgroup "
-                f"{holder.cgroup or '(removed)'}, not an owner: it keeps the port until it "
-                "closes it")
+        return (
+            f"port {self.port}/{self.protocol} is held by {who} in cgroup "
+            f"{holder.cgroup or '(removed)'}, not an owner: it keeps the port until it "
+            "closes it"
+        )
 
 
 def within(cgroup: str, owner: str) -> bool:
@@ -90,8 +92,9 @@ def classify(holder: Holder, owners: Sequence[str], proc_root: Path = PROC) -> H
     )
 
 
-def holder_states(reservations: Iterable[tuple[int, str, Sequence[str]]],
-                  proc_root: Path = PROC) -> dict[tuple[int, str], list[HolderState]]:
+def holder_states(
+    reservations: Iterable[tuple[int, str, Sequence[str]]], proc_root: Path = PROC
+) -> dict[tuple[int, str], list[HolderState]]:
     """(port, protocol) -> its holders, for reservations given as (port, protocol, owner
     cgroup paths). Ports nobody holds are absent."""
     owners_of = {(port, protocol): owners for port, protocol, owners in reservations}
@@ -106,9 +109,12 @@ def holder_states(reservations: Iterable[tuple[int, str, Sequence[str]]],
 
 def find(reservations: Iterable[tuple[int, str, Sequence[str]]]) -> list[Squatter]:
     """The holders of reserved ports that are not owners."""
-    return [Squatter(port, protocol, h)
-            for (port, protocol), states in sorted(holder_states(reservations).items())
-            for h in states if not h.owner]
+    return [
+        Squatter(port, protocol, h)
+        for (port, protocol), states in sorted(holder_states(reservations).items())
+        for h in states
+        if not h.owner
+    ]
 
 
 def with_holders(state: GuardState, current_netns_cookie: int) -> GuardState:
@@ -116,13 +122,19 @@ def with_holders(state: GuardState, current_netns_cookie: int) -> GuardState:
     namespace (a guard with no namespace filter is checked in the caller's)."""
     if not state.loaded or (state.netns_cookie and state.netns_cookie != current_netns_cookie):
         return state
-    found = holder_states((r.port, r.protocol, [o.cgroup for o in r.owners])
-                          for r in state.reservations)
-    reservations = tuple(replace(r, holders=tuple(found.get((r.port, r.protocol), ())))
-                         for r in state.reservations)
+    found = holder_states(
+        (r.port, r.protocol, [o.cgroup for o in r.owners]) for r in state.reservations
+    )
+    reservations = tuple(
+        replace(r, holders=tuple(found.get((r.port, r.protocol), ()))) for r in state.reservations
+    )
     return replace(state, reservations=reservations, holders_checked=True)
 
 
 def of_state(state: GuardState) -> list[Squatter]:
-    return [Squatter(r.port, r.protocol, h)
-            for r in state.reservations for h in r.holders if not h.owner]
+    return [
+        Squatter(r.port, r.protocol, h)
+        for r in state.reservations
+        for h in r.holders
+        if not h.owner
+    ]

@@ -90,8 +90,18 @@ _VALID_CHARS = re.compile(r"[A-Za-z0-9:_.\\-]")
 _NAME_CHARS = re.compile(r"[A-Za-z0-9:_.\\@-]+")
 # cgroup file names a unit name must not collide with (cg_needs_escape in cgroup-util.c).
 _CGROUP_CONTROLLERS = (
-    "cpu", "cpuacct", "cpuset", "io", "blkio", "memory", "devices", "pids",
-    "bpf-firewall", "bpf-devices", "bpf-foreign", "bpf-socket-bind",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "io",
+    "blkio",
+    "memory",
+    "devices",
+    "pids",
+    "bpf-firewall",
+    "bpf-devices",
+    "bpf-foreign",
+    "bpf-socket-bind",
     "bpf-restrict-network-interfaces",
 )
 
@@ -444,8 +454,10 @@ def load_unit(
     manager's cgroup) and, unless ``unit_dirs`` is given, reads the system-wide user unit dirs.
     """
     parsed = _owner_unit_name(unit)
-    dirs = list(unit_dirs) if unit_dirs is not None else list(
-        USER_UNIT_DIRS if user else SYSTEM_UNIT_DIRS
+    dirs = (
+        list(unit_dirs)
+        if unit_dirs is not None
+        else list(USER_UNIT_DIRS if user else SYSTEM_UNIT_DIRS)
     )
     if parsed.type == "slice":
         fragment = _find_fragment(parsed, dirs)
@@ -477,8 +489,14 @@ def load_unit(
     if masked:
         # A masked unit loads neither its file nor its drop-ins; its name decides the path.
         slice_name = _default_slice(parsed, user=user)
-        return UnitInfo(unit, parsed.name, None, True, slice_name,
-                        _join(_slice_path(slice_name, user), parsed.name))
+        return UnitInfo(
+            unit,
+            parsed.name,
+            None,
+            True,
+            slice_name,
+            _join(_slice_path(slice_name, user), parsed.name),
+        )
 
     files = ([fragment] if fragment is not None else []) + dropin_files(
         [n.name for n in reversed(names)], dirs
@@ -510,9 +528,7 @@ def _split_user_unit(unit: str) -> tuple[str, str] | None:
         return None
     manager, *rest = unit.split("/")
     if not re.fullmatch(r"user@[0-9]+\.service", manager):
-        raise UnitError(
-            f"{unit!r}: only user units are named with a '/', as user@UID.service/NAME"
-        )
+        raise UnitError(f"{unit!r}: only user units are named with a '/', as user@UID.service/NAME")
     if not rest or not rest[-1]:
         raise UnitError(f"{unit!r}: name the user unit after {manager}/")
     return manager, "/".join(rest)
@@ -692,7 +708,9 @@ def socket_unit_owner_paths(
     """
     service, accept = socket_service(unit, unit_dirs=unit_dirs)
     if resolve is None:
+
         def resolve(name: str) -> str:
             return unit_cgroup_path(name, unit_dirs=unit_dirs)
+
     names = [INIT_SCOPE, unit] if accept else [INIT_SCOPE, unit, service]
     return [resolve(name) for name in names]

@@ -44,9 +44,10 @@ def require_kernel() -> Path:
         missing(str(exc))
     bpffs = Path("/sys/fs/bpf")
     mounts = Path("/proc/mounts").read_text()
-    if f" {bpffs} bpf " not in mounts:
-        if not bpffs.is_dir() or subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)]).returncode:
-            missing("no BPF file system at /sys/fs/bpf and mounting one failed")
+    if f" {bpffs} bpf " not in mounts and (
+        not bpffs.is_dir() or subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)]).returncode
+    ):
+        missing("no BPF file system at /sys/fs/bpf and mounting one failed")
     if shutil.which("ip") is None:
         missing("iproute2 (ip) is not installed")
     return root
@@ -134,7 +135,8 @@ CHILD = textwrap.dedent(r"""
             seen.append(s.getsockname()[1]); s.close()
             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.connect(("::1", target))
             seen.append(s.getsockname()[1]); s.close()
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b"x", ("127.0.0.1", target))
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.sendto(b"x", ("127.0.0.1", target))
             seen.append(s.getsockname()[1]); s.close()
         print(json.dumps(sorted(set(seen))))
     elif action == "matrix":
@@ -308,16 +310,25 @@ class Sandbox:
         paths = [f"{self.top}/{o}" for o in owners]
         return f"[[reserve]]\nports = {json.dumps(ports)}\ncgroups = {json.dumps(paths)}\n"
 
-    def cli(self, *args: str, check: bool = True, netns: str | None = "own",
-            config: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    def cli(
+        self,
+        *args: str,
+        check: bool = True,
+        netns: str | None = "own",
+        config: Path | None = None,
+        env: dict | None = None,
+    ) -> subprocess.CompletedProcess:
         cmd = [*PORTGUARD, "--config", str(config or self.config_path), *args]
         if netns == "own":
             cmd = [*in_netns(self.netns), *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})}
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"portguard {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}{proc.stderr}")
+            raise AssertionError(
+                f"portguard {' '.join(args)} failed ({proc.returncode}):\n"
+                f"{proc.stdout}{proc.stderr}"
+            )
         return proc
 
     def status(self) -> dict:
@@ -332,17 +343,30 @@ class Sandbox:
         """Start `portguard monitor ARGS` in the namespace, stdout to a file (a full pipe would
         stall it); returns once it consumes events (its ready line on stderr)."""
         out = self.work / f"monitor-{len(self.children)}.out"
-        cmd = [*in_netns(self.netns), *PORTGUARD, "--config", str(self.config_path),
-               "monitor", *args]
+        cmd = [
+            *in_netns(self.netns),
+            *PORTGUARD,
+            "--config",
+            str(self.config_path),
+            "monitor",
+            *args,
+        ]
         with open(out, "w") as stdout:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
-                                    env={**os.environ, **(env or {})})
+            proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, **(env or {})},
+            )
         self.children.append(proc)
         ready = proc.stderr.readline()
         if "monitoring" not in ready:
             proc.wait(timeout=60)
-            raise AssertionError(f"monitor did not start ({proc.returncode}): "
-                                 f"{ready}{proc.stderr.read()}")
+            raise AssertionError(
+                f"monitor did not start ({proc.returncode}): {ready}{proc.stderr.read()}"
+            )
         return proc, out
 
     # -- child processes ---------------------------------------------------------------
@@ -354,34 +378,55 @@ class Sandbox:
         return [*in_netns(netns), *cmd] if netns else cmd
 
     def run(self, cgroup_rel: str, action: str, args, netns: str | None = "own"):
-        proc = subprocess.run(self._child_cmd(cgroup_rel, action, args, netns),
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            self._child_cmd(cgroup_rel, action, args, netns),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    def bind(self, cgroup_rel: str, cases: list[tuple[str, str, int]], netns: str | None = "own") -> dict:
+    def bind(
+        self, cgroup_rel: str, cases: list[tuple[str, str, int]], netns: str | None = "own"
+    ) -> dict:
         """errno per case ("v4/tcp/631" -> 0 or errno) for binds made from cgroup_rel."""
         return self.run(cgroup_rel, "bind", cases, netns)
 
-    def start(self, cgroup_rel: str, action: str, args, netns: str | None = "own") -> subprocess.Popen:
-        child = subprocess.Popen(self._child_cmd(cgroup_rel, action, args, netns),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def start(
+        self, cgroup_rel: str, action: str, args, netns: str | None = "own"
+    ) -> subprocess.Popen:
+        child = subprocess.Popen(
+            self._child_cmd(cgroup_rel, action, args, netns),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.children.append(child)
         return child
 
-    def serve(self, cgroup_rel: str, fam: str, typ: str, port: int,
-              netns: str | None = "own") -> subprocess.Popen:
+    def serve(
+        self, cgroup_rel: str, fam: str, typ: str, port: int, netns: str | None = "own"
+    ) -> subprocess.Popen:
         """An echo server on the port, running (bound, listening) when this returns."""
         child = self.start(cgroup_rel, "serve", [fam, typ, port], netns)
         line = child.stdout.readline().strip()
         if line != "ready":
             child.kill()
-            raise AssertionError(f"echo server on {fam}/{typ}/{port} did not start: "
-                                 f"{child.stderr.read()}")
+            raise AssertionError(
+                f"echo server on {fam}/{typ}/{port} did not start: {child.stderr.read()}"
+            )
         return child
 
-    def talk(self, cgroup_rel: str, fam: str, typ: str, port: int, wait: float = 1.5,
-             netns: str | None = "own") -> bool:
+    def talk(
+        self,
+        cgroup_rel: str,
+        fam: str,
+        typ: str,
+        port: int,
+        wait: float = 1.5,
+        netns: str | None = "own",
+    ) -> bool:
         """Whether one request to the echo server on the port was answered."""
         return self.run(cgroup_rel, "talk", [fam, typ, port, wait], netns)["answered"]
 
@@ -395,9 +440,12 @@ class Sandbox:
     def sysctl(self, name: str, value: str | None = None) -> str:
         path = "/proc/sys/" + name.replace(".", "/")
         if value is not None:
-            subprocess.run([*in_netns(self.netns), "sh", "-c", f"echo '{value}' > {path}"], check=True)
-        return subprocess.run([*in_netns(self.netns), "cat", path],
-                              capture_output=True, text=True, check=True).stdout.strip()
+            subprocess.run(
+                [*in_netns(self.netns), "sh", "-c", f"echo '{value}' > {path}"], check=True
+            )
+        return subprocess.run(
+            [*in_netns(self.netns), "cat", path], capture_output=True, text=True, check=True
+        ).stdout.strip()
 
 
 def new_sandbox(cgroup_root: Path, label: str = "") -> Sandbox:

@@ -18,8 +18,9 @@ def applied(sandbox, contain: bool | None, ports=(f"{PORT}",), owners=("owner",)
 
 
 def reservation(sandbox, proto: str, port: int = PORT) -> dict:
-    return next(r for r in sandbox.status()["reservations"]
-                if r["port"] == port and r["protocol"] == proto)
+    return next(
+        r for r in sandbox.status()["reservations"] if r["port"] == port and r["protocol"] == proto
+    )
 
 
 def squat(sandbox, cgroup: str = "squatter", netns: str | None = "own") -> None:
@@ -30,8 +31,11 @@ def squat(sandbox, cgroup: str = "squatter", netns: str | None = "own") -> None:
 
 
 def answers(sandbox, port: int = PORT, netns: str | None = "own") -> dict[str, bool]:
-    return {f"{fam}/{proto}": sandbox.talk("client", fam, proto, port, netns=netns)
-            for fam in ("v4", "v6") for proto in PROTOS}
+    return {
+        f"{fam}/{proto}": sandbox.talk("client", fam, proto, port, netns=netns)
+        for fam in ("v4", "v6")
+        for proto in PROTOS
+    }
 
 
 ALL_ANSWERED = {f"{fam}/{proto}": True for fam in ("v4", "v6") for proto in PROTOS}
@@ -125,7 +129,10 @@ def test_owner_restart_during_traffic_keeps_the_owner_serving(sandbox):
             server.kill()
             server.wait()
         sandbox.rmdir("owner")
-    assert {proto: reservation(sandbox, proto)["contained_drops"] for proto in PROTOS} == {"tcp": 0, "udp": 0}
+    assert {proto: reservation(sandbox, proto)["contained_drops"] for proto in PROTOS} == {
+        "tcp": 0,
+        "udp": 0,
+    }
 
 
 def test_other_network_namespaces_are_not_contained(sandbox):

@@ -52,8 +52,11 @@ def test_deny_errno_is_configurable(sandbox, name):
 
 
 def test_a_port_may_have_several_owners(sandbox):
-    sandbox.write_config(sandbox.owner_block([str(PORT)], "cups") + "\n"
-                         + sandbox.owner_block([str(PORT)], "cups-browsed"))
+    sandbox.write_config(
+        sandbox.owner_block([str(PORT)], "cups")
+        + "\n"
+        + sandbox.owner_block([str(PORT)], "cups-browsed")
+    )
     sandbox.cli("apply")
     assert set(sandbox.bind("cups", ALL_CASES).values()) == {0}
     assert set(sandbox.bind("cups-browsed", ALL_CASES).values()) == {0}
@@ -129,21 +132,33 @@ def test_status_from_a_fresh_process_shows_links_and_reservations(sandbox):
     assert state["loaded"] is True
     assert set(state["links"]) == {"bind4", "bind6", "mkdir", "rmdir"}
     assert state["links"]["bind4"]["cgroup_id"] == sandbox.top_dir.stat().st_ino
-    assert state["reservations"] == [{
-        "port": PORT, "protocol": "tcp", "denied": 0, "holders": [],
-        "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner"),
-                    "unit": None}],
-        "contain": False, "contained_drops": 0,
-    }]
+    assert state["reservations"] == [
+        {
+            "port": PORT,
+            "protocol": "tcp",
+            "denied": 0,
+            "holders": [],
+            "owners": [
+                {"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner"), "unit": None}
+            ],
+            "contain": False,
+            "contained_drops": 0,
+        }
+    ]
 
 
 def test_check_names_the_owner(sandbox):
     applied(sandbox, ports=(f"{PORT}/tcp",))
     out = json.loads(sandbox.cli("check", f"{PORT}", "--json").stdout)
     assert out == [
-        {"port": PORT, "protocol": "tcp", "reserved": True,
-         "owners": [{"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner"),
-                     "unit": None}]},
+        {
+            "port": PORT,
+            "protocol": "tcp",
+            "reserved": True,
+            "owners": [
+                {"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner"), "unit": None}
+            ],
+        },
         {"port": PORT, "protocol": "udp", "reserved": False, "owners": []},
     ]
 
@@ -174,8 +189,10 @@ def test_reapply_under_load_never_lets_the_stranger_in_nor_keeps_the_owner_out(s
     configs = []
     for i, extra in enumerate(([], ["9000-9099"])):
         path = sandbox.work / f"c{i}.toml"
-        sandbox.write_config(sandbox.owner_block([str(PORT), *extra], "owner"),
-                             deny_errno=["EADDRINUSE", "EACCES"][i])
+        sandbox.write_config(
+            sandbox.owner_block([str(PORT), *extra], "owner"),
+            deny_errno=["EADDRINUSE", "EACCES"][i],
+        )
         path.write_text(sandbox.config_path.read_text())
         configs.append(path)
     sandbox.cli("apply", config=configs[0])
@@ -224,11 +241,16 @@ def test_missing_attach_cgroup_is_one_clear_sentence(sandbox):
     sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"), cgroup=f"{sandbox.top}/nope")
     proc = sandbox.cli("apply", check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"Error: the attach cgroup {sandbox.top}/nope does not exist under {sandbox.cgroup_root}"
+    assert (
+        proc.stderr.strip()
+        == f"Error: the attach cgroup {sandbox.top}/nope does not exist under {sandbox.cgroup_root}"
+    )
 
 
 def test_pin_dir_outside_bpffs_is_one_clear_sentence(sandbox):
-    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"), pin_dir=str(sandbox.work / "pins"))
+    sandbox.write_config(
+        sandbox.owner_block([str(PORT)], "owner"), pin_dir=str(sandbox.work / "pins")
+    )
     proc = sandbox.cli("apply", check=False)
     assert proc.returncode == 1
     assert "is not on a BPF file system" in proc.stderr and "Traceback" not in proc.stderr
@@ -238,17 +260,33 @@ def test_not_root_is_one_clear_sentence(sandbox):
     applied(sandbox)
     for command in ("apply", "status", "remove"):
         proc = subprocess.run(
-            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
-             "-m", "guard", "--config", str(sandbox.config_path), command],
-            capture_output=True, text=True, cwd=str(sandbox.work.parent))
+            [
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                sys.executable,
+                "-m",
+                "guard",
+                "--config",
+                str(sandbox.config_path),
+                command,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=str(sandbox.work.parent),
+        )
         assert proc.returncode == 1, (command, proc.stderr)
         assert "must run as root" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_no_compiled_object_and_no_clang_names_the_fix(sandbox):
     sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"))
-    proc = sandbox.cli("apply", check=False, env={"PORTGUARD_CACHE_DIR": str(sandbox.work / "empty"),
-                                                   "PORTGUARD_CLANG": ""})
+    proc = sandbox.cli(
+        "apply",
+        check=False,
+        env={"PORTGUARD_CACHE_DIR": str(sandbox.work / "empty"), "PORTGUARD_CLANG": ""},
+    )
     assert proc.returncode == 1
     assert "install clang" in proc.stderr and "portguard build" in proc.stderr
     assert not sandbox.pin_dir.exists() or not any(sandbox.pin_dir.iterdir())

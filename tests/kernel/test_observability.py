@@ -31,8 +31,9 @@ def denied(sandbox, port=PORT, protocol="tcp") -> int:
 
 def repeat_in_parallel(sandbox, jobs: list[tuple[str, str, str, int]], port=PORT) -> list[dict]:
     """Each job (cgroup, family, protocol, n) binds port n times, all jobs at once."""
-    children = [sandbox.start(cgroup, "repeat", [fam, proto, port, n])
-                for cgroup, fam, proto, n in jobs]
+    children = [
+        sandbox.start(cgroup, "repeat", [fam, proto, port, n]) for cgroup, fam, proto, n in jobs
+    ]
     results = []
     for child in children:
         out, err = child.communicate(timeout=300)
@@ -51,11 +52,16 @@ def finish(monitor) -> tuple[list[dict], str]:
 
 # ---- counters -------------------------------------------------------------------------------
 
+
 def test_denied_counter_equals_the_refused_binds_of_several_parallel_processes(sandbox):
     applied(sandbox)
-    jobs = [("stranger/a", "v4", "tcp", 2500), ("stranger/b", "dual", "tcp", 2500),
-            ("stranger/c", "v6", "tcp", 2500), ("stranger/d", "mapped", "tcp", 2500),
-            ("owner", "v4", "tcp", 2000)]
+    jobs = [
+        ("stranger/a", "v4", "tcp", 2500),
+        ("stranger/b", "dual", "tcp", 2500),
+        ("stranger/c", "v6", "tcp", 2500),
+        ("stranger/d", "mapped", "tcp", 2500),
+        ("owner", "v4", "tcp", 2000),
+    ]
     results = repeat_in_parallel(sandbox, jobs)
     strangers, owner = results[:4], results[4]
     assert sum(r["fail"] for r in strangers) == 10_000
@@ -80,21 +86,35 @@ def test_counters_are_kept_by_a_reapply_that_keeps_the_port(sandbox):
 
 # ---- monitor --------------------------------------------------------------------------------
 
+
 def test_monitor_receives_every_denial_with_its_fields(sandbox):
     applied(sandbox)
     monitor = sandbox.monitor("--json", "--count", "500")
-    v4, v6 = repeat_in_parallel(sandbox, [("stranger", "v4", "tcp", 300),
-                                          ("stranger/sub", "v6", "udp", 200)])
+    v4, v6 = repeat_in_parallel(
+        sandbox, [("stranger", "v4", "tcp", 300), ("stranger/sub", "v6", "udp", 200)]
+    )
     events, err = finish(monitor)
     assert "0 lost" in err
     assert len(events) == 500 and not [e for e in events if "lost" in e]
     common = {"port": PORT, "uid": 0, "owners": [f"{sandbox.top}/owner"], "verdict": "denied"}
-    by_pid = {v4["pid"]: {**common, "protocol": "tcp", "family": "ipv4", "address": "127.0.0.1",
-                          "cgroup": f"{sandbox.top}/stranger",
-                          "cgroup_id": sandbox.cgroup_id("stranger")},
-              v6["pid"]: {**common, "protocol": "udp", "family": "ipv6", "address": "::1",
-                          "cgroup": f"{sandbox.top}/stranger/sub",
-                          "cgroup_id": sandbox.cgroup_id("stranger/sub")}}
+    by_pid = {
+        v4["pid"]: {
+            **common,
+            "protocol": "tcp",
+            "family": "ipv4",
+            "address": "127.0.0.1",
+            "cgroup": f"{sandbox.top}/stranger",
+            "cgroup_id": sandbox.cgroup_id("stranger"),
+        },
+        v6["pid"]: {
+            **common,
+            "protocol": "udp",
+            "family": "ipv6",
+            "address": "::1",
+            "cgroup": f"{sandbox.top}/stranger/sub",
+            "cgroup_id": sandbox.cgroup_id("stranger/sub"),
+        },
+    }
     for event in events:
         expected = by_pid[event["pid"]]
         assert {k: event[k] for k in expected} == expected
@@ -108,8 +128,9 @@ def test_monitor_reports_lost_events_when_its_buffer_overflows(sandbox):
     assert total > RING_BYTES // RECORD_BYTES
     stall = sandbox.work / "consume"
     monitor = sandbox.monitor("--json", "--count", str(total), "--stall-until", str(stall))
-    repeat_in_parallel(sandbox, [("stranger/a", "v4", "tcp", total // 2),
-                                 ("stranger/b", "v6", "tcp", total // 2)])
+    repeat_in_parallel(
+        sandbox, [("stranger/a", "v4", "tcp", total // 2), ("stranger/b", "v6", "tcp", total // 2)]
+    )
     stall.touch()
     events, err = finish(monitor)
     received = [e for e in events if "lost" not in e]
@@ -127,8 +148,17 @@ def test_monitor_prints_aligned_lines_that_fit_100_columns(sandbox):
     proc, out = monitor
     proc.wait(timeout=60)
     lines = out.read_text().splitlines()
-    assert lines[0].split() == ["TIME", "PID", "COMM", "UID", "CGROUP/UNIT", "PROT", "ADDR:PORT",
-                                "OWNER(S)", "VERDICT"]
+    assert lines[0].split() == [
+        "TIME",
+        "PID",
+        "COMM",
+        "UID",
+        "CGROUP/UNIT",
+        "PROT",
+        "ADDR:PORT",
+        "OWNER(S)",
+        "VERDICT",
+    ]
     assert len(lines) == 3 and all(len(line) <= 100 for line in lines)
     assert " tcp4 " in lines[1] and f"127.0.0.1:{PORT}" in lines[1] and lines[1].endswith("denied")
     assert " udp6 " in lines[2] and "/stranger" in lines[2] and "owner" in lines[2]
@@ -141,8 +171,9 @@ def test_monitor_logs_structured_journal_entries(sandbox):
     journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     journal.bind(str(journal_path))
     try:
-        monitor = sandbox.monitor("--journal", "--count", "1",
-                                  env={"PORTGUARD_JOURNAL_SOCKET": str(journal_path)})
+        monitor = sandbox.monitor(
+            "--journal", "--count", "1", env={"PORTGUARD_JOURNAL_SOCKET": str(journal_path)}
+        )
         sandbox.bind("stranger", [("v4", "udp", PORT)])
         finish(monitor)
         journal.settimeout(30)
@@ -161,8 +192,14 @@ def test_monitor_logs_structured_journal_entries(sandbox):
 
 def test_monitor_without_a_journal_says_so(sandbox):
     applied(sandbox)
-    proc = sandbox.cli("monitor", "--journal", "--count", "1", check=False,
-                       env={"PORTGUARD_JOURNAL_SOCKET": str(sandbox.work / "none")})
+    proc = sandbox.cli(
+        "monitor",
+        "--journal",
+        "--count",
+        "1",
+        check=False,
+        env={"PORTGUARD_JOURNAL_SOCKET": str(sandbox.work / "none")},
+    )
     assert proc.returncode == 1
     assert "no systemd journal" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -184,6 +221,7 @@ def test_monitor_before_apply_is_one_clear_sentence(sandbox):
 
 
 # ---- holders and squatters ------------------------------------------------------------------
+
 
 def hold(sandbox, cgroup: str, fam="v4", proto="tcp", port=PORT) -> int:
     child = sandbox.start(cgroup, "hold", [fam, proto, port])
@@ -214,8 +252,14 @@ def test_owner_holding_its_port_is_no_squatter_until_moved_out(sandbox):
     proc = sandbox.cli("status", "--json", check=False)
     assert proc.returncode == 0
     [holder] = json.loads(proc.stdout)["reservations"][0]["holders"]
-    assert holder == {**holder, "pid": owner, "owner": True,
-                      "cgroup": f"{sandbox.top}/owner/worker", "family": "ipv6", "address": "::1"}
+    assert holder == {
+        **holder,
+        "pid": owner,
+        "owner": True,
+        "cgroup": f"{sandbox.top}/owner/worker",
+        "family": "ipv6",
+        "address": "::1",
+    }
     # moved out of the owner's cgroup with the port still open: now a squatter
     procs = cgroups.directory(sandbox.cgroup("elsewhere"), sandbox.cgroup_root) / "cgroup.procs"
     procs.write_text(str(owner))
@@ -236,6 +280,7 @@ def test_status_outside_the_guarded_namespace_shows_no_holders(sandbox):
 
 
 # ---- audit mode -----------------------------------------------------------------------------
+
 
 def test_audit_mode_allows_counts_and_reports_with_verdict_audit(sandbox):
     applied(sandbox, mode="audit")

@@ -54,8 +54,9 @@ def booted(objects_dir: Path, *, cgroup_namespace: bool = False) -> Iterator[Mac
         box.stop()
         assert not (cgroup_root / box.name).exists(), "the container's cgroup was left behind"
         # The guest pins into a bpffs of its own: its pin directory must never show up here.
-        assert (HOST_BPFFS / "portguard").exists() == guest_pin_on_host, \
+        assert (HOST_BPFFS / "portguard").exists() == guest_pin_on_host, (
             "the guest's pins appeared on the host's bpffs"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tests.systemd.machine import GUEST_REPO, GUEST_RESULTS, REPO, GuestFiles, Symlink
 
-OWNER_PORT = 631     # tcp+udp, owned by pg-owner.service
-SOCKET_PORT = 873    # tcp, owned by pg-sock.socket (bound by PID 1, served by pg-sock.service)
+OWNER_PORT = 631  # tcp+udp, owned by pg-owner.service
+SOCKET_PORT = 873  # tcp, owned by pg-sock.socket (bound by PID 1, served by pg-sock.service)
 PGNET = f"/usr/bin/python3 {GUEST_REPO}/tests/systemd/guest/pgnet.py"
 UNIT_DIR = "/etc/systemd/system"
 
@@ -91,8 +91,14 @@ units = ["pg-sock.socket"]
 def bpf_objects(cache: Path) -> dict[str, bytes]:
     """Compile on the host (portguard build) into a private cache; the guest loads the copies."""
     env = {**os.environ, "PORTGUARD_CACHE_DIR": str(cache)}
-    proc = subprocess.run([sys.executable, "-m", "guard", "build"], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "guard", "build"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"portguard build failed:\n{proc.stdout}{proc.stderr}")
     return {f"/var/cache/portguard/{path.name}": path.read_bytes() for path in cache.iterdir()}

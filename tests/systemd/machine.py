@@ -53,8 +53,14 @@ GuestFiles = dict[str, "str | bytes | Symlink"]
 
 
 class Machine:
-    def __init__(self, rootfs: Path, cgroup_root: Path, files: GuestFiles,
-                 name: str | None = None, cgroup_namespace: bool = False):
+    def __init__(
+        self,
+        rootfs: Path,
+        cgroup_root: Path,
+        files: GuestFiles,
+        name: str | None = None,
+        cgroup_namespace: bool = False,
+    ):
         self.name = name or f"portguard-nspawn-{secrets.token_hex(3)}"
         self.rootfs = rootfs
         self.cgroup_root = cgroup_root
@@ -79,10 +85,13 @@ class Machine:
     def start(self) -> None:
         for sub in ("upper", "ovl-work", "root", "results"):
             (self.work / sub).mkdir(parents=True)
-        layers = (f"lowerdir={self.rootfs},upperdir={self.work / 'upper'},"
-                  f"workdir={self.work / 'ovl-work'}")
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", layers, str(self.root)],
-                       check=True)
+        layers = (
+            f"lowerdir={self.rootfs},upperdir={self.work / 'upper'},"
+            f"workdir={self.work / 'ovl-work'}"
+        )
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", layers, str(self.root)], check=True
+        )
         self._mounted = True
         for guest_path, content in self.files.items():
             target = self.root / guest_path.lstrip("/")
@@ -96,24 +105,40 @@ class Machine:
             else:
                 target.write_text(content)
         self.cgroup_dir.mkdir()
-        env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1", 
-               "SYSTEMD_NSPAWN_USE_CGNS": "1" if self.cgroup_namespace else "0"}
+        env = {
+            **os.environ,
+            "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1",
+            "SYSTEMD_NSPAWN_USE_CGNS": "1" if self.cgroup_namespace else "0",
+        }
         command = [
-            "systemd-nspawn", "--boot", "--quiet", f"--directory={self.root}",
-            f"--machine={self.name}", "--register=no", "--keep-unit", "--private-network",
-            f"--system-call-filter={SYSCALLS}", f"--capability={CAPABILITIES}",
-            f"--bind-ro={REPO}:{GUEST_REPO}", f"--bind={self.results}:{GUEST_RESULTS}",
+            "systemd-nspawn",
+            "--boot",
+            "--quiet",
+            f"--directory={self.root}",
+            f"--machine={self.name}",
+            "--register=no",
+            "--keep-unit",
+            "--private-network",
+            f"--system-call-filter={SYSCALLS}",
+            f"--capability={CAPABILITIES}",
+            f"--bind-ro={REPO}:{GUEST_REPO}",
+            f"--bind={self.results}:{GUEST_RESULTS}",
             # nspawn's /sys has no fs/bpf: give the guest an empty directory there, on which
             # `portguard apply` mounts a bpffs of the guest's own (never the host's).
             "--tmpfs=/sys/fs/bpf:mode=0700",
-            "--console=pipe", "--link-journal=no",
+            "--console=pipe",
+            "--link-journal=no",
         ]
         # Join the container's cgroup first: nspawn --keep-unit stays where it is started.
         join = f'echo $$ > "{self.cgroup_dir}/cgroup.procs" && exec "$@"'
         with open(self.log_path, "w") as log:
             self.nspawn = subprocess.Popen(
-                ["sh", "-c", join, "sh", *command], env=env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT)
+                ["sh", "-c", join, "sh", *command],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.leader = self._wait_for_leader()
         self._wait_for_boot()
         # The guest's configuration names its root cgroup, written before boot: check it
@@ -127,22 +152,27 @@ class Machine:
         deadline = time.monotonic() + BOOT_TIMEOUT
         while True:
             if self.nspawn.poll() is not None:
-                raise MachineError(f"systemd-nspawn exited {self.nspawn.returncode}:\n{self.console()}")
+                raise MachineError(
+                    f"systemd-nspawn exited {self.nspawn.returncode}:\n{self.console()}"
+                )
             answer = self.run("systemctl", "is-system-running", "--wait", timeout=BOOT_TIMEOUT)
             state = answer.stdout.strip()
             if state in ("running", "degraded"):
                 return
             if (state and state != "offline") or time.monotonic() > deadline:
                 failed = self.systemctl("--failed", check=False).stdout
-                raise MachineError(f"boot ended {state or answer.stderr.strip()!r}:\n{failed}"
-                                   f"{self.console()}")
+                raise MachineError(
+                    f"boot ended {state or answer.stderr.strip()!r}:\n{failed}{self.console()}"
+                )
             time.sleep(0.1)
 
     def _wait_for_leader(self) -> int:
         deadline = time.monotonic() + BOOT_TIMEOUT
         while time.monotonic() < deadline:
             if self.nspawn.poll() is not None:
-                raise MachineError(f"systemd-nspawn exited {self.nspawn.returncode}:\n{self.console()}")
+                raise MachineError(
+                    f"systemd-nspawn exited {self.nspawn.returncode}:\n{self.console()}"
+                )
             for procs in self.cgroup_dir.rglob("cgroup.procs"):
                 for pid in procs.read_text().split():
                     # PID 1 of the guest, once it is systemd (before exec it is nspawn's child,
@@ -161,12 +191,18 @@ class Machine:
     # -- inside ----------------------------------------------------------------------------
     def run(self, *command: str, timeout: float = 120, check: bool = False) -> Result:
         """Run a command in all of the container's namespaces (as root, from its /)."""
-        proc = subprocess.run(["nsenter", "-t", str(self.leader), "-a", "-r", "-w", *command],
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", "-r", "-w", *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
-            raise MachineError(f"{' '.join(command)} failed ({proc.returncode}):\n"
-                               f"{proc.stdout}{proc.stderr}")
+            raise MachineError(
+                f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+            )
         return result
 
     def systemctl(self, *args: str, check: bool = True) -> Result:
@@ -233,4 +269,3 @@ def _remove_cgroup_tree(top: Path) -> None:
                 pass
         time.sleep(0.05)
     raise MachineError(f"could not remove {top}")
-

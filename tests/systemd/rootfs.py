@@ -26,8 +26,14 @@ DEFAULT_CACHE = Path("/var/cache/portguard-test")
 MIRROR_ENV = "PORTGUARD_TEST_MIRROR"
 SUITE = "bookworm"
 PACKAGES = (
-    "systemd-sysv", "dbus", "iproute2", "python3", "python3-click", "python3-pyroute2",
-    "libbpf1", "rpcbind",
+    "systemd-sysv",
+    "dbus",
+    "iproute2",
+    "python3",
+    "python3-click",
+    "python3-pyroute2",
+    "libbpf1",
+    "rpcbind",
 )
 HOST_PACKAGES = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container"}
 WRAPPER = """#!/bin/sh
@@ -47,8 +53,14 @@ class SetupError(RuntimeError):
 
 
 def recipe() -> dict:
-    return {"suite": SUITE, "variant": "minbase", "packages": sorted(PACKAGES),
-            "wrapper": WRAPPER, "portrelease": PORTRELEASE, "customise": CUSTOMISE_VERSION}
+    return {
+        "suite": SUITE,
+        "variant": "minbase",
+        "packages": sorted(PACKAGES),
+        "wrapper": WRAPPER,
+        "portrelease": PORTRELEASE,
+        "customise": CUSTOMISE_VERSION,
+    }
 
 
 def recipe_hash() -> str:
@@ -72,7 +84,10 @@ def _deb822_uris(text: str) -> list[tuple[str, list[str]]]:
                 continue
             key, _, value = line.partition(":")
             fields[key.strip().lower()] = value.strip()
-        if fields.get("enabled", "yes").lower() == "no" or "deb" not in fields.get("types", "").split():
+        if (
+            fields.get("enabled", "yes").lower() == "no"
+            or "deb" not in fields.get("types", "").split()
+        ):
             continue
         for uri in fields.get("uris", "").split():
             entries.append((uri, fields.get("suites", "").split()))
@@ -116,8 +131,12 @@ def ensure_host_tools() -> None:
         raise SetupError(f"missing {', '.join(missing)} and no apt-get to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", *missing],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def customise(root: Path) -> None:
@@ -137,8 +156,18 @@ def build(target: Path, log=print) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     log(f"debootstrap {SUITE} from {mirror} into {partial}")
     proc = subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
-         str(partial), mirror], capture_output=True, text=True, check=False)
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={','.join(PACKAGES)}",
+            SUITE,
+            str(partial),
+            mirror,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
         shutil.rmtree(partial, ignore_errors=True)

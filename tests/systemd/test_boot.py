@@ -26,8 +26,9 @@ def status(machine: Machine) -> dict:
 
 
 def reservation(machine: Machine, port: int, protocol: str) -> dict:
-    found = [r for r in status(machine)["reservations"]
-             if (r["port"], r["protocol"]) == (port, protocol)]
+    found = [
+        r for r in status(machine)["reservations"] if (r["port"], r["protocol"]) == (port, protocol)
+    ]
     assert len(found) == 1, status(machine)
     return found[0]
 
@@ -71,7 +72,8 @@ def test_owner_unit_started_at_boot_holds_its_port(machine: Machine):
 
 
 def test_stranger_unit_gets_eaddrinuse_while_the_owner_runs_and_while_it_is_stopped(
-        machine: Machine):
+    machine: Machine,
+):
     denied_before = reservation(machine, OWNER_PORT, "udp")["denied"]
     assert stranger_tries(machine, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
     machine.systemctl("stop", "pg-owner.service")
@@ -86,10 +88,16 @@ def test_stranger_unit_gets_eaddrinuse_while_the_owner_runs_and_while_it_is_stop
 def test_owner_restarted_100_times_while_a_stranger_hammers_the_port(machine: Machine):
     cgroup_id_before = reservation(machine, OWNER_PORT, "tcp")["owners"][0]["id"]
     machine.systemctl("start", "pg-hammer.service")  # ready once it has tried every way
-    restarts = machine.run("sh", "-c", """
+    restarts = machine.run(
+        "sh",
+        "-c",
+        """
         failed=0
         for i in $(seq 100); do systemctl restart pg-owner.service || failed=$((failed + 1)); done
-        echo $failed""", timeout=600, check=True)
+        echo $failed""",
+        timeout=600,
+        check=True,
+    )
     machine.systemctl("stop", "pg-hammer.service")
     assert restarts.stdout.split() == ["0"], restarts.stderr
     assert machine.show("pg-owner.service", "ActiveState")["ActiveState"] == "active"

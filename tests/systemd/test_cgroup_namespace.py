@@ -32,7 +32,8 @@ def test_namespace_check_refuses_other_namespaces_and_passes_without_namespaces(
 
 @pytest.mark.kernel
 def test_portguard_service_refuses_to_apply_inside_a_cgroup_namespace(
-        machine_in_cgroup_namespace: Machine):
+    machine_in_cgroup_namespace: Machine,
+):
     box = machine_in_cgroup_namespace
     assert box.show("portguard.service", "Result")["Result"] == "exit-code"
     journal = box.run("journalctl", "-b", "--no-pager", "-u", "portguard.service", check=True)

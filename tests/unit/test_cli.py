@@ -34,8 +34,11 @@ def test_check_rejects_a_range_as_usage_error():
 
 
 def test_portrelease_succeeds_and_does_nothing(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "from guard.cli import portrelease; portrelease()",
-                           "cups"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from guard.cli import portrelease; portrelease()", "cups"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
 
 
@@ -46,7 +49,9 @@ def test_import_portreserve_prints_equivalent_toml(tmp_path):
     assert result.exit_code == 0
     data = tomllib.loads(result.output)
     assert {(tuple(b["ports"]), b["unit"]) for b in data["reserve"]} == {
-        (("ipp",), "cups.service"), (("873/tcp",), "rsync.service")}
+        (("ipp",), "cups.service"),
+        (("873/tcp",), "rsync.service"),
+    }
 
 
 def test_help_lists_the_commands():

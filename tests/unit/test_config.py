@@ -50,48 +50,63 @@ def test_the_issue_example_parses(tmp_path):
     assert cfg.settings.deny_errno_number == 98
 
 
-@pytest.mark.parametrize("line, message", [
-    ('ports = ["0"]', "port 0 is out of range"),
-    ('ports = ["65536"]', "port 65536 is out of range"),
-    ('ports = ["10-5"]', "bad range '10-5'"),
-    ('ports = ["5-"]', "bad range"),
-    ('ports = ["nosuchservice"]', "unknown service name 'nosuchservice'"),
-    ('ports = ["631/sctp"]', "unknown protocol 'sctp'"),
-    ('ports = []', "ports must be a non-empty list"),
-    ('ports = "631"', "ports must be a non-empty list"),
-    ('bogus = 1', "unknown key 'bogus' in [[reserve]]"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('ports = ["0"]', "port 0 is out of range"),
+        ('ports = ["65536"]', "port 65536 is out of range"),
+        ('ports = ["10-5"]', "bad range '10-5'"),
+        ('ports = ["5-"]', "bad range"),
+        ('ports = ["nosuchservice"]', "unknown service name 'nosuchservice'"),
+        ('ports = ["631/sctp"]', "unknown protocol 'sctp'"),
+        ("ports = []", "ports must be a non-empty list"),
+        ('ports = "631"', "ports must be a non-empty list"),
+        ("bogus = 1", "unknown key 'bogus' in [[reserve]]"),
+    ],
+)
 def test_bad_reservation_names_file_and_line(tmp_path, line, message):
     text = f'[guard]\nportreserve_dir = ""\n\n[[reserve]]\ncgroup = "/a"\n{line}\n'
     found = problems(tmp_path, text)
-    assert any(p.startswith(f"{tmp_path / 'portguard.toml'}:6: ") and message in p for p in found), found
+    assert any(
+        p.startswith(f"{tmp_path / 'portguard.toml'}:6: ") and message in p for p in found
+    ), found
 
 
-@pytest.mark.parametrize("owner, message", [
-    ('cgroup = "system.slice/cups.service"', "must be absolute"),
-    ('cgroup = "/a/../b"', "may not contain '.', '..'"),
-    ('cgroups = []', "cgroups must be a non-empty list"),
-    ('cgroup = 5', "must be a string"),
-    (f'cgroup = "/{"x" * 300}"', "at most 254 fit the kernel's key"),
-])
+@pytest.mark.parametrize(
+    "owner, message",
+    [
+        ('cgroup = "system.slice/cups.service"', "must be absolute"),
+        ('cgroup = "/a/../b"', "may not contain '.', '..'"),
+        ("cgroups = []", "cgroups must be a non-empty list"),
+        ("cgroup = 5", "must be a string"),
+        (f'cgroup = "/{"x" * 300}"', "at most 254 fit the kernel's key"),
+    ],
+)
 def test_bad_owner_is_refused(tmp_path, owner, message):
-    found = problems(tmp_path, f'[guard]\nportreserve_dir = ""\n[[reserve]]\nports = ["1"]\n{owner}\n')
+    found = problems(
+        tmp_path, f'[guard]\nportreserve_dir = ""\n[[reserve]]\nports = ["1"]\n{owner}\n'
+    )
     assert any(":5: " in p and message in p for p in found), found
 
 
 def test_reservation_without_owner_is_refused(tmp_path):
     found = problems(tmp_path, '[guard]\nportreserve_dir = ""\n[[reserve]]\nports = ["1"]\n')
-    assert found == [f"{tmp_path / 'portguard.toml'}:3: [[reserve]] needs an owner: cgroup, cgroups, "
-                     "unit, units or slice"]
+    assert found == [
+        f"{tmp_path / 'portguard.toml'}:3: [[reserve]] needs an owner: cgroup, cgroups, "
+        "unit, units or slice"
+    ]
 
 
-@pytest.mark.parametrize("setting, message", [
-    ('deny_errno = "ENOENT"', "deny_errno 'ENOENT' is not one of"),
-    ('mode = "loud"', "mode 'loud' is not one of"),
-    ('pin_dir = "relative"', "must be an absolute path"),
-    ('trust_init = "yes"', "trust_init must be true or false"),
-    ('colour = "blue"', "unknown key 'colour' in [guard]"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ('deny_errno = "ENOENT"', "deny_errno 'ENOENT' is not one of"),
+        ('mode = "loud"', "mode 'loud' is not one of"),
+        ('pin_dir = "relative"', "must be an absolute path"),
+        ('trust_init = "yes"', "trust_init must be true or false"),
+        ('colour = "blue"', "unknown key 'colour' in [guard]"),
+    ],
+)
 def test_bad_guard_setting_names_its_line(tmp_path, setting, message):
     found = problems(tmp_path, f'[guard]\nportreserve_dir = ""\n{setting}\n')
     assert any(":3: " in p and message in p for p in found), found
@@ -117,18 +132,25 @@ def test_unknown_table_is_refused(tmp_path):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    found = problems(tmp_path, '[guard]\nportreserve_dir = ""\nmode = "x"\n[[reserve]]\n'
-                               'ports = ["0", "70000"]\ncgroup = "rel"\n')
+    found = problems(
+        tmp_path,
+        '[guard]\nportreserve_dir = ""\nmode = "x"\n[[reserve]]\n'
+        'ports = ["0", "70000"]\ncgroup = "rel"\n',
+    )
     assert len(found) == 4
 
 
 def test_dropins_accumulate_in_lexical_order_and_later_guard_keys_win(tmp_path):
     main = tmp_path / "portguard.toml"
-    main.write_text('[guard]\nportreserve_dir = ""\nmode = "audit"\n[[reserve]]\nports = ["1"]\ncgroup = "/a"\n')
+    main.write_text(
+        '[guard]\nportreserve_dir = ""\nmode = "audit"\n[[reserve]]\nports = ["1"]\ncgroup = "/a"\n'
+    )
     dropins = tmp_path / "conf.d"
     dropins.mkdir()
     (dropins / "20-b.toml").write_text('[[reserve]]\nports = ["3"]\ncgroup = "/c"\n')
-    (dropins / "10-a.toml").write_text('[guard]\nmode = "enforce"\n[[reserve]]\nports = ["2"]\ncgroup = "/b"\n')
+    (dropins / "10-a.toml").write_text(
+        '[guard]\nmode = "enforce"\n[[reserve]]\nports = ["2"]\ncgroup = "/b"\n'
+    )
     (dropins / "ignored.conf").write_text("not toml at all")
     files = config.config_files(main)
     assert [f.name for f in files] == ["portguard.toml", "10-a.toml", "20-b.toml"]
@@ -160,8 +182,10 @@ def test_portreserve_files_are_read_as_they_are(tmp_path):
     (pr / "old.rpmsave").write_text("999\n")
     cfg = load_text(tmp_path, f'[guard]\nportreserve_dir = "{pr}"\n')
     got = [(b.owners[0].name, b.ports[0][0], b.origin.line) for b in cfg.blocks]
-    assert got == [("cups.service", PortRange(631, 631, ("tcp", "udp")), 1),
-                   ("rsync.service", PortRange(873, 873, ("tcp",)), 1)]
+    assert got == [
+        ("cups.service", PortRange(631, 631, ("tcp", "udp")), 1),
+        ("rsync.service", PortRange(873, 873, ("tcp",)), 1),
+    ]
 
 
 def test_portreserve_bad_line_is_a_config_error(tmp_path):
@@ -174,5 +198,7 @@ def test_portreserve_bad_line_is_a_config_error(tmp_path):
 
 def test_settings_can_be_read_from_a_file_with_bad_reservations(tmp_path):
     path = tmp_path / "portguard.toml"
-    path.write_text('[guard]\npin_dir = "/sys/fs/bpf/x"\n[[reserve]]\nports = ["0"]\ncgroup = "/a"\n')
+    path.write_text(
+        '[guard]\npin_dir = "/sys/fs/bpf/x"\n[[reserve]]\nports = ["0"]\ncgroup = "/a"\n'
+    )
     assert config.load_settings([path]).pin_dir == "/sys/fs/bpf/x"

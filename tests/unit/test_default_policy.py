@@ -100,11 +100,18 @@ def test_installed_units_lists_those_with_unit_files_in_order(tmp_path):
     (usr / "slapd.service").write_text("[Service]\nExecStart=/usr/sbin/slapd\n")
     os.symlink(os.devnull, etc / "slapd.service")
     wanted = [
-        "cups.socket", "cups.service", "slapd.service", "tinc@vpn.service",
-        "spamassassin.service", "dovecot.service",
+        "cups.socket",
+        "cups.service",
+        "slapd.service",
+        "tinc@vpn.service",
+        "spamassassin.service",
+        "dovecot.service",
     ]
     assert installed_units(wanted, unit_dirs=[etc, usr]) == [
-        "cups.socket", "tinc@vpn.service", "spamassassin.service", "dovecot.service",
+        "cups.socket",
+        "tinc@vpn.service",
+        "spamassassin.service",
+        "dovecot.service",
     ]
 
 

@@ -126,9 +126,12 @@ def test_bound_ports_reads_listening_tcp_and_bound_udp(tmp_path):
     from guard.holders import bound_ports
 
     header = "  sl  local_address rem_address   st tx_queue rx_queue\n"
-    (tmp_path / "tcp").write_text(header + "   0: 0100007F:0277 00000000:0000 0A 0\n"
-                                           "   1: 0100007F:1F90 0100007F:0277 01 0\n")
-    (tmp_path / "tcp6").write_text(header + "   0: 00000000000000000000000000000000:0369 "
-                                            "00000000000000000000000000000000:0000 0A 0\n")
+    (tmp_path / "tcp").write_text(
+        header + "   0: 0100007F:0277 00000000:0000 0A 0\n   1: 0100007F:1F90 0100007F:0277 01 0\n"
+    )
+    (tmp_path / "tcp6").write_text(
+        header + "   0: 00000000000000000000000000000000:0369 "
+        "00000000000000000000000000000000:0000 0A 0\n"
+    )
     (tmp_path / "udp").write_text(header + "   0: 00000000:0277 00000000:0000 07 0\n")
     assert bound_ports(tmp_path) == {(631, "tcp"), (873, "tcp"), (631, "udp")}

@@ -17,7 +17,9 @@ def header_structs() -> dict[str, list[tuple[str, int]]]:
     structs = {}
     for name, body in re.findall(r"struct (pg_\w+) \{(.*?)\};", text, re.S):
         fields = []
-        for ctype, field, count in re.findall(r"(__u8|__u16|__u32|__u64|char|int) (\w+)(?:\[(\w+)\])?;", body):
+        for ctype, field, count in re.findall(
+            r"(__u8|__u16|__u32|__u64|char|int) (\w+)(?:\[(\w+)\])?;", body
+        ):
             n = int(defines.get(count, count)) if count else 1
             fields.append((field, C_SIZES[ctype] * n))
         structs[name] = fields
@@ -25,10 +27,18 @@ def header_structs() -> dict[str, list[tuple[str, int]]]:
 
 
 PAIRS = {
-    "pg_port_key": layout.PortKey, "pg_port_val": layout.PortVal, "pg_set_key": layout.SetKey,
-    "pg_set_val": layout.SetVal, "pg_path_key": layout.PathKey, "pg_owner_key": layout.OwnerKey,
-    "pg_owner_val": layout.OwnerVal, "pg_config": layout.Config, "pg_state": layout.State,
-    "pg_count_key": layout.CountKey, "pg_event": layout.Event, "pg_meta": layout.Meta,
+    "pg_port_key": layout.PortKey,
+    "pg_port_val": layout.PortVal,
+    "pg_set_key": layout.SetKey,
+    "pg_set_val": layout.SetVal,
+    "pg_path_key": layout.PathKey,
+    "pg_owner_key": layout.OwnerKey,
+    "pg_owner_val": layout.OwnerVal,
+    "pg_config": layout.Config,
+    "pg_state": layout.State,
+    "pg_count_key": layout.CountKey,
+    "pg_event": layout.Event,
+    "pg_meta": layout.Meta,
 }
 
 

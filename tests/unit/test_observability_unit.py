@@ -19,32 +19,58 @@ LONG = "/system.slice/" + "very-long-name-" * 10 + ".service"
 
 
 def denial(**changes) -> Denial:
-    values = {"time": 1_700_000_000.0, "pid": 4242, "uid": 0, "comm": "python3", "cgroup_id": 77,
-              "cgroup": "/user.slice/stranger.scope", "unit": "stranger.scope", "family": "ipv4",
-              "protocol": "tcp", "address": "127.0.0.1", "port": 631,
-              "owners": ("/system.slice/cups.service",), "verdict": "denied"}
+    values = {
+        "time": 1_700_000_000.0,
+        "pid": 4242,
+        "uid": 0,
+        "comm": "python3",
+        "cgroup_id": 77,
+        "cgroup": "/user.slice/stranger.scope",
+        "unit": "stranger.scope",
+        "family": "ipv4",
+        "protocol": "tcp",
+        "address": "127.0.0.1",
+        "port": 631,
+        "owners": ("/system.slice/cups.service",),
+        "verdict": "denied",
+    }
     values.update(changes)
     return Denial(**values)
 
 
 def holder_state(**changes) -> HolderState:
-    values = {"pid": 812, "comm": "cupsd", "cgroup": "/system.slice/cups.service",
-              "unit": "cups.service", "owner": True, "family": "ipv4", "address": "0.0.0.0",
-              "socket_cgroup": "/system.slice/cups.service"}
+    values = {
+        "pid": 812,
+        "comm": "cupsd",
+        "cgroup": "/system.slice/cups.service",
+        "unit": "cups.service",
+        "owner": True,
+        "family": "ipv4",
+        "address": "0.0.0.0",
+        "socket_cgroup": "/system.slice/cups.service",
+    }
     values.update(changes)
     return HolderState(**values)
 
 
 def state(*reservations: ReservationState, **changes) -> GuardState:
-    values = {"loaded": True, "pin_dir": "/sys/fs/bpf/portguard",
-              "program": "guard-retval-0123456789abcdef", "links": (LinkState("bind4", 1, 2, 3),),
-              "mode": "enforce", "deny_errno": 98, "netns_cookie": 1,
-              "reservations": reservations, "holders_checked": True}
+    values = {
+        "loaded": True,
+        "pin_dir": "/sys/fs/bpf/portguard",
+        "program": "guard-retval-0123456789abcdef",
+        "links": (LinkState("bind4", 1, 2, 3),),
+        "mode": "enforce",
+        "deny_errno": 98,
+        "netns_cookie": 1,
+        "reservations": reservations,
+        "holders_checked": True,
+    }
     values.update(changes)
     return GuardState(**values)
 
 
 # ---- shortening -----------------------------------------------------------------------------
+
 
 @given(st.text(min_size=0, max_size=300), st.integers(min_value=1, max_value=120))
 def test_shorten_never_exceeds_the_width_and_keeps_the_end(text, width):
@@ -58,17 +84,29 @@ def test_shorten_never_exceeds_the_width_and_keeps_the_end(text, width):
 
 # ---- status table ---------------------------------------------------------------------------
 
+
 def test_status_table_fits_100_columns_with_long_paths_and_marks_squatters():
     res = ReservationState(
-        631, "tcp",
+        631,
+        "tcp",
         (OwnerState(LONG, 1234), OwnerState("/system.slice/cups-browsed.service", None)),
-        12345678, contain=True, contained_drops=87654321,
-        holders=(holder_state(cgroup=LONG),
-                 holder_state(pid=4000000, comm="a-fifteen-chars", owner=False, unit=None,
-                              cgroup="/user.slice/" + "x" * 90)))
+        12345678,
+        contain=True,
+        contained_drops=87654321,
+        holders=(
+            holder_state(cgroup=LONG),
+            holder_state(
+                pid=4000000,
+                comm="a-fifteen-chars",
+                owner=False,
+                unit=None,
+                cgroup="/user.slice/" + "x" * 90,
+            ),
+        ),
+    )
     lines = display.status_lines(state(res, pin_dir="/sys/fs/bpf/" + "p" * 120), "/")
     assert all(len(line) <= display.WIDTH for line in lines)
-    table = lines[lines.index(next(line for line in lines if line.lstrip().startswith("PORT"))):]
+    table = lines[lines.index(next(line for line in lines if line.lstrip().startswith("PORT"))) :]
     assert table[1].split()[:4] == ["631", "tcp", "12345678", "87654321"]
     assert table[1].endswith("(id 1234)")
     assert table[2].endswith("cups-browsed.service (absent)")
@@ -83,18 +121,32 @@ def test_status_without_holders_says_where_to_run_it():
 
 def test_status_not_loaded_is_one_line():
     assert display.status_lines(GuardState(False, "/sys/fs/bpf/portguard"), "/") == [
-        "portguard: not loaded (pin directory /sys/fs/bpf/portguard)"]
+        "portguard: not loaded (pin directory /sys/fs/bpf/portguard)"
+    ]
 
 
 # ---- monitor lines --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("event", [
-    denial(),
-    denial(family="ipv6", address="ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", port=65535,
-           pid=4194304, uid=4294967294, comm="fifteen-chars-x", cgroup=LONG, unit=None,
-           owners=(LONG, "/a", "/b"), verdict="audit"),
-    denial(cgroup=None, unit=None, owners=()),
-])
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        denial(),
+        denial(
+            family="ipv6",
+            address="ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            port=65535,
+            pid=4194304,
+            uid=4294967294,
+            comm="fifteen-chars-x",
+            cgroup=LONG,
+            unit=None,
+            owners=(LONG, "/a", "/b"),
+            verdict="audit",
+        ),
+        denial(cgroup=None, unit=None, owners=()),
+    ],
+)
 def test_monitor_lines_fit_100_columns_and_align_with_the_header(event):
     line = display.monitor_line(event)
     assert len(line) <= display.WIDTH and len(display.MONITOR_HEADER) <= display.WIDTH
@@ -105,10 +157,19 @@ def test_monitor_lines_fit_100_columns_and_align_with_the_header(event):
 
 def test_monitor_line_names_caller_unit_address_and_owner():
     line = display.monitor_line(denial())
-    assert line.split()[1:] == ["4242", "python3", "0", "stranger.scope", "tcp4", "127.0.0.1:631",
-                                "cups.service", "denied"]
-    ipv6 = display.monitor_line(denial(family="ipv6", address="::1", unit=None, cgroup_id=9,
-                                       cgroup=None))
+    assert line.split()[1:] == [
+        "4242",
+        "python3",
+        "0",
+        "stranger.scope",
+        "tcp4",
+        "127.0.0.1:631",
+        "cups.service",
+        "denied",
+    ]
+    ipv6 = display.monitor_line(
+        denial(family="ipv6", address="::1", unit=None, cgroup_id=9, cgroup=None)
+    )
     assert "[::1]:631" in ipv6 and "id:9" in ipv6 and "tcp6" in ipv6
 
 
@@ -122,12 +183,19 @@ def test_json_event_carries_every_field():
     assert data["time"] == "2023-11-14T22:13:20.000000+00:00"
     keys = ("port", "protocol", "family", "pid", "comm", "cgroup", "verdict")
     assert {k: data[k] for k in keys} == {
-        "port": 631, "protocol": "tcp", "family": "ipv4", "pid": 4242, "comm": "python3",
-        "cgroup": "/user.slice/stranger.scope", "verdict": "denied"}
+        "port": 631,
+        "protocol": "tcp",
+        "family": "ipv4",
+        "pid": 4242,
+        "comm": "python3",
+        "cgroup": "/user.slice/stranger.scope",
+        "verdict": "denied",
+    }
     assert data["owners"] == ["/system.slice/cups.service"] and data["unit"] == "stranger.scope"
 
 
 # ---- journal --------------------------------------------------------------------------------
+
 
 def test_journal_entry_is_key_value_lines():
     entry = journal.encode([("MESSAGE", "hi"), ("PORTGUARD_PORT", 631)])
@@ -148,8 +216,17 @@ def test_journal_refuses_field_names_it_would_drop(name):
 def test_journal_fields_of_a_denial():
     fields = display.journal_fields(denial(owners=("/a.service", "/b.service")))
     names = [name for name, _ in fields]
-    assert {"MESSAGE", "PRIORITY", "PORTGUARD_PORT", "PORTGUARD_PROTOCOL", "PORTGUARD_PID",
-            "PORTGUARD_COMM", "PORTGUARD_UNIT", "PORTGUARD_CGROUP", "OBJECT_PID"} <= set(names)
+    assert {
+        "MESSAGE",
+        "PRIORITY",
+        "PORTGUARD_PORT",
+        "PORTGUARD_PROTOCOL",
+        "PORTGUARD_PID",
+        "PORTGUARD_COMM",
+        "PORTGUARD_UNIT",
+        "PORTGUARD_CGROUP",
+        "OBJECT_PID",
+    } <= set(names)
     assert [v for n, v in fields if n == "PORTGUARD_OWNER"] == ["/a.service", "/b.service"]
     assert dict(fields)["PRIORITY"] == journal.PRIORITY_WARNING
     audit = dict(display.journal_fields(denial(verdict="audit")))
@@ -178,10 +255,17 @@ def test_no_journal_is_a_clear_error(tmp_path):
 
 # ---- owners and squatters -------------------------------------------------------------------
 
-@pytest.mark.parametrize(("cgroup", "owner", "inside"), [
-    ("/a/b", "/a/b", True), ("/a/b/c", "/a/b", True), ("/a/bc", "/a/b", False),
-    ("/a", "/a/b", False), ("/x", "/", True),
-])
+
+@pytest.mark.parametrize(
+    ("cgroup", "owner", "inside"),
+    [
+        ("/a/b", "/a/b", True),
+        ("/a/b/c", "/a/b", True),
+        ("/a/bc", "/a/b", False),
+        ("/a", "/a/b", False),
+        ("/x", "/", True),
+    ],
+)
 def test_within_means_the_cgroup_or_below(cgroup, owner, inside):
     assert within(cgroup, owner) is inside
 
@@ -196,16 +280,20 @@ def holder(pid: int | None, socket_cgroup: str | None) -> Holder:
     return Holder(631, "tcp", socket.AF_INET, "0.0.0.0", pid, "cupsd", 5, socket_cgroup, None, 99)
 
 
-@pytest.mark.parametrize(("socket_cgroup", "process_cgroup", "owner"), [
-    ("/system.slice/cups.service", "/system.slice/cups.service", True),
-    ("/system.slice/cups.service/sub", "/system.slice/cups.service", True),
-    ("/user.slice/u.scope", "/user.slice/u.scope", False),  # bound before the guard
-    ("/system.slice/cups.service", "/user.slice/u.scope", False),  # moved out since
-    ("/user.slice/u.scope", "/system.slice/cups.service", False),  # moved in, socket is not
-    (None, "/system.slice/cups.service", True),  # creation cgroup removed since
-])
+@pytest.mark.parametrize(
+    ("socket_cgroup", "process_cgroup", "owner"),
+    [
+        ("/system.slice/cups.service", "/system.slice/cups.service", True),
+        ("/system.slice/cups.service/sub", "/system.slice/cups.service", True),
+        ("/user.slice/u.scope", "/user.slice/u.scope", False),  # bound before the guard
+        ("/system.slice/cups.service", "/user.slice/u.scope", False),  # moved out since
+        ("/user.slice/u.scope", "/system.slice/cups.service", False),  # moved in, socket is not
+        (None, "/system.slice/cups.service", True),  # creation cgroup removed since
+    ],
+)
 def test_a_holder_is_an_owner_only_when_socket_and_process_are_in_an_owner_cgroup(
-        tmp_path, socket_cgroup, process_cgroup, owner):
+    tmp_path, socket_cgroup, process_cgroup, owner
+):
     proc = fake_proc(tmp_path, 812, process_cgroup)
     state = classify(holder(812, socket_cgroup), ["/system.slice/cups.service"], proc)
     assert state.owner is owner
@@ -222,8 +310,9 @@ def test_a_socket_of_no_known_process_or_cgroup_is_a_squatter(tmp_path):
 
 
 def test_squatters_of_a_state_are_the_non_owner_holders():
-    res = ReservationState(631, "tcp", (), 0,
-                           holders=(holder_state(), holder_state(pid=9, owner=False)))
+    res = ReservationState(
+        631, "tcp", (), 0, holders=(holder_state(), holder_state(pid=9, owner=False))
+    )
     [squatter] = of_state(state(res))
     assert squatter.holder.pid == 9
     assert squatter.describe().startswith("port 631/tcp is held by pid 9 (cupsd) in cgroup ")
@@ -231,12 +320,23 @@ def test_squatters_of_a_state_are_the_non_owner_holders():
 
 # ---- event records --------------------------------------------------------------------------
 
+
 def test_event_struct_reads_what_the_layout_header_describes():
     from guard import layout
     from guard.monitor import EVENT, CgroupNames, Decoder
 
-    ev = layout.Event(ts_ns=5, cgroup_id=77, pid=4242, uid=1000, port=631, proto=17,
-                      family=socket.AF_INET6, verdict=layout.VERDICT_AUDIT, set=3, comm=b"cupsd")
+    ev = layout.Event(
+        ts_ns=5,
+        cgroup_id=77,
+        pid=4242,
+        uid=1000,
+        port=631,
+        proto=17,
+        family=socket.AF_INET6,
+        verdict=layout.VERDICT_AUDIT,
+        set=3,
+        comm=b"cupsd",
+    )
     ev.addr[:] = list(socket.inet_pton(socket.AF_INET6, "fe80::1"))
     raw = bytes(ev)
     assert EVENT.size <= len(raw) == layout.C.sizeof(layout.Event)
@@ -249,6 +349,17 @@ def test_event_struct_reads_what_the_layout_header_describes():
     names._names[77] = ("/a/b.service", "b.service")
     got = Decoder(names, Owners()).decode(raw)
     assert (got.pid, got.uid, got.port, got.protocol, got.family, got.verdict, got.comm) == (
-        4242, 1000, 631, "udp", "ipv6", "audit", "cupsd")
-    assert (got.address, got.cgroup, got.unit, got.owners) == ("fe80::1", "/a/b.service",
-                                                               "b.service", ("/o",))
+        4242,
+        1000,
+        631,
+        "udp",
+        "ipv6",
+        "audit",
+        "cupsd",
+    )
+    assert (got.address, got.cgroup, got.unit, got.owners) == (
+        "fe80::1",
+        "/a/b.service",
+        "b.service",
+        ("/o",),
+    )

@@ -28,8 +28,10 @@ def test_one_owner_set_serves_a_whole_range():
 
 
 def test_a_port_reserved_twice_belongs_to_both_owners():
-    p = build('[[reserve]]\nports = ["631"]\ncgroup = "/cups"\n'
-              '[[reserve]]\nports = ["631/udp"]\ncgroup = "/browsed"\n')
+    p = build(
+        '[[reserve]]\nports = ["631"]\ncgroup = "/cups"\n'
+        '[[reserve]]\nports = ["631/udp"]\ncgroup = "/browsed"\n'
+    )
     assert p.owners_of(TCP, 631) == ("/cups",)
     assert set(p.owners_of(UDP, 631)) == {"/cups", "/browsed"}
 
@@ -40,7 +42,10 @@ def test_extra_owners_join_every_port():
 
 
 def test_plan_is_deterministic():
-    text = '[[reserve]]\nports = ["1", "2"]\ncgroups = ["/b", "/a"]\n[[reserve]]\nports = ["3"]\ncgroup = "/c"\n'
+    text = (
+        '[[reserve]]\nports = ["1", "2"]\ncgroups = ["/b", "/a"]\n'
+        '[[reserve]]\nports = ["3"]\ncgroup = "/c"\n'
+    )
     assert build(text) == build(text)
 
 

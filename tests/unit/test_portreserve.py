@@ -27,9 +27,7 @@ def test_real_cups_and_rsync_files_are_read(confdir):
     (confdir / "rsync").write_text("873/tcp\n")
     assert read_portreserve(confdir) == [
         PortreserveEntry(spec="ipp", unit="cups.service", file=str(confdir / "cups"), line=1),
-        PortreserveEntry(
-            spec="873/tcp", unit="rsync.service", file=str(confdir / "rsync"), line=1
-        ),
+        PortreserveEntry(spec="873/tcp", unit="rsync.service", file=str(confdir / "rsync"), line=1),
     ]
 
 

@@ -147,9 +147,7 @@ def test_instance_dropin_overrides_template_dropin(dirs):
     write(dirs[0] / "worker@.service.d" / "slice.conf", "[Service]\nSlice=jobs.slice\n")
     write(dirs[0] / "worker@b.service.d" / "slice.conf", "[Service]\nSlice=special.slice\n")
     assert unit_cgroup_path("worker@a.service", unit_dirs=dirs) == "/jobs.slice/worker@a.service"
-    assert (
-        unit_cgroup_path("worker@b.service", unit_dirs=dirs) == "/special.slice/worker@b.service"
-    )
+    assert unit_cgroup_path("worker@b.service", unit_dirs=dirs) == "/special.slice/worker@b.service"
 
 
 def test_host_dependent_specifier_is_refused_with_a_reason(dirs):
@@ -316,7 +314,9 @@ def test_socket_owner_follows_service_setting_and_its_slice(dirs):
 def test_accept_socket_trusts_no_service_because_instances_never_bind(dirs):
     write(dirs[2] / "rsyncd.socket", "[Socket]\nListenStream=873\nAccept=yes\n")
     assert socket_unit_owner_paths("rsyncd.socket", unit_dirs=dirs) == [
-        "/init.scope", "/system.slice/rsyncd.socket"]
+        "/init.scope",
+        "/system.slice/rsyncd.socket",
+    ]
 
 
 def test_socket_service_can_be_resolved_by_a_given_function(dirs):
@@ -352,8 +352,12 @@ def _fake_systemctl(monkeypatch, shown: dict[str, str] | None):
 def test_ask_systemd_returns_control_group_of_a_running_unit(monkeypatch):
     _fake_systemctl(
         monkeypatch,
-        {"Id": "cups.service", "ControlGroup": "/system.slice/cups.service",
-         "Slice": "system.slice", "LoadState": "loaded"},
+        {
+            "Id": "cups.service",
+            "ControlGroup": "/system.slice/cups.service",
+            "Slice": "system.slice",
+            "LoadState": "loaded",
+        },
     )
     assert units.ask_systemd("cups.service") == "/system.slice/cups.service"
 
@@ -361,8 +365,12 @@ def test_ask_systemd_returns_control_group_of_a_running_unit(monkeypatch):
 def test_ask_systemd_builds_path_from_slice_and_id_when_not_started(monkeypatch):
     _fake_systemctl(
         monkeypatch,
-        {"Id": "ssh.service", "ControlGroup": "", "Slice": "remote-admin.slice",
-         "LoadState": "loaded"},
+        {
+            "Id": "ssh.service",
+            "ControlGroup": "",
+            "Slice": "remote-admin.slice",
+            "LoadState": "loaded",
+        },
     )
     assert units.ask_systemd("sshd.service") == "/remote.slice/remote-admin.slice/ssh.service"
 
@@ -378,8 +386,12 @@ def test_ask_systemd_gives_up_on_units_it_cannot_find(monkeypatch):
 def test_resolve_unit_prefers_systemd_when_it_runs(monkeypatch):
     _fake_systemctl(
         monkeypatch,
-        {"Id": "db.service", "ControlGroup": "/custom/db.service", "Slice": "x.slice",
-         "LoadState": "loaded"},
+        {
+            "Id": "db.service",
+            "ControlGroup": "/custom/db.service",
+            "Slice": "x.slice",
+            "LoadState": "loaded",
+        },
     )
     assert resolve_unit("db.service") == "/custom/db.service"
 
@@ -408,34 +420,81 @@ def _fake_nested_systemctl(monkeypatch, root: str, shown: dict[str, dict[str, st
 
 
 def test_nested_systemd_prefixes_not_started_units_with_its_root(monkeypatch):
-    _fake_nested_systemctl(monkeypatch, "/machine/payload", {
-        "db.service": {"Id": "db.service", "ControlGroup": "", "Slice": "system.slice",
-                       "LoadState": "loaded"}})
+    _fake_nested_systemctl(
+        monkeypatch,
+        "/machine/payload",
+        {
+            "db.service": {
+                "Id": "db.service",
+                "ControlGroup": "",
+                "Slice": "system.slice",
+                "LoadState": "loaded",
+            }
+        },
+    )
     assert resolve_unit("db.service") == "/machine/payload/system.slice/db.service"
 
 
 def test_nested_systemd_prefixes_units_it_cannot_find(monkeypatch):
-    _fake_nested_systemctl(monkeypatch, "/machine/payload", {
-        "x.service": {"Id": "x.service", "ControlGroup": "", "Slice": "", "LoadState": "not-found"}})
+    _fake_nested_systemctl(
+        monkeypatch,
+        "/machine/payload",
+        {
+            "x.service": {
+                "Id": "x.service",
+                "ControlGroup": "",
+                "Slice": "",
+                "LoadState": "not-found",
+            }
+        },
+    )
     assert resolve_unit("x.service") == "/machine/payload/system.slice/x.service"
 
 
 def test_nested_systemd_socket_owner_is_its_own_init_scope(dirs, monkeypatch):
     write(dirs[0] / "cups.socket", "[Socket]\nListenStream=631\n")
-    _fake_nested_systemctl(monkeypatch, "/machine/payload", {
-        "init.scope": {"Id": "init.scope", "ControlGroup": "/machine/payload/init.scope",
-                       "Slice": "-.slice", "LoadState": "loaded"},
-        "cups.service": {"Id": "cups.service", "ControlGroup": "", "Slice": "system.slice",
-                         "LoadState": "loaded"},
-        "cups.socket": {"Id": "cups.socket", "ControlGroup": "", "Slice": "system.slice",
-                        "LoadState": "loaded"}})
+    _fake_nested_systemctl(
+        monkeypatch,
+        "/machine/payload",
+        {
+            "init.scope": {
+                "Id": "init.scope",
+                "ControlGroup": "/machine/payload/init.scope",
+                "Slice": "-.slice",
+                "LoadState": "loaded",
+            },
+            "cups.service": {
+                "Id": "cups.service",
+                "ControlGroup": "",
+                "Slice": "system.slice",
+                "LoadState": "loaded",
+            },
+            "cups.socket": {
+                "Id": "cups.socket",
+                "ControlGroup": "",
+                "Slice": "system.slice",
+                "LoadState": "loaded",
+            },
+        },
+    )
     assert socket_unit_owner_paths("cups.socket", unit_dirs=dirs, resolve=resolve_unit) == [
-        "/machine/payload/init.scope", "/machine/payload/system.slice/cups.socket",
-        "/machine/payload/system.slice/cups.service"]
+        "/machine/payload/init.scope",
+        "/machine/payload/system.slice/cups.socket",
+        "/machine/payload/system.slice/cups.service",
+    ]
 
 
 def test_systemd_at_the_cgroup_root_adds_no_prefix(monkeypatch):
-    _fake_nested_systemctl(monkeypatch, "/", {
-        "db.service": {"Id": "db.service", "ControlGroup": "", "Slice": "system.slice",
-                       "LoadState": "loaded"}})
+    _fake_nested_systemctl(
+        monkeypatch,
+        "/",
+        {
+            "db.service": {
+                "Id": "db.service",
+                "ControlGroup": "",
+                "Slice": "system.slice",
+                "LoadState": "loaded",
+            }
+        },
+    )
     assert resolve_unit("db.service") == "/system.slice/db.service"

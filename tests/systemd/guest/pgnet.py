@@ -1,11 +1,11 @@
 #!/usr/bin/python3
 """Runs inside the booted container, started by the test units (units.py). Standard library only.
 
-  serve PORT              owner: bind PORT tcp+udp (IPv4 and IPv6), tell systemd READY=1, wait
-  try PORT OUT            stranger: try to bind PORT every way, write {case: errno} to OUT
-  hammer PORT OUT         stranger: bind PORT tcp+udp in a loop until SIGTERM, write counts to OUT
-  activated               socket-activated service: accept on fd 3, greet, exit
-  connect PORT            client: print what the socket-activated service says
+serve PORT              owner: bind PORT tcp+udp (IPv4 and IPv6), tell systemd READY=1, wait
+try PORT OUT            stranger: try to bind PORT every way, write {case: errno} to OUT
+hammer PORT OUT         stranger: bind PORT tcp+udp in a loop until SIGTERM, write counts to OUT
+activated               socket-activated service: accept on fd 3, greet, exit
+connect PORT            client: print what the socket-activated service says
 """
 
 import json
