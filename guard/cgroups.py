@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 MOUNTS = Path("/proc/mounts")
@@ -23,8 +24,13 @@ def cgroup2_mount(mounts: Path = MOUNTS) -> Path:
     for line in lines:
         fields = line.split()
         if len(fields) >= 3 and fields[2] == "cgroup2":
-            return Path(fields[1].replace("\\040", " "))
+            return Path(unescape_mount_path(fields[1]))
     raise CgroupError("no cgroup2 file system is mounted (portguard needs the unified hierarchy)")
+
+
+def unescape_mount_path(path: str) -> str:
+    """Undo the octal escapes of /proc/mounts (\\040 for a space and so on)."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), path)
 
 
 def require_initial_namespace(namespace: Path = CGROUP_NAMESPACE) -> None:

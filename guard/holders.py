@@ -11,11 +11,12 @@ soon as everything asked for is found, so a call with no holders costs four netl
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from guard.cgroups import cgroup2_mount, unit_of_cgroup
 
 PROC = Path("/proc")
 
@@ -210,7 +211,7 @@ def _cgroup_paths(ids: set[int], cgroup_root: Path | None) -> dict[int, str]:
         return {}
     if cgroup_root is None:
         try:
-            cgroup_root = _cgroup2_mount()
+            cgroup_root = cgroup2_mount()
         except FileNotFoundError:
             return {}
     paths: dict[int, str] = {}
@@ -235,40 +236,6 @@ def _cgroup_paths(ids: set[int], cgroup_root: Path | None) -> dict[int, str]:
         except OSError:
             continue  # removed while walking
     return paths
-
-
-def _cgroup2_mount() -> Path:
-    """Return where the cgroup2 hierarchy is mounted (pure, hybrid or in a container).
-
-    Prefers a mount of the hierarchy's root over a bind mount of a subtree.
-    """
-    candidates = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            fstype = fields[fields.index("-") + 1]
-            if fstype == "cgroup2":
-                candidates.append((fields[3] != "/", _unescape_mount_path(fields[4])))
-    if not candidates:
-        raise FileNotFoundError("no cgroup2 file system is mounted")
-    return Path(min(candidates)[1])
-
-
-def _unescape_mount_path(path: str) -> str:
-    """Undo mountinfo's octal escapes (\\040 for a space and so on)."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), path)
-
-
-def unit_of_cgroup(path: str) -> str | None:
-    """Return the systemd unit a cgroup path belongs to, or None outside any unit.
-
-    The deepest unit wins, so a process in a user's app scope is named by that scope rather than
-    by ``user@UID.service``, and a service's delegated sub-cgroups are named by the service.
-    """
-    for component in reversed(path.split("/")):
-        if component.endswith(_UNIT_SUFFIXES) and not component.startswith("."):
-            return component
-    return None
 
 
 def bound_ports(proc_net: Path = PROC / "net") -> set[tuple[int, str]]:

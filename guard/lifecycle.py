@@ -192,16 +192,21 @@ def netns_cookie() -> int:
         return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
 
-@contextmanager
-def _locked(pin_dir: Path) -> Iterator[None]:
-    """One apply/remove at a time per pin directory."""
+def lock_path(pin_dir: Path, role: str = "") -> Path:
+    """The lock file of one role (apply/remove, monitor, ...) for one pin directory."""
     try:
         LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
         lock_dir = LOCK_DIR
     except OSError:
         lock_dir = Path("/tmp")
     name = sources.sha256(str(pin_dir).encode()).hexdigest()[:16]
-    with open(lock_dir / f"portguard-{name}.lock", "w") as lock:
+    return lock_dir / f"portguard-{role + '-' if role else ''}{name}.lock"
+
+
+@contextmanager
+def _locked(pin_dir: Path) -> Iterator[None]:
+    """One apply/remove at a time per pin directory."""
+    with open(lock_path(pin_dir), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 

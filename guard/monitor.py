@@ -14,7 +14,6 @@ are not reported here (`status` shows the total since the guard was loaded).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import signal
 import socket
@@ -28,7 +27,7 @@ from typing import Protocol
 
 from guard import cgroups, kernel, layout
 from guard.holders import _cgroup_paths, unit_of_cgroup
-from guard.lifecycle import LOCK_DIR, GuardError, Maps, Pins
+from guard.lifecycle import GuardError, Maps, Pins, lock_path
 from guard.squatters import FAMILY_NAMES, process_cgroup
 
 POLL_MS = 100
@@ -214,13 +213,7 @@ def lost_total(maps: Maps) -> int:
 @contextmanager
 def _sole_monitor(pin_dir: Path) -> Iterator[None]:
     """One consumer per ring buffer: a second monitor would split the events with the first."""
-    try:
-        LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
-        lock_dir = LOCK_DIR
-    except OSError:
-        lock_dir = Path("/tmp")
-    name = hashlib.sha256(str(pin_dir).encode()).hexdigest()[:16]
-    with open(lock_dir / f"portguard-monitor-{name}.lock", "w") as lock:
+    with open(lock_path(pin_dir, "monitor"), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

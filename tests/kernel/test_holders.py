@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.holders import Holder, _cgroup2_mount, holders
+from guard.cgroups import cgroup2_mount
+from guard.holders import Holder, holders
 
 pytestmark = pytest.mark.kernel
 
@@ -94,7 +95,7 @@ def cgroup2_root() -> Path:
     if os.geteuid() != 0:
         _missing("needs root")
     try:
-        root = _cgroup2_mount()
+        root = cgroup2_mount()
     except FileNotFoundError:
         _missing("no cgroup2 file system mounted")
     return root

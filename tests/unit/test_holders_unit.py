@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from guard.cgroups import unescape_mount_path
 from guard.holders import (
     _cgroup_paths,
-    _unescape_mount_path,
     holders,
     socket_owners,
     unit_of_cgroup,
@@ -109,8 +109,8 @@ def test_cgroup_ids_map_to_paths_by_directory_inode(tmp_path):
 
 
 def test_mountinfo_escapes_are_undone():
-    assert _unescape_mount_path(r"/sys/fs/cgroup/my\040root\134x") == "/sys/fs/cgroup/my root\\x"
-    assert _unescape_mount_path("/sys/fs/cgroup") == "/sys/fs/cgroup"
+    assert unescape_mount_path(r"/sys/fs/cgroup/my\040root\134x") == "/sys/fs/cgroup/my root\\x"
+    assert unescape_mount_path("/sys/fs/cgroup") == "/sys/fs/cgroup"
 
 
 def test_unknown_protocol_is_refused():
