@@ -189,6 +189,18 @@ def set_mode(mode):
     sh("systemctl", "add-wants", "pg-owner.service", "pg-squat.service", check=True)
 
 
+SQUAT_WANTS = "/etc/systemd/system/pg-owner.service.wants/pg-squat.service"
+
+
+def without_squatter():
+    """Only the boot series start the squatter with the owner; the other scenarios must see
+    nothing but the owner and the stranger competing for the port."""
+    if os.path.lexists(SQUAT_WANTS):
+        os.unlink(SQUAT_WANTS)
+        sh("systemctl", "daemon-reload", check=True)
+    sh("systemctl", "stop", "pg-squat.service")
+
+
 def scenario_series(count, mode):
     os.makedirs(STATE, exist_ok=True)
     set_mode(mode)
@@ -252,7 +264,8 @@ def scenario_results():
 
 
 def scenario_storm(restarts, seconds):
-    sh("systemctl", "stop", "pg-squat.service", "pg-stranger.service")
+    without_squatter()
+    sh("systemctl", "stop", "pg-stranger.service")
     sh("systemctl", "reset-failed")
     sh("systemctl", "start", OWNER_UNIT, check=False)
     if os.path.exists(f"{RUN}/stranger.json"):
@@ -282,20 +295,26 @@ def scenario_storm(restarts, seconds):
 
 
 def scenario_features():
+    without_squatter()
     apply = sh(PORTGUARD, "apply")
+    # With the owner stopped the port is free: only the guard can refuse this session (no owner).
+    sh("systemctl", "stop", OWNER_UNIT)
+    socks, denied = bind_both(PORT)
+    for sock in socks:
+        sock.close()
+    sh("systemctl", "start", OWNER_UNIT)
     status_proc = sh(PORTGUARD, "status", "--json")
     try:
         status = json.loads(status_proc.stdout)
     except ValueError:
         status = None
-    _, denied = bind_both(PORT)  # this ssh session is no owner: both binds must be refused
     expected_errno = "EADDRINUSE" if kernel_has_set_retval() else "EPERM"
     owner_cgroup = "/sys/fs/cgroup/system.slice/" + OWNER_UNIT
     owner_id = os.stat(owner_cgroup).st_ino if os.path.isdir(owner_cgroup) else None
     reservations = {}
     for res in (status or {}).get("reservations", []):
         reservations[f"{res.get('port')}/{res.get('protocol')}"] = [o.get("id") for o in res.get("owners", [])]
-    warned = "set_retval" in apply.stderr
+    warned = any("warning" in line and "set_retval" in line for line in apply.stderr.splitlines())
     status_errno = (status or {}).get("deny_errno")
     if isinstance(status_errno, int):
         status_errno = errname(status_errno)
@@ -311,7 +330,8 @@ def scenario_features():
     }
     print(json.dumps({"kernel": platform.release(), "set_retval": kernel_has_set_retval(),
                       "apply_rc": apply.returncode, "apply_stdout": apply.stdout.strip(),
-                      "apply_stderr": apply.stderr.strip(), "status_rc": status_proc.returncode,
+                      "apply_stderr": apply.stderr.strip()[-600:], "status_rc": status_proc.returncode,
+                      "status_stderr": status_proc.stderr.strip()[-300:],
                       "status_errno": status_errno, "stranger_bind": denied,
                       "owner_cgroup_id": owner_id, "reservations": reservations,
                       "checks": checks, "ok": all(checks.values())}))
