@@ -188,8 +188,22 @@ def preflight(
 
 
 def netns_cookie() -> int:
+    """This network namespace's cookie, or 0 (guard every namespace) on kernels that cannot
+    report it to userspace (SO_NETNS_COOKIE: Linux >= 5.14)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError as exc:
+            if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+                return 0
+            raise
+    return int.from_bytes(raw, "little")
+
+
+NO_NETNS_COOKIE = (
+    "this kernel cannot tell userspace its network namespace cookie (SO_NETNS_COOKIE, Linux >= "
+    "5.14): the guard applies in every network namespace, containers with their own included"
+)
 
 
 def lock_path(pin_dir: Path, role: str = "") -> Path:
@@ -390,6 +404,8 @@ def apply(plan: Plan) -> ApplyResult:
     cgroup_root, attach_dir = preflight(settings, mount_bpffs=True)
     try:
         variant, notes = choose_variant(settings)
+        if netns_cookie() == 0:
+            notes.append(NO_NETNS_COOKIE)
         object_path = objects.ensure_object(variant)
         can_contain = kernel.has_packet_netns_cookie()
     except (objects.BuildError, kernel.BpfError) as exc:

@@ -1,0 +1,36 @@
+"""Kernels before 5.14 cannot report the network namespace cookie: guard every namespace."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+
+from guard import lifecycle
+
+
+class NoCookieSocket(socket.socket):
+    def getsockopt(self, level, option, *args):
+        if option == lifecycle.SO_NETNS_COOKIE:
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        return super().getsockopt(level, option, *args)
+
+
+def test_missing_so_netns_cookie_means_cookie_zero(monkeypatch):
+    monkeypatch.setattr(lifecycle.socket, "socket", NoCookieSocket)
+    assert lifecycle.netns_cookie() == 0
+
+
+def test_other_getsockopt_errors_are_not_hidden(monkeypatch):
+    class Broken(socket.socket):
+        def getsockopt(self, level, option, *args):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(lifecycle.socket, "socket", Broken)
+    with pytest.raises(OSError):
+        lifecycle.netns_cookie()
+
+
+def test_this_kernel_reports_a_cookie():
+    assert lifecycle.netns_cookie() > 0
