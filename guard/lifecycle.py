@@ -877,7 +877,8 @@ def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | No
             links=tuple(link_states),
             program=meta.object.decode() if meta else None,
             mode="audit" if cfg and cfg.mode == layout.MODE_AUDIT else "enforce",
-            deny_errno=cfg.deny_errno if cfg else None,
+            # 0 means a program without bpf_set_retval: the binder sees plain EPERM
+            deny_errno=(cfg.deny_errno or errno.EPERM) if cfg else None,
             netns_cookie=cfg.netns_cookie if cfg else None,
             reservations=tuple(reservations),
             lost_events=sum(lost) if lost else 0,
