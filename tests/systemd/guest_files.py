@@ -106,7 +106,8 @@ def bpf_objects(cache: Path) -> dict[str, bytes]:
 
 def guest_files(attach_cgroup: str, objects: dict[str, bytes]) -> GuestFiles:
     files: GuestFiles = {f"{UNIT_DIR}/{name}": text for name, text in UNITS.items()}
-    files[f"{UNIT_DIR}/portguard.service"] = (REPO / "systemd/portguard.service").read_text()
+    for unit in ("portguard.service", "portguard-monitor.service"):  # the monitor: not enabled
+        files[f"{UNIT_DIR}/{unit}"] = (REPO / "systemd" / unit).read_text()
     for wants, unit in ENABLED.items():
         files[f"{UNIT_DIR}/{wants}/{unit}"] = Symlink(f"{UNIT_DIR}/{unit}")
     files["/etc/portguard/portguard.toml"] = config(attach_cgroup)

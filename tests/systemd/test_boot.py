@@ -8,6 +8,7 @@ socket unit pg-sock.socket. Stranger units try the same ports. The guest's kerne
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -122,3 +123,53 @@ def test_socket_activated_owner_serves_and_its_port_is_refused_to_strangers(mach
     assert {way: tried[way] for way in ("v4/udp", "v6/udp")} == {"v4/udp": 0, "v6/udp": 0}
     greeting = machine.run(*PGNET.split(), "connect", str(SOCKET_PORT), check=True).stdout
     assert greeting.startswith("hello from pid")
+
+
+def wait_for(probe, timeout: float = 60.0):
+    """probe() until it returns something true; that value (or the last one after timeout)."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return value
+
+
+def test_monitor_unit_logs_each_refusal_to_the_journal_with_portguard_fields(machine: Machine):
+    monitor = "portguard-monitor.service"
+    machine.systemctl("start", monitor)
+    try:
+        said = wait_for(
+            lambda: (
+                "monitoring refused binds"
+                in machine.run("journalctl", "-q", "-o", "cat", "-u", monitor).stdout
+            )
+        )
+        assert said, machine.run("journalctl", "-q", "-u", monitor).stdout
+        assert stranger_tries(machine, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
+
+        def entries() -> list[dict]:
+            out = machine.run(
+                "journalctl",
+                "-q",
+                "-o",
+                "json",
+                f"_SYSTEMD_UNIT={monitor}",
+                f"PORTGUARD_UNIT=pg-try@{OWNER_PORT}.service",
+            ).stdout
+            found = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            return found if len(found) >= len(ALL_WAYS) else []
+
+        logged = wait_for(entries)
+    finally:
+        machine.systemctl("stop", monitor)
+    ways = sorted(f"{e['PORTGUARD_FAMILY']}/{e['PORTGUARD_PROTOCOL']}" for e in logged)
+    assert ways == ["ipv4/tcp", "ipv4/udp", "ipv6/tcp", "ipv6/udp"]
+    owner_cgroup = f"{machine.cgroup}/system.slice/pg-owner.service"
+    for entry in logged:
+        assert entry["PORTGUARD_PORT"] == str(OWNER_PORT)
+        assert entry["PORTGUARD_VERDICT"] == "denied"
+        assert entry["PRIORITY"] == "4"  # warning
+        assert entry["PORTGUARD_OWNER"].lstrip("/") == owner_cgroup.lstrip("/")
+        # a template's instances live in its own slice: system-pg\x2dtry.slice
+        assert entry["PORTGUARD_CGROUP"].startswith(f"/{machine.cgroup.lstrip('/')}/system.slice/")
+        assert entry["PORTGUARD_CGROUP"].endswith(f"/pg-try@{OWNER_PORT}.service")
+        assert entry["MESSAGE"].startswith("refused bind of ")
