@@ -33,6 +33,8 @@ ln -sf /opt/portguard/bin/portguard /usr/bin/portguard
 /opt/portguard/bin/portguard build
 
 install -m 0644 "$wheels/portguard.service" /etc/systemd/system/portguard.service
+# the monitor is started by the features scenario only (not enabled)
+install -m 0644 "$wheels/portguard-monitor.service" /etc/systemd/system/portguard-monitor.service
 install -d /usr/local/lib/pg-tests /var/lib/pg-tests
 install -m 0755 "$guest/pgtest.py" /usr/local/lib/pg-tests/pgtest.py
 install -m 0644 "$guest"/units/*.service /etc/systemd/system/

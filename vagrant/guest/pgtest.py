@@ -11,7 +11,8 @@ Scenarios (run as root over ssh; each prints one JSON object on its last line):
   series N MODE     start a series of N reboots; MODE guarded|unguarded (see boot-check)
   results           the per-boot records of the current series
   storm N S         restart pg-owner N times while a stranger hammers 631 for at most S seconds
-  features          apply/status output against what this kernel can do
+  features          apply/status output against what this kernel can do; the monitor's journal
+                    entries (portguard-monitor.service) for the refusals
   analyze           systemd-analyze: portguard.service before rpcbind, and its duration
 """
 
@@ -31,6 +32,7 @@ STATE = "/var/lib/pg-tests"
 RUN = "/run/pg-tests"
 PORT = 631
 OWNER_UNIT = "pg-owner.service"
+MONITOR_UNIT = "portguard-monitor.service"
 PORTGUARD = "/opt/portguard/bin/portguard"
 
 
@@ -297,12 +299,15 @@ def scenario_storm(restarts, seconds):
 def scenario_features():
     without_squatter()
     apply = sh(PORTGUARD, "apply")
+    monitor_ready = start_monitor()
     # With the owner stopped the port is free: only the guard can refuse this session (no owner).
     sh("systemctl", "stop", OWNER_UNIT)
     socks, denied = bind_both(PORT)
     for sock in socks:
         sock.close()
     sh("systemctl", "start", OWNER_UNIT)
+    journal = journal_refusals(os.getpid(), {"tcp", "udp"}) if monitor_ready else []
+    sh("systemctl", "stop", MONITOR_UNIT)
     status_proc = sh(PORTGUARD, "status", "--json")
     try:
         status = json.loads(status_proc.stdout)
@@ -327,6 +332,15 @@ def scenario_features():
         "status_has_631_tcp_udp": {"631/tcp", "631/udp"} <= set(reservations),
         "status_owner_id_is_live_cgroup": owner_id is not None and all(
             owner_id in ids for key, ids in reservations.items() if key.startswith("631/")),
+        "monitor_started": monitor_ready,
+        "journal_has_both_refusals":
+            {e.get("PORTGUARD_PROTOCOL") for e in journal} >= {"tcp", "udp"},
+        "journal_fields_right": bool(journal) and all(
+            e.get("PORTGUARD_PORT") == str(PORT) and e.get("PORTGUARD_VERDICT") == "denied"
+            and e.get("PORTGUARD_UNIT", "").endswith(".scope")
+            and e.get("_SYSTEMD_UNIT") == MONITOR_UNIT
+            and str(e.get("PORTGUARD_OWNER")).endswith("/" + OWNER_UNIT)
+            for e in journal),
     }
     print(json.dumps({"kernel": platform.release(), "set_retval": kernel_has_set_retval(),
                       "apply_rc": apply.returncode, "apply_stdout": apply.stdout.strip(),
@@ -334,8 +348,38 @@ def scenario_features():
                       "status_stderr": status_proc.stderr.strip()[-300:],
                       "status_errno": status_errno, "stranger_bind": denied,
                       "owner_cgroup_id": owner_id, "reservations": reservations,
+                      "journal": [{k: v for k, v in e.items()
+                                   if k.startswith(("PORTGUARD_", "MESSAGE", "_SYSTEMD_UNIT"))}
+                                  for e in journal],
                       "checks": checks, "ok": all(checks.values())}))
     return 0
+
+
+def start_monitor(timeout=180):
+    """Start portguard-monitor.service (monitor --journal); True once it says it is monitoring."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 1))
+    sh("systemctl", "start", MONITOR_UNIT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = sh("journalctl", "-q", "-u", MONITOR_UNIT, "--since", since, "-o", "cat").stdout
+        if "monitoring refused binds" in out:
+            return True
+        time.sleep(1)
+    return False
+
+
+def journal_refusals(pid, protocols, timeout=60):
+    """The monitor's journal entries (all fields) for refusals of this pid, once every protocol
+    in `protocols` has one, or what there is after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    entries = []
+    while time.monotonic() < deadline:
+        out = sh("journalctl", "-q", "-o", "json", f"PORTGUARD_PID={pid}").stdout
+        entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        if {e.get("PORTGUARD_PROTOCOL") for e in entries} >= protocols:
+            break
+        time.sleep(1)
+    return entries
 
 
 def monotonic_us(unit, prop):
