@@ -300,6 +300,8 @@ def scenario_features():
     without_squatter()
     apply = sh(PORTGUARD, "apply")
     monitor_ready = start_monitor()
+    # ssh sessions: a session-N.scope with logind, else ssh.service (the boxes have no logind)
+    own_cgroup = own_cgroup_path()
     # With the owner stopped the port is free: only the guard can refuse this session (no owner).
     sh("systemctl", "stop", OWNER_UNIT)
     socks, denied = bind_both(PORT)
@@ -337,7 +339,8 @@ def scenario_features():
             {e.get("PORTGUARD_PROTOCOL") for e in journal} >= {"tcp", "udp"},
         "journal_fields_right": bool(journal) and all(
             e.get("PORTGUARD_PORT") == str(PORT) and e.get("PORTGUARD_VERDICT") == "denied"
-            and e.get("PORTGUARD_UNIT", "").endswith(".scope")
+            and e.get("PORTGUARD_CGROUP") == own_cgroup
+            and e.get("PORTGUARD_UNIT") == own_cgroup.rsplit("/", 1)[-1]
             and e.get("_SYSTEMD_UNIT") == MONITOR_UNIT
             and str(e.get("PORTGUARD_OWNER")).endswith("/" + OWNER_UNIT)
             for e in journal),
@@ -368,13 +371,19 @@ def start_monitor(timeout=180):
     return False
 
 
+def own_cgroup_path():
+    with open("/proc/self/cgroup") as f:
+        return next(line[3:].strip() for line in f if line.startswith("0::"))
+
+
 def journal_refusals(pid, protocols, timeout=60):
     """The monitor's journal entries (all fields) for refusals of this pid, once every protocol
     in `protocols` has one, or what there is after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     entries = []
     while time.monotonic() < deadline:
-        out = sh("journalctl", "-q", "-o", "json", f"PORTGUARD_PID={pid}").stdout
+        # this boot only: the journal may be persistent, and a pid may repeat across boots
+        out = sh("journalctl", "-q", "-b", "-o", "json", f"PORTGUARD_PID={pid}").stdout
         entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         if {e.get("PORTGUARD_PROTOCOL") for e in entries} >= protocols:
             break
