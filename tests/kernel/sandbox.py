@@ -34,14 +34,19 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-def require_kernel() -> Path:
-    """Root, cgroup2 and bpffs (mounted here when absent, as apply would): the cgroup2 mount."""
+def require_root_and_cgroup2(why_root: str) -> Path:
+    """Root (else `missing(why_root)`) and a cgroup2 mount, which is returned."""
     if os.geteuid() != 0:
-        missing("kernel tests need root")
+        missing(why_root)
     try:
-        root = cgroups.cgroup2_mount()
+        return cgroups.cgroup2_mount()
     except cgroups.CgroupError as exc:
         missing(str(exc))
+
+
+def require_kernel() -> Path:
+    """Root, cgroup2 and bpffs (mounted here when absent, as apply would): the cgroup2 mount."""
+    root = require_root_and_cgroup2("kernel tests need root")
     bpffs = Path("/sys/fs/bpf")
     mounts = Path("/proc/mounts").read_text()
     if f" {bpffs} bpf " not in mounts and (
@@ -80,35 +85,31 @@ CHILD = textwrap.dedent(r"""
         finally:
             s.close()
 
+    def tally(counts, e):
+        # one bind's outcome into {"ok": n, "fail": n, "errors": {errno: n}}
+        if e == 0:
+            counts["ok"] += 1
+        else:
+            counts["fail"] += 1
+            counts["errors"][e] = counts["errors"].get(e, 0) + 1
+
     if action == "bind":
         print(json.dumps({f"{f}/{t}/{p}": bind(f, t, p) for f, t, p in args}))
     elif action == "loop":
         # bind the same port in a loop until the stop file appears; report counts
         fam, typ, port, stop = args
-        ok = fail = 0
-        errors = {}
+        counts = {"ok": 0, "fail": 0, "errors": {}}
         print("ready", flush=True)
         while not os.path.exists(stop):
-            e = bind(fam, typ, port)
-            if e == 0:
-                ok += 1
-            else:
-                fail += 1
-                errors[e] = errors.get(e, 0) + 1
-        print(json.dumps({"ok": ok, "fail": fail, "errors": errors}))
+            tally(counts, bind(fam, typ, port))
+        print(json.dumps(counts))
     elif action == "repeat":
         # bind the same port n times in a tight loop; report counts
         fam, typ, port, n = args
-        ok = fail = 0
-        errors = {}
+        counts = {"ok": 0, "fail": 0, "errors": {}}
         for _ in range(n):
-            e = bind(fam, typ, port)
-            if e == 0:
-                ok += 1
-            else:
-                fail += 1
-                errors[e] = errors.get(e, 0) + 1
-        print(json.dumps({"ok": ok, "fail": fail, "errors": errors, "pid": os.getpid()}))
+            tally(counts, bind(fam, typ, port))
+        print(json.dumps({**counts, "pid": os.getpid()}))
     elif action == "hold":
         # bind (and listen, for TCP) and keep the port until killed
         fam, typ, port = args
@@ -154,21 +155,15 @@ CHILD = textwrap.dedent(r"""
     elif action == "restarts":
         # owner restarts: mkdir the owner cgroup, join it, bind, leave, rmdir; count failures
         owner_dir, parking_procs, count, cases = args
-        ok = fail = 0
-        errors = {}
+        counts = {"ok": 0, "fail": 0, "errors": {}}
         for _ in range(count):
             os.mkdir(owner_dir)
             join(os.path.join(owner_dir, "cgroup.procs"))
             for f, t, p in cases:
-                e = bind(f, t, p)
-                if e == 0:
-                    ok += 1
-                else:
-                    fail += 1
-                    errors[e] = errors.get(e, 0) + 1
+                tally(counts, bind(f, t, p))
             join(parking_procs)
             os.rmdir(owner_dir)
-        print(json.dumps({"ok": ok, "fail": fail, "errors": errors}))
+        print(json.dumps(counts))
     elif action == "serve":
         # echo server on a port until killed: TCP connections one after the other, UDP datagrams
         fam, typ, port = args

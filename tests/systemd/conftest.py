@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -8,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from guard import cgroups
-from tests.kernel.sandbox import missing
+from tests.kernel.sandbox import missing, require_root_and_cgroup2
 from tests.systemd import rootfs
 from tests.systemd.guest_files import bpf_objects, guest_files
 from tests.systemd.machine import Machine, MachineError
@@ -18,12 +16,9 @@ HOST_BPFFS = Path("/sys/fs/bpf")
 
 
 def _prerequisites() -> Path:
-    if os.geteuid() != 0:
-        missing("systemd tests need root (debootstrap, overlay mounts, systemd-nspawn)")
-    try:
-        cgroup_root = cgroups.cgroup2_mount()
-    except cgroups.CgroupError as exc:
-        missing(str(exc))
+    cgroup_root = require_root_and_cgroup2(
+        "systemd tests need root (debootstrap, overlay mounts, systemd-nspawn)"
+    )
     for tool in ("nsenter", "mount"):
         if shutil.which(tool) is None:
             missing(f"{tool} is not installed")
