@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.harness import bpftool_json
 from guard import cgroups
 from tests.kernel.sandbox import Sandbox, in_netns, new_sandbox
 
@@ -194,22 +195,8 @@ def program_stats(box: Sandbox) -> dict[str, tuple[int, int]]:
         link = box.pin_dir / f"link_{name}"
         if not link.exists():
             continue
-        info = json.loads(
-            subprocess.run(
-                ["bpftool", "-j", "link", "show", "pinned", str(link)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )
-        prog = json.loads(
-            subprocess.run(
-                ["bpftool", "-j", "prog", "show", "id", str(info["prog_id"])],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )
+        info = bpftool_json("link", "show", "pinned", str(link))
+        prog = bpftool_json("prog", "show", "id", str(info["prog_id"]))
         stats[name] = (prog.get("run_cnt", 0), prog.get("run_time_ns", 0))
     return stats
 

@@ -167,15 +167,15 @@ def bpf_stats(w: World) -> Iterator[None]:
         os.close(fd)
 
 
+def bpftool_json(*args: str) -> dict:
+    """`bpftool -j ARGS...`, parsed."""
+    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
 def prog_stats(prog_id: int) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of a program."""
-    out = subprocess.run(
-        ["bpftool", "prog", "show", "id", str(prog_id), "-j"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    info = json.loads(out)
+    info = bpftool_json("prog", "show", "id", str(prog_id))
     return info.get("run_time_ns", 0), info.get("run_cnt", 0)
 
 
@@ -245,11 +245,6 @@ def maps_memlock(pin_dir: Path) -> dict[str, int]:
     sizes = {}
     for maps_dir in pin_dir.glob("maps-*"):
         for pinned in sorted(maps_dir.iterdir()):
-            out = subprocess.run(
-                ["bpftool", "map", "show", "pinned", str(pinned), "-j"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            sizes[pinned.name] = int(json.loads(out).get("bytes_memlock", 0))
+            info = bpftool_json("map", "show", "pinned", str(pinned))
+            sizes[pinned.name] = int(info.get("bytes_memlock", 0))
     return sizes
