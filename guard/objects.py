@@ -1,15 +1,22 @@
-"""The compiled BPF object: built once with clang, cached by the digest of its sources.
+"""The compiled BPF object: built once with clang, named by the digest of its sources.
 
 The object uses only UAPI types plus CO-RE relocations resolved against the running
 kernel's BTF at load time, so one build serves every kernel: no kernel headers, and no
-compiler at boot once `portguard build` (or the first apply) has filled the cache.
-The cache file name carries the source digest and a sidecar holds the object's own
-digest: an object built from other sources, or damaged, is never loaded.
+compiler on the host. A wheel or Debian package compiles it when the package is built
+(setup.py) and ships it beside the sources in ``guard/bpf``; a source checkout compiles it
+into the cache (`portguard build`, or the first apply). Every file name carries the source
+digest and a sidecar holds the object's own digest: an object built from other sources, or
+damaged, is never loaded.
+
+BPF objects carry the byte order of their target, not a CPU architecture: the package ships
+a little- and a big-endian build (``bpfel``/``bpfeb``) and the host's byte order picks one,
+so the package is the same on every architecture.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from guard.sources import bpf_source_dir, sha256
@@ -20,6 +27,8 @@ VARIANTS = {
     "retval": [],  # denial errno chosen at run time via bpf_set_retval (Linux >= 5.18)
     "eperm": ["-DPG_NO_SET_RETVAL"],  # older kernels: the binder sees EPERM
 }
+# the clang target for each byte order (sys.byteorder)
+TARGETS = {"little": "bpfel", "big": "bpfeb"}
 CLANGS = ("clang", "clang-19", "clang-18", "clang-17", "clang-16", "clang-15", "clang-14")
 
 
@@ -31,41 +40,62 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PORTGUARD_CACHE_DIR", DEFAULT_CACHE_DIR))
 
 
-def _flags(variant: str) -> list[str]:
+def shipped_dir() -> Path:
+    """Where an installed package carries its prebuilt objects (absent in a checkout)."""
+    return Path(__file__).resolve().parent / "bpf"
+
+
+def host_target() -> str:
+    return TARGETS[sys.byteorder]
+
+
+def _flags(variant: str, target: str) -> list[str]:
     import sysconfig
 
     include = [f"-I{bpf_source_dir()}"]
     multiarch = sysconfig.get_config_var("MULTIARCH")
     if multiarch:
         include.append(f"-I/usr/include/{multiarch}")
-    return ["-O2", "-g", "-target", "bpf", *include, *VARIANTS[variant]]
+    return ["-O2", "-g", "-target", target, *include, *VARIANTS[variant]]
 
 
-def source_digest(variant: str) -> str:
+def source_digest(variant: str, target: str | None = None) -> str:
     digest = sha256()
     for name in SOURCES:
         digest.update((bpf_source_dir() / name).read_bytes())
     digest.update(" ".join(VARIANTS[variant]).encode())
+    target = target or host_target()
+    if target != "bpfel":  # keeps the little-endian names that caches and pins already carry
+        digest.update(target.encode())
     return digest.hexdigest()[:16]
 
 
+def object_name(variant: str, target: str | None = None) -> str:
+    return f"guard-{variant}-{source_digest(variant, target)}.o"
+
+
 def object_path(variant: str) -> Path:
-    return cache_dir() / f"guard-{variant}-{source_digest(variant)}.o"
+    return cache_dir() / object_name(variant)
 
 
 def _file_digest(path: Path) -> str:
     return sha256(path.read_bytes()).hexdigest()
 
 
-def cached_object(variant: str) -> Path | None:
-    """The cached object for the current sources, if present and intact."""
-    path = object_path(variant)
-    sidecar = path.with_suffix(".sha256")
+def _intact(path: Path) -> bool:
     try:
-        if sidecar.read_text().strip() == _file_digest(path):
-            return path
+        return path.with_suffix(".sha256").read_text().strip() == _file_digest(path)
     except OSError:
-        pass
+        return False
+
+
+def cached_object(variant: str) -> Path | None:
+    """The object for the current sources, if present and intact: the one the package
+    shipped first, else the one in the cache."""
+    name = object_name(variant)
+    for path in (shipped_dir() / name, cache_dir() / name):
+        if _intact(path):
+            return path
     return None
 
 
@@ -82,42 +112,48 @@ def find_clang() -> str | None:
     return None
 
 
-def build(variant: str) -> Path:
-    """Compile the object into the cache (atomically) and return its path."""
+def build(variant: str, target: str | None = None, directory: Path | None = None) -> Path:
+    """Compile the object (for `target`, default the host's byte order) into `directory`
+    (default the cache), atomically, and return its path."""
     import subprocess
     import tempfile
 
     clang = find_clang()
     if clang is None:
         raise BuildError(
-            f"no compiled BPF object for this portguard version in {cache_dir()} and no clang "
-            "to build one: install clang and libbpf-dev (apt install clang libbpf-dev), then run "
-            "`portguard build`"
+            f"no intact compiled BPF object for this portguard version (neither shipped in "
+            f"{shipped_dir()} nor cached in {cache_dir()}) and no clang to build one: reinstall "
+            "the portguard package, or install clang and libbpf-dev (apt install clang "
+            "libbpf-dev) and run `portguard build`"
         )
-    target = object_path(variant)
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [clang, *_flags(variant), "-c", str(bpf_source_dir() / "guard.bpf.c"), "-o", str(out)]
+    target = target or host_target()
+    path = (directory or cache_dir()) / object_name(variant, target)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        source = bpf_source_dir() / "guard.bpf.c"
+        cmd = [clang, *_flags(variant, target), "-c", str(source), "-o", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             hint = ""
             if "bpf/bpf_helpers.h" in proc.stderr or "linux/bpf.h" in proc.stderr:
                 hint = " (install libbpf-dev and linux-libc-dev)"
             raise BuildError(f"compiling the BPF object failed{hint}:\n{proc.stderr.strip()}")
-        sidecar = Path(tmp) / (target.stem + ".sha256")
+        sidecar = Path(tmp) / (path.stem + ".sha256")
         sidecar.write_text(_file_digest(out) + "\n")
-        os.replace(out, target)
-        os.replace(sidecar, target.with_suffix(".sha256"))
-    _prune(variant, keep=target)
-    return target
+        os.replace(out, path)
+        os.replace(sidecar, path.with_suffix(".sha256"))
+    _prune(variant, keep=path)
+    return path
 
 
 def _prune(variant: str, keep: Path) -> None:
     """Remove this variant's objects built from other sources (a package upgrade leaves
-    the old version's): they are never loaded, only taking room."""
+    the old version's): they are never loaded, only taking room. Objects for the other byte
+    order, built beside them for a package, stay."""
+    current = {object_name(variant, target) for target in TARGETS.values()}
     for stale in keep.parent.glob(f"guard-{variant}-*.o"):
-        if stale != keep:
+        if stale.name not in current:
             for path in (stale, stale.with_suffix(".sha256")):
                 path.unlink(missing_ok=True)
 

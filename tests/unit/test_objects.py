@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from guard import objects
@@ -57,3 +59,54 @@ def test_build_removes_objects_of_other_sources(cache):
     assert objects.cached_object("retval") == built
     assert not stale.exists() and not stale.with_suffix(".sha256").exists()
     assert other_variant.exists()  # pruned when that variant is built
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """The directory an installed package carries its objects in (guard/bpf)."""
+    path = tmp_path / "shipped"
+    path.mkdir()
+    monkeypatch.setattr(objects, "shipped_dir", lambda: path)
+    return path
+
+
+def _put(directory, content: bytes, vouched: bytes | None = None):
+    path = directory / objects.object_name("retval")
+    path.write_bytes(content)
+    digest = objects.sha256(content if vouched is None else vouched).hexdigest()
+    path.with_suffix(".sha256").write_text(digest + "\n")
+    return path
+
+
+def test_the_object_a_package_ships_is_preferred_to_the_cache(cache, shipped):
+    _put(cache, b"\x7fELF cached")
+    ours = _put(shipped, b"\x7fELF shipped")
+    assert objects.cached_object("retval") == ours
+
+
+def test_a_damaged_shipped_object_is_passed_over_for_an_intact_cached_one(cache, shipped):
+    _put(shipped, b"\x7fELF damaged", vouched=b"\x7fELF shipped")
+    cached = _put(cache, b"\x7fELF cached")
+    assert objects.cached_object("retval") == cached
+
+
+def test_a_damaged_shipped_object_without_a_compiler_names_the_package(cache, shipped, monkeypatch):
+    _put(shipped, b"\x7fELF damaged", vouched=b"\x7fELF shipped")
+    monkeypatch.setenv("PORTGUARD_CLANG", "")
+    with pytest.raises(objects.BuildError, match="reinstall the portguard package"):
+        objects.ensure_object("retval")
+
+
+def test_each_byte_order_has_its_own_object_name():
+    little, big = (objects.object_name("retval", t) for t in ("bpfel", "bpfeb"))
+    assert little != big
+    assert objects.object_name("retval") == {"little": little, "big": big}[sys.byteorder]
+
+
+def test_a_package_build_keeps_both_byte_orders(tmp_path):
+    if objects.find_clang() is None:
+        pytest.skip("no clang")
+    for target in objects.TARGETS.values():
+        objects.build("retval", target, tmp_path)
+    names = sorted(p.name for p in tmp_path.glob("*.o"))
+    assert names == sorted(objects.object_name("retval", t) for t in objects.TARGETS.values())
