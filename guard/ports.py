@@ -54,6 +54,13 @@ class Services:
 
     def get(self, name: str) -> dict[str, int] | None:
         if self._names is None:
+            if not self.path.exists():
+                # cups, dovecot, rsync and nfs-common do not pull netbase in: say where the
+                # names come from rather than calling a well-known name unknown.
+                raise PortSpecError(
+                    f"service name {name!r} cannot be looked up: there is no {self.path} "
+                    "(Debian's netbase package provides it); install it or give the port number"
+                )
             self._names = read_services(self.path)
         return self._names.get(name)
 

@@ -202,3 +202,15 @@ def test_settings_can_be_read_from_a_file_with_bad_reservations(tmp_path):
         '[guard]\npin_dir = "/sys/fs/bpf/x"\n[[reserve]]\nports = ["0"]\ncgroup = "/a"\n'
     )
     assert config.load_settings([path]).pin_dir == "/sys/fs/bpf/x"
+
+
+def test_a_service_name_without_etc_services_names_the_package(tmp_path):
+    # A minimal Debian system with cups or rsync has no /etc/services (no netbase).
+    text = '[[reserve]]\ncgroup = "/a"\nports = ["ipp"]\n'
+    with pytest.raises(ConfigError) as exc:
+        config.loads(text, "x.toml", services_file=tmp_path / "no-services")
+    assert exc.value.problems == [
+        "x.toml:3: service name 'ipp' cannot be looked up: there is no "
+        f"{tmp_path / 'no-services'} (Debian's netbase package provides it); install it or give "
+        "the port number"
+    ]
