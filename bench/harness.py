@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from guard import cgroups, kernel
+from guard.kernel import cgroups
+from guard.kernel import libbpf as kernel
 from tests.kernel.sandbox import PORTGUARD, REPO, Sandbox, in_netns, require_kernel
 
 HERE = Path(__file__).resolve().parent

@@ -7,12 +7,11 @@ reserved port is held by a non-owner (a squatter), so monitoring can alert on it
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from guard import config as config_mod
+from guard.policy import config as config_mod
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -53,16 +52,17 @@ def _load_settings(path: str | None) -> config_mod.Settings:
 
 
 def _plan(cfg: config_mod.Config):
-    from guard import owners, plan
+    from guard.kernel.layout import LIMITS
+    from guard.policy import owners, plan
 
     try:
-        return plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg))
+        return plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS)
     except config_mod.ConfigError as exc:
         raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
 
 
 def _runtime(fn, *args):
-    from guard.lifecycle import GuardError
+    from guard.errors import GuardError
 
     try:
         return fn(*args)
@@ -90,28 +90,26 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 @click.pass_obj
 def apply(config_path: str | None) -> None:
     """Load or update the guard to match the configuration, then exit (the guard stays)."""
-    from guard import lifecycle
+    from guard.kernel.apply import apply as apply_plan
+    from guard.observe import display
 
     cfg = _load_config(config_path)
     plan = _plan(cfg)
-    result = _runtime(lifecycle.apply, plan)
+    result = _runtime(apply_plan, plan)
     for note in result.warnings:
-        click.echo(f"portguard: warning: {note}", err=True)
+        click.echo(display.warning_line(note), err=True)
     for squatter in _squatters_of_plan(plan):
-        click.echo(f"portguard: warning: {squatter.describe()}", err=True)
-    ports = len(plan.ports)
-    state = "applied" if result.changed else "unchanged"
+        click.echo(display.warning_line(display.squatter_text(squatter)), err=True)
     click.echo(
-        f"portguard: {state}: {ports} reserved port/protocol pairs, "
-        f"{len(plan.paths)} owner cgroups, mode {plan.settings.mode}"
+        display.apply_line(result.changed, len(plan.ports), len(plan.paths), plan.settings.mode)
     )
 
 
 def _squatters_of_plan(plan) -> list:
     """Holders of the planned ports that are not owners (apply runs in the guarded netns).
     /proc/net is read first: only when a reserved port is held does sock_diag run."""
-    from guard.holders import bound_ports
-    from guard.layout import PROTOCOL_NAMES
+    from guard.kernel.layout import PROTOCOL_NAMES
+    from guard.observe.holders import bound_ports, find
 
     bound = bound_ports()
     reservations = [
@@ -119,29 +117,17 @@ def _squatters_of_plan(plan) -> list:
         for (proto, port), set_id in plan.ports.items()
         if (port, PROTOCOL_NAMES[proto]) in bound
     ]
-    if not reservations:
-        return []
-    from guard import squatters
-
-    return squatters.find(reservations)
+    return find(reservations) if reservations else []
 
 
 @main.command()
 @click.pass_obj
 def remove(config_path: str | None) -> None:
     """Detach and unpin the guard and restore the sysctl: the machine is as before."""
-    from guard import lifecycle
+    from guard.kernel.apply import remove as remove_guard
 
-    removed = _runtime(lifecycle.remove, _load_settings(config_path))
+    removed = _runtime(remove_guard, _load_settings(config_path))
     click.echo("portguard: removed" if removed else "portguard: nothing to remove")
-
-
-def _state_dict(state) -> dict:
-    data = asdict(state)
-    data["links"] = {
-        link["name"]: {k: v for k, v in link.items() if k != "name"} for link in data["links"]
-    }
-    return data
 
 
 @main.command()
@@ -152,24 +138,22 @@ def status(config_path: str | None, as_json: bool) -> None:
     denied binds, and who holds the port now. Exits 3 when a non-owner holds a reserved port.
 
     Run it in the guarded network namespace: holders are read there."""
-    from guard import display, lifecycle, squatters
+    from guard.kernel.host import netns_cookie
+    from guard.observe import display, holders
+    from guard.observe.state import read_state
 
     settings = _load_settings(config_path)
-    state = _runtime(lifecycle.read_state, settings)
-    state = squatters.with_holders(state, lifecycle.netns_cookie())
+    state = _runtime(read_state, settings)
+    state = holders.with_holders(state, netns_cookie())
     if as_json:
-        import json  # only here: plain status, check and apply do without it
-
-        click.echo(json.dumps(_state_dict(state), indent=2))
+        click.echo(display.status_json(state))
     else:
         for line in display.status_lines(state, settings.cgroup):
             click.echo(line)
-    found = squatters.of_state(state)
+    found = holders.of_state(state)
     if found:
         if not as_json:
-            click.echo(
-                f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)", err=True
-            )
+            click.echo(display.squatters_line(len(found)), err=True)
         sys.exit(EXIT_SQUATTER)
 
 
@@ -179,37 +163,21 @@ def status(config_path: str | None, as_json: bool) -> None:
 @click.pass_obj
 def check(config_path: str | None, port: str, as_json: bool) -> None:
     """Say who owns PORT[/tcp|/udp] (a number or an /etc/services name)."""
-    from guard import lifecycle
-    from guard.ports import PortSpecError, parse_check_target
+    from guard.observe import display
+    from guard.observe.state import read_state
+    from guard.policy.ports import PortSpecError, parse_check_target
 
     try:
         pairs = parse_check_target(port)
     except PortSpecError as exc:
         raise click.UsageError(str(exc)) from None
-    state = _runtime(lifecycle.read_state, _load_settings(config_path), pairs)
-    by_key = {(r.protocol, r.port): r for r in state.reservations}
-    results = []
-    for proto, number in pairs:
-        res = by_key.get((proto, number))
-        results.append(
-            {
-                "port": number,
-                "protocol": proto,
-                "reserved": res is not None,
-                "owners": [asdict(o) for o in res.owners] if res else [],
-            }
-        )
+    state = _runtime(read_state, _load_settings(config_path), pairs)
+    results = display.check_results(pairs, state.reservations)
     if as_json:
-        import json
-
-        click.echo(json.dumps(results, indent=2))
+        click.echo(display.check_json(results))
         return
-    for item in results:
-        if item["reserved"]:
-            owners = ", ".join(o["cgroup"] for o in item["owners"])
-            click.echo(f"{item['port']}/{item['protocol']}: reserved for {owners}")
-        else:
-            click.echo(f"{item['port']}/{item['protocol']}: not reserved")
+    for line in display.check_lines(results):
+        click.echo(line)
 
 
 @main.command()
@@ -247,8 +215,8 @@ def monitor(
     """Print every refused bind as it happens (in audit mode: every bind that would be
     refused). Lost events are reported as "lost N events", never dropped silently.
     One monitor at a time; runs until interrupted."""
-    from guard import display, journal
-    from guard import monitor as monitor_mod
+    from guard.observe import display, journal
+    from guard.observe import monitor as monitor_mod
 
     settings = _load_settings(config_path)
     if to_journal:
@@ -262,7 +230,7 @@ def monitor(
         sink = display.TextSink(sys.stdout)
 
     def ready() -> None:
-        click.echo(f"portguard: monitoring refused binds of {settings.pin_dir}", err=True)
+        click.echo(display.monitor_ready_line(settings.pin_dir), err=True)
 
     summary = _runtime(
         lambda: monitor_mod.run(
@@ -274,17 +242,16 @@ def monitor(
             on_ready=ready,
         )
     )
-    click.echo(f"portguard: {summary.received} events, {summary.lost} lost", err=True)
+    click.echo(display.monitor_summary_line(summary.received, summary.lost), err=True)
 
 
 @main.command()
 def build() -> None:
     """Compile the BPF object into the cache, so apply needs no compiler (e.g. at boot)."""
-    from guard import objects
+    from guard.kernel import objects
 
     try:
-        for variant in objects.VARIANTS:
-            click.echo(f"portguard: built {objects.build(variant)}")
+        click.echo(f"portguard: built {objects.build()}")
     except objects.BuildError as exc:
         raise RuntimeProblem(str(exc)) from None
 
@@ -303,7 +270,7 @@ def demo() -> None:
 def import_portreserve(directory: str) -> None:
     """Print portreserve's configuration (DIRECTORY, default /etc/portreserve) as portguard
     TOML. portguard reads those files as they are anyway; this is for migrating."""
-    from guard.portreserve import PortreserveError, read_portreserve, to_toml
+    from guard.policy.portreserve import PortreserveError, read_portreserve, to_toml
 
     try:
         click.echo(to_toml(read_portreserve(Path(directory))), nl=False)

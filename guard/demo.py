@@ -16,7 +16,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from guard import cgroups, config, lifecycle, owners, plan
+from guard.errors import GuardError
+from guard.kernel import cgroups
+from guard.kernel.apply import apply, remove
+from guard.kernel.host import require_root
+from guard.kernel.layout import LIMITS
+from guard.observe.state import read_state
+from guard.policy import config, owners, plan
 
 CLONE_NEWNET = 0x40000000
 
@@ -47,9 +53,7 @@ else:
 def _unshare_net() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
-        raise lifecycle.GuardError(
-            f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}"
-        )
+        raise GuardError(f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=False)
 
 
@@ -74,10 +78,7 @@ def _remove_tree(top: Path) -> None:
 
 def run(echo=print) -> int:
     """Apply the default policy in a sandbox, show it working, take it all away."""
-    if os.geteuid() != 0:
-        raise lifecycle.GuardError(
-            "portguard demo must run as root: it loads BPF programs into the kernel"
-        )
+    require_root("portguard demo")
     root = cgroups.cgroup2_mount()
     name = f"portguard-demo-{os.getpid()}"
     top = f"/{name}"
@@ -91,18 +92,18 @@ def run(echo=print) -> int:
         i: [(top + path, label) for path, label in pairs]
         for i, pairs in owners.resolve(cfg).items()
     }
-    the_plan = plan.build(cfg, resolved)
+    the_plan = plan.build(cfg, resolved, (), LIMITS)
     _unshare_net()
     top_dir.mkdir()
     try:
-        result = lifecycle.apply(the_plan)
+        result = apply(the_plan)
         for note in result.warnings:
             echo(f"warning: {note}")
         echo(
             f"portguard demo: default policy applied to cgroup {top} in a private network namespace"
         )
-        echo(f"  {len(the_plan.ports)} reserved port/protocol pairs, program {result.variant}")
-        state = lifecycle.read_state(settings)
+        echo(f"  {len(the_plan.ports)} reserved port/protocol pairs, denial {result.denial}")
+        state = read_state(settings)
         echo(f"\n{'PORT':>5} {'PROTO':5}  OWNERS")
         for res in state.reservations:
             names = ", ".join(o.unit or o.cgroup for o in res.owners)
@@ -114,11 +115,11 @@ def run(echo=print) -> int:
         echo(f"  rpcbind.service -> {_child(stranger, 'bind', 631)}")
         echo("bindresvport() from rpcbind.service walks past reserved ports:")
         echo(f"  -> {_child(stranger, 'bindresvport', 0)}")
-        denied = sum(r.denied for r in lifecycle.read_state(settings).reservations)
+        denied = sum(r.denied for r in read_state(settings).reservations)
         echo(f"refused binds counted by the kernel: {denied}")
     finally:
         try:
-            lifecycle.remove(settings)
+            remove(settings)
         finally:
             _remove_tree(top_dir)
     echo("\nportguard demo: removed the guard and the sandbox; the machine is as before")

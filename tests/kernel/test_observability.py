@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from guard import cgroups
+from guard.kernel import cgroups
 
 PORT = 7641
 FREE = 7642

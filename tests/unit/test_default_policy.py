@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.defaults import default_policy_text, installed_units
-from guard.units import parse_unit_name, slice_cgroup_path, unit_cgroup_path
+from guard.policy.defaults import default_policy_text, installed_units
+from guard.policy.units import parse_unit_name, slice_cgroup_path, unit_cgroup_path
 
 OWNER_KEYS = ("unit", "units", "slice", "slices", "cgroup", "cgroups")
 

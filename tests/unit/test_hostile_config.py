@@ -19,8 +19,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard import cli, config, lifecycle, plan
-from guard.portreserve import PortreserveError, read_file, to_toml
+from guard import cli
+from guard.kernel import apply as apply_mod
+from guard.kernel.layout import LIMITS
+from guard.policy import config, plan
+from guard.policy.portreserve import PortreserveError, read_file, to_toml
 
 EXAMPLES = int(os.environ.get("PORTGUARD_FUZZ_EXAMPLES", "2000"))
 FUZZ = settings(
@@ -159,9 +162,9 @@ def toml_files(draw) -> bytes:
 def _run_apply(path: Path, monkeypatch) -> tuple[int, list]:
     applied = []
     monkeypatch.setattr(
-        lifecycle,
+        apply_mod,
         "apply",
-        lambda p: applied.append(p) or lifecycle.ApplyResult(True, True, "retval", []),
+        lambda p: applied.append(p) or apply_mod.ApplyResult(True, True, "retval", []),
     )
     result = CliRunner().invoke(cli.main, ["--config", str(path), "apply"])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -305,7 +308,7 @@ def test_long_owner_paths_are_refused_never_truncated(length):
     assert len(owner) == length
     text = f'[[reserve]]\nports = ["7000"]\ncgroup = "{owner}"\n'
     if length <= config.MAX_PATH_BYTES:
-        built = plan.build(config.loads(text, "p.toml"), {0: [(owner, None)]})
+        built = plan.build(config.loads(text, "p.toml"), {0: [(owner, None)]}, (), LIMITS)
         assert built.paths == (owner,)
         return
     with pytest.raises(config.ConfigError) as exc:
@@ -325,4 +328,4 @@ def test_a_resolved_owner_path_too_long_for_the_key_is_refused_by_the_plan():
     with pytest.raises(
         config.ConfigError, match=r"^p.toml:1: owner cgroup .* is 300 bytes; at most 254"
     ):
-        plan.build(cfg, {0: [(long_path, "x.service")]})
+        plan.build(cfg, {0: [(long_path, "x.service")]}, (), LIMITS)

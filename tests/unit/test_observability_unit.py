@@ -9,11 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guard import display, journal
-from guard.holders import Holder
-from guard.lifecycle import GuardState, LinkState, OwnerState, ReservationState
-from guard.monitor import Denial
-from guard.squatters import HolderState, classify, of_state, within
+from guard.observe import display, journal
+from guard.observe.holders import Holder, HolderState, classify, of_state, within
+from guard.observe.monitor import Denial
+from guard.observe.state import GuardState, LinkState, OwnerState, ReservationState
 
 LONG = "/system.slice/" + "very-long-name-" * 10 + ".service"
 
@@ -179,7 +178,7 @@ def test_several_owners_show_the_first_and_how_many_more():
 
 
 def test_json_event_carries_every_field():
-    data = denial().as_json()
+    data = display.denial_json(denial())
     assert data["time"] == "2023-11-14T22:13:20.000000+00:00"
     keys = ("port", "protocol", "family", "pid", "comm", "cgroup", "verdict")
     assert {k: data[k] for k in keys} == {
@@ -315,15 +314,17 @@ def test_squatters_of_a_state_are_the_non_owner_holders():
     )
     [squatter] = of_state(state(res))
     assert squatter.holder.pid == 9
-    assert squatter.describe().startswith("port 631/tcp is held by pid 9 (cupsd) in cgroup ")
+    assert display.squatter_text(squatter).startswith(
+        "port 631/tcp is held by pid 9 (cupsd) in cgroup "
+    )
 
 
 # ---- event records --------------------------------------------------------------------------
 
 
 def test_event_struct_reads_what_the_layout_header_describes():
-    from guard import layout
-    from guard.monitor import EVENT, CgroupNames, Decoder
+    from guard.kernel import layout
+    from guard.observe.monitor import EVENT, CgroupNames, Decoder
 
     ev = layout.Event(
         ts_ns=5,

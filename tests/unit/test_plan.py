@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from guard import config, layout, plan
-from guard.config import ConfigError
+from guard.kernel import layout
+from guard.policy import config, plan
+from guard.policy.config import ConfigError
 
 TCP, UDP = layout.PROTOCOLS["tcp"], layout.PROTOCOLS["udp"]
 
@@ -17,7 +18,7 @@ def cfg(text: str) -> config.Config:
 def build(text: str, extra=()) -> plan.Plan:
     c = cfg(text)
     owners = {i: [(o.name, None) for o in b.owners] for i, b in enumerate(c.blocks)}
-    return plan.build(c, owners, extra)
+    return plan.build(c, owners, extra, layout.LIMITS)
 
 
 def test_one_owner_set_serves_a_whole_range():
@@ -64,4 +65,4 @@ def test_unreserved_port_has_no_owners():
 
 def test_blocks_without_resolved_owners_reserve_nothing():
     c = cfg('[[reserve]]\nports = ["1"]\nunit = "nothere.service"\nif_installed = true\n')
-    assert plan.build(c, {0: []}).ports == {}
+    assert plan.build(c, {0: []}, (), layout.LIMITS).ports == {}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from guard import units
-from guard.config import Config, ConfigError, OwnerRef, ReserveBlock
+from guard.policy import units
+from guard.policy.config import Config, ConfigError, OwnerRef, ReserveBlock
 
 UNIT_DIRS_ENV = "PORTGUARD_UNIT_DIRS"  # colon-separated unit directories (chroots, tests)
 
@@ -44,7 +44,7 @@ def block_applies(block: ReserveBlock) -> bool:
     """if_installed blocks apply only where one of their units has a unit file."""
     if not block.if_installed:
         return True
-    from guard.defaults import installed_units
+    from guard.policy.defaults import installed_units
 
     named = [o.name for o in block.owners if o.kind == "unit"]
     return bool(installed_units(named, unit_dirs()))

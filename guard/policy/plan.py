@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from guard import layout
-from guard.config import MAX_PATH_BYTES, Config, ConfigError, Origin, Settings
+from guard.policy.config import MAX_PATH_BYTES, Config, ConfigError, Origin, Settings
+from guard.policy.ports import PROTOCOL_NUMBERS
 
-PROTO_NUMBERS = layout.PROTOCOLS
+
+@dataclass(frozen=True)
+class Limits:
+    """What one slot of the kernel's maps can hold (guard.kernel.layout.LIMITS)."""
+
+    owners_per_port: int
+    owner_paths: int
+    owner_sets: int
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,8 @@ class Plan:
 def build(
     config: Config,
     owner_paths: dict[int, list[tuple[str, str | None]]],
-    extra_owners: tuple[str, ...] = (),
+    extra_owners: tuple[str, ...],
+    limits: Limits,
 ) -> Plan:
     """owner_paths: for each block (by index) its resolved owners as (cgroup path, name);
     extra_owners: paths trusted for every reserved port (e.g. /init.scope)."""
@@ -56,7 +64,7 @@ def build(
         block_owners = frozenset(p for p, _ in resolved) | extra
         for port_range, origin in block.ports:
             for proto_name, port in port_range.pairs():
-                key = (PROTO_NUMBERS[proto_name], port)
+                key = (PROTOCOL_NUMBERS[proto_name], port)
                 known = owners_by_port.get(key)
                 if known is None:
                     owners_by_port[key] = block_owners
@@ -67,10 +75,10 @@ def build(
                     contained.add(key)
     problems = []
     for key, owners in owners_by_port.items():
-        if len(owners) > layout.MAX_OWNERS:
+        if len(owners) > limits.owners_per_port:
             problems.append(
                 f"{first_origin[key]}: port {key[1]} has {len(owners)} owners; "
-                f"at most {layout.MAX_OWNERS} per port"
+                f"at most {limits.owners_per_port} per port"
             )
     distinct_owners = set(owners_by_port.values())
     paths = tuple(sorted({p for owners in distinct_owners for p in owners}))
@@ -82,18 +90,18 @@ def build(
                 f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match "
                 "another cgroup)"
             )
-    if len(paths) > layout.MAX_OWNER_PATHS:
+    if len(paths) > limits.owner_paths:
         problems.append(
             f"{config.files[0] if config.files else '<config>'}:1: {len(paths)} owner "
-            f"cgroups; at most {layout.MAX_OWNER_PATHS}"
+            f"cgroups; at most {limits.owner_paths}"
         )
     index_of = {path: i for i, path in enumerate(paths)}
     members_of = {owners: tuple(sorted(index_of[p] for p in owners)) for owners in distinct_owners}
     distinct = sorted(set(members_of.values()))
-    if len(distinct) > layout.MAX_SETS:
+    if len(distinct) > limits.owner_sets:
         problems.append(
             f"{config.files[0] if config.files else '<config>'}:1: {len(distinct)} "
-            f"distinct owner combinations; at most {layout.MAX_SETS}"
+            f"distinct owner combinations; at most {limits.owner_sets}"
         )
     if problems:
         raise ConfigError(problems)

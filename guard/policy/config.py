@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guard.ports import PortRange, PortSpecError, Services, parse_port_spec
+from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_spec
 
 DEFAULT_CONFIG = Path("/etc/portguard/portguard.toml")
 DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")
@@ -379,7 +379,7 @@ def load(paths: list[Path], services_file: Path | None = None) -> Config:
         guard.update(file_guard)
         blocks.extend(file_blocks)
     if guard.get("use_defaults", not paths):
-        from guard.defaults import DEFAULT_POLICY_NAME, default_policy_text
+        from guard.policy.defaults import DEFAULT_POLICY_NAME, default_policy_text
 
         _, default_blocks = _parse_text(
             DEFAULT_POLICY_NAME, default_policy_text(), services, problems
@@ -397,7 +397,7 @@ def load(paths: list[Path], services_file: Path | None = None) -> Config:
 def _portreserve_blocks(directory: Path, services: dict, problems: list[str]) -> list[ReserveBlock]:
     """portreserve's files as reservations owned by the service the file is named after.
     portreserve held IPv4 sockets only; these reservations cover IPv6 too."""
-    from guard.portreserve import PortreserveError, read_portreserve
+    from guard.policy.portreserve import PortreserveError, read_portreserve
 
     try:
         entries = read_portreserve(directory)
