@@ -2,7 +2,9 @@
 
 Every change of behaviour happens at one instant, the flip of state.active: apply fills the
 inactive slot completely (config, owner paths, owner ids, owner sets, ports) and then flips.
-Links are attached while the active slot is empty (no reservations), so attaching
+The old slot is cleared only once no program can still be reading it: a program that looked
+up state.active before the flip may still be running (libbpf.wait_for_programs waits for
+it). Links are attached while the active slot is empty (no reservations), so attaching
 changes nothing either. A process killed at any point leaves either the old guard or the
 new one.
 
@@ -310,8 +312,8 @@ def _pin_replace(fd: int, path: Path) -> None:
 def apply_maps(
     maps: Maps, plan: Plan, cfg: layout.Config, cgroup_root: Path, drop_stale: bool = True
 ) -> bool:
-    """Make the active slot say what the plan says: fill the inactive slot, flip, clear the
-    old one. False when it said so already."""
+    """Make the active slot say what the plan says: fill the inactive slot, flip, wait until
+    no program reads the old slot, clear it. False when it said so already."""
     active = maps.active
     wanted_ports = {port for _, port in plan.ports}
     unchanged = slots.read_slot(maps, active) == slots.desired(plan) and slots.same_config(
@@ -320,15 +322,19 @@ def apply_maps(
     if unchanged:
         # A killed run may have left a half-filled inactive slot and sysctl entries behind,
         # or someone edited the sysctl: settle both.
-        slots.clear_slot(maps, 1 - active)
+        slots.clear_slot(maps, 1 - active, libbpf.wait_for_programs)
         added = sysctl.add(maps.sysctl_added, wanted_ports)
         return sysctl.drop(maps.sysctl_added, wanted_ports) or added
     inactive = 1 - active
-    slots.clear_slot(maps, inactive)
+    slots.clear_slot(maps, inactive, libbpf.wait_for_programs)  # leftovers of a killed run
     slots.fill_slot(maps, inactive, plan, cfg, cgroup_root)
     sysctl.add(maps.sysctl_added, wanted_ports)
     slots.flip(maps, inactive)
-    slots.clear_slot(maps, active)
+    # A program that read state.active just before the flip may still be looking up the old
+    # slot: clearing it under that program would let a stranger in (its port gone) or keep
+    # an owner out (its set or owner gone). Wait until every such program has finished (one
+    # RCU grace period; nothing to wait for when the old slot was empty, as at boot).
+    slots.clear_slot(maps, active, libbpf.wait_for_programs)
     reserved = set(plan.ports)
     for counters in (maps.denied, maps.contained):
         counters.delete_many([k for k in counters.keys() if (k.proto, k.port) not in reserved])
@@ -364,7 +370,7 @@ def _remove_locked(pins: Pins) -> None:
     if maps is not None:
         try:
             empty = 1 - maps.active
-            slots.clear_slot(maps, empty)
+            slots.clear_slot(maps, empty, libbpf.wait_for_programs)
             current = maps.config.lookup(maps.active)
             if current is not None:
                 maps.config.update(empty, current)

@@ -8,7 +8,7 @@ clears it. The contents are decoded here and nowhere else (apply, status, monito
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,10 +82,16 @@ def same_config(a: layout.Config | None, b: layout.Config) -> bool:
     )
 
 
-def clear_slot(maps: Maps, slot: int) -> None:
-    """Paths first: once they are gone the cgroup trackers write no more owners of the slot."""
+def clear_slot(maps: Maps, slot: int, readers_gone: Callable[[], None] | None = None) -> None:
+    """Empty the slot. Paths first: once they are gone the cgroup trackers write no more
+    owners of the slot. readers_gone (libbpf.wait_for_programs) is called before the first
+    deletion, when there is anything to delete, for a slot programs may still be reading."""
     for m in (maps.paths, maps.owners, maps.sets, maps.ports):
-        m.delete_many([k for k in m.keys() if k.slot == slot])
+        keys = [k for k in m.keys() if k.slot == slot]
+        if keys and readers_gone is not None:
+            readers_gone()
+            readers_gone = None
+        m.delete_many(keys)
 
 
 def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root: Path) -> None:

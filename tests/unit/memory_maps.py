@@ -34,7 +34,8 @@ class MemoryMap:
         return copy
 
     def slot_of(self, key) -> int | None:
-        return getattr(key, "slot", None)
+        """The slot a key belongs to (the config map is indexed by slot)."""
+        return key.value if self.name == "config" else getattr(key, "slot", None)
 
     def _out(self, value):
         """As libbpf.Map returns values: plain ints for scalar types, one per CPU per-CPU."""

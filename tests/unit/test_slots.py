@@ -129,3 +129,11 @@ def test_reapply_of_the_same_plan_writes_no_slot(host_effects, cgroup_root):
     maps.log.clear()
     assert not apply.apply_maps(maps, p, CFG, cgroup_root)
     assert [entry for entry in maps.log if entry[0] in SLOTTED | {"state"}] == []
+
+
+def test_the_first_apply_has_no_old_slot_to_wait_for(host_effects, cgroup_root):
+    maps = host_effects
+    assert apply.apply_maps(
+        maps, make_plan('[[reserve]]\nports = ["1"]\ncgroup = "/a"\n'), CFG, cgroup_root
+    )
+    assert ("programs", "wait", None) not in maps.log
