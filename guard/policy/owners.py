@@ -73,3 +73,32 @@ def extra_owners(config: Config) -> tuple[str, ...]:
     if not config.settings.trust_init:
         return ()
     return (units.resolve_unit(units.INIT_SCOPE, unit_dirs=unit_dirs()),)
+
+
+def systemd_names(config: Config) -> list[str]:
+    """Every unit resolve and extra_owners will ask systemd about, so that one question
+    answers them all. A name missed here is still asked, on its own."""
+    names: list[str] = [units.INIT_SCOPE] if config.settings.trust_init else []
+    for block in config.blocks:
+        if not block_applies(block):
+            continue
+        for owner in block.owners:
+            if owner.kind != "unit":
+                continue
+            try:
+                if owner.name.endswith(".socket"):
+                    service, _ = units.socket_service(owner.name, unit_dirs=unit_dirs())
+                    names += [units.INIT_SCOPE, owner.name, service]
+                else:
+                    names.append(owner.name.split("/", 1)[0])  # a user unit: its manager
+            except units.UnitError:
+                continue  # resolve reports it
+    return list(dict.fromkeys(names))
+
+
+def resolve_all(config: Config) -> tuple[dict[int, list[tuple[str, str | None]]], tuple[str, ...]]:
+    """resolve and extra_owners, with systemd (when it runs) asked once for every unit."""
+    if unit_dirs() is not None:
+        return resolve(config), extra_owners(config)
+    with units.systemd_batch(systemd_names(config)):
+        return resolve(config), extra_owners(config)

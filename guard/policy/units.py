@@ -38,7 +38,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -566,11 +567,24 @@ def systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
-def _systemctl_show(unit: str, properties: Sequence[str]) -> dict[str, str] | None:
+#: What ask_systemd and manager_cgroup_root read; asked for together, so one answer serves both.
+SHOWN_PROPERTIES = ("Id", "ControlGroup", "Slice", "LoadState")
+
+#: systemd's answers per unit while a batch is open (see :func:`systemd_batch`); None outside.
+_answers: dict[str, dict[str, str] | None] | None = None
+
+
+def _run_systemctl_show(
+    names: Sequence[str], properties: Sequence[str]
+) -> list[dict[str, str]] | None:
+    """One ``systemctl show`` for all ``names``: one property block per unit, in order.
+
+    None when systemctl fails or hangs (systemd then knows nothing, as if it did not run);
+    [] when the answer cannot be split into one block per unit."""
     command = ["systemctl", "show", "--no-pager"]
     for prop in properties:
         command += ["-p", prop]
-    command += ["--", unit]
+    command += ["--", *names]
     try:
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT, check=False
@@ -579,12 +593,52 @@ def _systemctl_show(unit: str, properties: Sequence[str]) -> dict[str, str] | No
         return None
     if result.returncode != 0:
         return None
-    shown = {}
+    # Blocks are separated by one empty line; every requested property is printed, empty or not.
+    blocks: list[dict[str, str]] = [{}]
     for line in result.stdout.splitlines():
+        if not line:
+            blocks.append({})
+            continue
         key, eq, value = line.partition("=")
         if eq:
-            shown[key] = value
+            blocks[-1][key] = value
+    blocks = [block for block in blocks if block]
+    return blocks if len(blocks) == len(names) else []
+
+
+def _systemctl_show(unit: str, properties: Sequence[str]) -> dict[str, str] | None:
+    """systemd's properties of one unit: from the open batch when it holds the unit, else asked."""
+    if _answers is not None and unit in _answers:
+        return _answers[unit]
+    blocks = _run_systemctl_show([unit], properties)
+    shown = blocks[0] if blocks else None
+    if _answers is not None:
+        _answers[unit] = shown
     return shown
+
+
+@contextmanager
+def systemd_batch(names: Iterable[str]) -> Iterator[None]:
+    """Ask systemd once about ``names`` (and ``-.slice``, for manager_cgroup_root) and answer
+    every ask_systemd inside the block from that one reply; a unit not named is asked once and
+    remembered. Outside a block every question is a ``systemctl show`` of its own. One process
+    instead of one per question: with systemd running, apply used to start ~25 of them."""
+    global _answers
+    previous = _answers
+    _answers = {} if previous is None else previous
+    try:
+        if systemd_running():
+            wanted = list(dict.fromkeys([ROOT_SLICE, *names]))
+            wanted = [name for name in wanted if name not in _answers]
+            if wanted:
+                blocks = _run_systemctl_show(wanted, SHOWN_PROPERTIES)
+                if blocks is None:  # no answer now: do not ask (and wait) again per unit
+                    _answers.update(dict.fromkeys(wanted))
+                elif blocks:
+                    _answers.update(zip(wanted, blocks, strict=True))
+        yield
+    finally:
+        _answers = previous
 
 
 def manager_cgroup_root() -> str:
@@ -597,7 +651,7 @@ def manager_cgroup_root() -> str:
     """
     if not systemd_running():
         return ""
-    shown = _systemctl_show(ROOT_SLICE, ("ControlGroup",)) or {}
+    shown = _systemctl_show(ROOT_SLICE, SHOWN_PROPERTIES) or {}
     return shown.get("ControlGroup", "").rstrip("/")
 
 
@@ -614,7 +668,7 @@ def ask_systemd(unit: str) -> str | None:
     _owner_unit_name(unit)
     if not systemd_running():
         return None
-    shown = _systemctl_show(unit, ("Id", "ControlGroup", "Slice", "LoadState"))
+    shown = _systemctl_show(unit, SHOWN_PROPERTIES)
     if shown is None:
         return None
     if shown.get("ControlGroup"):

@@ -173,3 +173,16 @@ def test_monitor_unit_logs_each_refusal_to_the_journal_with_portguard_fields(mac
         assert entry["PORTGUARD_CGROUP"].startswith(f"/{machine.cgroup.lstrip('/')}/system.slice/")
         assert entry["PORTGUARD_CGROUP"].endswith(f"/pg-try@{OWNER_PORT}.service")
         assert entry["MESSAGE"].startswith("refused bind of ")
+
+
+def test_apply_asks_systemd_once(machine: Machine):
+    """systemctl is started once per apply, however many units the configuration names."""
+    wrapper = '#!/bin/sh\\necho "$*" >> /run/pg-count/log\\nexec /usr/bin/systemctl "$@"\\n'
+    script = (
+        "mkdir -p /run/pg-count && rm -f /run/pg-count/log"
+        f" && printf '{wrapper}' > /run/pg-count/systemctl && chmod +x /run/pg-count/systemctl"
+        " && PATH=/run/pg-count:$PATH portguard apply >/dev/null && cat /run/pg-count/log"
+    )
+    log = machine.run("sh", "-c", script, check=True).stdout.splitlines()
+    assert len(log) == 1, log
+    assert log[0].startswith("show ")

@@ -498,3 +498,111 @@ def test_systemd_at_the_cgroup_root_adds_no_prefix(monkeypatch):
         },
     )
     assert resolve_unit("db.service") == "/system.slice/db.service"
+
+
+def _fake_systemctl_process(monkeypatch, answers: dict[str, dict[str, str]]):
+    """A systemctl that answers `show` for any number of units, one block each; records calls."""
+    monkeypatch.setattr(units, "systemd_running", lambda: True)
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(command)
+        names = command[command.index("--") + 1 :]
+        unknown = {"LoadState": "not-found"}
+        blocks = [
+            "\n".join(f"{k}={v}" for k, v in answers.get(n, {"Id": n, **unknown}).items())
+            for n in names
+        ]
+        return units.subprocess.CompletedProcess(command, 0, "\n\n".join(blocks) + "\n", "")
+
+    monkeypatch.setattr(units.subprocess, "run", run)
+    return calls
+
+
+def _loaded(unit: str, slice_name: str = "system.slice", group: str = "") -> dict[str, str]:
+    return {"Id": unit, "ControlGroup": group, "Slice": slice_name, "LoadState": "loaded"}
+
+
+def test_a_batch_asks_systemd_once_for_every_unit(monkeypatch):
+    calls = _fake_systemctl_process(
+        monkeypatch,
+        {
+            "-.slice": {"Id": "-.slice", "ControlGroup": "/", "Slice": "", "LoadState": "loaded"},
+            "cups.service": _loaded("cups.service", group="/system.slice/cups.service"),
+            "db.service": _loaded("db.service", "data.slice"),
+        },
+    )
+    with units.systemd_batch(["cups.service", "db.service", "cups.service"]):
+        assert resolve_unit("cups.service") == "/system.slice/cups.service"
+        assert resolve_unit("db.service") == "/data.slice/db.service"
+        assert resolve_unit("db.service") == "/data.slice/db.service"
+    assert len(calls) == 1
+    assert calls[0][calls[0].index("--") + 1 :] == ["-.slice", "cups.service", "db.service"]
+
+
+def test_a_unit_missing_from_the_batch_is_asked_once(monkeypatch):
+    calls = _fake_systemctl_process(monkeypatch, {"x.service": _loaded("x.service")})
+    with units.systemd_batch([]):
+        assert resolve_unit("x.service") == "/system.slice/x.service"
+        assert resolve_unit("x.service") == "/system.slice/x.service"
+    assert len(calls) == 2  # the batch (-.slice), then x.service once
+
+
+def test_a_hung_systemctl_is_waited_for_once_per_batch(monkeypatch):
+    monkeypatch.setattr(units, "systemd_running", lambda: True)
+    calls = []
+
+    def hang(command, **kwargs):
+        calls.append(command)
+        raise units.subprocess.TimeoutExpired(command, units.SYSTEMCTL_TIMEOUT)
+
+    monkeypatch.setattr(units.subprocess, "run", hang)
+    with units.systemd_batch(["a.service", "b.service"]):
+        assert resolve_unit("a.service") == "/system.slice/a.service"
+        assert resolve_unit("b.service") == "/system.slice/b.service"
+    assert len(calls) == 1
+
+
+def test_a_batch_answer_that_does_not_split_per_unit_falls_back_to_one_question_each(monkeypatch):
+    monkeypatch.setattr(units, "systemd_running", lambda: True)
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(command)
+        return units.subprocess.CompletedProcess(
+            command, 0, "Id=db.service\nSlice=data.slice\nLoadState=loaded\nControlGroup=\n", ""
+        )
+
+    monkeypatch.setattr(units.subprocess, "run", run)
+    with units.systemd_batch(["db.service", "other.service"]):
+        assert resolve_unit("db.service") == "/data.slice/db.service"
+    assert len(calls) == 3  # the batch, db.service, -.slice (for a not-started unit's root)
+
+
+def test_resolving_a_config_asks_systemd_once(tmp_path, monkeypatch):
+    from guard.policy import config, owners
+
+    monkeypatch.delenv(owners.UNIT_DIRS_ENV, raising=False)
+    calls = _fake_systemctl_process(
+        monkeypatch,
+        {
+            "-.slice": {"Id": "-.slice", "ControlGroup": "/", "Slice": "", "LoadState": "loaded"},
+            "init.scope": _loaded("init.scope", "-.slice", "/init.scope"),
+            "cups.service": _loaded("cups.service"),
+            "dovecot.service": _loaded("dovecot.service"),
+        },
+    )
+    path = tmp_path / "portguard.toml"
+    path.write_text(
+        '[guard]\ntrust_init = true\nportreserve_dir = ""\n'
+        '[[reserve]]\nports = [631]\nunits = ["cups.service", "dovecot.service"]\n'
+        '[[reserve]]\nports = [993]\nunit = "dovecot.service"\n'
+    )
+    resolved, extra = owners.resolve_all(config.load([path]))
+    assert len(calls) == 1
+    assert extra == ("/init.scope",)
+    assert sorted(p for pairs in resolved.values() for p, _ in pairs) == [
+        "/system.slice/cups.service",
+        "/system.slice/dovecot.service",
+        "/system.slice/dovecot.service",
+    ]
