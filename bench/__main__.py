@@ -21,6 +21,7 @@ SUITES = {
     "lifecycle": suites.lifecycle,
     "startup": suites.startup,
     "portreserve": suites.portreserve_model,
+    "cost": suites.cost,
 }
 
 

@@ -556,3 +556,162 @@ def portreserve_model(w: World, s: Settings) -> str:
         ],
         rows,
     )
+
+
+# ---- issue 14's table: costs near the limit ---------------------------------------------------
+
+
+def _phases(w: World, rounds: int) -> dict[str, list[float]]:
+    """bench/apply_phases.py onto an empty pin dir, `rounds` times: CPU ms per phase."""
+    import json
+
+    found: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        w.cli("remove")
+        cmd = [
+            *in_netns(w.box.netns),
+            sys.executable,
+            "-m",
+            "bench.apply_phases",
+            "--config",
+            str(w.box.config_path),
+            "apply",
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **w.env}, check=True
+        )
+        line = next(x for x in proc.stderr.splitlines() if x.startswith("PHASES "))
+        for phase, value in json.loads(line[len("PHASES ") :]).items():
+            found.setdefault(phase, []).append(value)
+    return found
+
+
+VERIFIED_INSNS_OFFSET = 216  # offsetof(struct bpf_prog_info, verified_insns), Linux 5.16+
+
+
+def _verified_insns(w: World) -> dict[str, int]:
+    """Instructions the verifier processed for each bind program (bpf_prog_info)."""
+    links = w.box.status()["links"]
+    found = {}
+    for name in ("bind4", "bind6"):
+        fd = kernel.lib().bpf_prog_get_fd_by_id(links[name]["prog_id"])
+        if fd < 0:
+            continue
+        try:
+            info = (C.c_uint8 * 232)()
+            length = C.c_uint32(232)
+            kernel.lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(length))
+            if length.value >= VERIFIED_INSNS_OFFSET + 4:
+                found[name] = int.from_bytes(
+                    bytes(info[VERIFIED_INSNS_OFFSET : VERIFIED_INSNS_OFFSET + 4]), "little"
+                )
+        finally:
+            os.close(fd)
+    return found
+
+
+def cost(w: World, s: Settings) -> str:
+    """Issue 14's table: CLI commands as paired CPU ratios to `python3 -c pass` (per round, in a
+    fresh random order), apply per phase, verifier instructions, map memory."""
+    w.box.write_config(w.box.owner_block(SCALES[1], "guarded/owner"), cgroup=f"{w.box.top}/guarded")
+    config = ["--config", str(w.box.config_path)]
+
+    def run(*args: str) -> list[str]:
+        return [*in_netns(w.box.netns), sys.executable, *args]
+
+    floor = run("-c", "pass")
+    commands = {
+        "fresh apply (empty pin dir)": run("-m", "guard", *config, "apply"),
+        "unchanged re-apply": run("-m", "guard", *config, "apply"),
+        "status (no squatter)": run("-m", "guard", *config, "status"),
+        f"check {PORT}": run("-m", "guard", *config, "check", str(PORT)),
+    }
+    rounds = s.lifecycle_rounds * 2
+    ratios: dict[str, list[float]] = {label: [] for label in commands}
+    cpu: dict[str, list[float]] = {label: [] for label in [*commands, "python3 -c pass"]}
+    for _ in range(rounds):
+        order = ["floor", *commands]
+        random.shuffle(order)
+        w.cli("apply")  # every command but the fresh apply finds the guard in place
+        round_cpu: dict[str, float] = {}
+        for label in order:
+            if label == "floor":
+                round_cpu["python3 -c pass"] = timed(floor, w.env).cpu_ms
+                continue
+            if label.startswith("fresh"):
+                w.cli("remove")
+            round_cpu[label] = timed(commands[label], w.env).cpu_ms
+        for label, value in round_cpu.items():
+            cpu[label].append(value)
+        for label in commands:
+            ratios[label].append(round_cpu[label] / round_cpu["python3 -c pass"])
+    rows = [
+        [
+            label,
+            f"{median(cpu[label]):.0f}",
+            "1×" if label not in ratios else f"{median(ratios[label]):.1f}×",
+            "–" if label not in ratios else spread(ratios[label], "{:.1f}"),
+        ]
+        for label in ["python3 -c pass", *commands]
+    ]
+    out = [
+        table(
+            f"CLI CPU time (user+sys), one reservation, paired per round with `python3 -c pass` "
+            f"({rounds} rounds)",
+            ["command", "CPU ms (median)", "ratio to python3 -c pass (median)", "spread"],
+            rows,
+        )
+    ]
+    phases = _phases(w, max(3, s.lifecycle_rounds))
+    out.append(
+        table(
+            "Where a fresh apply's CPU time goes (bench/apply_phases.py, after interpreter start)",
+            ["phase", "CPU ms (median)", "spread"],
+            [
+                [phase, f"{median(v):.1f}", spread(v, "{:.1f}")]
+                for phase, v in phases.items()
+                if phase != "subprocesses"
+            ]
+            + [["subprocesses started by apply", f"{median(phases['subprocesses']):.0f}", "–"]],
+        )
+    )
+    w.cli("apply")
+    insns = _verified_insns(w)
+    memory_rows = []
+    for pairs in (1, 65535):
+        w.box.write_config(
+            w.box.owner_block(SCALES[pairs], "guarded/owner"), cgroup=f"{w.box.top}/guarded"
+        )
+        w.cli("remove")
+        w.cli("apply")
+        sizes = maps_memlock(w.box.pin_dir)
+        memory_rows.append(
+            [
+                f"{pairs:,}",
+                f"{sum(sizes.values()) / 2**20:.2f} MiB",
+                ", ".join(
+                    f"{k} {v // 1024} KiB"
+                    for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:4]
+                ),
+            ]
+        )
+    w.box.write_config(w.box.owner_block(SCALES[1], "guarded/owner"), cgroup=f"{w.box.top}/guarded")
+    w.cli("remove")
+    out.append(
+        table(
+            "Verifier and kernel memory",
+            ["figure", "value", "detail"],
+            [
+                [
+                    "verifier: instructions processed",
+                    ", ".join(f"{k} {v:,}" for k, v in insns.items()),
+                    "bpftool prog show: verified_insns",
+                ]
+            ]
+            + [
+                ["kernel memory of the maps, " + r[0] + " reserved pairs", r[1], r[2]]
+                for r in memory_rows
+            ],
+        )
+    )
+    return "\n".join(out)
