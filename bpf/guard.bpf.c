@@ -73,8 +73,9 @@ static __always_inline int reserved(void *ctx, __u32 protocol, __u16 port, __u32
 /* Whether the subject belongs to an owner of the set: the calling task (sk == NULL, the
  * bind hooks) or the cgroup the socket was created in (the packet hooks). sk is a constant
  * NULL in the bind hooks, so the socket helper, which they may not call, is compiled out.
- * The cost is one ancestor lookup per owner at the caller's depth, never a scan of all
- * reservations. */
+ * An owner admits its whole subtree: the subject's ancestor at the owner's level is the
+ * owner. So only the depths where the set has owners are visited, each costing one
+ * ancestor id and one owner_ids lookup, however many owners the set has. */
 static __always_inline int is_owner(__u32 slot, __u32 set_id, struct bpf_sock *sk)
 {
 	struct pg_set_key key = { .slot = slot, .set = set_id };
@@ -82,18 +83,20 @@ static __always_inline int is_owner(__u32 slot, __u32 set_id, struct bpf_sock *s
 
 	if (!set)
 		return 0;
-	for (__u32 i = 0; i < PG_MAX_OWNERS; i++) {
-		if (i >= set->count)
+	for (__u32 i = 0; i < PG_SET_LEVELS; i++) {
+		if (i >= set->nlevels)
 			break;
-		struct pg_owner_key ok = { .slot = slot, .idx = set->owner[i] };
-		struct pg_owner_val *owner = bpf_map_lookup_elem(&owners, &ok);
+		__u32 level = set->level[i];
+		__u64 ancestor = sk ? bpf_sk_ancestor_cgroup_id(sk, level)
+				    : bpf_get_current_ancestor_cgroup_id(level);
 
-		if (!owner || !owner->id)
-			continue;
-		__u64 ancestor = sk ? bpf_sk_ancestor_cgroup_id(sk, owner->level)
-				    : bpf_get_current_ancestor_cgroup_id(owner->level);
+		if (!ancestor)  /* the subject is shallower than this level and the next */
+			break;
+		struct pg_id_key ik = { .id = ancestor, .slot = slot };
+		__u32 *idx = bpf_map_lookup_elem(&owner_ids, &ik);
 
-		if (ancestor == owner->id)
+		if (idx && *idx < PG_MAX_OWNER_PATHS &&
+		    (set->members[*idx / 64] >> (*idx % 64)) & 1)
 			return 1;
 	}
 	return 0;
@@ -172,11 +175,13 @@ static __always_inline int guard_bind(struct bpf_sock_addr *ctx, __u8 family, in
 	if (is_owner(g.slot, g.reservation->set, NULL))
 		return ALLOW;
 	count(&denied, protocol, port);
-	if (g.cfg->mode == PG_MODE_AUDIT) {
-		report(ctx, family, protocol, port, g.reservation->set, PG_VERDICT_AUDIT);
+	int audit = g.cfg->mode == PG_MODE_AUDIT;
+
+	/* one report for both verdicts: the verifier walks its code once */
+	report(ctx, family, protocol, port, g.reservation->set,
+	       audit ? PG_VERDICT_AUDIT : PG_VERDICT_DENIED);
+	if (audit)
 		return ALLOW;
-	}
-	report(ctx, family, protocol, port, g.reservation->set, PG_VERDICT_DENIED);
 	/* Only on the deny path: set_retval followed by ALLOW still fails the bind. */
 	if (set_retval && g.cfg->deny_errno)
 		bpf_set_retval(-(int)g.cfg->deny_errno);
@@ -295,7 +300,10 @@ int BPF_PROG(portguard_cgroup_mkdir, struct cgroup *cgrp, const char *path)
 
 		if (idx) {
 			struct pg_owner_key ok = { .slot = slot, .idx = *idx };
+			struct pg_id_key ik = { .id = owner.id, .slot = slot };
 
+			/* owner_ids first: the bind path finds the owner only through it */
+			bpf_map_update_elem(&owner_ids, &ik, idx, BPF_ANY);
 			bpf_map_update_elem(&owners, &ok, &owner, BPF_ANY);
 		}
 	}
@@ -321,6 +329,9 @@ int BPF_PROG(portguard_cgroup_rmdir, struct cgroup *cgrp, const char *path)
 			struct pg_owner_key ok = { .slot = slot, .idx = *idx };
 			struct pg_owner_val *owner = bpf_map_lookup_elem(&owners, &ok);
 
+			struct pg_id_key ik = { .id = id, .slot = slot };
+
+			bpf_map_delete_elem(&owner_ids, &ik);
 			if (owner && owner->id == id)
 				bpf_map_delete_elem(&owners, &ok);
 		}

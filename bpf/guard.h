@@ -30,6 +30,8 @@ enum pg_limits {
 	PG_PATH_MAX = 256,           /* cgroup path incl. NUL; longer paths are refused */
 	PG_EVENT_BYTES = 256 * 1024, /* the event ring buffer */
 	PG_SYSCTL_PORTS = 65536,     /* one record per port number */
+	PG_SET_LEVELS = 4,           /* distinct depths of the owners of one port */
+	PG_MEMBER_WORDS = 4096 / 64, /* the owner bitmap of a set: PG_MAX_OWNER_PATHS bits */
 };
 
 enum pg_mode {
@@ -59,7 +61,10 @@ struct pg_port_val {
 	__u32 flags;  /* enum pg_port_flags */
 };
 
-/* sets: the owners allowed to bind a port */
+/* sets: the owners allowed to bind a port. The owner test visits only the depths where
+ * the set has owners: at each, the caller's ancestor cgroup id is looked up in owner_ids
+ * and its owner index tested in members. The cost is one lookup per such depth, whatever
+ * the number of owners. */
 struct pg_set_key {
 	__u32 slot;
 	__u32 set;
@@ -68,6 +73,9 @@ struct pg_set_key {
 struct pg_set_val {
 	__u32 count;
 	__u16 owner[PG_MAX_OWNERS];  /* owner indices, see owners */
+	__u32 nlevels;
+	__u8 level[PG_SET_LEVELS];   /* the owners' depths below the cgroup2 root, ascending */
+	__u64 members[PG_MEMBER_WORDS];  /* bit i: owner index i is in the set */
 };
 
 /* paths: owner cgroup path (relative to the cgroup2 root, as the cgroup
@@ -87,6 +95,14 @@ struct pg_owner_key {
 struct pg_owner_val {
 	__u64 id;     /* cgroup id (inode number of the cgroup directory) */
 	__u32 level;  /* depth below the cgroup2 root */
+	__u32 pad;
+};
+
+/* owner_ids: the cgroup id of an existing owner cgroup -> its owner index; the owners
+ * map turned around, for the bind path. Kept with it by apply and the trackers. */
+struct pg_id_key {
+	__u64 id;
+	__u32 slot;
 	__u32 pad;
 };
 
@@ -164,6 +180,13 @@ struct {
 	__type(key, struct pg_owner_key);
 	__type(value, struct pg_owner_val);
 } owners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SLOTS * PG_MAX_OWNER_PATHS);
+	__type(key, struct pg_id_key);
+	__type(value, __u32);
+} owner_ids SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -25,6 +25,8 @@ MAX_PORTS = 65535 * 2
 PATH_MAX = 256  # including the terminating NUL
 EVENT_BYTES = 256 * 1024
 SYSCTL_PORTS = 65536
+SET_LEVELS = 4
+MEMBER_WORDS = 4096 // 64
 # enum pg_mode
 MODE_ENFORCE = 0
 MODE_AUDIT = 1
@@ -34,7 +36,12 @@ VERDICT_AUDIT = 1
 # enum pg_port_flags
 PORT_CONTAIN = 1
 
-LIMITS = Limits(owners_per_port=MAX_OWNERS, owner_paths=MAX_OWNER_PATHS, owner_sets=MAX_SETS)
+LIMITS = Limits(
+    owners_per_port=MAX_OWNERS,
+    owner_paths=MAX_OWNER_PATHS,
+    owner_sets=MAX_SETS,
+    set_levels=SET_LEVELS,
+)
 
 # C enum name -> {constant: value}, as the BTF of the object must say
 ENUMS: dict[str, dict[str, int]] = {
@@ -47,6 +54,8 @@ ENUMS: dict[str, dict[str, int]] = {
         "PG_PATH_MAX": PATH_MAX,
         "PG_EVENT_BYTES": EVENT_BYTES,
         "PG_SYSCTL_PORTS": SYSCTL_PORTS,
+        "PG_SET_LEVELS": SET_LEVELS,
+        "PG_MEMBER_WORDS": MEMBER_WORDS,
     },
     "pg_mode": {"PG_MODE_ENFORCE": MODE_ENFORCE, "PG_MODE_AUDIT": MODE_AUDIT},
     "pg_verdict": {"PG_VERDICT_DENIED": VERDICT_DENIED, "PG_VERDICT_AUDIT": VERDICT_AUDIT},
@@ -69,7 +78,13 @@ class SetKey(C.Structure):
 
 
 class SetVal(C.Structure):
-    _fields_ = [("count", C.c_uint32), ("owner", C.c_uint16 * MAX_OWNERS)]
+    _fields_ = [
+        ("count", C.c_uint32),
+        ("owner", C.c_uint16 * MAX_OWNERS),
+        ("nlevels", C.c_uint32),
+        ("level", C.c_uint8 * SET_LEVELS),
+        ("members", C.c_uint64 * MEMBER_WORDS),
+    ]
 
 
 class PathKey(C.Structure):
@@ -82,6 +97,10 @@ class OwnerKey(C.Structure):
 
 class OwnerVal(C.Structure):
     _fields_ = [("id", C.c_uint64), ("level", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class IdKey(C.Structure):
+    _fields_ = [("id", C.c_uint64), ("slot", C.c_uint32), ("pad", C.c_uint32)]
 
 
 class Config(C.Structure):
@@ -126,6 +145,7 @@ STRUCTS: dict[str, type[C.Structure]] = {
     "pg_path_key": PathKey,
     "pg_owner_key": OwnerKey,
     "pg_owner_val": OwnerVal,
+    "pg_id_key": IdKey,
     "pg_config": Config,
     "pg_state": State,
     "pg_count_key": CountKey,
@@ -158,6 +178,7 @@ MAPS: dict[str, MapSpec] = {
     "sets": MapSpec(HASH, SetKey, SetVal, SLOTS * MAX_SETS),
     "paths": MapSpec(HASH, PathKey, U32, SLOTS * MAX_OWNER_PATHS),
     "owners": MapSpec(HASH, OwnerKey, OwnerVal, SLOTS * MAX_OWNER_PATHS),
+    "owner_ids": MapSpec(HASH, IdKey, U32, SLOTS * MAX_OWNER_PATHS),
     "config": MapSpec(ARRAY, U32, Config, SLOTS),
     "state": MapSpec(ARRAY, U32, State, 1),
     "denied": MapSpec(PERCPU_HASH, CountKey, U64, MAX_PORTS),

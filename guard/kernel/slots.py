@@ -86,7 +86,7 @@ def clear_slot(maps: Maps, slot: int, readers_gone: Callable[[], None] | None = 
     """Empty the slot. Paths first: once they are gone the cgroup trackers write no more
     owners of the slot. readers_gone (libbpf.wait_for_programs) is called before the first
     deletion, when there is anything to delete, for a slot programs may still be reading."""
-    for m in (maps.paths, maps.owners, maps.sets, maps.ports):
+    for m in (maps.paths, maps.owners, maps.owner_ids, maps.sets, maps.ports):
         keys = [k for k in m.keys() if k.slot == slot]
         if keys and readers_gone is not None:
             readers_gone()
@@ -101,24 +101,38 @@ def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root
         maps.paths.update(key, idx)
     # After the paths: a cgroup made from here on is recorded by the mkdir tracker; one that
     # exists already is seeded here. NOEXIST: never overwrite a newer id the tracker wrote.
+    # owner_ids before owners, as the tracker does; an id of a cgroup removed meanwhile is
+    # harmless there (ids are never reused, no task can be in a removed cgroup).
     for idx, path in enumerate(plan.paths):
         cg_id = cgroups.cgroup_id(path, cgroup_root)
         if cg_id is not None:
+            maps.owner_ids.update(layout.IdKey(cg_id, slot, 0), idx)
             maps.owners.update(
                 layout.OwnerKey(slot, idx),
                 layout.OwnerVal(cg_id, cgroups.level(path), 0),
                 libbpf.BPF_NOEXIST,
             )
     for set_id, members in plan.sets.items():
-        value = layout.SetVal(len(members))
-        for i, member in enumerate(members):
-            value.owner[i] = member
-        maps.sets.update(layout.SetKey(slot, set_id), value)
+        maps.sets.update(layout.SetKey(slot, set_id), set_value(members, plan.paths))
     flags = {pair: layout.PORT_CONTAIN for pair in plan.contained}
     maps.ports.update_many(
         [(slot, proto, port) for proto, port in plan.ports],
         [(set_id, flags.get(pair, 0)) for pair, set_id in plan.ports.items()],
     )
+
+
+def set_value(members: tuple[int, ...], paths: tuple[str, ...]) -> layout.SetVal:
+    """An owner set as the kernel reads it: the owner list (for status), the levels the
+    owner test visits and the membership bitmap it tests."""
+    value = layout.SetVal(len(members))
+    for i, member in enumerate(members):
+        value.owner[i] = member
+        value.members[member // 64] |= 1 << (member % 64)
+    depths = sorted({cgroups.level(paths[member]) for member in members})
+    value.nlevels = len(depths)
+    for i, depth in enumerate(depths):
+        value.level[i] = depth
+    return value
 
 
 def flip(maps: Maps, slot: int) -> None:

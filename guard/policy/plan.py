@@ -20,6 +20,7 @@ class Limits:
     owners_per_port: int
     owner_paths: int
     owner_sets: int
+    set_levels: int = 4  # distinct depths (below the cgroup2 root) of one port's owners
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,14 @@ def build(
     index_of = {path: i for i, path in enumerate(paths)}
     members_of = {owners: tuple(sorted(index_of[p] for p in owners)) for owners in distinct_owners}
     distinct = sorted(set(members_of.values()))
+    for members in distinct:
+        depths = {len([part for part in paths[i].split("/") if part]) for i in members}
+        if len(depths) > limits.set_levels:
+            problems.append(
+                f"{config.files[0] if config.files else '<config>'}:1: the owners of one port "
+                f"sit at {len(depths)} different depths of the cgroup tree; at most "
+                f"{limits.set_levels}"
+            )
     if len(distinct) > limits.owner_sets:
         problems.append(
             f"{config.files[0] if config.files else '<config>'}:1: {len(distinct)} "

@@ -296,3 +296,33 @@ def test_guard_survives_the_exit_of_apply(sandbox):
     applied(sandbox)
     time.sleep(0.2)  # the CLI process has exited; the kernel still refuses
     assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
+
+
+def test_sixty_four_owners_at_different_depths_each_bind_and_strangers_do_not(sandbox):
+    """The owner test visits the levels where the port's owners sit, not the owners: the
+    last of 64 owners binds, at any depth, and so do their sub-cgroups; siblings do not."""
+    owners = [f"o{i}" for i in range(59)] + ["deep/a", "deep/b/c", "deep/b/d/e", "x/y/z/w", "x/q"]
+    sandbox.write_config(sandbox.owner_block([str(PORT)], *owners))
+    sandbox.cli("apply")
+    cases = [("v4", "tcp", PORT), ("v6", "udp", PORT)]
+    for owner in ("o0", "o58", "deep/a", "deep/b/c", "deep/b/d/e", "x/y/z/w", "x/q", "o58/sub"):
+        assert set(sandbox.bind(owner, cases).values()) == {0}, owner
+    for stranger in ("stranger", "deep", "deep/b", "deep/b/d", "x/y/z", "x/y/z2", "x/y/zw/w"):
+        assert set(sandbox.bind(stranger, cases).values()) == {errno.EADDRINUSE}, stranger
+
+
+def test_an_owner_recreated_is_found_by_its_new_id_and_the_old_one_is_forgotten(sandbox):
+    sandbox.cgroup("svc")
+    applied(sandbox, owners=("svc",))
+    old = sandbox.cgroup_id("svc")
+    sandbox.rmdir("svc")
+    assert set(sandbox.bind("svc", [("v4", "tcp", PORT)]).values()) == {0}  # recreated
+    maps_dir = next(sandbox.pin_dir.glob("maps-*"))
+    from guard.kernel import layout
+
+    fd = kernel.get_pinned(maps_dir / "owner_ids")
+    try:
+        ids = kernel.Map(fd, layout.IdKey, layout.U32)
+        assert {k.id for k in ids.keys()} == {sandbox.cgroup_id("svc")} != {old}
+    finally:
+        kernel.close(fd)

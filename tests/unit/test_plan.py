@@ -66,3 +66,18 @@ def test_unreserved_port_has_no_owners():
 def test_blocks_without_resolved_owners_reserve_nothing():
     c = cfg('[[reserve]]\nports = ["1"]\nunit = "nothere.service"\nif_installed = true\n')
     assert plan.build(c, {0: []}, (), layout.LIMITS).ports == {}
+
+
+def test_owners_of_one_port_at_more_depths_than_the_kernel_visits_are_refused():
+    depths = [f'"/{"/".join(["d"] * n)}"' for n in range(1, layout.SET_LEVELS + 2)]
+    with pytest.raises(ConfigError, match="different depths"):
+        build(f'[[reserve]]\nports = ["631"]\ncgroups = [{", ".join(depths)}]\n')
+    build(f'[[reserve]]\nports = ["631"]\ncgroups = [{", ".join(depths[:-1])}]\n')
+
+
+def test_a_set_lists_its_owners_depths_once_ascending_and_its_members_as_bits():
+    from guard.kernel import slots
+
+    value = slots.set_value((0, 2, 65), ("/a/b", "/x", "/a", *[f"/p{i}" for i in range(63)]))
+    assert list(value.level[: value.nlevels]) == [1, 2]
+    assert (value.members[0], value.members[1]) == (0b101, 0b10)
