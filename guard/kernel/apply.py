@@ -25,7 +25,7 @@ from pathlib import Path
 
 from guard.errors import GuardError
 from guard.kernel import host, layout, libbpf, objects, slots, sysctl
-from guard.kernel.pins import Maps, Pins
+from guard.kernel.pins import Maps, Pins, open_map
 from guard.kernel.programs import (
     CGROUP_ATTACH_TYPES,
     CORE_LINKS,
@@ -127,18 +127,44 @@ def _retire(maps_dir: Path) -> None:
 
 
 def _load(
-    object_path: Path, pins: Pins, reused: bool, skip: tuple[str, ...]
+    object_path: Path, pins: Pins, reused: bool, skip: tuple[str, ...], sizes: dict[str, int]
 ) -> tuple[libbpf.LoadedObject, bool]:
     """Load, reusing this layout's pinned maps when reused; maps libbpf cannot reuse (their
-    definition changed without a layout change) are retired and made afresh."""
+    definition or size changed without a layout change) are retired and made afresh."""
     pins.maps_dir.mkdir(mode=0o700, exist_ok=True)
     try:
-        return libbpf.load_object(object_path, pins.maps_dir, skip), reused
+        return libbpf.load_object(object_path, pins.maps_dir, skip, sizes), reused
     except libbpf.IncompatiblePinnedMap:
         pass
     _retire(pins.maps_dir)
     pins.maps_dir.mkdir(mode=0o700)
-    return libbpf.load_object(object_path, pins.maps_dir, skip), False
+    return libbpf.load_object(object_path, pins.maps_dir, skip, sizes), False
+
+
+def _sizes(plan: Plan, pins: Pins, maps: Maps | None) -> tuple[dict[str, int], bool]:
+    """max_entries for the maps (layout.map_sizes), and whether the pinned maps are too
+    small for the plan. Pinned maps never shrink: a size they have and the plan fits in is
+    kept, so they stay reusable."""
+    carried = 0
+    for other in pins.other_maps_dirs():
+        records = sysctl.records(other)
+        if records is not None:
+            try:
+                carried += len(list(records.keys()))
+            finally:
+                os.close(records.fd)
+    wanted = layout.map_sizes(
+        len(plan.ports),
+        len({port for _, port in plan.ports}),
+        len(plan.sets),
+        len(plan.paths),
+        carried,
+    )
+    if maps is None:
+        return wanted, False
+    pinned = {name: libbpf.map_info(maps.fds[name]).max_entries for name in wanted}
+    too_small = any(pinned[name] < entries for name, entries in wanted.items())
+    return {name: max(entries, pinned[name]) for name, entries in wanted.items()}, too_small
 
 
 class _Transaction:
@@ -176,12 +202,18 @@ class _Transaction:
             readers = [fd for fd in bind_links if maps is not None and _reads_maps(fd, maps)]
             takeover = len(readers) < len(bind_links)  # some link enforces maps we do not trust
             stale_program = maps is None or maps.meta.lookup(0).object != self.digest
-            need_load = stale_program or takeover or any(links[n] is None for n in wanted_links)
+            sizes, too_small = _sizes(self.plan, pins, maps)
+            need_load = (
+                stale_program
+                or takeover
+                or too_small  # new maps of the right size, swapped in like a new layout
+                or any(links[n] is None for n in wanted_links)
+            )
             if need_load:
                 if maps is None:
                     _retire(pins.maps_dir)
                 skip = not_loaded(self.denial, self.can_contain)
-                loaded, reused = _load(self.object_path, pins, maps is not None, skip)
+                loaded, reused = _load(self.object_path, pins, maps is not None, skip, sizes)
                 if not reused:
                     if maps is not None:
                         maps.close()
@@ -294,12 +326,38 @@ def _drop_other_maps(pins: Pins, maps: Maps) -> bool:
     dead."""
     others = pins.other_maps_dirs()
     _carry_sysctl_records(pins, maps)
+    _carry_counters(others, maps)
     for other in others:
         for entry in other.iterdir():
             libbpf.unpin(entry)
         other.rmdir()
         libbpf.step()
     return bool(others)
+
+
+def _carry_counters(others: list[Path], maps: Maps) -> None:
+    """Add the refusal counts of maps no link reads any more (older layouts, maps too small
+    for the policy) to the current ones, so counts survive new maps. Each key is taken out
+    of the old map once added: a run killed in between counts that one key twice at most."""
+    olds = []
+    for other in others:
+        for name in ("denied", "contained"):
+            fd = open_map(other / name, name)
+            if fd is not None:
+                spec = layout.MAPS[name]
+                olds.append((name, libbpf.Map(fd, spec.key, spec.value, percpu=True)))
+    try:
+        if any(old.keys() for _, old in olds):
+            libbpf.wait_for_programs()  # an old program may still be counting
+        for name, old in olds:
+            current = getattr(maps, name)
+            for key, values in old.items():
+                now = current.lookup(key) or [0] * current.ncpu
+                current.update_percpu(key, [a + b for a, b in zip(now, values, strict=True)])
+                old.delete(key)
+    finally:
+        for _, old in olds:
+            os.close(old.fd)
 
 
 def _pin_replace(fd: int, path: Path) -> None:

@@ -187,6 +187,47 @@ MAPS: dict[str, MapSpec] = {
     "meta": MapSpec(ARRAY, U32, Meta, 1),
     "sysctl_added": MapSpec(HASH, U16, U8, SYSCTL_PORTS),
 }
+#: The maps sized to the policy when they are created (the object's max_entries is the
+#: ceiling): their hash buckets are allocated by max_entries, so a worst-case size costs
+#: megabytes a small policy never uses.
+SIZED_MAPS = (
+    "ports",
+    "sets",
+    "paths",
+    "owners",
+    "owner_ids",
+    "denied",
+    "contained",
+    "sysctl_added",
+)
+MIN_ENTRIES = 64
+
+
+def map_sizes(
+    pairs: int, port_numbers: int, sets: int, paths: int, carried: int = 0
+) -> dict[str, int]:
+    """max_entries for a policy of `pairs` (protocol, port) reservations on `port_numbers`
+    ports, with `sets` owner sets and `paths` owner cgroups. Both slots are full at once
+    during an apply (the old one and the new one), and counters and sysctl records of the
+    old policy live until the new one is in force: so twice the policy, rounded up to a
+    power of two. `carried`: sysctl records carried over from older maps."""
+
+    def fit(name: str, entries: int) -> int:
+        rounded = 1 << max(entries - 1, 0).bit_length()
+        return min(MAPS[name].max_entries, max(MIN_ENTRIES, rounded))
+
+    return {
+        "ports": fit("ports", SLOTS * pairs),
+        "sets": fit("sets", SLOTS * sets),
+        "paths": fit("paths", SLOTS * paths),
+        "owners": fit("owners", SLOTS * paths),
+        "owner_ids": fit("owner_ids", 2 * SLOTS * paths),
+        "denied": fit("denied", 2 * pairs),
+        "contained": fit("contained", 2 * pairs),
+        "sysctl_added": fit("sysctl_added", 2 * port_numbers + carried),
+    }
+
+
 # The programs' own maps: events (pg_event records the monitor reads raw) and scratch.
 EVENTS = MapSpec(RINGBUF, type(None), type(None), EVENT_BYTES)
 SCRATCH = MapSpec(PERCPU_ARRAY, U32, PathKey, 1)

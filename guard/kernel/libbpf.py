@@ -103,6 +103,7 @@ def lib() -> C.CDLL:
         "bpf_program__set_autoload": (INT, [P, C.c_bool]),
         "bpf_map__fd": (INT, [P]),
         "bpf_map__set_pin_path": (INT, [P, C.c_char_p]),
+        "bpf_map__set_max_entries": (INT, [P, U32]),
         "bpf_obj_pin": (INT, [INT, C.c_char_p]),
         "bpf_obj_get": (INT, [C.c_char_p]),
         "bpf_link_create": (INT, [INT, INT, INT, P]),
@@ -310,16 +311,25 @@ def _check_reusable(name: str, m: int, path: Path) -> None:
         raise IncompatiblePinnedMap(name, path, differences)
 
 
-def load_object(path: Path, maps_dir: Path, skip: tuple[str, ...] = ()) -> LoadedObject:
+def load_object(
+    path: Path,
+    maps_dir: Path,
+    skip: tuple[str, ...] = (),
+    sizes: dict[str, int] | None = None,
+) -> LoadedObject:
     """Load and verify the object; each of its maps is reused from maps_dir when pinned
     there, else created and pinned there (IncompatiblePinnedMap when a pinned one differs).
     Programs named in skip are not loaded (the other denial style, or programs this kernel
-    would refuse). Program and map names are the object's own."""
+    would refuse); maps named in sizes get that max_entries instead of the object's.
+    Program and map names are the object's own."""
     bpf = lib()
     _LOG.clear()
     handle = _open_object(path)
     try:
         maps = _maps(handle)
+        for name, entries in (sizes or {}).items():
+            if name in maps:
+                _check(bpf.bpf_map__set_max_entries(maps[name], entries), f"sizing {name}")
         for name, m in maps.items():
             pin_path = maps_dir / name
             _check_reusable(name, m, pin_path)
@@ -737,6 +747,15 @@ class Map:
             raise BpfError(err, f"map update: {os.strerror(err)}")
         step()
         return True
+
+    def update_percpu(self, key, values: list) -> None:
+        """Write one element of a per-CPU map, one value per possible CPU."""
+        key = self._key(key)
+        buf = (self.value_type * self.ncpu)(*values)
+        if lib().bpf_map_update_elem(self.fd, C.byref(key), buf, BPF_ANY) < 0:
+            err = C.get_errno()
+            raise BpfError(err, f"map update: {os.strerror(err)}")
+        step()
 
     def delete(self, key) -> bool:
         key = self._key(key)
