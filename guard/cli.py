@@ -109,7 +109,7 @@ def _squatters_of_plan(plan) -> list:
     """Holders of the planned ports that are not owners (apply runs in the guarded netns).
     /proc/net is read first: only when a reserved port is held does sock_diag run."""
     from guard.kernel.layout import PROTOCOL_NAMES
-    from guard.observe.holders import bound_ports, find
+    from guard.observe.procnet import bound_ports
 
     bound = bound_ports()
     reservations = [
@@ -117,7 +117,11 @@ def _squatters_of_plan(plan) -> list:
         for (proto, port), set_id in plan.ports.items()
         if (port, PROTOCOL_NAMES[proto]) in bound
     ]
-    return find(reservations) if reservations else []
+    if not reservations:
+        return []
+    from guard.observe.holders import find  # sock_diag, processes, units: only when held
+
+    return find(reservations)
 
 
 @main.command()

@@ -19,7 +19,6 @@ is stale the next apply redoes the whole load.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +122,8 @@ def _retire(maps_dir: Path) -> None:
     """Move maps this version cannot trust out of the way; links may still use them, so they
     are deleted only once no link does (end of apply)."""
     if maps_dir.exists():
-        libbpf.rename_pin(maps_dir, maps_dir.with_name(f"maps-retired-{secrets.token_hex(4)}"))
+        # os.urandom, not secrets: secrets imports hashlib, which loads libcrypto at boot
+        libbpf.rename_pin(maps_dir, maps_dir.with_name(f"maps-retired-{os.urandom(4).hex()}"))
 
 
 def _load(
@@ -212,7 +212,9 @@ class _Transaction:
             if need_load:
                 if maps is None:
                     _retire(pins.maps_dir)
-                skip = not_loaded(self.denial, self.can_contain)
+                # Packet programs only for a policy that contains: loading them costs time
+                # at every boot; a later policy that contains loads the object again.
+                skip = not_loaded(self.denial, self.can_contain and self.contain)
                 loaded, reused = _load(self.object_path, pins, maps is not None, skip, sizes)
                 if not reused:
                     if maps is not None:

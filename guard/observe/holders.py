@@ -247,24 +247,6 @@ def cgroup_paths(ids: set[int], cgroup_root: Path | None) -> dict[int, str]:
     return paths
 
 
-def bound_ports(proc_net: Path = PROC / "net") -> set[tuple[int, str]]:
-    """(port, protocol) pairs that a listening TCP or a bound UDP socket holds in this network
-    namespace, from /proc/net: a cheap first look before the sock_diag query (apply runs at
-    boot). TCP sockets bound without listen() are not listed there; holders() sees them."""
-    found: set[tuple[int, str]] = set()
-    for name, protocol in (("tcp", "tcp"), ("tcp6", "tcp"), ("udp", "udp"), ("udp6", "udp")):
-        try:
-            lines = (proc_net / name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 4 or (protocol == "tcp" and fields[3] != "0A"):  # 0A: LISTEN
-                continue
-            found.add((int(fields[1].rsplit(":", 1)[1], 16), protocol))
-    return found
-
-
 # ---- owners and squatters ---------------------------------------------------------------
 
 FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}

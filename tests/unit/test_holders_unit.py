@@ -123,7 +123,7 @@ def test_empty_port_filter_asks_nothing():
 
 
 def test_bound_ports_reads_listening_tcp_and_bound_udp(tmp_path):
-    from guard.observe.holders import bound_ports
+    from guard.observe.procnet import bound_ports
 
     header = "  sl  local_address rem_address   st tx_queue rx_queue\n"
     (tmp_path / "tcp").write_text(
