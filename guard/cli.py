@@ -56,7 +56,7 @@ def _plan(cfg: config_mod.Config):
     from guard.policy import owners, plan
 
     try:
-        return plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS)
+        return plan.build(cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS)
     except config_mod.ConfigError as exc:
         raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
 

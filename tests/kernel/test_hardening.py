@@ -322,7 +322,9 @@ def test_reapplies_alternating_configs_while_binds_run_give_no_wrong_answer(sand
         plans = []
         for path in {configs!r}:
             cfg = config.load([config.Path(path)])
-            plans.append(plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS))
+            plans.append(plan.build(
+                cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS
+            ))
         changed = sum(apply(plans[(i + 1) % 2]).changed for i in range({REAPPLIES}))
         print(changed)
     """)
