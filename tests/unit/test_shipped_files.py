@@ -24,7 +24,7 @@ MAN_DIR = ROOT / "docs" / "man"
 MAN_PAGES = sorted(MAN_DIR.glob("*.[1-8]"))
 PORTGUARD_8 = MAN_DIR / "portguard.8"
 PORTGUARD_TOML_5 = MAN_DIR / "portguard.toml.5"
-COMPLETION = ROOT / "docs" / "completion" / "portguard.bash"
+COMPLETION = ROOT / "docs" / "completion" / "portguard"
 
 # Commented-out settings and examples are "#" followed directly by a key or a table header;
 # explanations are "# " followed by text.
