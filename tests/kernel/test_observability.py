@@ -270,6 +270,21 @@ def test_owner_holding_its_port_is_no_squatter_until_moved_out(sandbox):
     assert holder["socket_cgroup"] == f"{sandbox.top}/owner/worker"
 
 
+def test_squatter_moved_into_the_owner_cgroup_stays_a_squatter(sandbox):
+    # Its socket was created outside the owner: only INET_DIAG_CGROUP_ID tells (pyroute2 0.7.2
+    # leaves it undecoded; portguard reads it from the raw reply).
+    squatter = hold(sandbox, "stranger")
+    applied(sandbox, ports=(f"{PORT}/tcp",))
+    procs = cgroups.directory(sandbox.cgroup("owner"), sandbox.cgroup_root) / "cgroup.procs"
+    procs.write_text(str(squatter))
+    proc = sandbox.cli("status", "--json", check=False)
+    assert proc.returncode == 3
+    [holder] = json.loads(proc.stdout)["reservations"][0]["holders"]
+    assert holder["pid"] == squatter and holder["owner"] is False
+    assert holder["cgroup"] == f"{sandbox.top}/owner"
+    assert holder["socket_cgroup"] == f"{sandbox.top}/stranger"
+
+
 def test_status_outside_the_guarded_namespace_shows_no_holders(sandbox):
     hold(sandbox, "stranger")
     applied(sandbox, ports=(f"{PORT}/tcp",))
