@@ -36,6 +36,12 @@ _WHAT = WIDTH - len(_RES.format(port="", proto="", denied="", dropped="", role="
 _HOLDER_WHERE = _WHAT - 7 - 1 - 15 - 1 - 1 - 8
 
 
+def failure_line(failure, loaded: bool) -> str:
+    """Why the guard is not what the configuration asks for (see guard/outcome.py)."""
+    now = "the guard loaded before it is still in place" if loaded else "no guard is loaded"
+    return f"portguard: the last apply failed ({failure.when}), {now}: {failure.message}"
+
+
 def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
     if not state.loaded:
         return [_fit(f"portguard: not loaded (pin directory {state.pin_dir})")]

@@ -336,3 +336,36 @@ def test_switching_between_audit_and_enforce_by_reapply_is_atomic(sandbox):
     assert set(map(int, s["errors"])) == {errno.EADDRINUSE}
     assert s["ok"] + s["fail"] == denied(sandbox)
     assert o["fail"] == 0 and o["ok"] > 0
+
+
+# ---- status when the guard is not what the configuration asks for -----------------------------
+
+
+def test_status_exits_4_and_says_why_when_the_last_apply_failed(sandbox):
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"), cgroup="/portguard-no-such")
+    failed = sandbox.cli("apply", check=False)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    status = sandbox.cli("status", check=False)
+    assert status.returncode == 4 and "not loaded" in status.stdout
+    assert "the last apply failed" in status.stderr and "no guard is loaded" in status.stderr
+    reason = failed.stderr.strip().removeprefix("Error: ")
+    assert reason in status.stderr
+    as_json = json.loads(sandbox.cli("status", "--json", check=False).stdout)
+    assert as_json["loaded"] is False and as_json["last_apply_failure"]["message"] == reason
+    # a successful apply clears the record
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"))
+    sandbox.cli("apply")
+    status = sandbox.cli("status", check=False)
+    assert status.returncode == 0 and "last apply failed" not in status.stderr
+
+
+def test_status_says_the_previous_guard_stays_when_a_broken_config_was_applied(sandbox):
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"))
+    sandbox.cli("apply")
+    sandbox.write_config(sandbox.owner_block([str(PORT), "99999"], "owner"))
+    assert sandbox.cli("apply", check=False).returncode == 2
+    assert set(sandbox.bind("stranger", [("v4", "tcp", PORT)]).values()) == {errno.EADDRINUSE}
+    status = sandbox.cli("status", check=False)
+    assert status.returncode == 0
+    assert "the guard loaded before it is still in place" in status.stderr
+    assert "port 99999 is out of range" in status.stderr
