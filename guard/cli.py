@@ -45,7 +45,9 @@ def _load_settings(path: str | None) -> config_mod.Settings:
     try:
         return _load_config(path).settings
     except ConfigProblem as exc:
-        click.echo(f"portguard: warning: {exc.message}", err=True)
+        from guard.observe.display import warning_line
+
+        click.echo(warning_line(exc.message), err=True)
     main = Path(path) if path else config_mod.DEFAULT_CONFIG
     try:
         return config_mod.load_settings(config_mod.config_files(main))
@@ -149,9 +151,9 @@ def _squatters_of_plan(plan) -> list:
 def remove(config_path: str | None) -> None:
     """Detach and unpin the guard and restore the sysctl: the machine is as before."""
     from guard.kernel.apply import remove as remove_guard
+    from guard.observe.display import remove_line
 
-    removed = _runtime(remove_guard, _load_settings(config_path))
-    click.echo("portguard: removed" if removed else "portguard: nothing to remove")
+    click.echo(remove_line(_runtime(remove_guard, _load_settings(config_path))))
 
 
 @main.command()
@@ -279,9 +281,10 @@ def monitor(
 def build() -> None:
     """Compile the BPF object into the cache, so apply needs no compiler (e.g. at boot)."""
     from guard.kernel import objects
+    from guard.observe.display import built_line
 
     try:
-        click.echo(f"portguard: built {objects.build()}")
+        click.echo(built_line(objects.build()))
     except objects.BuildError as exc:
         raise RuntimeProblem(str(exc)) from None
 

@@ -1,5 +1,5 @@
-"""Everything people and scripts see, in every format: apply's summary and warnings, status
-(text, JSON), check (text, JSON), monitor (text, JSON lines, journal entries).
+"""Everything people and scripts see, in every format: apply's summary and warnings, remove,
+build, status (text, JSON), check (text, JSON), monitor (text, JSON lines, journal entries).
 
 Human output fits 100 columns: long cgroup paths and addresses are shortened from the left
 with an ellipsis, keeping their informative end; JSON carries every value in full. Commands
@@ -89,6 +89,14 @@ def apply_line(changed: bool, ports: int, owner_cgroups: int, mode: str) -> str:
         f"portguard: {state}: {ports} reserved port/protocol pairs, "
         f"{owner_cgroups} owner cgroups, mode {mode}"
     )
+
+
+def remove_line(removed: bool) -> str:
+    return "portguard: removed" if removed else "portguard: nothing to remove"
+
+
+def built_line(path: object) -> str:
+    return f"portguard: built {path}"
 
 
 # ---- status ---------------------------------------------------------------------------------

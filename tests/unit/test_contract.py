@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.kernel import layout, libbpf, objects, programs
+from guard.kernel import layout, libbpf, objects, programs, sources
+from guard.kernel.pins import Pins
 from guard.observe import monitor
 from guard.policy import config
 
@@ -143,3 +144,14 @@ def test_the_event_is_unpacked_in_the_hosts_byte_order():
     # the object is built for the host's byte order (objects.host_target), so the record is
     # in native order, with standard sizes and no alignment added by struct
     assert monitor.EVENT.format.startswith("=")
+
+
+def test_the_layout_names_the_header_so_a_changed_contract_gets_new_maps(tmp_path, monkeypatch):
+    header = (sources.bpf_source_dir() / "guard.h").read_text()
+    assert layout._layout_digest() == layout.LAYOUT
+    (tmp_path / "guard.h").write_text(header.replace("PG_MAX_OWNERS = 64", "PG_MAX_OWNERS = 65"))
+    monkeypatch.setattr(layout, "bpf_source_dir", lambda: tmp_path)
+    changed = layout._layout_digest()
+    assert changed != layout.LAYOUT
+    monkeypatch.setattr(layout, "LAYOUT", changed)
+    assert Pins(Path("/pins")).maps_dir == Path(f"/pins/maps-{changed}")
