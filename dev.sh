@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PACKAGES=(clang libbpf-dev libbpf1 bpftool iproute2 util-linux python3-venv gcc)
+PACKAGES=(clang libbpf-dev libbpf1 bpftool iproute2 util-linux python3-venv gcc lintian)
 
 setup() {
   local missing=()

@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from bench import suites
+from bench import boot, suites
 from bench.harness import Unavailable, machine, world
 
 SUITES = {
@@ -22,6 +22,7 @@ SUITES = {
     "startup": suites.startup,
     "portreserve": suites.portreserve_model,
     "cost": suites.cost,
+    "boot": boot.boot,
 }
 
 

@@ -181,7 +181,7 @@ def prog_stats(prog_id: int) -> tuple[int, int]:
 
 
 def prog_id_of_fd(fd: int) -> int:
-    return int.from_bytes(kernel._info(fd, 8)[4:8], "little")
+    return kernel.prog_info(fd).id
 
 
 # ---- measuring commands -----------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Command line: portguard apply|status|check|remove|build, and the portrelease shim.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration; `status` exits 3 when a
-reserved port is held by a non-owner (a squatter), so monitoring can alert on it.
+reserved port is held by a non-owner (a squatter) and 4 when no guard is loaded, so monitoring
+can alert on both.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from guard.policy import config as config_mod
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 EXIT_SQUATTER = 3
+EXIT_NOT_LOADED = 4
 
 
 class ConfigProblem(click.ClickException):
@@ -43,7 +45,9 @@ def _load_settings(path: str | None) -> config_mod.Settings:
     try:
         return _load_config(path).settings
     except ConfigProblem as exc:
-        click.echo(f"portguard: warning: {exc.message}", err=True)
+        from guard.observe.display import warning_line
+
+        click.echo(warning_line(exc.message), err=True)
     main = Path(path) if path else config_mod.DEFAULT_CONFIG
     try:
         return config_mod.load_settings(config_mod.config_files(main))
@@ -56,7 +60,7 @@ def _plan(cfg: config_mod.Config):
     from guard.policy import owners, plan
 
     try:
-        return plan.build(cfg, *owners.resolve_all(cfg), LIMITS)
+        return plan.build(cfg.settings, *owners.resolve_all(cfg), LIMITS)
     except config_mod.ConfigError as exc:
         raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
 
@@ -90,6 +94,27 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 @click.pass_obj
 def apply(config_path: str | None) -> None:
     """Load or update the guard to match the configuration, then exit (the guard stays)."""
+    from guard.observe import outcome
+
+    try:
+        pin_dir = _apply(config_path)
+    except click.ClickException as exc:
+        outcome.record_failure(_pin_dir_for_record(config_path), exc.format_message())
+        raise
+    outcome.clear(pin_dir)
+
+
+def _pin_dir_for_record(config_path: str | None) -> str:
+    """The pin directory the configuration names, as far as it can be read at all."""
+    main = Path(config_path) if config_path else config_mod.DEFAULT_CONFIG
+    try:
+        return config_mod.load_settings(config_mod.config_files(main)).pin_dir
+    except (config_mod.ConfigError, OSError):
+        return config_mod.Settings().pin_dir
+
+
+def _apply(config_path: str | None) -> str:
+    """Apply; the pin directory applied to."""
     from guard.kernel.apply import apply as apply_plan
     from guard.observe import display
 
@@ -103,6 +128,7 @@ def apply(config_path: str | None) -> None:
     click.echo(
         display.apply_line(result.changed, len(plan.ports), len(plan.paths), plan.settings.mode)
     )
+    return plan.settings.pin_dir
 
 
 def _squatters_of_plan(plan) -> list:
@@ -129,9 +155,9 @@ def _squatters_of_plan(plan) -> list:
 def remove(config_path: str | None) -> None:
     """Detach and unpin the guard and restore the sysctl: the machine is as before."""
     from guard.kernel.apply import remove as remove_guard
+    from guard.observe.display import remove_line
 
-    removed = _runtime(remove_guard, _load_settings(config_path))
-    click.echo("portguard: removed" if removed else "portguard: nothing to remove")
+    click.echo(remove_line(_runtime(remove_guard, _load_settings(config_path))))
 
 
 @main.command()
@@ -139,21 +165,27 @@ def remove(config_path: str | None) -> None:
 @click.pass_obj
 def status(config_path: str | None, as_json: bool) -> None:
     """Show the guard as the kernel holds it: links, every reservation, its owners, the
-    denied binds, and who holds the port now. Exits 3 when a non-owner holds a reserved port.
+    denied binds, and who holds the port now. Exits 3 when a non-owner holds a reserved port,
+    4 when no guard is loaded (saying why, when the last apply failed).
 
     Run it in the guarded network namespace: holders are read there."""
     from guard.kernel.host import netns_cookie
-    from guard.observe import display, holders
+    from guard.observe import display, holders, outcome
     from guard.observe.state import read_state
 
     settings = _load_settings(config_path)
     state = _runtime(read_state, settings)
     state = holders.with_holders(state, netns_cookie())
+    failure = outcome.last_failure(settings.pin_dir)
     if as_json:
-        click.echo(display.status_json(state))
+        click.echo(display.status_json(state, failure))
     else:
         for line in display.status_lines(state, settings.cgroup):
             click.echo(line)
+        if failure:
+            click.echo(display.failure_line(failure, state.loaded), err=True)
+    if not state.loaded:
+        sys.exit(EXIT_NOT_LOADED)
     found = holders.of_state(state)
     if found:
         if not as_json:
@@ -253,9 +285,10 @@ def monitor(
 def build() -> None:
     """Compile the BPF object into the cache, so apply needs no compiler (e.g. at boot)."""
     from guard.kernel import objects
+    from guard.observe.display import built_line
 
     try:
-        click.echo(f"portguard: built {objects.build()}")
+        click.echo(built_line(objects.build()))
     except objects.BuildError as exc:
         raise RuntimeProblem(str(exc)) from None
 

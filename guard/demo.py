@@ -88,11 +88,11 @@ def run(echo=print) -> int:
     # Every default block, installed or not, with its owners moved below the demo subtree.
     blocks = tuple(replace(b, if_installed=False) for b in defaults.blocks)
     cfg = config.Config(settings, blocks, defaults.files)
-    resolved = {
-        i: [(top + path, label) for path, label in pairs]
-        for i, pairs in owners.resolve(cfg).items()
-    }
-    the_plan = plan.build(cfg, resolved, (), LIMITS)
+    resolved = [
+        replace(block, owners=tuple(replace(o, path=top + o.path) for o in block.owners))
+        for block in owners.resolve(cfg)
+    ]
+    the_plan = plan.build(settings, resolved, (), LIMITS)
     _unshare_net()
     top_dir.mkdir()
     try:

@@ -533,11 +533,15 @@ def link_info(fd: int) -> LinkInfo:
     return _info(fd, LinkInfo())
 
 
+def prog_info(fd: int) -> ProgInfo:
+    return _info(fd, ProgInfo())
+
+
 def prog_map_ids(prog_id: int) -> set[int]:
     """Ids of the maps a loaded program uses."""
     fd = _check(lib().bpf_prog_get_fd_by_id(prog_id), f"opening program {prog_id}")
     try:
-        count = _info(fd, ProgInfo()).nr_map_ids
+        count = prog_info(fd).nr_map_ids
         ids = (C.c_uint32 * max(count, 1))()
         info = ProgInfo(nr_map_ids=count, map_ids=C.addressof(ids))
         _info(fd, info)

@@ -42,9 +42,15 @@ def desired(plan: Plan) -> SlotContents:
     )
 
 
-def read_slot(maps: Maps, slot: int, only: Iterable[tuple[int, int]] | None = None) -> SlotContents:
+def read_slot(
+    maps: Maps,
+    slot: int,
+    only: Iterable[tuple[int, int]] | None = None,
+    paths: dict[str, int] | None = None,
+) -> SlotContents:
     """The slot's contents; with `only` (protocol, port) pairs, just those ports (and the
-    sets they use), looked up one by one instead of walking every reservation."""
+    sets they use), looked up one by one instead of walking every reservation; with `paths`
+    (as an earlier read of this slot returned them), without walking the owner paths again."""
     if only is None:
         entries = [(k, v) for k, v in maps.ports.items() if k.slot == slot]
         sets = {k.set: tuple(v.owner[: v.count]) for k, v in maps.sets.items() if k.slot == slot}
@@ -58,7 +64,8 @@ def read_slot(maps: Maps, slot: int, only: Iterable[tuple[int, int]] | None = No
                 sets[set_id] = tuple(members.owner[: members.count])
     ports = {(k.proto, k.port): v.set for k, v in entries}
     contained = frozenset((k.proto, k.port) for k, v in entries if v.flags & layout.PORT_CONTAIN)
-    paths = {k.path.decode(): v for k, v in maps.paths.items() if k.slot == slot}
+    if paths is None:
+        paths = {k.path.decode(): v for k, v in maps.paths.items() if k.slot == slot}
     return SlotContents(ports, sets, paths, contained)
 
 

@@ -1,5 +1,5 @@
-"""Everything people and scripts see, in every format: apply's summary and warnings, status
-(text, JSON), check (text, JSON), monitor (text, JSON lines, journal entries).
+"""Everything people and scripts see, in every format: apply's summary and warnings, remove,
+build, status (text, JSON), check (text, JSON), monitor (text, JSON lines, journal entries).
 
 Human output fits 100 columns: long cgroup paths and addresses are shortened from the left
 with an ellipsis, keeping their informative end; JSON carries every value in full. Commands
@@ -19,6 +19,7 @@ from guard.observe import journal
 if TYPE_CHECKING:  # the types rendered; apply's summary does without importing them
     from guard.observe.holders import Squatter
     from guard.observe.monitor import Denial
+    from guard.observe.outcome import Failure
     from guard.observe.state import GuardState, ReservationState
 
 WIDTH = 100
@@ -90,16 +91,25 @@ def apply_line(changed: bool, ports: int, owner_cgroups: int, mode: str) -> str:
     )
 
 
+def remove_line(removed: bool) -> str:
+    return "portguard: removed" if removed else "portguard: nothing to remove"
+
+
+def built_line(path: object) -> str:
+    return f"portguard: built {path}"
+
+
 # ---- status ---------------------------------------------------------------------------------
 
 
-def status_json(state: GuardState) -> str:
+def status_json(state: GuardState, failure: Failure | None) -> str:
     import json  # only for JSON output: plain status, check and apply do without it
 
     data = asdict(state)
     data["links"] = {
         link["name"]: {k: v for k, v in link.items() if k != "name"} for link in data["links"]
     }
+    data["last_apply_failure"] = asdict(failure) if failure else None
     return json.dumps(data, indent=2)
 
 
@@ -110,6 +120,12 @@ def squatters_line(count: int) -> str:
 _RES = "{port:>5} {proto:5} {denied:>8} {dropped:>8}  {role:6} {what}"
 _WHAT = WIDTH - len(_RES.format(port="", proto="", denied="", dropped="", role="", what=""))
 _HOLDER_WHERE = _WHAT - 7 - 1 - 15 - 1 - 1 - 8
+
+
+def failure_line(failure: Failure, loaded: bool) -> str:
+    """Why the guard is not what the configuration asks for (see guard/observe/outcome.py)."""
+    now = "the guard loaded before it is still in place" if loaded else "no guard is loaded"
+    return f"portguard: the last apply failed ({failure.when}), {now}: {failure.message}"
 
 
 def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:

@@ -5,9 +5,13 @@ Sockets: sock_diag sockets mapped to processes, cgroups and units.
 The kernel is asked through sock_diag (pyroute2's ``DiagSocket``) for the sockets that occupy a
 local port in the current network namespace. Each answer carries the socket inode and
 ``INET_DIAG_CGROUP_ID``, the cgroup the socket was created in (not necessarily the cgroup its
-process lives in now). Inodes are mapped to processes by one scan of ``/proc/*/fd``, cgroup ids to
-paths by one walk of the cgroup2 tree; both only when there is something to map, and both stop as
-soon as everything asked for is found, so a call with no holders costs four netlink round trips.
+process lives in now). Recent pyroute2 (0.7.12, 0.8, 0.9) decodes that attribute; older releases
+such as Debian 12's 0.7.2 leave it an unnamed raw attribute, which is then read from the message's
+own bytes (``cgroup_id_attribute``): the answer is the same with every pyroute2 from 0.7 on.
+
+Inodes are mapped to processes by one scan of ``/proc/*/fd``, cgroup ids to paths by one walk of
+the cgroup2 tree; both only when there is something to map, and both stop as soon as everything
+asked for is found, so a call with no holders costs four netlink round trips.
 
 Owners or squatters: a holder is an owner when the socket was created in an owner cgroup (or
 below it) AND the process holding it lives in an owner cgroup (or below) now. The first half is
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +36,13 @@ from guard.kernel.cgroups import CgroupError, cgroup2_mount, unit_of_cgroup
 from guard.observe.state import GuardState
 
 PROC = Path("/proc")
+
+# include/uapi/linux/inet_diag.h: the attribute's type (a u64) and the fixed part of a reply,
+# struct nlmsghdr then struct inet_diag_msg, after which the attributes start.
+INET_DIAG_CGROUP_ID = 21
+_NLMSG_HDRLEN = 16
+_INET_DIAG_MSG_LEN = 72
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 _SS_ESTABLISHED = 1
 _SS_CLOSE = 7
@@ -159,10 +171,35 @@ def _dump_sockets(protocols: Iterable[str]) -> list[_Socket]:
                             family=msg["idiag_family"],
                             address=msg["idiag_src"],
                             inode=msg["idiag_inode"],
-                            cgroup_id=msg.get_attr("INET_DIAG_CGROUP_ID") or 0,
+                            cgroup_id=_cgroup_id(msg),
                         )
                     )
     return found
+
+
+def _cgroup_id(msg) -> int:
+    """The INET_DIAG_CGROUP_ID of one pyroute2 inet_diag_msg, 0 when the kernel sent none."""
+    cgroup_id = msg.get_attr("INET_DIAG_CGROUP_ID")
+    if cgroup_id is not None:
+        return cgroup_id
+    # Older pyroute2 (0.7.2) has no name for the attribute: its value is only in the raw bytes.
+    return cgroup_id_attribute(msg.data, msg.offset)
+
+
+def cgroup_id_attribute(data: bytes, offset: int = 0) -> int:
+    """INET_DIAG_CGROUP_ID of the sock_diag reply message at ``offset`` in ``data`` (a receive
+    buffer may hold several), read from its attribute list; 0 when it has none."""
+    (length,) = struct.unpack_from("=I", data, offset)
+    end = min(offset + length, len(data))
+    position = offset + _NLMSG_HDRLEN + _INET_DIAG_MSG_LEN
+    while position + 4 <= end:
+        attr_length, attr_type = struct.unpack_from("=HH", data, position)
+        if attr_length < 4:
+            break  # malformed: the kernel never sends one, stop rather than loop
+        if attr_type & _NLA_TYPE_MASK == INET_DIAG_CGROUP_ID and attr_length >= 12:
+            return struct.unpack_from("=Q", data, position + 4)[0]
+        position += (attr_length + 3) & ~3
+    return 0
 
 
 def socket_owners(inodes: set[int], *, proc_root: Path = PROC) -> dict[int, tuple[int, str | None]]:

@@ -91,17 +91,20 @@ class OwnerNames:
         self.maps = maps
         self.slot: int | None = None
         self._owners: dict[tuple[int, int], tuple[str, ...]] = {}
+        self._paths: dict[str, int] | None = None  # the slot's owner paths, walked once
 
     def refresh(self) -> None:
         active = self.maps.active
         if active != self.slot:
             self.slot = active
             self._owners.clear()
+            self._paths = None
 
     def owners(self, proto: int, port: int) -> tuple[str, ...]:
         key = (proto, port)
         if key not in self._owners:
-            contents = slots.read_slot(self.maps, self.slot, [key])
+            contents = slots.read_slot(self.maps, self.slot, [key], self._paths)
+            self._paths = contents.paths
             self._owners[key] = contents.owners_of(proto, port)
         return self._owners[key]
 

@@ -1,4 +1,5 @@
-"""Owners as written (cgroup paths, systemd units, slices) -> cgroup paths.
+"""Owners as written (cgroup paths, systemd units, slices) -> cgroup paths: the typed blocks
+the plan is built from, each owner with the file:line that named it.
 
 Units resolve the way systemd lays them out (guard.units): asking systemd when it runs,
 reading unit files otherwise (early boot, chroots, tests). A unit that is not started yet
@@ -8,10 +9,12 @@ still has a path; the kernel's cgroup tracker makes it the owner the moment it a
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from guard.policy import units
-from guard.policy.config import Config, ConfigError, OwnerRef, ReserveBlock
+from guard.policy.config import Config, ConfigError, Origin, OwnerRef, ReserveBlock
+from guard.policy.ports import PortRange
 
 UNIT_DIRS_ENV = "PORTGUARD_UNIT_DIRS"  # colon-separated unit directories (chroots, tests)
 
@@ -21,21 +24,41 @@ def unit_dirs() -> list[Path] | None:
     return [Path(p) for p in value.split(":") if p] if value else None
 
 
-def resolve_owner(owner: OwnerRef) -> list[tuple[str, str | None]]:
-    """(cgroup path, unit or slice name or None) pairs for one owner."""
+@dataclass(frozen=True)
+class Owner:
+    """One owner cgroup, and where the configuration named it."""
+
+    path: str  # relative to the cgroup2 root
+    name: str | None  # the unit or slice it was named as; None for a cgroup path
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Block:
+    """A reservation block with its owners resolved to cgroup paths."""
+
+    ports: tuple[tuple[PortRange, Origin], ...]
+    owners: tuple[Owner, ...]  # empty: the block does not apply here (if_installed)
+    contain: bool
+    origin: Origin
+
+
+def resolve_owner(owner: OwnerRef) -> list[Owner]:
+    """The cgroups one owner as written stands for."""
     try:
         if owner.kind == "cgroup":
-            return [(owner.name, None)]
+            return [Owner(owner.name, None, owner.origin)]
         if owner.kind == "slice":
-            return [(units.slice_cgroup_path(owner.name), owner.name)]
+            return [Owner(units.slice_cgroup_path(owner.name), owner.name, owner.origin)]
         if owner.name.endswith(".socket"):
             # Socket units are bound by PID 1 in /init.scope; the service may bind it too.
             dirs = unit_dirs()
             paths = units.socket_unit_owner_paths(
                 owner.name, unit_dirs=dirs, resolve=lambda s: units.resolve_unit(s, unit_dirs=dirs)
             )
-            return [(path, owner.name) for path in paths]
-        return [(units.resolve_unit(owner.name, unit_dirs=unit_dirs()), owner.name)]
+            return [Owner(path, owner.name, owner.origin) for path in paths]
+        path = units.resolve_unit(owner.name, unit_dirs=unit_dirs())
+        return [Owner(path, owner.name, owner.origin)]
     except units.UnitError as exc:
         raise ConfigError([f"{owner.origin}: {exc}"]) from None
 
@@ -50,29 +73,32 @@ def block_applies(block: ReserveBlock) -> bool:
     return bool(installed_units(named, unit_dirs()))
 
 
-def resolve(config: Config) -> dict[int, list[tuple[str, str | None]]]:
-    """Resolved owners per reservation block (empty for blocks that do not apply here);
-    every problem is reported at once."""
+def resolve(config: Config) -> list[Block]:
+    """The reservation blocks with their owners resolved (none for blocks that do not apply
+    here); every problem is reported at once."""
     problems: list[str] = []
-    resolved: dict[int, list[tuple[str, str | None]]] = {}
-    for index, block in enumerate(config.blocks):
-        pairs: list[tuple[str, str | None]] = []
+    blocks: list[Block] = []
+    for block in config.blocks:
+        owners: list[Owner] = []
         if block_applies(block):
             for owner in block.owners:
                 try:
-                    pairs.extend(resolve_owner(owner))
+                    owners.extend(resolve_owner(owner))
                 except ConfigError as exc:
                     problems.extend(exc.problems)
-        resolved[index] = pairs
+        contain = block.contain or config.settings.contain
+        blocks.append(Block(block.ports, tuple(owners), contain, block.origin))
     if problems:
         raise ConfigError(problems)
-    return resolved
+    return blocks
 
 
-def extra_owners(config: Config) -> tuple[str, ...]:
+def extra_owners(config: Config) -> tuple[Owner, ...]:
+    """Owners of every reserved port: PID 1's /init.scope with trust_init."""
     if not config.settings.trust_init:
         return ()
-    return (units.resolve_unit(units.INIT_SCOPE, unit_dirs=unit_dirs()),)
+    path = units.resolve_unit(units.INIT_SCOPE, unit_dirs=unit_dirs())
+    return (Owner(path, units.INIT_SCOPE, config.origins["trust_init"]),)
 
 
 def systemd_names(config: Config) -> list[str]:
@@ -96,7 +122,7 @@ def systemd_names(config: Config) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def resolve_all(config: Config) -> tuple[dict[int, list[tuple[str, str | None]]], tuple[str, ...]]:
+def resolve_all(config: Config) -> tuple[list[Block], tuple[Owner, ...]]:
     """resolve and extra_owners, with systemd (when it runs) asked once for every unit."""
     if unit_dirs() is not None:
         return resolve(config), extra_owners(config)

@@ -7,9 +7,11 @@ service costs one set however many ports it spans.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from guard.policy.config import MAX_PATH_BYTES, Config, ConfigError, Origin, Settings
+from guard.policy.config import MAX_PATH_BYTES, ConfigError, Origin, Settings
+from guard.policy.owners import Block, Owner
 from guard.policy.ports import PROTOCOL_NUMBERS
 
 
@@ -41,28 +43,28 @@ class Plan:
 
 
 def build(
-    config: Config,
-    owner_paths: dict[int, list[tuple[str, str | None]]],
-    extra_owners: tuple[str, ...],
-    limits: Limits,
+    settings: Settings, blocks: Sequence[Block], extra_owners: Sequence[Owner], limits: Limits
 ) -> Plan:
-    """owner_paths: for each block (by index) its resolved owners as (cgroup path, name);
-    extra_owners: paths trusted for every reserved port (e.g. /init.scope)."""
+    """The slot contents for these resolved blocks; extra_owners own every reserved port.
+    Every problem names the file:line it comes from."""
     # One owner set per block, shared by all its ports (a range of thousands of ports
     # costs one frozenset); a port named by several blocks gets the union.
     owners_by_port: dict[tuple[int, int], frozenset[str]] = {}
     contained: set[tuple[int, int]] = set()
     first_origin: dict[tuple[int, int], Origin] = {}
+    path_origin: dict[str, Origin] = {}  # where each owner cgroup was first named
     names: dict[str, set[str]] = {}
-    extra = frozenset(extra_owners)
-    for index, block in enumerate(config.blocks):
-        resolved = owner_paths.get(index, [])
-        if not resolved:
+    extra = frozenset(o.path for o in extra_owners)
+    for owner in extra_owners:
+        path_origin.setdefault(owner.path, owner.origin)
+    for block in blocks:
+        if not block.owners:
             continue  # e.g. if_installed and no owner installed
-        for path, name in resolved:
-            if name:
-                names.setdefault(path, set()).add(name)
-        block_owners = frozenset(p for p, _ in resolved) | extra
+        for owner in block.owners:
+            path_origin.setdefault(owner.path, owner.origin)
+            if owner.name:
+                names.setdefault(owner.path, set()).add(owner.name)
+        block_owners = frozenset(o.path for o in block.owners) | extra
         for port_range, origin in block.ports:
             for proto_name, port in port_range.pairs():
                 key = (PROTOCOL_NUMBERS[proto_name], port)
@@ -72,7 +74,7 @@ def build(
                     first_origin[key] = origin
                 elif not block_owners <= known:
                     owners_by_port[key] = known | block_owners
-                if block.contain or config.settings.contain:
+                if block.contain:
                     contained.add(key)
     problems = []
     for key, owners in owners_by_port.items():
@@ -82,20 +84,21 @@ def build(
                 f"at most {limits.owners_per_port} per port"
             )
     distinct_owners = set(owners_by_port.values())
-    paths = tuple(sorted({p for owners in distinct_owners for p in owners}))
-    for path in paths:  # e.g. a unit's cgroup: the kernel key would be truncated
+    used = {p for owners in distinct_owners for p in owners}
+    for path in (p for p in path_origin if p in used):
+        # e.g. a unit's cgroup: the kernel key would be truncated
         if len(path.encode()) > MAX_PATH_BYTES:
             problems.append(
-                f"{config.files[0] if config.files else '<config>'}:1: owner cgroup "
-                f"{path[:60]}... is {len(path.encode())} bytes; at most "
-                f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match "
-                "another cgroup)"
+                f"{path_origin[path]}: owner cgroup {path[:60]}... is {len(path.encode())} "
+                f"bytes; at most {MAX_PATH_BYTES} fit the kernel's key (a truncated key could "
+                "match another cgroup)"
             )
-    if len(paths) > limits.owner_paths:
+    if len(used) > limits.owner_paths:
+        beyond = [p for p in path_origin if p in used][limits.owner_paths]
         problems.append(
-            f"{config.files[0] if config.files else '<config>'}:1: {len(paths)} owner "
-            f"cgroups; at most {limits.owner_paths}"
+            f"{path_origin[beyond]}: {len(used)} owner cgroups; at most {limits.owner_paths}"
         )
+    paths = tuple(sorted(used))
     index_of = {path: i for i, path in enumerate(paths)}
     members_of = {owners: tuple(sorted(index_of[p] for p in owners)) for owners in distinct_owners}
     distinct = sorted(set(members_of.values()))
@@ -103,14 +106,16 @@ def build(
         depths = {len([part for part in paths[i].split("/") if part]) for i in members}
         if len(depths) > limits.set_levels:
             problems.append(
-                f"{config.files[0] if config.files else '<config>'}:1: the owners of one port "
-                f"sit at {len(depths)} different depths of the cgroup tree; at most "
-                f"{limits.set_levels}"
+                f"{path_origin[paths[members[-1]]]}: the owners of one port sit at "
+                f"{len(depths)} different depths of the cgroup tree; at most {limits.set_levels}"
             )
     if len(distinct) > limits.owner_sets:
+        first_use: dict[tuple[int, ...], Origin] = {}
+        for key, owners in owners_by_port.items():  # in the order the ports were named
+            first_use.setdefault(members_of[owners], first_origin[key])
+        beyond = list(first_use.values())[limits.owner_sets]
         problems.append(
-            f"{config.files[0] if config.files else '<config>'}:1: {len(distinct)} "
-            f"distinct owner combinations; at most {limits.owner_sets}"
+            f"{beyond}: {len(distinct)} distinct owner combinations; at most {limits.owner_sets}"
         )
     if problems:
         raise ConfigError(problems)
@@ -118,7 +123,7 @@ def build(
     set_of_owners = {owners: set_of[members] for owners, members in members_of.items()}
     ports = {key: set_of_owners[owners] for key, owners in sorted(owners_by_port.items())}
     return Plan(
-        config.settings,
+        settings,
         ports,
         dict(enumerate(distinct)),
         paths,

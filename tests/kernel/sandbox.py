@@ -312,8 +312,10 @@ class Sandbox:
         netns: str | None = "own",
         config: Path | None = None,
         env: dict | None = None,
+        program: list[str] = PORTGUARD,
     ) -> subprocess.CompletedProcess:
-        cmd = [*PORTGUARD, "--config", str(config or self.config_path), *args]
+        """Run portguard (by default this checkout's; `program`: another installation)."""
+        cmd = [*program, "--config", str(config or self.config_path), *args]
         if netns == "own":
             cmd = [*in_netns(self.netns), *cmd]
         proc = subprocess.run(

@@ -15,7 +15,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from guard.kernel import layout
+import pytest
+
+from guard.kernel import layout, objects
 from guard.kernel import libbpf as kernel
 from guard.kernel.pins import Maps, Pins
 from tests.kernel.sandbox import CHILD, REPO, in_netns, missing
@@ -82,6 +84,29 @@ def test_half_created_maps_and_stale_staged_links_are_taken_over_while_the_links
     sandbox.cli("apply")
     assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
     assert sandbox.status()["interrupted"] is False
+
+
+def test_a_pinned_map_libbpf_cannot_reuse_is_a_typed_error_and_apply_makes_the_maps_afresh(
+    sandbox,
+):
+    applied(sandbox)
+    pins = Pins(sandbox.pin_dir)
+    scratch = pins.maps_dir / "scratch"  # same layout, but not the object's definition
+    os.unlink(scratch)
+    fd = kernel.lib().bpf_map_create(layout.ARRAY, b"scratch", 4, 8, 1, None)
+    assert fd >= 0
+    kernel.pin(fd, scratch)
+    os.close(fd)
+    with pytest.raises(kernel.IncompatiblePinnedMap) as exc:
+        kernel.load_object(objects.ensure_object(), pins.maps_dir).close()
+    assert exc.value.name == "scratch" and "type 2 instead of 6" in str(exc.value)
+    maps = Maps.open_pinned(pins.maps_dir)
+    try:
+        maps.meta.update(0, layout.Meta(b"guard-0000000000000000"))  # as if the program changed
+    finally:
+        maps.close()
+    sandbox.cli("apply")
+    assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
 
 
 def test_maps_of_an_older_layout_are_taken_over_and_removed_keeping_the_sysctl_records(sandbox):
@@ -322,7 +347,9 @@ def test_reapplies_alternating_configs_while_binds_run_give_no_wrong_answer(sand
         plans = []
         for path in {configs!r}:
             cfg = config.load([config.Path(path)])
-            plans.append(plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS))
+            plans.append(plan.build(
+                cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS
+            ))
         changed = sum(apply(plans[(i + 1) % 2]).changed for i in range({REAPPLIES}))
         print(changed)
     """)

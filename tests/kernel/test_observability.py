@@ -270,6 +270,21 @@ def test_owner_holding_its_port_is_no_squatter_until_moved_out(sandbox):
     assert holder["socket_cgroup"] == f"{sandbox.top}/owner/worker"
 
 
+def test_squatter_moved_into_the_owner_cgroup_stays_a_squatter(sandbox):
+    # Its socket was created outside the owner: only INET_DIAG_CGROUP_ID tells (pyroute2 0.7.2
+    # leaves it undecoded; portguard reads it from the raw reply).
+    squatter = hold(sandbox, "stranger")
+    applied(sandbox, ports=(f"{PORT}/tcp",))
+    procs = cgroups.directory(sandbox.cgroup("owner"), sandbox.cgroup_root) / "cgroup.procs"
+    procs.write_text(str(squatter))
+    proc = sandbox.cli("status", "--json", check=False)
+    assert proc.returncode == 3
+    [holder] = json.loads(proc.stdout)["reservations"][0]["holders"]
+    assert holder["pid"] == squatter and holder["owner"] is False
+    assert holder["cgroup"] == f"{sandbox.top}/owner"
+    assert holder["socket_cgroup"] == f"{sandbox.top}/stranger"
+
+
 def test_status_outside_the_guarded_namespace_shows_no_holders(sandbox):
     hold(sandbox, "stranger")
     applied(sandbox, ports=(f"{PORT}/tcp",))
@@ -321,3 +336,36 @@ def test_switching_between_audit_and_enforce_by_reapply_is_atomic(sandbox):
     assert set(map(int, s["errors"])) == {errno.EADDRINUSE}
     assert s["ok"] + s["fail"] == denied(sandbox)
     assert o["fail"] == 0 and o["ok"] > 0
+
+
+# ---- status when the guard is not what the configuration asks for -----------------------------
+
+
+def test_status_exits_4_and_says_why_when_the_last_apply_failed(sandbox):
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"), cgroup="/portguard-no-such")
+    failed = sandbox.cli("apply", check=False)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    status = sandbox.cli("status", check=False)
+    assert status.returncode == 4 and "not loaded" in status.stdout
+    assert "the last apply failed" in status.stderr and "no guard is loaded" in status.stderr
+    reason = failed.stderr.strip().removeprefix("Error: ")
+    assert reason in status.stderr
+    as_json = json.loads(sandbox.cli("status", "--json", check=False).stdout)
+    assert as_json["loaded"] is False and as_json["last_apply_failure"]["message"] == reason
+    # a successful apply clears the record
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"))
+    sandbox.cli("apply")
+    status = sandbox.cli("status", check=False)
+    assert status.returncode == 0 and "last apply failed" not in status.stderr
+
+
+def test_status_says_the_previous_guard_stays_when_a_broken_config_was_applied(sandbox):
+    sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"))
+    sandbox.cli("apply")
+    sandbox.write_config(sandbox.owner_block([str(PORT), "99999"], "owner"))
+    assert sandbox.cli("apply", check=False).returncode == 2
+    assert set(sandbox.bind("stranger", [("v4", "tcp", PORT)]).values()) == {errno.EADDRINUSE}
+    status = sandbox.cli("status", check=False)
+    assert status.returncode == 0
+    assert "the guard loaded before it is still in place" in status.stderr
+    assert "port 99999 is out of range" in status.stderr

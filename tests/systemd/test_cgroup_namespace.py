@@ -38,4 +38,8 @@ def test_portguard_service_refuses_to_apply_inside_a_cgroup_namespace(
     assert box.show("portguard.service", "Result")["Result"] == "exit-code"
     journal = box.run("journalctl", "-b", "--no-pager", "-u", "portguard.service", check=True)
     assert "must run in the host's cgroup namespace" in journal.stdout
-    assert "not loaded" in box.run("portguard", "status", check=True).stdout
+    status = box.run("portguard", "status")
+    assert status.returncode == 4 and "not loaded" in status.stdout
+    # status says why: the boot's apply failed, and its sentence was kept in /run
+    assert "the last apply failed" in status.stderr
+    assert "must run in the host's cgroup namespace" in status.stderr

@@ -9,12 +9,12 @@ binding reads are checked against the running kernel's own BTF.
 from __future__ import annotations
 
 import ctypes
-import socket
 from pathlib import Path
 
 import pytest
 
-from guard.kernel import layout, libbpf, objects, programs
+from guard.kernel import layout, libbpf, objects, programs, sources
+from guard.kernel.pins import Pins
 from guard.observe import monitor
 from guard.policy import config
 
@@ -82,24 +82,9 @@ def test_the_monitor_unpacks_the_event_record_as_compiled(compiled):
     event = compiled.structs["pg_event"]
     name, offset, size = event.members[-1]
     assert monitor.EVENT.size == offset + size <= event.size  # the rest is tail padding
-    # every field the monitor takes, at the offset BTF gives it: a record with distinct
-    # values per field comes back field by field
-    raw = layout.Event(
-        ts_ns=1,
-        cgroup_id=2,
-        pid=3,
-        uid=4,
-        port=5,
-        proto=6,
-        family=socket.AF_INET6,
-        verdict=8,
-        set=9,
-        comm=b"comm",
-        addr=(ctypes.c_uint8 * 16)(*range(16)),
-    )
-    fields = monitor.EVENT.unpack_from(bytes(raw))
-    assert fields[:9] == (1, 2, 3, 4, 5, 6, socket.AF_INET6, 8, 9)
-    assert fields[9].rstrip(b"\0") == b"comm" and fields[10] == bytes(range(16))
+    # layout.Event is checked against BTF above; that the monitor's format unpacks every
+    # field of layout.Event where it lies is test_observability_unit's
+    # test_event_struct_reads_what_the_layout_header_describes.
 
 
 def test_the_programs_come_from_the_object_with_their_sections(compiled):
@@ -159,3 +144,14 @@ def test_the_event_is_unpacked_in_the_hosts_byte_order():
     # the object is built for the host's byte order (objects.host_target), so the record is
     # in native order, with standard sizes and no alignment added by struct
     assert monitor.EVENT.format.startswith("=")
+
+
+def test_the_layout_names_the_header_so_a_changed_contract_gets_new_maps(tmp_path, monkeypatch):
+    header = (sources.bpf_source_dir() / "guard.h").read_text()
+    assert layout._layout_digest() == layout.LAYOUT
+    (tmp_path / "guard.h").write_text(header.replace("PG_MAX_OWNERS = 64", "PG_MAX_OWNERS = 65"))
+    monkeypatch.setattr(layout, "bpf_source_dir", lambda: tmp_path)
+    changed = layout._layout_digest()
+    assert changed != layout.LAYOUT
+    monkeypatch.setattr(layout, "LAYOUT", changed)
+    assert Pins(Path("/pins")).maps_dir == Path(f"/pins/maps-{changed}")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from pathlib import Path
 
 import pytest
 
 from guard.kernel.cgroups import unescape_mount_path
 from guard.observe.holders import (
+    _cgroup_id,
+    cgroup_id_attribute,
     cgroup_paths,
     holders,
     socket_owners,
@@ -135,3 +139,72 @@ def test_bound_ports_reads_listening_tcp_and_bound_udp(tmp_path):
     )
     (tmp_path / "udp").write_text(header + "   0: 00000000:0277 00000000:0000 07 0\n")
     assert bound_ports(tmp_path) == {(631, "tcp"), (873, "tcp"), (631, "udp")}
+
+
+# ---- INET_DIAG_CGROUP_ID from a raw sock_diag reply -------------------------------------------
+
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_MULTI = 2
+
+
+def _attribute(attr_type: int, value: bytes) -> bytes:
+    header = struct.pack("=HH", 4 + len(value), attr_type)
+    return header + value + b"\0" * (-len(value) % 4)
+
+
+def _diag_reply(port: int, inode: int, attributes: bytes) -> bytes:
+    """One sock_diag message as the kernel sends it: nlmsghdr, inet_diag_msg, attributes."""
+    diag_msg = (
+        struct.pack("=BBBB", socket.AF_INET, 10, 0, 0)  # family, LISTEN, timer, retrans
+        + struct.pack(">HH", port, 0)
+        + struct.pack(">4I", 0x7F000001, 0, 0, 0)  # 127.0.0.1
+        + struct.pack(">4I", 0, 0, 0, 0)
+        + struct.pack("=IQIIIII", 0, 0xFFFF, 0, 0, 0, 0, inode)  # if, cookie, ..., uid, inode
+    )
+    payload = diag_msg + attributes
+    header = struct.pack("=IHHII", 16 + len(payload), _SOCK_DIAG_BY_FAMILY, _NLM_F_MULTI, 1, 0)
+    return header + payload
+
+
+def _reply_with_cgroup(port: int, inode: int, cgroup_id: int) -> bytes:
+    # As Linux 6.x sends a listener: SHUTDOWN (8), MARK (15), CGROUP_ID (21), SOCKOPT (22).
+    return _diag_reply(
+        port,
+        inode,
+        _attribute(8, b"\0")
+        + _attribute(15, struct.pack("=I", 0))
+        + _attribute(21, struct.pack("=Q", cgroup_id))
+        + _attribute(22, struct.pack("=H", 0x52)),
+    )
+
+
+def test_cgroup_id_is_read_from_the_raw_attribute_list():
+    assert cgroup_id_attribute(_reply_with_cgroup(631, 7, 2**40 + 5)) == 2**40 + 5
+
+
+def test_cgroup_id_of_each_message_in_one_receive_buffer():
+    first = _reply_with_cgroup(631, 7, 4242)
+    buffer = first + _reply_with_cgroup(636, 8, 9999)
+    assert cgroup_id_attribute(buffer, 0) == 4242
+    assert cgroup_id_attribute(buffer, len(first)) == 9999
+
+
+def test_reply_without_the_attribute_has_cgroup_id_zero():
+    # A kernel without CONFIG_SOCK_CGROUP_DATA sends none; the next message is not looked at.
+    buffer = _diag_reply(631, 7, _attribute(8, b"\0")) + _reply_with_cgroup(636, 8, 4242)
+    assert cgroup_id_attribute(buffer) == 0
+
+
+def test_installed_pyroute2_parse_yields_the_cgroup_id():
+    # Whatever pyroute2 runs the tests (0.7.2 leaves attribute 21 unnamed, 0.8+ decodes it),
+    # the messages its marshal makes of a real reply give the same cgroup ids.
+    from pyroute2.netlink.diag import MarshalDiag
+
+    buffer = _reply_with_cgroup(631, 7, 4242) + _reply_with_cgroup(636, 8, 2**40 + 5)
+    messages = list(MarshalDiag().parse(buffer))
+
+    assert [(m["idiag_sport"], m["idiag_inode"], _cgroup_id(m)) for m in messages] == [
+        (631, 7, 4242),
+        (636, 8, 2**40 + 5),
+    ]
+    assert [cgroup_id_attribute(m.data, m.offset) for m in messages] == [4242, 2**40 + 5]

@@ -364,3 +364,17 @@ def test_event_struct_reads_what_the_layout_header_describes():
         "b.service",
         ("/o",),
     )
+
+
+def test_a_failed_apply_is_kept_per_pin_dir_until_an_apply_succeeds(tmp_path, monkeypatch):
+    from guard.observe import outcome
+
+    monkeypatch.setenv("PORTGUARD_RUN_DIR", str(tmp_path))
+    outcome.record_failure("/sys/fs/bpf/portguard", "no cgroup2 here")
+    assert outcome.last_failure("/sys/fs/bpf/other") is None
+    failure = outcome.last_failure("/sys/fs/bpf/portguard")
+    assert failure.message == "no cgroup2 here" and failure.when
+    line = display.failure_line(failure, loaded=False)
+    assert line.endswith("no guard is loaded: no cgroup2 here")
+    outcome.clear("/sys/fs/bpf/portguard")
+    assert outcome.last_failure("/sys/fs/bpf/portguard") is None

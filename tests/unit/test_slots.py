@@ -18,7 +18,7 @@ SLOTTED = {"ports", "sets", "paths", "owners", "config"}
 def make_plan(text: str, **settings) -> plan.Plan:
     guard = "".join(f"{k} = {v}\n" for k, v in {"portreserve_dir": '""', **settings}.items())
     cfg = config.loads(f"[guard]\n{guard}{text}")
-    return plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS)
+    return plan.build(cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS)
 
 
 CFG = layout.Config(3, 98, layout.MODE_ENFORCE)

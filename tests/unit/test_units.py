@@ -598,10 +598,10 @@ def test_resolving_a_config_asks_systemd_once(tmp_path, monkeypatch):
         '[[reserve]]\nports = [631]\nunits = ["cups.service", "dovecot.service"]\n'
         '[[reserve]]\nports = [993]\nunit = "dovecot.service"\n'
     )
-    resolved, extra = owners.resolve_all(config.load([path]))
+    blocks, extra = owners.resolve_all(config.load([path]))
     assert len(calls) == 1
-    assert extra == ("/init.scope",)
-    assert sorted(p for pairs in resolved.values() for p, _ in pairs) == [
+    assert [o.path for o in extra] == ["/init.scope"]
+    assert sorted(o.path for block in blocks for o in block.owners) == [
         "/system.slice/cups.service",
         "/system.slice/dovecot.service",
         "/system.slice/dovecot.service",

@@ -1,0 +1,129 @@
+"""Boot benchmark: Debian bookworm booted with systemd-nspawn (real systemd, this kernel),
+portguard.service enabled vs masked, the two in a fresh random order per round.
+
+Reuses the systemd tests' machinery (tests/systemd: the cached root file system, the guest's
+units and configuration). Figures are the guest systemd's own monotonic timestamps:
+sysinit.target reached after the manager started, start-up finished, portguard.service's
+run time and CPU time. A round's delay is guarded minus masked of the same round.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bench.harness import Unavailable, median, spread, table
+
+ROUNDS = {True: 2, False: 4}  # quick, full
+
+
+def _show(box, unit: str | None, *props: str) -> dict[str, int]:
+    args = ["show", *(f"-p{p}" for p in props)] + ([unit] if unit else [])
+    shown = {}
+    for line in box.systemctl(*args).stdout.splitlines():
+        key, _, value = line.partition("=")
+        shown[key] = int(value) if value.isdigit() else 0
+    return shown
+
+
+def _figures(box) -> dict[str, float]:
+    manager = _show(box, None, "UserspaceTimestampMonotonic", "FinishTimestampMonotonic")
+    start = manager["UserspaceTimestampMonotonic"]
+    sysinit = _show(box, "sysinit.target", "ActiveEnterTimestampMonotonic")
+    guard = _show(
+        box,
+        "portguard.service",
+        "InactiveExitTimestampMonotonic",
+        "ActiveEnterTimestampMonotonic",
+        "CPUUsageNSec",
+    )
+    figures = {
+        "sysinit.target reached (ms after the manager started)": (
+            sysinit["ActiveEnterTimestampMonotonic"] - start
+        )
+        / 1000,
+        "start-up finished (ms)": (manager["FinishTimestampMonotonic"] - start) / 1000,
+    }
+    if guard["ActiveEnterTimestampMonotonic"]:
+        figures["portguard.service ran (ms)"] = (
+            guard["ActiveEnterTimestampMonotonic"] - guard["InactiveExitTimestampMonotonic"]
+        ) / 1000
+        if guard.get("CPUUsageNSec"):
+            figures["portguard.service CPU (ms)"] = guard["CPUUsageNSec"] / 1e6
+    return figures
+
+
+COUNT_SUBPROCESSES = (
+    "mkdir -p /run/pg-count && rm -f /run/pg-count/log && for tool in systemctl mount ip "
+    'bpftool sysctl; do printf \'#!/bin/sh\\necho "$0 $*" >> /run/pg-count/log\\n'
+    "exec /usr/bin/'$tool' \"$@\"\\n' > /run/pg-count/$tool; chmod +x /run/pg-count/$tool; "
+    "done; PATH=/run/pg-count:$PATH portguard apply >/dev/null 2>&1; "
+    "touch /run/pg-count/log; wc -l < /run/pg-count/log"
+)
+
+
+def _subprocesses(box) -> int:
+    """Programs an `apply` starts in the booted guest (systemctl and the usual suspects,
+    counted through wrappers first on PATH)."""
+    return int(box.run("sh", "-c", COUNT_SUBPROCESSES, check=True).stdout.strip() or 0)
+
+
+def boot(w, s) -> str:
+    """N boots guarded vs masked; the delay of sysinit.target is paired per round."""
+    from tests.systemd import conftest, guest_files
+    from tests.systemd.machine import Symlink
+
+    rounds = ROUNDS[s.rounds <= 3]
+    objects = Path(tempfile.mkdtemp(prefix="portguard-bench-objects-"))
+    real_guest_files = guest_files.guest_files
+
+    def masked_files(*args, **kwargs):
+        files = real_guest_files(*args, **kwargs)
+        files["/etc/systemd/system/portguard.service"] = Symlink("/dev/null")
+        del files["/etc/systemd/system/sysinit.target.wants/portguard.service"]
+        return files
+
+    results: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    try:
+        for _ in range(rounds):
+            order = [True, False]
+            random.shuffle(order)
+            for guarded in order:
+                conftest.guest_files = real_guest_files if guarded else masked_files
+                with conftest.booted(objects) as box:
+                    figures = _figures(box)
+                    if guarded:
+                        figures["subprocesses per apply (systemd running)"] = _subprocesses(box)
+                    results[guarded].append(figures)
+    except (pytest.skip.Exception, pytest.fail.Exception) as exc:
+        raise Unavailable(f"boot benchmark: {exc}") from None
+    finally:
+        conftest.guest_files = real_guest_files
+    key = "sysinit.target reached (ms after the manager started)"
+    delays = [g[key] - m[key] for g, m in zip(results[True], results[False], strict=True)]
+    rows = []
+    for label in results[True][0]:
+        guarded = [r[label] for r in results[True] if label in r]
+        masked = [r[label] for r in results[False] if label in r]
+        rows.append(
+            [
+                label,
+                f"{median(guarded):.0f} ({spread(guarded)})",
+                f"{median(masked):.0f} ({spread(masked)})" if masked else "–",
+            ]
+        )
+    rows.append(
+        [
+            "delay of sysinit.target, guarded − masked, paired per round (ms)",
+            f"{median(delays):+.0f} ({spread(delays, '{:+.0f}')})",
+            "–",
+        ]
+    )
+    return table(
+        f"Boot: systemd-nspawn, Debian bookworm, {rounds} boots each way (median, spread)",
+        ["figure", "portguard.service enabled", "masked"],
+        rows,
+    )

@@ -1,0 +1,54 @@
+"""The outcome of the last `apply` for a pin directory, kept in /run so that `status` can say
+why no guard is loaded (or why the loaded one is older than the configuration).
+
+`apply` runs at boot and from maintainer scripts, where nobody reads its output; a failed
+apply writes its sentence here and a successful one removes it. /run is a tmpfs: the record
+lives as long as the boot it describes. The pinned guard itself stays the source of truth.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_RUN_DIR = Path("/run/portguard")
+
+
+@dataclass(frozen=True)
+class Failure:
+    when: str  # local time, as a log line would give it
+    message: str
+
+
+def _path(pin_dir: str) -> Path:
+    run_dir = Path(os.environ.get("PORTGUARD_RUN_DIR", DEFAULT_RUN_DIR))
+    return run_dir / ("apply-failed" + pin_dir.rstrip("/").replace("/", "-"))
+
+
+def record_failure(pin_dir: str, message: str) -> None:
+    """Best effort: a read-only /run must not hide apply's own error."""
+    path = _path(pin_dir)
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n{message}\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def clear(pin_dir: str) -> None:
+    try:
+        _path(pin_dir).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def last_failure(pin_dir: str) -> Failure | None:
+    try:
+        when, _, message = _path(pin_dir).read_text().partition("\n")
+    except OSError:
+        return None
+    return Failure(when, message.strip())

@@ -1,0 +1,56 @@
+"""The Debian package that the systemd (nspawn) tests and the VM matrix install: what an
+administrator installs, built from this tree by `./dev.sh deb`.
+
+PORTGUARD_DEB names an already built package (CI builds it once from its clean clone and
+passes it on); otherwise it is built here, once per process. `upgrade_package()` builds the
+same tree under a higher version, to exercise upgrades.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEB_ENV = "PORTGUARD_DEB"
+UPGRADE_VERSION_SUFFIX = "+upgrade1"
+
+
+class DebError(RuntimeError):
+    """The package could not be built."""
+
+
+def version_of(deb: Path) -> str:
+    out = subprocess.run(
+        ["dpkg-deb", "--field", str(deb), "Version"], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+@functools.cache
+def package(version: str | None = None) -> Path:
+    """The .deb of this tree (version None: as debian/changelog says, or PORTGUARD_DEB)."""
+    if version is None and os.environ.get(DEB_ENV):
+        deb = Path(os.environ[DEB_ENV]).resolve()
+        if not deb.is_file():
+            raise DebError(f"{DEB_ENV}={deb}: no such file")
+        return deb
+    out = Path(tempfile.mkdtemp(prefix="portguard-deb-"))
+    env = {**os.environ, "PORTGUARD_DEB_DIR": str(out)}
+    if version:
+        env["PORTGUARD_DEB_VERSION"] = version
+    proc = subprocess.run(
+        [str(REPO / "dev.sh"), "deb"], env=env, capture_output=True, text=True, check=False
+    )
+    built = sorted(out.glob("portguard_*_all.deb"))
+    if proc.returncode != 0 or len(built) != 1:
+        raise DebError(f"./dev.sh deb failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return built[0]
+
+
+def upgrade_package() -> Path:
+    """The same tree as a higher version: installing it over package() is an upgrade."""
+    return package(version_of(package()) + UPGRADE_VERSION_SUFFIX)
