@@ -97,8 +97,13 @@ def test_a_pinned_map_libbpf_cannot_reuse_is_a_typed_error_and_apply_makes_the_m
     assert fd >= 0
     kernel.pin(fd, scratch)
     os.close(fd)
+    maps = Maps.open_pinned(pins.maps_dir)
+    try:
+        sizes = {name: kernel.map_info(maps.fds[name]).max_entries for name in layout.SIZED_MAPS}
+    finally:
+        maps.close()
     with pytest.raises(kernel.IncompatiblePinnedMap) as exc:
-        kernel.load_object(objects.ensure_object(), pins.maps_dir).close()
+        kernel.load_object(objects.ensure_object(), pins.maps_dir, sizes=sizes).close()
     assert exc.value.name == "scratch" and "type 2 instead of 6" in str(exc.value)
     maps = Maps.open_pinned(pins.maps_dir)
     try:
