@@ -36,7 +36,10 @@ SYSCALLS = "bpf perf_event_open"
 POLICY_RC_D = "#!/bin/sh\nexit 101\n"
 # Commands in the guest get the guest's usual environment, not the test runner's (a venv on
 # PATH, PYTHONPATH, ...).
-GUEST_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+GUEST_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+}
 
 
 class MachineError(RuntimeError):
@@ -125,6 +128,9 @@ class Machine:
             "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1",
             "SYSTEMD_NSPAWN_USE_CGNS": "1" if self.cgroup_namespace else "0",
         }
+        allow_bpf = [f"--system-call-filter={SYSCALLS}", f"--capability={CAPABILITIES}"]
+        if not self.bpf:
+            allow_bpf = []
         command = [
             "systemd-nspawn",
             "--boot",
@@ -134,7 +140,7 @@ class Machine:
             "--register=no",
             "--keep-unit",
             "--private-network",
-            *([f"--system-call-filter={SYSCALLS}", f"--capability={CAPABILITIES}"] if self.bpf else []),
+            *allow_bpf,
             f"--bind={self.results}:{GUEST_RESULTS}",
             # nspawn's /sys has no fs/bpf: give the guest an empty directory there, on which
             # `portguard apply` mounts a bpffs of the guest's own (never the host's).
@@ -190,7 +196,9 @@ class Machine:
             shutil.rmtree(staging)
         self.install_output = proc.stdout + proc.stderr
         if proc.returncode != 0:
-            raise MachineError(f"dpkg -i in the chroot failed ({proc.returncode}):\n{self.install_output}")
+            raise MachineError(
+                f"dpkg -i in the chroot failed ({proc.returncode}):\n{self.install_output}"
+            )
 
     def _wait_for_boot(self) -> None:
         # No answer or "offline": PID 1 is not listening on its private socket yet.

@@ -52,7 +52,10 @@ def test_the_package_installed_before_boot_enabled_its_unit_and_started_nothing(
     # dpkg -i ran in a chroot (no systemd): the postinst only enabled the unit.
     assert "portguard:" not in machine.install_output, machine.install_output
     assert machine.systemctl("is-enabled", "portguard.service").stdout.strip() == "enabled"
-    assert machine.systemctl("is-enabled", "portguard-monitor.service", check=False).stdout.strip() == "disabled"
+    assert (
+        machine.systemctl("is-enabled", "portguard-monitor.service", check=False).stdout.strip()
+        == "disabled"
+    )
     shown = machine.show("portguard.service", "FragmentPath")["FragmentPath"]
     assert shown.endswith("/lib/systemd/system/portguard.service"), shown
     started = machine.run("journalctl", "-q", "-o", "cat", "-u", "portguard.service", check=True)
