@@ -191,7 +191,9 @@ def test_broken_dropin_at_upgrade_completes_the_upgrade_and_keeps_the_running_gu
     try:
         done = dpkg(guest, "-i", in_guest(debs.upgrade_package()))
         assert done.returncode == 0, done.stdout + done.stderr
+        # ... and why: apply's own error, naming the file.
         assert NOT_APPLIED in done.stderr, done.stdout + done.stderr
+        assert f"Error: invalid configuration, nothing applied:\n{broken}:" in done.stderr
         assert installed_version(guest) == debs.version_of(debs.upgrade_package())
         assert guard_as_loaded(guest) == before
         assert stranger_tries(guest, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
@@ -206,6 +208,8 @@ def test_upgrade_to_a_new_program_while_a_stranger_hammers_and_the_owner_restart
 ):
     install(guest, debs.upgrade_package())
     before = status(guest)
+    guest.systemctl("start", "portguard-monitor.service")  # as an administrator may have
+    monitor_before = guest.show("portguard-monitor.service", "MainPID")["MainPID"]
     guest.run("rm", "-f", "/run/pg-stop", f"{GUEST_RESULTS}/restarts.json", check=True)
     guest.systemctl("start", "pg-owner.service", "pg-hammer.service")
     loop = f"""
@@ -252,6 +256,11 @@ def test_upgrade_to_a_new_program_while_a_stranger_hammers_and_the_owner_restart
         # (the cgroup trackers are new links, attached beside the old ones first).
         assert after["links"][name]["link_id"] == before["links"][name]["link_id"]
     assert guest.show("pg-owner.service", "Result")["Result"] == "success"
+    # A running monitor keeps running, restarted on the new code.
+    monitor = guest.show("portguard-monitor.service", "ActiveState", "MainPID")
+    guest.systemctl("stop", "portguard-monitor.service")
+    assert monitor["ActiveState"] == "active"
+    assert monitor["MainPID"] != monitor_before
 
 
 def test_a_package_installed_later_that_ships_a_default_policy_unit_is_guarded_at_once(
