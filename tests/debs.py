@@ -9,6 +9,7 @@ version whose BPF source differs by a comment, so that the upgrade swaps a new p
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -46,6 +47,7 @@ def package(version: str | None = None) -> Path:
 
 def _build(tree: Path, version: str | None) -> Path:
     out = Path(tempfile.mkdtemp(prefix="portguard-deb-"))
+    atexit.register(shutil.rmtree, out, True)  # the package serves this process only
     env = {**os.environ, "PORTGUARD_DEB_DIR": str(out)}
     if version:
         env["PORTGUARD_DEB_VERSION"] = version
