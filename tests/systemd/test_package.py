@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -91,10 +92,15 @@ def installed_version(machine: Machine) -> str | None:
     return version if state == "installed" else None
 
 
-def dpkg(machine: Machine, *args: str):
+def admin(machine: Machine, *command: str):
+    """A package tool (dpkg, apt-get) run as an administrator would, without questions."""
     # The drop-in is what keeps the guard off the host's cgroup root: never install without it.
     assert machine.run("test", "-f", CONFIG).returncode == 0, f"{CONFIG} is missing"
-    return machine.run("env", "DEBIAN_FRONTEND=noninteractive", "dpkg", *args, timeout=300)
+    return machine.run("env", "DEBIAN_FRONTEND=noninteractive", *command, timeout=300)
+
+
+def dpkg(machine: Machine, *args: str):
+    return admin(machine, "dpkg", *args)
 
 
 def install(machine: Machine, deb: Path) -> None:
@@ -117,6 +123,8 @@ def pins(machine: Machine) -> list[str]:
 
 def host_link_ids() -> set[int] | None:
     """Every bpf_link in the kernel, seen from the host (None without bpftool there)."""
+    if shutil.which("bpftool") is None:
+        return None
     proc = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True)
     if proc.returncode != 0:
         return None
@@ -159,11 +167,7 @@ def test_apt_install_on_the_running_system_guards_at_once_and_enables_the_unit(g
     purge(guest)
     assert not pins(guest)
     started = time.monotonic()
-    done = guest.run(
-        "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y",
-        in_guest(package()),
-        timeout=300,
-    )  # fmt: skip
+    done = admin(guest, "apt-get", "install", "-y", in_guest(package()))
     took = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr
     run = guest.show(
@@ -309,29 +313,40 @@ def test_a_package_installed_later_that_ships_a_default_policy_unit_is_guarded_a
     assert wait_for(lambda: (SPAMD_PORT, "tcp") not in guarded_ports(guest), interval=0.1)
 
 
+def loaded_links(machine: Machine) -> set[int]:
+    return {link["link_id"] for link in status(machine)["links"].values()}
+
+
+def assert_guard_gone(machine: Machine, links: set[int]) -> None:
+    """No pins, none of the guard's links left in the kernel, the sysctl as before install,
+    and a stranger binds the reserved port again."""
+    assert not pins(machine)
+    on_host = host_link_ids()
+    if on_host is not None:
+        assert not links & on_host, "the guest's portguard links are still in the kernel"
+    assert sysctl(machine) == machine.sysctl_before_install
+    assert machine.run("test", "-e", "/usr/bin/portguard").returncode != 0
+    assert stranger_tries(machine, OWNER_PORT) == dict.fromkeys(ALL_WAYS, 0)
+
+
 def test_remove_and_purge_take_the_guard_away_and_reinstall_works(guest: Machine):
     install(guest, package())
-    links = {link["link_id"] for link in status(guest)["links"].values()}
+    links = loaded_links(guest)
     assert links and pins(guest)
-    for remove, again in (
-        (("apt-get", "remove", "-y", "portguard"), True),
-        (("dpkg", "--purge", "portguard"), False),
-    ):
-        done = guest.run("env", "DEBIAN_FRONTEND=noninteractive", *remove, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert not pins(guest)
-        on_host = host_link_ids()
-        if on_host is not None:
-            assert not links & on_host, "the guest's portguard links are still in the kernel"
-        assert sysctl(guest) == guest.sysctl_before_install
-        assert guest.run("test", "-e", "/usr/bin/portguard").returncode != 0
-        assert stranger_tries(guest, OWNER_PORT) == dict.fromkeys(ALL_WAYS, 0)
-        if again:
-            # Removed, not purged: the conffile stays; installing again guards again.
-            assert guest.run("test", "-f", "/etc/portguard/portguard.toml").returncode == 0
-            started = time.monotonic()
-            install(guest, package())
-            print(f"dpkg -i after remove: {time.monotonic() - started:.2f} s to guarded")
-            assert stranger_tries(guest, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
-            links = {link["link_id"] for link in status(guest)["links"].values()}
-    assert guest.run("test", "-e", "/etc/portguard/portguard.toml").returncode != 0
+
+    removed = admin(guest, "apt-get", "remove", "-y", "portguard")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert_guard_gone(guest, links)
+    # Removed, not purged: the conffile stays, and installing again guards again.
+    assert guest.run("test", "-f", "/etc/portguard/portguard.toml").returncode == 0
+    started = time.monotonic()
+    install(guest, package())
+    print(f"dpkg -i after remove: {time.monotonic() - started:.2f} s to guarded")
+    assert stranger_tries(guest, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
+    links = loaded_links(guest)
+
+    purged = dpkg(guest, "--purge", "portguard")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert_guard_gone(guest, links)
+    for gone in ("/etc/portguard/portguard.toml", "/var/cache/portguard"):
+        assert guest.run("test", "-e", gone).returncode != 0, gone
