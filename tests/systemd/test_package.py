@@ -334,9 +334,13 @@ def test_remove_and_purge_take_the_guard_away_and_reinstall_works(guest: Machine
     links = loaded_links(guest)
     assert links and pins(guest)
 
+    guest.systemctl("start", "portguard-monitor.service")  # as an administrator may have
     removed = admin(guest, "apt-get", "remove", "-y", "portguard")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert_guard_gone(guest, links)
+    # Nothing of the package keeps running without its files.
+    for unit in ("portguard.service", "portguard-monitor.service"):
+        assert guest.show(unit, "ActiveState")["ActiveState"] == "inactive", unit
     # Removed, not purged: the conffile stays, and installing again guards again.
     assert guest.run("test", "-f", "/etc/portguard/portguard.toml").returncode == 0
     started = time.monotonic()
