@@ -40,6 +40,14 @@ Description=portguard test: a stranger trying to bind port %i
 Type=oneshot
 ExecStart={PGNET} try %i {GUEST_RESULTS}/try-%i.json
 """,
+    "pg-stay@.service": f"""\
+[Unit]
+Description=portguard test: a stranger trying port %i, staying until stopped
+
+[Service]
+Type=notify
+ExecStart={PGNET} stay %i {GUEST_RESULTS}/stay-%i.json
+""",
     "pg-hammer.service": f"""\
 [Unit]
 Description=portguard test: a stranger binding {OWNER_PORT} in a loop

@@ -154,7 +154,10 @@ def test_monitor_unit_logs_each_refusal_to_the_journal_with_portguard_fields(mac
             )
         )
         assert said, machine.run("journalctl", "-q", "-u", monitor).stdout
-        assert stranger_tries(machine, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
+        # A stranger that stays: the monitor names the caller's cgroup and unit when it reads
+        # the event, and a oneshot's cgroup can be gone by then on a loaded machine.
+        machine.systemctl("start", f"pg-stay@{OWNER_PORT}.service")
+        assert machine.result(f"stay-{OWNER_PORT}.json") == dict.fromkeys(ALL_WAYS, EADDRINUSE)
 
         def entries() -> list[dict]:
             out = machine.run(
@@ -163,14 +166,14 @@ def test_monitor_unit_logs_each_refusal_to_the_journal_with_portguard_fields(mac
                 "-o",
                 "json",
                 f"_SYSTEMD_UNIT={monitor}",
-                f"PORTGUARD_UNIT=pg-try@{OWNER_PORT}.service",
+                f"PORTGUARD_UNIT=pg-stay@{OWNER_PORT}.service",
             ).stdout
             found = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
             return found if len(found) >= len(ALL_WAYS) else []
 
         logged = wait_for(entries)
     finally:
-        machine.systemctl("stop", monitor)
+        machine.systemctl("stop", monitor, f"pg-stay@{OWNER_PORT}.service")
     ways = sorted(f"{e['PORTGUARD_FAMILY']}/{e['PORTGUARD_PROTOCOL']}" for e in logged)
     assert ways == ["ipv4/tcp", "ipv4/udp", "ipv6/tcp", "ipv6/udp"]
     owner_cgroup = f"{machine.cgroup}/system.slice/pg-owner.service"
@@ -179,7 +182,7 @@ def test_monitor_unit_logs_each_refusal_to_the_journal_with_portguard_fields(mac
         assert entry["PORTGUARD_VERDICT"] == "denied"
         assert entry["PRIORITY"] == "4"  # warning
         assert entry["PORTGUARD_OWNER"].lstrip("/") == owner_cgroup.lstrip("/")
-        # a template's instances live in its own slice: system-pg\x2dtry.slice
+        # a template's instances live in its own slice: system-pg\x2dstay.slice
         assert entry["PORTGUARD_CGROUP"].startswith(f"/{machine.cgroup.lstrip('/')}/system.slice/")
-        assert entry["PORTGUARD_CGROUP"].endswith(f"/pg-try@{OWNER_PORT}.service")
+        assert entry["PORTGUARD_CGROUP"].endswith(f"/pg-stay@{OWNER_PORT}.service")
         assert entry["MESSAGE"].startswith("refused bind of ")
