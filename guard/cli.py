@@ -7,6 +7,7 @@ can alert on both.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -304,7 +305,17 @@ def monitor(
             on_ready=ready,
         )
     )
-    click.echo(f"portguard: {summary.received} events, {summary.lost} lost", err=True)
+    if summary.stopped_by == "output closed":
+        _detach_stdout()
+    click.echo(display.monitor_summary(summary), err=True)
+
+
+def _detach_stdout() -> None:
+    """Whoever read stdout is gone (`portguard monitor | head`): point it at /dev/null, so
+    that flushing it at exit raises no second BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @main.command()

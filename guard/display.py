@@ -203,6 +203,9 @@ class TextSink:
     def flush(self) -> None:
         self.out.flush()
 
+    def finish(self) -> None:
+        self.out.flush()
+
 
 class JsonSink:
     def __init__(self, out: TextIO):
@@ -218,6 +221,9 @@ class JsonSink:
         self.out.write(json.dumps({"lost": count}) + "\n")
 
     def flush(self) -> None:
+        self.out.flush()
+
+    def finish(self) -> None:
         self.out.flush()
 
 
@@ -242,3 +248,20 @@ class JournalSink:
 
     def flush(self) -> None:
         pass
+
+    def finish(self) -> None:
+        pass
+
+
+def monitor_summary(summary) -> str:
+    """The monitor's last line: what it showed and what it did not, adding up to the refusals
+    the kernel counted since the start."""
+    line = f"portguard: {summary.received} events, {summary.lost} lost"
+    if summary.received_before_start:
+        line += f" ({summary.received_before_start} from before the start)"
+    if summary.left:
+        line += f", {summary.left} not shown (still in the event buffer at exit)"
+    line += f"; {summary.refused} binds refused since the start"
+    if summary.stopped_by:
+        line += f"; stopped by {summary.stopped_by}"
+    return line

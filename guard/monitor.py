@@ -9,6 +9,12 @@ A ring buffer has one consumer position, so one monitor runs at a time per pin d
 second one is refused). Records still in the buffer when the monitor starts (denials made while
 no monitor ran) are delivered first, with the time they happened; losses from before the start
 are not reported here (`status` shows the total since the guard was loaded).
+
+SIGINT and SIGTERM only raise a flag, checked after every record and every poll: an exception
+raised by a signal handler can land inside the ring buffer's ctypes callback, where ctypes
+prints and swallows it and polling goes on. On the way out the records still in the buffer are
+counted, not read: the denied counters say how many binds were refused since the start, so
+"shown + lost + left in the buffer = refused since start" always holds.
 """
 
 from __future__ import annotations
@@ -97,12 +103,45 @@ class Sink(Protocol):
     def denial(self, denial: Denial) -> None: ...
     def lost(self, count: int) -> None: ...
     def flush(self) -> None: ...
+    def finish(self) -> None: ...  # the monitor stops: write what is pending
 
 
 @dataclass
 class Summary:
-    received: int = 0
-    lost: int = 0
+    received: int = 0  # records shown (from before the start too)
+    lost: int = 0  # records the full buffer dropped since the start
+    received_before_start: int = 0  # of received: refused before the monitor started
+    refused: int = 0  # binds refused since the start, by the kernel's exact counters
+    stopped_by: str | None = None  # "SIGTERM", "SIGINT", "output closed"; None: count/duration
+
+    @property
+    def left(self) -> int:
+        """Refused since the start but neither shown nor lost: still in the buffer at exit."""
+        shown = self.received - self.received_before_start
+        return max(0, self.refused - shown - self.lost)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the monitor looks at it between records and polls."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __call__(self, signum: int, _frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+@contextmanager
+def _signals_stop(flag: StopFlag) -> Iterator[None]:
+    previous = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class CgroupNames:
@@ -178,11 +217,13 @@ class Decoder:
         self.owner_names = owner_names
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as is time.monotonic() on Linux
         self.epoch_offset = time.time() - time.monotonic()
+        self.last_ts_ns = 0  # of the record decoded last
 
     def decode(self, raw: bytes) -> Denial:
         (ts_ns, cgroup_id, pid, uid, port, proto, family, verdict, _set, comm, addr) = (
             EVENT.unpack_from(raw)
         )
+        self.last_ts_ns = ts_ns
         if family == socket.AF_INET:
             address = socket.inet_ntop(socket.AF_INET, addr[:4])
         else:
@@ -224,11 +265,8 @@ def _sole_monitor(pin_dir: Path) -> Iterator[None]:
         yield
 
 
-def _stop_on_sigterm() -> None:
-    def stop(_signum, _frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+def denied_total(maps: Maps) -> int:
+    return sum(sum(values) for _, values in maps.denied.items())
 
 
 def run(
@@ -241,12 +279,14 @@ def run(
     on_ready=lambda: None,
 ) -> Summary:
     """Report denials to sink until count events (delivered + lost) or duration seconds or
-    SIGINT/SIGTERM. stall_until (for tests): consume nothing until that file exists."""
+    SIGINT/SIGTERM or until the output is closed (BrokenPipeError). stall_until (for tests):
+    consume nothing until that file exists."""
     if os.geteuid() != 0:
         raise GuardError("portguard monitor must run as root: the pinned maps are root-only")
     pins = Pins(pin_dir)
     summary = Summary()
-    with _sole_monitor(pins.root):
+    stop = StopFlag()
+    with _signals_stop(stop), _sole_monitor(pins.root):
         try:
             maps = Maps.open_pinned(pins.maps_dir)
             events_fd = kernel.get_pinned(pins.maps_dir / "events")
@@ -258,14 +298,20 @@ def run(
                 f"the guard is not loaded (nothing pinned in {pin_dir}): run portguard apply first"
             )
         try:
-            _stop_on_sigterm()
-            _consume(maps, events_fd, sink, summary, count, duration, stall_until, on_ready)
-        except KeyboardInterrupt:
-            pass
+            denied_at_start = denied_total(maps)
+            _consume(maps, events_fd, sink, summary, stop, count, duration, stall_until, on_ready)
+        except BrokenPipeError:
+            summary.stopped_by = "output closed"
         except kernel.BpfError as exc:
             raise GuardError(str(exc)) from None
         finally:
-            sink.flush()
+            try:
+                sink.finish()
+            except BrokenPipeError:
+                summary.stopped_by = "output closed"
+            summary.refused = denied_total(maps) - denied_at_start
+            if summary.stopped_by is None:
+                summary.stopped_by = stop.signal
             os.close(events_fd)
             maps.close()
     return summary
@@ -276,6 +322,7 @@ def _consume(
     events_fd: int,
     sink: Sink,
     summary: Summary,
+    stop: StopFlag,
     count: int | None,
     duration: float | None,
     stall_until: Path | None,
@@ -288,10 +335,16 @@ def _consume(
     owner_names = OwnerNames(maps)
     owner_names.refresh()
     decoder = Decoder(CgroupNames(cgroup_root), owner_names)
+    start_ns = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC too
 
     def on_record(raw: bytes) -> bool:
-        sink.denial(decoder.decode(raw))
+        denial = decoder.decode(raw)
         summary.received += 1
+        if decoder.last_ts_ns < start_ns:
+            summary.received_before_start += 1
+        sink.denial(denial)
+        if stop:
+            return False  # this record is shown; the rest of the buffer is counted on the way out
         return count is None or summary.received + summary.lost < count
 
     lost_seen = lost_total(maps)
@@ -299,10 +352,10 @@ def _consume(
     try:
         sink.start()
         on_ready()
-        while stall_until is not None and not stall_until.exists():
+        while stall_until is not None and not stall_until.exists() and not stop:
             time.sleep(0.05)
         deadline = None if duration is None else time.monotonic() + duration
-        while True:
+        while not stop:
             owner_names.refresh()
             ring.poll(POLL_MS)
             lost_now = lost_total(maps)
