@@ -1,8 +1,14 @@
 """Command line: portguard apply|status|check|remove|build, and the portrelease shim.
 
-Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration; `status` exits 3 when a
-reserved port is held by a non-owner (a squatter) and 4 when no guard is loaded, so monitoring
-can alert on both.
+Exit codes (README, portguard(8) EXIT STATUS):
+  0  ok: the guard is loaded, as the files say, and no reserved port is held by a non-owner
+  1  runtime failure (one sentence, no traceback)
+  2  bad usage or configuration (nothing applied)
+  3  `status`: a reserved port is held by a non-owner (a squatter)
+  4  `status`: no guard is loaded (also when the last apply failed: it says why)
+  5  `status`: a guard is loaded, but not the one the configuration files ask for (it says what
+     differs: an edit without a reload, or files that cannot be applied)
+When several hold, `status` exits with the first of 4, 3, 5; `status --json` carries them all.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 EXIT_SQUATTER = 3
 EXIT_NOT_LOADED = 4
+EXIT_CONFIG_DIFFERS = 5
 
 
 class ConfigProblem(click.ClickException):
@@ -48,6 +55,10 @@ def _load_settings(path: str | None) -> config_mod.Settings:
         return _load_config(path).settings
     except ConfigProblem as exc:
         click.echo(f"portguard: warning: {exc.message}", err=True)
+    return _settings_only(path)
+
+
+def _settings_only(path: str | None) -> config_mod.Settings:
     main = Path(path) if path else config_mod.DEFAULT_CONFIG
     try:
         return config_mod.load_settings(config_mod.config_files(main))
@@ -172,36 +183,66 @@ def _state_dict(state) -> dict:
 @click.pass_obj
 def status(config_path: str | None, as_json: bool) -> None:
     """Show the guard as the kernel holds it: links, every reservation, its owners, the
-    denied binds, and who holds the port now. Exits 3 when a non-owner holds a reserved port,
-    4 when no guard is loaded (saying why, when the last apply failed).
+    denied binds, and who holds the port now. Exits 4 when no guard is loaded (saying why,
+    when the last apply failed), 3 when a non-owner holds a reserved port, 5 when the loaded
+    guard is not what the configuration files ask for (saying what differs).
 
     Run it in the guarded network namespace: holders are read there."""
     from guard import display, lifecycle, outcome, squatters
 
-    settings = _load_settings(config_path)
+    cfg, problem = _config_or_problem(config_path)
+    settings = cfg.settings if cfg else _settings_only(config_path)
     state = _runtime(lifecycle.read_state, settings)
     state = squatters.with_holders(state, lifecycle.netns_cookie())
     failure = outcome.last_failure(settings.pin_dir)
+    differences = _differences(cfg, problem, state) if state.loaded else []
+    found = squatters.of_state(state)
     if as_json:
         import json  # only here: plain status, check and apply do without it
 
         data = _state_dict(state)
         data["last_apply_failure"] = asdict(failure) if failure else None
+        data["config_matches"] = state.loaded and not differences
+        data["config_differences"] = differences
+        data["squatters"] = len(found)
         click.echo(json.dumps(data, indent=2))
     else:
         for line in display.status_lines(state, settings.cgroup):
             click.echo(line)
         if failure:
             click.echo(display.failure_line(failure, state.loaded), err=True)
-    if not state.loaded:
-        sys.exit(EXIT_NOT_LOADED)
-    found = squatters.of_state(state)
-    if found:
-        if not as_json:
+        for line in display.drift_lines(differences):
+            click.echo(line, err=True)
+        if found:
             click.echo(
                 f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)", err=True
             )
+    if not state.loaded:
+        sys.exit(EXIT_NOT_LOADED)
+    if found:
         sys.exit(EXIT_SQUATTER)
+    if differences:
+        sys.exit(EXIT_CONFIG_DIFFERS)
+
+
+def _config_or_problem(config_path: str | None) -> tuple[config_mod.Config | None, str | None]:
+    """The configuration, or why it cannot be loaded (status reports that, it does not stop)."""
+    try:
+        return _load_config(config_path), None
+    except ConfigProblem as exc:
+        return None, exc.message
+
+
+def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> list[str]:
+    """How the loaded guard differs from what `apply` would load now (empty: the same)."""
+    from guard import drift
+
+    if cfg is not None:
+        try:
+            return drift.differences(_plan(cfg), state)
+        except ConfigProblem as exc:
+            problem = exc.message
+    return [f"the files cannot be applied: {problem}"]
 
 
 @main.command()

@@ -42,6 +42,17 @@ def failure_line(failure, loaded: bool) -> str:
     return f"portguard: the last apply failed ({failure.when}), {now}: {failure.message}"
 
 
+def drift_lines(differences: list[str]) -> list[str]:
+    """Why the loaded guard is not the configuration's (see guard/drift.py)."""
+    if not differences:
+        return []
+    return [
+        "portguard: the loaded guard is not what the configuration files ask for "
+        "(portguard apply, or systemctl reload portguard, loads them):",
+        *(f"  {line}" for difference in differences for line in difference.splitlines()),
+    ]
+
+
 def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
     if not state.loaded:
         return [_fit(f"portguard: not loaded (pin directory {state.pin_dir})")]

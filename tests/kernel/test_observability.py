@@ -366,6 +366,42 @@ def test_status_says_the_previous_guard_stays_when_a_broken_config_was_applied(s
     assert sandbox.cli("apply", check=False).returncode == 2
     assert set(sandbox.bind("stranger", [("v4", "tcp", PORT)]).values()) == {errno.EADDRINUSE}
     status = sandbox.cli("status", check=False)
-    assert status.returncode == 0
+    assert status.returncode == 5  # loaded, but not what the files ask for
     assert "the guard loaded before it is still in place" in status.stderr
+    assert "the files cannot be applied" in status.stderr
     assert "port 99999 is out of range" in status.stderr
+
+
+def test_status_has_one_exit_code_per_state_an_operator_alerts_on(sandbox):
+    def status() -> tuple[int, dict, str]:
+        text = sandbox.cli("status", check=False)
+        data = json.loads(sandbox.cli("status", "--json", check=False).stdout)
+        assert sandbox.cli("status", "--json", check=False).returncode == text.returncode
+        return text.returncode, data, text.stderr
+
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp"], "owner"))
+    code, data, _ = status()
+    assert (code, data["loaded"], data["config_matches"]) == (4, False, False)
+    sandbox.cli("apply")
+    code, data, err = status()
+    assert (code, data["config_matches"], data["config_differences"], err) == (0, True, [], "")
+    # edited, not reloaded: 5, and what differs
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp", f"{FREE}/udp"], "owner"), mode="audit")
+    code, data, err = status()
+    assert code == 5 and data["config_matches"] is False
+    assert data["config_differences"] == [
+        f"{FREE}/udp is in the files but not guarded",
+        "mode: the files say audit, the guard runs enforce",
+    ]
+    assert f"{FREE}/udp is in the files but not guarded" in err and "reload" in err
+    # a stranger holds the port the files add: a squatter once applied (3)
+    hold(sandbox, "stranger", "v4", "udp", FREE)
+    sandbox.cli("apply")
+    code, data, _ = status()
+    assert (code, data["squatters"], data["config_matches"]) == (3, 1, True)
+    # a squatter comes before other files (3); the JSON says both
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp", f"{FREE}/udp"], "owner"))
+    code, data, _ = status()
+    assert (code, data["squatters"], data["config_matches"]) == (3, 1, False)
+    sandbox.cli("remove")
+    assert status()[0] == 4
