@@ -325,7 +325,7 @@ def monitor(
     settings = _load_settings(config_path)
     if to_journal:
         try:
-            sink = display.JournalSink(journal.Journal())
+            sink = display.JournalSink(journal.Journal(), settings.journal_interval)
         except journal.JournalError as exc:
             raise RuntimeProblem(str(exc)) from None
     elif as_json:

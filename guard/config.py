@@ -31,6 +31,7 @@ GUARD_KEYS = {
     "use_defaults",
     "portreserve_dir",
     "contain",
+    "journal_interval",
 }
 PORTRESERVE_DIR = "/etc/portreserve"
 OWNER_KEYS = {
@@ -81,6 +82,9 @@ class Settings:
     use_defaults: bool | None = None  # None: the default policy applies when no file exists
     portreserve_dir: str = PORTRESERVE_DIR  # "" turns reading portreserve's files off
     contain: bool = False  # contain = true for every reservation
+    # monitor --journal: at most one entry per (caller cgroup, port, protocol) per this many
+    # seconds, with the count of the refusals it stands for; 0: one entry per refusal
+    journal_interval: float = 30.0
 
     @property
     def deny_errno_number(self) -> int:
@@ -262,6 +266,11 @@ def _check_guard_value(key: str, value: object, where: Origin, problems: list[st
             problems.append(f"{where}: {key} must be true or false")
             return None
         return value
+    if key == "journal_interval":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86400:
+            problems.append(f"{where}: journal_interval must be a number of seconds, 0 to 86400")
+            return None
+        return float(value)
     if not isinstance(value, str):
         problems.append(f"{where}: {key} must be a string")
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import TextIO
 
 from guard import journal
@@ -238,15 +239,75 @@ class JsonSink:
         self.out.flush()
 
 
+@dataclass
+class _Window:
+    """One (caller cgroup, port, protocol)'s current rate-limit interval."""
+
+    start: float
+    suppressed: int = 0
+    last: Denial | None = None  # the last suppressed refusal, named in the summary entry
+
+
+def suppressed_fields(last: Denial, count: int, interval: float) -> list[tuple[str, object]]:
+    """The entry that stands for `count` refusals not logged one by one."""
+    fields = journal_fields(last)
+    what = "refused" if last.verdict == "denied" else "would have refused (audit mode)"
+    caller = last.unit or last.cgroup or f"cgroup id {last.cgroup_id}"
+    fields[0] = (
+        "MESSAGE",
+        f"{what} {count} more binds of {address_port(last)}/{last.protocol} in {caller} "
+        f"within {interval:g} s (the last by pid {last.pid} ({last.comm})); journal entries "
+        f"are limited to one per {interval:g} s (journal_interval)",
+    )
+    return [*fields, ("PORTGUARD_SUPPRESSED", count), ("PORTGUARD_INTERVAL", f"{interval:g}")]
+
+
 class JournalSink:
-    def __init__(self, target: journal.Journal):
+    """Journal entries, at most one per (caller cgroup, port, protocol) per interval: the first
+    refusal at once, the ones after it counted and logged as one entry (PORTGUARD_SUPPRESSED)
+    when the interval ends, as the kernel's printk and SELinux's AVC limit theirs. Anyone can
+    call bind() in a loop; the journal must not grow with it. interval 0: every refusal."""
+
+    MAX_WINDOWS = 4096  # then every summary is written at once and counting starts over
+
+    def __init__(
+        self, target: journal.Journal, interval: float = 0.0, clock=time.monotonic
+    ) -> None:
         self.journal = target
+        self.interval = interval
+        self.clock = clock
+        self.windows: dict[tuple[int, int, str], _Window] = {}
 
     def start(self) -> None:
         pass
 
     def denial(self, denial: Denial) -> None:
-        self.journal.send(journal_fields(denial))
+        if self.interval <= 0:
+            self.journal.send(journal_fields(denial))
+            return
+        now = self.clock()
+        key = (denial.cgroup_id, denial.port, denial.protocol)
+        window = self.windows.get(key)
+        if window is not None and now - window.start >= self.interval:
+            window = self._end(key, window, now)
+        if window is None:
+            if len(self.windows) >= self.MAX_WINDOWS:
+                self.finish()
+            self.journal.send(journal_fields(denial))
+            self.windows[key] = _Window(now)
+            return
+        window.suppressed += 1
+        window.last = denial
+
+    def _end(self, key: tuple[int, int, str], window: _Window, now: float) -> _Window | None:
+        """Log what the interval suppressed. While refusals go on, the next interval starts
+        (and is suppressed too); after a quiet one, the next refusal is logged at once."""
+        del self.windows[key]
+        if not window.suppressed:
+            return None
+        self.journal.send(suppressed_fields(window.last, window.suppressed, self.interval))
+        self.windows[key] = _Window(now)
+        return self.windows[key]
 
     def lost(self, count: int) -> None:
         self.journal.send(
@@ -258,10 +319,17 @@ class JournalSink:
         )
 
     def flush(self) -> None:
-        pass
+        """Called after every poll: ends the intervals that are over."""
+        now = self.clock()
+        for key, window in list(self.windows.items()):
+            if now - window.start >= self.interval:
+                self._end(key, window, now)
 
     def finish(self) -> None:
-        pass
+        for key, window in list(self.windows.items()):
+            del self.windows[key]
+            if window.suppressed:
+                self.journal.send(suppressed_fields(window.last, window.suppressed, self.interval))
 
 
 def monitor_summary(summary) -> str:

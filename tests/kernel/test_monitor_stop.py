@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -110,3 +111,43 @@ def test_monitor_whose_reader_went_away_exits_0_and_counts_the_rest(sandbox):
     # it stopped at its first write that failed: what it counted adds up, the rest is the
     # kernel's counter's (status)
     assert 1 <= refused <= 300 and shown + lost + left == refused
+
+
+def journal_entries(sock: socket.socket) -> list[dict]:
+    entries = []
+    sock.setblocking(False)
+    while True:
+        try:
+            raw = sock.recv(65536)
+        except BlockingIOError:
+            return entries
+        entries.append(dict(line.split("=", 1) for line in raw.decode().splitlines()))
+
+
+def test_journal_gets_one_entry_per_caller_port_and_interval_with_exact_counts(sandbox):
+    sandbox.write_config(sandbox.owner_block([f"{PORT}"], "owner"), journal_interval=3600)
+    sandbox.cli("apply")
+    journal_path = sandbox.work / "journal.socket"
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(journal_path))
+    try:
+        proc, _ = sandbox.monitor("--journal", env={"PORTGUARD_JOURNAL_SOCKET": str(journal_path)})
+        sandbox.run("stranger/a", "repeat", ["v4", "tcp", PORT, 2000])
+        sandbox.run("stranger/b", "repeat", ["v6", "udp", PORT, 300])
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        err = proc.stderr.read()
+        assert proc.returncode == 0, err
+        shown, lost, left, refused = summary_of(err)
+        assert refused == 2300 and lost == left == 0
+        entries = journal_entries(journal)
+    finally:
+        journal.close()
+    by_caller = {}
+    for entry in entries:
+        by_caller.setdefault(entry["PORTGUARD_CGROUP"], []).append(entry)
+    a, b = by_caller[f"{sandbox.top}/stranger/a"], by_caller[f"{sandbox.top}/stranger/b"]
+    assert len(entries) == 4  # per caller: the first refusal, and one for the rest at exit
+    assert "PORTGUARD_SUPPRESSED" not in a[0] and int(a[1]["PORTGUARD_SUPPRESSED"]) == 1999
+    assert "PORTGUARD_SUPPRESSED" not in b[0] and int(b[1]["PORTGUARD_SUPPRESSED"]) == 299
+    assert a[1]["MESSAGE"].startswith(f"refused 1999 more binds of 127.0.0.1:{PORT}/tcp in ")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guard import display, journal
+from guard import config, display, journal
 from guard.holders import Holder
 from guard.lifecycle import GuardState, LinkState, OwnerState, ReservationState
 from guard.monitor import Denial
@@ -377,3 +377,83 @@ def test_a_failed_apply_is_kept_per_pin_dir_until_an_apply_succeeds(tmp_path, mo
     assert line.endswith("no guard is loaded: no cgroup2 here")
     outcome.clear("/sys/fs/bpf/portguard")
     assert outcome.last_failure("/sys/fs/bpf/portguard") is None
+
+
+# ---- the journal's rate limit -------------------------------------------------------------------
+
+
+class FakeJournal:
+    def __init__(self):
+        self.entries: list[dict] = []
+
+    def send(self, fields):
+        self.entries.append(dict(fields))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def limited(interval=30.0):
+    target, clock = FakeJournal(), FakeClock()
+    return display.JournalSink(target, interval, clock), target, clock
+
+
+def test_a_flood_of_refusals_is_one_entry_per_interval_and_the_counts_add_up():
+    sink, target, clock = limited()
+    for _ in range(120):  # 1,000 refusals a second for 120 s
+        for _ in range(1000):
+            sink.denial(denial())
+        clock.now += 1
+        sink.flush()
+    sink.finish()
+    assert len(target.entries) == 1 + 4  # the first at once, then one per 30 s
+    assert "PORTGUARD_SUPPRESSED" not in target.entries[0]
+    assert sum(int(e.get("PORTGUARD_SUPPRESSED", 1)) for e in target.entries) == 120_000
+    summary = target.entries[1]
+    assert summary["MESSAGE"].startswith("refused 29999 more binds of 127.0.0.1:631/tcp in ")
+    assert summary["PORTGUARD_PORT"] == 631 and summary["PORTGUARD_INTERVAL"] == "30"
+
+
+def test_the_first_refusal_of_each_caller_port_and_protocol_is_logged_at_once():
+    sink, target, _ = limited()
+    sink.denial(denial())
+    sink.denial(denial(cgroup_id=78))
+    sink.denial(denial(port=636))
+    sink.denial(denial(protocol="udp"))
+    sink.denial(denial(pid=1))  # same caller cgroup, port and protocol: suppressed
+    assert len(target.entries) == 4
+    sink.finish()
+    assert (
+        target.entries[4]["PORTGUARD_SUPPRESSED"] == 1 and target.entries[4]["PORTGUARD_PID"] == 1
+    )
+
+
+def test_after_a_quiet_interval_the_next_refusal_is_logged_at_once():
+    sink, target, clock = limited()
+    sink.denial(denial())
+    clock.now += 31
+    sink.flush()  # nothing was suppressed: nothing to say
+    assert len(target.entries) == 1
+    sink.denial(denial())
+    assert len(target.entries) == 2 and "PORTGUARD_SUPPRESSED" not in target.entries[1]
+
+
+def test_interval_0_logs_every_refusal():
+    sink, target, _ = limited(0)
+    for _ in range(50):
+        sink.denial(denial())
+    sink.finish()
+    assert len(target.entries) == 50
+
+
+def test_journal_interval_is_a_setting_of_seconds():
+    assert config.loads("[guard]\njournal_interval = 5\n").settings.journal_interval == 5.0
+    assert config.Settings().journal_interval == 30.0
+    for bad in ('"30"', "-1", "true", "100000"):
+        with pytest.raises(config.ConfigError, match="journal_interval must be a number"):
+            config.loads(f"[guard]\njournal_interval = {bad}\n")

@@ -217,7 +217,9 @@ def test_portguard_toml_5_lists_the_default_policy_and_its_defaults():
         for owner in block.owners:
             assert owner.name in table
     for key, value in dataclasses.asdict(config.Settings()).items():
-        if value is not None and not isinstance(value, bool):
+        if isinstance(value, float):
+            assert f'.BR {key} " = {value:g}"' in text, key
+        elif value is not None and not isinstance(value, bool):
             assert f'.BR {key} " = \\(dq{value}\\(dq"' in text, key
         elif isinstance(value, bool):
             assert f'.BR {key} " = {str(value).lower()}"' in text, key
