@@ -93,6 +93,9 @@ def _runtime(fn, *args):
     help=f"Main configuration file (default {config_mod.DEFAULT_CONFIG}); "
     "drop-ins are read from conf.d/*.toml beside it.",
 )
+@click.version_option(
+    None, "--version", "-V", package_name="portguard", message="portguard %(version)s"
+)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Race-free port reservations: binds to a reserved port fail (EADDRINUSE) unless the
@@ -101,11 +104,23 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 
 @main.command()
+@click.option(
+    "--dry-run",
+    "-n",
+    "dry_run",
+    is_flag=True,
+    help="Check the configuration and show what apply would load and change; change nothing.",
+)
 @click.pass_obj
-def apply(config_path: str | None) -> None:
-    """Load or update the guard to match the configuration, then exit (the guard stays)."""
+def apply(config_path: str | None, dry_run: bool) -> None:
+    """Load or update the guard to match the configuration, then exit (the guard stays).
+    With --dry-run: validate the files (exit 2 when invalid), resolve the owners, print the
+    reservations and what apply would change against the loaded guard; nothing is changed."""
     from guard import outcome
 
+    if dry_run:
+        _dry_run(config_path)
+        return
     try:
         _apply(config_path)
     except click.ClickException as exc:
@@ -139,6 +154,30 @@ def _apply(config_path: str | None) -> None:
         f"portguard: {state}: {ports} reserved port/protocol pairs, "
         f"{len(plan.paths)} owner cgroups, mode {plan.settings.mode}"
     )
+
+
+def _dry_run(config_path: str | None) -> None:
+    """`nginx -t` for portguard: the files as apply would read them, and the change."""
+    from guard import display, drift, lifecycle, owners, plan
+
+    cfg = _load_config(config_path)
+    try:
+        resolved = owners.resolve(cfg)
+        the_plan = plan.build(cfg, resolved, owners.extra_owners(cfg))
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"invalid configuration:\n{exc}") from None
+    skipped = [block for index, block in enumerate(cfg.blocks) if not resolved.get(index)]
+    for line in display.plan_lines(cfg, the_plan, skipped):
+        click.echo(line)
+    if os.geteuid() != 0:
+        click.echo("portguard: not compared with the loaded guard: that needs root")
+        return
+    state = _runtime(lifecycle.read_state, the_plan.settings)
+    if not state.loaded:
+        click.echo("portguard: apply would load the guard: none is loaded")
+        return
+    for line in display.dry_run_changes(drift.differences(the_plan, state)):
+        click.echo(line)
 
 
 def _squatters_of_plan(plan) -> list:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from guard import journal
+from guard import journal, layout
 from guard.lifecycle import GuardState, errno_name
 from guard.monitor import Denial, SecondClock
 
@@ -41,6 +41,87 @@ def failure_line(failure, loaded: bool) -> str:
     """Why the guard is not what the configuration asks for (see guard/outcome.py)."""
     now = "the guard loaded before it is still in place" if loaded else "no guard is loaded"
     return f"portguard: the last apply failed ({failure.when}), {now}: {failure.message}"
+
+
+def _port_runs(pairs: list[tuple[str, int, tuple]]) -> list[tuple[str, str, tuple]]:
+    """(protocol, port, owners) sorted -> (ports "N" or "FIRST-LAST", protocol, owners): a
+    range owned alike is one line, however many ports it spans."""
+    runs: list[list] = []
+    for proto, port, owners in pairs:
+        last = runs[-1] if runs else None
+        if last and last[1] == proto and last[3] == owners and last[2] == port - 1:
+            last[2] = port
+        else:
+            runs.append([port, proto, port, owners])
+    return [
+        (str(first) if first == end else f"{first}-{end}", proto, owners)
+        for first, proto, end, owners in runs
+    ]
+
+
+def wrap(head: str, items: list[str], indent: str = "    ") -> list[str]:
+    """head followed by items joined with ", ", folded into lines of at most WIDTH."""
+    lines, line = [], head
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if len(line) + 1 + len(piece) > WIDTH and line.strip():
+            lines.append(line)
+            line = indent + piece
+        else:
+            line = f"{line} {piece}" if line else piece
+    lines.append(line)
+    return [_fit(text) for text in lines]
+
+
+_PLAN = "{ports:>11} {proto:5}  {owner}"
+_PLAN_OWNER = WIDTH - len(_PLAN.format(ports="", proto="", owner=""))
+
+
+def plan_lines(cfg, plan, skipped=()) -> list[str]:
+    """apply --dry-run: what the files say, as apply would load it."""
+    settings = plan.settings
+    lines = wrap("portguard: the configuration is valid; read:", list(cfg.files) or ["nothing"])
+    lines += wrap(
+        f"  mode {settings.mode},",
+        [
+            f"refused binds see {settings.deny_errno}",
+            f"attach cgroup {settings.cgroup}",
+            f"pins {settings.pin_dir}",
+        ],
+    )
+    lines.append(_PLAN.format(ports="PORTS", proto="PROTO", owner="OWNERS (UNIT: CGROUP)"))
+    by_proto = {number: name for name, number in layout.PROTOCOLS.items()}
+    pairs = [
+        (by_proto.get(proto, str(proto)), port, plan.owners_of(proto, port))
+        for proto, port in sorted(plan.ports)
+    ]
+    runs = sorted(_port_runs(pairs), key=lambda run: (int(run[0].split("-")[0]), run[1]))
+    for ports, proto, paths in runs:
+        for i, path in enumerate(paths):
+            units = ", ".join(plan.owner_names.get(path, ()))
+            owner = f"{units}: {path}" if units else path
+            lines.append(
+                _PLAN.format(
+                    ports=ports if i == 0 else "",
+                    proto=proto if i == 0 else "",
+                    owner=shorten(owner, _PLAN_OWNER),
+                ).rstrip()
+            )
+    if not plan.ports:
+        lines.append(_PLAN.format(ports="-", proto="", owner="nothing is reserved"))
+    if skipped:
+        ports = [str(port_range) for block in skipped for port_range, _ in block.ports]
+        lines += wrap("  not reserved here, none of their units is installed:", ports)
+    return lines
+
+
+def dry_run_changes(differences: list[str]) -> list[str]:
+    if not differences:
+        return ["portguard: apply would change nothing: the loaded guard is this configuration"]
+    return [
+        "portguard: apply would change the loaded guard:",
+        *(f"  {line}" for line in differences),
+    ]
 
 
 def drift_lines(differences: list[str]) -> list[str]:

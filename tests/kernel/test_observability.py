@@ -405,3 +405,21 @@ def test_status_has_one_exit_code_per_state_an_operator_alerts_on(sandbox):
     assert (code, data["squatters"], data["config_matches"]) == (3, 1, False)
     sandbox.cli("remove")
     assert status()[0] == 4
+
+
+def test_apply_dry_run_names_what_would_change_and_changes_nothing(sandbox):
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp"], "owner"))
+    sandbox.cli("apply")
+    same = sandbox.cli("apply", "--dry-run")
+    assert "apply would change nothing" in same.stdout
+    sandbox.write_config(sandbox.owner_block([f"{FREE}/tcp"], "owner"))
+    dry = sandbox.cli("apply", "--dry-run")
+    assert dry.returncode == 0
+    assert f"{PORT}/tcp is guarded but no longer in the files" in dry.stdout
+    assert f"{FREE}/tcp is in the files but not guarded" in dry.stdout
+    # nothing changed: the old port is still refused, the new one is free
+    assert sandbox.bind("stranger", [("v4", "tcp", PORT), ("v4", "tcp", FREE)]) == {
+        f"v4/tcp/{PORT}": errno.EADDRINUSE,
+        f"v4/tcp/{FREE}": 0,
+    }
+    assert sandbox.cli("status", check=False).returncode == 5

@@ -58,3 +58,49 @@ def test_help_lists_the_commands():
     out = run("--help").output
     for command in ("apply", "status", "check", "remove", "build", "demo", "import-portreserve"):
         assert command in out
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    for flag in ("--version", "-V"):
+        result = run(flag)
+        assert result.exit_code == 0 and result.output == f"portguard {version('portguard')}\n"
+
+
+def _dry_config(tmp_path, reserve: str) -> str:
+    path = tmp_path / "portguard.toml"
+    path.write_text(f'[guard]\nportreserve_dir = ""\npin_dir = "{tmp_path}/pins"\n\n{reserve}')
+    return str(path)
+
+
+def test_apply_dry_run_prints_the_plan_changes_nothing_and_exits_0(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTGUARD_RUN_DIR", str(tmp_path / "run"))
+    path = _dry_config(
+        tmp_path,
+        '[[reserve]]\nports = ["8000-8099/tcp", "631"]\ncgroups = ["/app", "/other"]\n',
+    )
+    result = run("--config", path, "apply", "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("portguard: the configuration is valid; read:")
+    assert path in result.output
+    table = lines[lines.index(next(x for x in lines if "PORTS" in x)) + 1 :]
+    assert [line.split() for line in table[:6]] == [
+        ["631", "tcp", "/app"],
+        ["/other"],
+        ["631", "udp", "/app"],
+        ["/other"],
+        ["8000-8099", "tcp", "/app"],
+        ["/other"],
+    ]
+    assert all(len(line) <= 100 for line in lines)
+    assert not (tmp_path / "pins").exists() and not (tmp_path / "run").exists()
+
+
+def test_apply_dry_run_of_a_broken_file_exits_2_and_records_no_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTGUARD_RUN_DIR", str(tmp_path / "run"))
+    path = _dry_config(tmp_path, '[[reserve]]\nports = ["70000"]\ncgroup = "/a"\n')
+    result = run("--config", path, "apply", "-n")
+    assert result.exit_code == 2 and "port 70000 is out of range" in result.output
+    assert not (tmp_path / "run").exists()
