@@ -120,11 +120,13 @@ def build(variant: str, target: str | None = None, directory: Path | None = None
 
     clang = find_clang()
     if clang is None:
+        where = f"cached in {cache_dir()}"
+        if shipped_dir().is_dir():  # an installed package (a checkout has no guard/bpf)
+            where = f"shipped in {shipped_dir()} or {where}"
         raise BuildError(
-            f"no intact compiled BPF object for this portguard version (neither shipped in "
-            f"{shipped_dir()} nor cached in {cache_dir()}) and no clang to build one: reinstall "
-            "the portguard package, or install clang and libbpf-dev (apt install clang "
-            "libbpf-dev) and run `portguard build`"
+            f"no intact compiled BPF object for this portguard version ({where}) and no clang "
+            "to build one: reinstall the portguard package, or install clang and libbpf-dev "
+            "(apt install clang libbpf-dev) and run `portguard build`"
         )
     target = target or host_target()
     path = (directory or cache_dir()) / object_name(variant, target)

@@ -87,7 +87,7 @@ def test_an_object_built_from_other_sources_is_not_used(sandbox, cache):
         current.with_suffix(".sha256").rename(stale.with_suffix(".sha256"))
     proc = apply(sandbox, cache, NO_COMPILER, check=False)
     assert proc.returncode == 1
-    assert "no compiled BPF object" in proc.stderr
+    assert "no intact compiled BPF object" in proc.stderr
     assert nothing_loaded(sandbox)
 
 
