@@ -37,11 +37,23 @@ class RuntimeProblem(click.ClickException):
     exit_code = EXIT_RUNTIME
 
 
-def _load_config(path: str | None) -> config_mod.Config:
+def _config_files(path: str | None) -> list[Path]:
+    """The files to read; one that cannot be read is exit 2 with its name, never skipped."""
     main = Path(path) if path else config_mod.DEFAULT_CONFIG
-    if path and not main.exists():
-        raise ConfigProblem(f"{main}: no such configuration file")
-    files = config_mod.config_files(main)
+    try:
+        if path:
+            main.lstat()
+        return config_mod.config_files(main)
+    except FileNotFoundError:
+        raise ConfigProblem(f"{main}: no such configuration file") from None
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"cannot read the configuration: {exc}") from None
+    except OSError as exc:
+        raise ConfigProblem(f"cannot read the configuration: {main}: {exc.strerror}") from None
+
+
+def _load_config(path: str | None) -> config_mod.Config:
+    files = _config_files(path)
     try:
         return config_mod.load(files)
     except config_mod.ConfigError as exc:
@@ -50,7 +62,8 @@ def _load_config(path: str | None) -> config_mod.Config:
 
 def _load_settings(path: str | None) -> config_mod.Settings:
     """Settings for commands that only read or tear down: a reservation error elsewhere in
-    the files is reported as a warning, not a reason to be blind."""
+    the files is reported as a warning, not a reason to be blind (unreadable files are)."""
+    _config_files(path)
     try:
         return _load_config(path).settings
     except ConfigProblem as exc:
@@ -59,9 +72,9 @@ def _load_settings(path: str | None) -> config_mod.Settings:
 
 
 def _settings_only(path: str | None) -> config_mod.Settings:
-    main = Path(path) if path else config_mod.DEFAULT_CONFIG
+    files = _config_files(path)
     try:
-        return config_mod.load_settings(config_mod.config_files(main))
+        return config_mod.load_settings(files)
     except config_mod.ConfigError as exc:
         raise ConfigProblem(f"invalid [guard] settings:\n{exc}") from None
 
@@ -229,6 +242,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     Run it in the guarded network namespace: holders are read there."""
     from guard import display, lifecycle, outcome, squatters
 
+    _config_files(config_path)  # unreadable: exit 2 at once
     cfg, problem = _config_or_problem(config_path)
     settings = cfg.settings if cfg else _settings_only(config_path)
     state = _runtime(lifecycle.read_state, settings)

@@ -102,6 +102,7 @@ class ConfigError(ValueError):
     """One or more problems, each "file:line: message"; nothing was applied."""
 
     def __init__(self, problems: list[str]):
+        problems = list(dict.fromkeys(problems))  # e.g. one port's problem for tcp and udp
         super().__init__("\n".join(problems))
         self.problems = problems
 
@@ -365,12 +366,30 @@ def _parse_block(
 
 
 def config_files(main: Path) -> list[Path]:
-    """The main file (if present) then its drop-ins conf.d/*.toml in lexical order."""
-    files = [main] if main.exists() else []
+    """The main file (if present) then its drop-ins conf.d/*.toml in lexical order. A path
+    that cannot be looked at raises ConfigError; what is there but not a plain file (a
+    directory named x.toml, a FIFO) is listed, and reading it reports it with file:line.
+    Dangling drop-in symlinks are skipped (a package's file removed, its link left)."""
+    files: list[Path] = []
+    try:
+        main.stat()
+        files.append(main)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # e.g. a directory the caller may not search: conf.d neither
+        raise ConfigError([f"{main}: {exc.strerror}"]) from None
     dropins = main.parent / "conf.d"
-    if dropins.is_dir():
-        files += sorted(p for p in dropins.glob("*.toml") if p.is_file())
-    return files
+    try:
+        names = sorted(
+            entry.name
+            for entry in os.scandir(dropins)
+            if entry.name.endswith(".toml") and not entry.name.startswith(".")
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    except OSError as exc:
+        raise ConfigError([f"{dropins}: {exc.strerror}"]) from None
+    return files + [dropins / name for name in names if os.path.exists(dropins / name)]
 
 
 def load(paths: list[Path], services_file: Path | None = None) -> Config:

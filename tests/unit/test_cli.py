@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from guard import cli
@@ -104,3 +106,53 @@ def test_apply_dry_run_of_a_broken_file_exits_2_and_records_no_failure(tmp_path,
     result = run("--config", path, "apply", "-n")
     assert result.exit_code == 2 and "port 70000 is out of range" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def _as_nobody(args: list[str]) -> subprocess.CompletedProcess:
+    """The command line as an unprivileged user (root reads any file)."""
+    import os
+    import shutil
+
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("setpriv (util-linux) is needed to drop root")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "guard", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+@pytest.mark.parametrize("command", ["status", "apply", "remove"])
+def test_a_configuration_directory_nobody_may_read_is_one_sentence_and_exit_2(tmp_path, command):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "portguard.toml").write_text("[guard]\n")
+    tmp_path.chmod(0o755)
+    etc.chmod(0o700)
+    proc = _as_nobody(["--config", str(etc / "portguard.toml"), command])
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr == (
+        f"Error: cannot read the configuration: {etc}/portguard.toml: Permission denied\n"
+    )
+
+
+def test_a_directory_among_the_dropins_is_an_error_not_skipped(tmp_path):
+    (tmp_path / "conf.d" / "x.toml").mkdir(parents=True)
+    main = tmp_path / "portguard.toml"
+    main.write_text('[guard]\nportreserve_dir = ""\n')
+    result = run("--config", str(main), "apply", "--dry-run")
+    assert result.exit_code == 2
+    assert f"{tmp_path}/conf.d/x.toml:1: cannot read: not a regular file" in result.output
+
+
+def test_a_problem_of_a_port_for_tcp_and_udp_is_said_once(tmp_path):
+    owners = ", ".join(f'"/a{i}"' for i in range(70))
+    path = _dry_config(tmp_path, f'[[reserve]]\nports = ["7000"]\ncgroups = [{owners}]\n')
+    result = run("--config", path, "apply", "--dry-run")
+    assert result.exit_code == 2
+    assert result.output.count("port 7000 has 70 owners") == 1
