@@ -133,7 +133,12 @@ def wait_for(probe, timeout: float = 60.0):
     return value
 
 
-def test_monitor_unit_logs_each_refusal_to_the_journal_with_portguard_fields(machine: Machine):
+def journal_of(machine: Machine, *matches: str) -> list[dict]:
+    out = machine.run("journalctl", "-q", "-o", "json", *matches).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_monitor_unit_logs_refusals_to_the_journal_with_portguard_fields(machine: Machine):
     monitor = "portguard-monitor.service"
     machine.systemctl("start", monitor)
     try:
@@ -145,24 +150,17 @@ def test_monitor_unit_logs_each_refusal_to_the_journal_with_portguard_fields(mac
         )
         assert said, machine.run("journalctl", "-q", "-u", monitor).stdout
         assert stranger_tries(machine, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
-
-        def entries() -> list[dict]:
-            out = machine.run(
-                "journalctl",
-                "-q",
-                "-o",
-                "json",
-                f"_SYSTEMD_UNIT={monitor}",
-                f"PORTGUARD_UNIT=pg-try@{OWNER_PORT}.service",
-            ).stdout
-            found = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-            return found if len(found) >= len(ALL_WAYS) else []
-
-        logged = wait_for(entries)
+        where = (f"_SYSTEMD_UNIT={monitor}", f"PORTGUARD_UNIT=pg-try@{OWNER_PORT}.service")
+        # the first refusal of each caller, port and protocol at once: tcp and udp
+        first = wait_for(lambda: found if len(found := journal_of(machine, *where)) >= 2 else [])
     finally:
         machine.systemctl("stop", monitor)
+    # the second (IPv6) refusal of each protocol within the interval: one entry at the stop
+    logged = wait_for(lambda: found if len(found := journal_of(machine, *where)) >= 4 else [])
+    assert len(first) == 2 and len(logged) == 4, logged
     ways = sorted(f"{e['PORTGUARD_FAMILY']}/{e['PORTGUARD_PROTOCOL']}" for e in logged)
     assert ways == ["ipv4/tcp", "ipv4/udp", "ipv6/tcp", "ipv6/udp"]
+    assert [e.get("PORTGUARD_SUPPRESSED") for e in logged] == [None, None, "1", "1"]
     owner_cgroup = f"{machine.cgroup}/system.slice/pg-owner.service"
     for entry in logged:
         assert entry["PORTGUARD_PORT"] == str(OWNER_PORT)
@@ -172,4 +170,97 @@ def test_monitor_unit_logs_each_refusal_to_the_journal_with_portguard_fields(mac
         # a template's instances live in its own slice: system-pg\x2dtry.slice
         assert entry["PORTGUARD_CGROUP"].startswith(f"/{machine.cgroup.lstrip('/')}/system.slice/")
         assert entry["PORTGUARD_CGROUP"].endswith(f"/pg-try@{OWNER_PORT}.service")
-        assert entry["MESSAGE"].startswith("refused bind of ")
+    assert logged[0]["MESSAGE"].startswith("refused bind of ")
+    assert logged[2]["MESSAGE"].startswith("refused 1 more binds of ")
+
+
+STOPS = 20
+
+
+def invocation_log(machine: Machine, invocation: str) -> str:
+    return machine.run(
+        "journalctl", "-q", "-o", "cat", f"_SYSTEMD_INVOCATION_ID={invocation}"
+    ).stdout
+
+
+def test_monitor_unit_stops_cleanly_20_times_under_a_spinning_stranger(machine: Machine):
+    """systemctl stop while pg-hammer binds 631 in a loop: every stop ends with the monitor's
+    own exit 0 (Result=success), never the stop timeout's SIGKILL. The stop latencies are
+    printed (figures, not assertions: the machine is shared)."""
+    monitor = "portguard-monitor.service"
+    machine.systemctl("start", "pg-hammer.service")
+    latencies = []
+    try:
+        for _ in range(STOPS):
+            machine.systemctl("start", monitor)
+            invocation = machine.show(monitor, "InvocationID")["InvocationID"]
+            started = wait_for(
+                lambda inv=invocation: "monitoring refused binds" in invocation_log(machine, inv)
+            )
+            assert started, machine.run("journalctl", "-q", "-u", monitor).stdout
+            machine.systemctl("stop", monitor)
+            shown = machine.show(
+                monitor,
+                "Result",
+                "ExecMainCode",
+                "ExecMainStatus",
+                "ActiveExitTimestampMonotonic",
+                "InactiveEnterTimestampMonotonic",
+            )
+            # ExecMainCode 1: exited by itself (2 would be killed by a signal)
+            assert (shown["Result"], shown["ExecMainCode"], shown["ExecMainStatus"]) == (
+                "success",
+                "1",
+                "0",
+            ), shown
+            stop_us = int(shown["InactiveEnterTimestampMonotonic"]) - int(
+                shown["ActiveExitTimestampMonotonic"]
+            )
+            latencies.append(stop_us / 1e6)
+            # generous: it stopped on SIGTERM, not at the 90 s timeout with SIGKILL
+            assert stop_us < 30e6, latencies
+            log = invocation_log(machine, invocation)
+            assert "Traceback" not in log and "stopped by SIGTERM" in log, log
+    finally:
+        machine.systemctl("stop", "pg-hammer.service")
+    print(
+        f"portguard-monitor.service stop latencies under a spinning stranger ({STOPS} stops, s): "
+        + ", ".join(f"{t:.3f}" for t in latencies)
+        + f"; max {max(latencies):.3f}"
+    )
+
+
+def _entries_in(machine: Machine, seconds: float, dropin: str | None) -> int:
+    """Journal entries portguard-monitor writes in `seconds` while pg-hammer spins."""
+    monitor = "portguard-monitor.service"
+    path = "/etc/portguard/conf.d/50-journal.toml"
+    if dropin:
+        machine.run("sh", "-c", f"mkdir -p /etc/portguard/conf.d && echo '{dropin}' > {path}")
+    machine.systemctl("start", "pg-hammer.service")
+    try:
+        machine.systemctl("start", monitor)
+        invocation = machine.show(monitor, "InvocationID")["InvocationID"]
+        time.sleep(seconds)
+        machine.systemctl("stop", monitor)
+    finally:
+        machine.systemctl("stop", "pg-hammer.service")
+        machine.run("rm", "-f", path)
+    entries = journal_of(machine, f"_SYSTEMD_INVOCATION_ID={invocation}")
+    return sum(1 for e in entries if "PORTGUARD_PORT" in e)
+
+
+def test_a_spinning_stranger_cannot_flood_the_journal(machine: Machine):
+    """Per minute of pg-hammer (631 tcp and udp, one cgroup): one entry per refusal without the
+    limit (journal_interval = 0; journald drops beyond its own limit), a handful with it."""
+    seconds = 20
+    unlimited = _entries_in(machine, seconds, "[guard]\njournal_interval = 0")
+    limited = _entries_in(machine, seconds, None)
+    per_minute = 60 / seconds
+    print(
+        f"journal entries per minute from a spinning stranger: {unlimited * per_minute:.0f} "
+        f"without the limit, {limited * per_minute:.0f} with journal_interval = 30"
+    )
+    # two keys (631/tcp, 631/udp of pg-hammer's cgroup): the first refusal of each at once,
+    # then at most one entry per key and interval, and the rest at the stop
+    assert 2 <= limited <= 2 * (2 + seconds // 30 + 1)
+    assert unlimited > 10 * limited
