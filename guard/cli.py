@@ -80,10 +80,10 @@ def _settings_only(path: str | None) -> config_mod.Settings:
 
 
 def _plan(cfg: config_mod.Config):
-    from guard import owners, plan
+    from guard import owners
 
     try:
-        return plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg))
+        return owners.build_plan(cfg)
     except config_mod.ConfigError as exc:
         raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
 
@@ -171,15 +171,11 @@ def _apply(config_path: str | None) -> None:
 
 def _dry_run(config_path: str | None) -> None:
     """`nginx -t` for portguard: the files as apply would read them, and the change."""
-    from guard import display, drift, lifecycle, owners, plan
+    from guard import display, drift, lifecycle, owners
 
     cfg = _load_config(config_path)
-    try:
-        resolved = owners.resolve(cfg)
-        the_plan = plan.build(cfg, resolved, owners.extra_owners(cfg))
-    except config_mod.ConfigError as exc:
-        raise ConfigProblem(f"invalid configuration:\n{exc}") from None
-    skipped = [block for index, block in enumerate(cfg.blocks) if not resolved.get(index)]
+    the_plan = _plan(cfg)
+    skipped = [block for block in cfg.blocks if not owners.block_applies(block)]
     for line in display.plan_lines(cfg, the_plan, skipped):
         click.echo(line)
     if os.geteuid() != 0:

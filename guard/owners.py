@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from guard import units
+from guard import cgroups, units
 from guard.config import Config, ConfigError, OwnerRef, ReserveBlock
+from guard.plan import Plan
 
 UNIT_DIRS_ENV = "PORTGUARD_UNIT_DIRS"  # colon-separated unit directories (chroots, tests)
 
@@ -69,7 +70,50 @@ def resolve(config: Config) -> dict[int, list[tuple[str, str | None]]]:
     return resolved
 
 
+def listen_limits(
+    config: Config, resolved: dict[int, list[tuple[str, str | None]]]
+) -> dict[int, dict[str, frozenset[tuple[str, int]]]]:
+    """Per block, the owner paths trusted only for some ports: a socket unit's own cgroup and
+    /init.scope (PID 1 binds its sockets) only for the ports its ListenStream=/ListenDatagram=
+    lines name. The service it activates binds for itself and is trusted for the block's
+    ports. A path also named otherwise in the block is not limited."""
+    limits: dict[int, dict[str, frozenset[tuple[str, int]]]] = {}
+    dirs = unit_dirs()
+    for index, block in enumerate(config.blocks):
+        pairs = resolved.get(index, [])
+        sockets = [o for o in block.owners if o.kind == "unit" and o.name.endswith(".socket")]
+        if not pairs or not sockets:
+            continue
+        limited: dict[str, set[tuple[str, int]]] = {}
+        unlimited: set[str] = set()
+        for owner in block.owners:
+            paths = [path for path, name in pairs if name == owner.name]
+            if owner not in sockets:
+                unlimited.update(paths)
+                continue
+            listens = units.socket_listen_ports(owner.name, unit_dirs=dirs)
+            service = units.socket_service(owner.name, unit_dirs=dirs)[0]
+            for path in paths:
+                if cgroups.unit_of_cgroup(path) == service:
+                    unlimited.add(path)
+                else:
+                    limited.setdefault(path, set()).update(listens)
+        block_limits = {p: frozenset(v) for p, v in limited.items() if p not in unlimited}
+        if block_limits:
+            limits[index] = block_limits
+    return limits
+
+
 def extra_owners(config: Config) -> tuple[str, ...]:
     if not config.settings.trust_init:
         return ()
     return (units.resolve_unit(units.INIT_SCOPE, unit_dirs=unit_dirs()),)
+
+
+def build_plan(config: Config) -> Plan:
+    """The plan apply loads for this configuration on this machine: owners resolved,
+    /init.scope added where trust_init says, socket units limited to their ports."""
+    from guard import plan
+
+    resolved = resolve(config)
+    return plan.build(config, resolved, extra_owners(config), listen_limits(config, resolved))

@@ -36,13 +36,17 @@ def build(
     config: Config,
     owner_paths: dict[int, list[tuple[str, str | None]]],
     extra_owners: tuple[str, ...] = (),
+    limits: dict[int, dict[str, frozenset[tuple[str, int]]]] | None = None,
 ) -> Plan:
     """owner_paths: for each block (by index) its resolved owners as (cgroup path, name);
-    extra_owners: paths trusted for every reserved port (e.g. /init.scope)."""
+    extra_owners: paths trusted for every reserved port (e.g. /init.scope); limits: per block,
+    owner paths trusted only for some (protocol name, port) pairs (a socket unit's, see
+    owners.listen_limits)."""
     # One owner set per block, shared by all its ports (a range of thousands of ports
     # costs one frozenset); a port named by several blocks gets the union.
     owners_by_port: dict[tuple[int, int], frozenset[str]] = {}
     contained: set[tuple[int, int]] = set()
+    problems: list[str] = []
     first_origin: dict[tuple[int, int], Origin] = {}
     names: dict[str, set[str]] = {}
     extra = frozenset(extra_owners)
@@ -53,19 +57,30 @@ def build(
         for path, name in resolved:
             if name:
                 names.setdefault(path, set()).add(name)
-        block_owners = frozenset(p for p, _ in resolved) | extra
+        limited = (limits or {}).get(index, {})
+        block_owners = frozenset(p for p, _ in resolved if p not in limited) | extra
         for port_range, origin in block.ports:
             for proto_name, port in port_range.pairs():
                 key = (PROTO_NUMBERS[proto_name], port)
+                port_owners = (
+                    _owners_for(block_owners, limited, (proto_name, port))
+                    if limited
+                    else block_owners
+                )
+                if not port_owners:
+                    problems.append(
+                        f"{origin}: none of the owners binds {port}/{proto_name}: a socket "
+                        "unit owns only the ports its ListenStream=/ListenDatagram= name"
+                    )
+                    continue
                 known = owners_by_port.get(key)
                 if known is None:
-                    owners_by_port[key] = block_owners
+                    owners_by_port[key] = port_owners
                     first_origin[key] = origin
-                elif not block_owners <= known:
-                    owners_by_port[key] = known | block_owners
+                elif not port_owners <= known:
+                    owners_by_port[key] = known | port_owners
                 if block.contain or config.settings.contain:
                     contained.add(key)
-    problems = []
     for key, owners in owners_by_port.items():
         if len(owners) > layout.MAX_OWNERS:
             problems.append(
@@ -108,3 +123,12 @@ def build(
         {p: tuple(sorted(n)) for p, n in names.items()},
         frozenset(contained),
     )
+
+
+def _owners_for(
+    unlimited: frozenset[str], limited: dict[str, frozenset[tuple[str, int]]], pair: tuple[str, int]
+) -> frozenset[str]:
+    """The block's owners of one port: a limited path only where it listens (usually not at
+    all, so most ports share the one unlimited set)."""
+    extra = {path for path, pairs in limited.items() if pair in pairs}
+    return unlimited | extra if extra else unlimited

@@ -8,7 +8,7 @@ from guard.lifecycle import GuardState, OwnerState, ReservationState
 
 def planned(text: str) -> plan.Plan:
     cfg = config.loads(text)
-    return plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg))
+    return owners.build_plan(cfg)
 
 
 FILES = """

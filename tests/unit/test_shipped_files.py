@@ -76,7 +76,7 @@ def hermetic(tmp_path, monkeypatch):
 
 
 def planned(cfg: config.Config) -> plan.Plan:
-    return plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg))
+    return owners.build_plan(cfg)
 
 
 def test_shipped_conffile_gives_exactly_the_default_policy(hermetic):
