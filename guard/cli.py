@@ -13,6 +13,7 @@ When several hold, `status` exits with the first of 4, 3, 5; `status --json` car
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from dataclasses import asdict
@@ -152,13 +153,18 @@ def _pin_dir_for_record(config_path: str | None) -> str:
 
 
 def _apply(config_path: str | None) -> None:
-    from guard import lifecycle
+    from guard import lifecycle, resvport
 
     cfg = _load_config(config_path)
     plan = _plan(cfg)
     result = _runtime(lifecycle.apply, plan)
     for note in result.warnings:
         click.echo(f"portguard: warning: {note}", err=True)
+    seen = errno.EPERM if result.variant == "eperm" else plan.settings.deny_errno_number
+    exposed = resvport.exposed((port for _, port in plan.ports), seen)
+    if exposed:
+        warning = resvport.warning(exposed, errno.errorcode[seen])
+        click.echo(f"portguard: warning: {warning}", err=True)
     for squatter in _squatters_of_plan(plan):
         click.echo(f"portguard: warning: {squatter.describe()}", err=True)
     ports = len(plan.ports)
@@ -236,7 +242,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     guard is not what the configuration files ask for (saying what differs).
 
     Run it in the guarded network namespace: holders are read there."""
-    from guard import display, lifecycle, outcome, squatters
+    from guard import display, lifecycle, outcome, resvport, squatters
 
     _config_files(config_path)  # unreadable: exit 2 at once
     cfg, problem = _config_or_problem(config_path)
@@ -246,6 +252,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     failure = outcome.last_failure(settings.pin_dir)
     differences = _differences(cfg, problem, state) if state.loaded else []
     found = squatters.of_state(state)
+    exposed = resvport.exposed((r.port for r in state.reservations), state.deny_errno)
     if as_json:
         import json  # only here: plain status, check and apply do without it
 
@@ -254,6 +261,7 @@ def status(config_path: str | None, as_json: bool) -> None:
         data["config_matches"] = state.loaded and not differences
         data["config_differences"] = differences
         data["squatters"] = len(found)
+        data["bindresvport_exposed"] = exposed
         click.echo(json.dumps(data, indent=2))
     else:
         for line in display.status_lines(state, settings.cgroup):
@@ -262,6 +270,9 @@ def status(config_path: str | None, as_json: bool) -> None:
             click.echo(display.failure_line(failure, state.loaded), err=True)
         for line in display.drift_lines(differences):
             click.echo(line, err=True)
+        if exposed:
+            warning = resvport.warning(exposed, lifecycle.errno_name(state.deny_errno))
+            click.echo(f"portguard: warning: {warning}", err=True)
         if found:
             click.echo(
                 f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)", err=True

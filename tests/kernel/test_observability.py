@@ -423,3 +423,25 @@ def test_apply_dry_run_names_what_would_change_and_changes_nothing(sandbox):
         f"v4/tcp/{FREE}": 0,
     }
     assert sandbox.cli("status", check=False).returncode == 5
+
+
+def test_with_eperm_refusals_apply_and_status_name_the_ports_missing_from_the_blacklist(
+    sandbox, tmp_path
+):
+    blacklist = tmp_path / "bindresvport.blacklist"
+    blacklist.write_text("631\n636\n655\n774\n783\n873\n921\n993\n995\n")
+    env = {"PORTGUARD_BINDRESVPORT_BLACKLIST": str(blacklist)}
+    sandbox.write_config(sandbox.owner_block(["631/tcp", "749/tcp", "7000"], "owner"))
+    applied = sandbox.cli("apply", env=env)
+    assert "bindresvport" not in applied.stderr  # EADDRINUSE: bindresvport() moves on
+    sandbox.write_config(
+        sandbox.owner_block(["631/tcp", "749/tcp", "7000"], "owner"), deny_errno="EPERM"
+    )
+    applied = sandbox.cli("apply", env=env)
+    assert "add the reserved port(s) 749 to it" in applied.stderr
+    status = sandbox.cli("status", env=env)
+    assert "refused binds see EPERM" in status.stderr and "port(s) 749 to it" in status.stderr
+    data = json.loads(sandbox.cli("status", "--json", env=env).stdout)
+    assert data["bindresvport_exposed"] == [749]
+    blacklist.write_text(blacklist.read_text() + "749\n")
+    assert "bindresvport" not in sandbox.cli("status", env=env).stderr
