@@ -234,8 +234,14 @@ def _state_dict(state) -> dict:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="One line per owner, also those whose cgroup does not exist here.",
+)
 @click.pass_obj
-def status(config_path: str | None, as_json: bool) -> None:
+def status(config_path: str | None, as_json: bool, verbose: bool) -> None:
     """Show the guard as the kernel holds it: links, every reservation, its owners, the
     denied binds, and who holds the port now. Exits 4 when no guard is loaded (saying why,
     when the last apply failed), 3 when a non-owner holds a reserved port, 5 when the loaded
@@ -264,7 +270,7 @@ def status(config_path: str | None, as_json: bool) -> None:
         data["bindresvport_exposed"] = exposed
         click.echo(json.dumps(data, indent=2))
     else:
-        for line in display.status_lines(state, settings.cgroup):
+        for line in display.status_lines(state, settings.cgroup, verbose):
             click.echo(line)
         if failure:
             click.echo(display.failure_line(failure, state.loaded), err=True)

@@ -34,7 +34,8 @@ def _fit(line: str) -> str:
 
 _RES = "{port:>5} {proto:5} {denied:>8} {dropped:>8}  {role:6} {what}"
 _WHAT = WIDTH - len(_RES.format(port="", proto="", denied="", dropped="", role="", what=""))
-_HOLDER_WHERE = _WHAT - 7 - 1 - 15 - 1 - 1 - 8
+_ADDRESS = 17  # "255.255.255.255" or "[::ffff:1.2.3.4]"; longer IPv6 addresses are shortened
+_HOLDER_WHERE = _WHAT - 7 - 1 - 15 - 1 - _ADDRESS - 1 - 1 - 8
 
 
 def failure_line(failure, loaded: bool) -> str:
@@ -135,7 +136,39 @@ def drift_lines(differences: list[str]) -> list[str]:
     ]
 
 
-def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
+def holder_address(holder) -> str:
+    """IPv6 in brackets, as ss and the monitor write it: the family at a glance."""
+    address = f"[{holder.address}]" if holder.family == "ipv6" else holder.address
+    return shorten(address, _ADDRESS, keep_end=False)
+
+
+def _owner_rows(owners, verbose: bool) -> list[tuple[str, str]]:
+    """One row per owner whose cgroup exists; owners that do not exist here (not installed,
+    not started, or another distribution's name for the service) in one row unless verbose."""
+    rows, absent = [], []
+    for owner in owners:
+        name = owner.unit or owner.cgroup
+        if owner.id or verbose:
+            known = f"id {owner.id}" if owner.id else "absent"
+            rows.append(("owner", shorten(name, _WHAT - len(known) - 3) + f" ({known})"))
+        else:
+            absent.append(name)
+    if absent:
+        rows.append(("owner", _fit_names("absent: ", absent, _WHAT)))
+    return rows
+
+
+def _fit_names(head: str, names: list[str], width: int) -> str:
+    """head + as many names as fit, then "+N more"."""
+    for shown in range(len(names), 0, -1):
+        more = f" +{len(names) - shown} more" if shown < len(names) else ""
+        text = head + ", ".join(names[:shown]) + more
+        if len(text) <= width:
+            return text
+    return shorten(head + f"{len(names)} owners", width, keep_end=False)
+
+
+def status_lines(state: GuardState, attach_cgroup: str, verbose: bool = False) -> list[str]:
     if not state.loaded:
         return [_fit(f"portguard: not loaded (pin directory {state.pin_dir})")]
     lines = [
@@ -162,11 +195,7 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
         )
     )
     for res in state.reservations:
-        rows = []
-        for owner in res.owners:
-            known = f"id {owner.id}" if owner.id else "absent"
-            name = owner.unit or owner.cgroup
-            rows.append(("owner", shorten(name, _WHAT - len(known) - 3) + f" ({known})"))
+        rows = _owner_rows(res.owners, verbose)
         for holder in res.holders:
             pid = str(holder.pid) if holder.pid else "-"
             if holder.unit:
@@ -175,7 +204,13 @@ def status_lines(state: GuardState, attach_cgroup: str) -> list[str]:
                 where = shorten(holder.cgroup or "(cgroup removed)", _HOLDER_WHERE)
             mark = "owner" if holder.owner else "SQUATTER"
             comm = (holder.comm or "-")[:15]
-            rows.append(("holder", f"{pid:>7} {comm:15} {where:{_HOLDER_WHERE}} {mark}"))
+            address = holder_address(holder)
+            rows.append(
+                (
+                    "holder",
+                    f"{pid:>7} {comm:15} {address:{_ADDRESS}} {where:{_HOLDER_WHERE}} {mark}",
+                )
+            )
         rows = rows or [("", "")]
         for i, (role, what) in enumerate(rows):
             first = i == 0
@@ -271,6 +306,7 @@ def journal_fields(denial: Denial) -> list[tuple[str, object]]:
         ("PORTGUARD_UID", denial.uid),
         ("PORTGUARD_COMM", denial.comm),
         ("PORTGUARD_CGROUP", denial.cgroup or ""),
+        ("PORTGUARD_CGROUP_ID", denial.cgroup_id),
         # journald adds the OBJECT_* fields (unit, exe, ...) of this process while it lives
         ("OBJECT_PID", denial.pid),
     ]

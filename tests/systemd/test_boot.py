@@ -185,8 +185,8 @@ def invocation_log(machine: Machine, invocation: str) -> str:
 
 def test_monitor_unit_stops_cleanly_20_times_under_a_spinning_stranger(machine: Machine):
     """systemctl stop while pg-hammer binds 631 in a loop: every stop ends with the monitor's
-    own exit 0 (Result=success), never the stop timeout's SIGKILL. The stop latencies are
-    printed (figures, not assertions: the machine is shared)."""
+    own exit 0 ("Deactivated successfully"), never the stop timeout's SIGKILL. The stop
+    latencies are printed (figures, not assertions: the machine is shared)."""
     monitor = "portguard-monitor.service"
     machine.systemctl("start", "pg-hammer.service")
     latencies = []
@@ -198,27 +198,28 @@ def test_monitor_unit_stops_cleanly_20_times_under_a_spinning_stranger(machine: 
                 lambda inv=invocation: "monitoring refused binds" in invocation_log(machine, inv)
             )
             assert started, machine.run("journalctl", "-q", "-u", monitor).stdout
-            machine.systemctl("stop", monitor)
-            shown = machine.show(
-                monitor,
-                "Result",
-                "ExecMainCode",
-                "ExecMainStatus",
-                "ActiveExitTimestampMonotonic",
-                "InactiveEnterTimestampMonotonic",
+            timed = machine.run(
+                "sh",
+                "-c",
+                f"a=$(date +%s%N); systemctl stop {monitor}; b=$(date +%s%N); echo $((b - a))",
+                check=True,
             )
-            # ExecMainCode 1: exited by itself (2 would be killed by a signal)
-            assert (shown["Result"], shown["ExecMainCode"], shown["ExecMainStatus"]) == (
-                "success",
-                "1",
-                "0",
-            ), shown
-            stop_us = int(shown["InactiveEnterTimestampMonotonic"]) - int(
-                shown["ActiveExitTimestampMonotonic"]
-            )
-            latencies.append(stop_us / 1e6)
+            latencies.append(int(timed.stdout) / 1e9)
             # generous: it stopped on SIGTERM, not at the 90 s timeout with SIGKILL
-            assert stop_us < 30e6, latencies
+            assert latencies[-1] < 30, latencies
+            said = wait_for(
+                lambda inv=invocation: [
+                    e["MESSAGE"]
+                    for e in journal_of(machine, f"INVOCATION_ID={inv}", "_PID=1")
+                    if "Deactivated" in e["MESSAGE"] or "Stopped" in e["MESSAGE"]
+                ]
+            )
+            systemd_said = " | ".join(
+                e["MESSAGE"] for e in journal_of(machine, f"INVOCATION_ID={invocation}", "_PID=1")
+            )
+            assert any("Deactivated successfully" in m for m in said), systemd_said
+            assert "Killing" not in systemd_said and "code=killed" not in systemd_said
+            assert "Failed with result" not in systemd_said, systemd_said
             log = invocation_log(machine, invocation)
             assert "Traceback" not in log and "stopped by SIGTERM" in log, log
     finally:
@@ -230,7 +231,7 @@ def test_monitor_unit_stops_cleanly_20_times_under_a_spinning_stranger(machine: 
     )
 
 
-def _entries_in(machine: Machine, seconds: float, dropin: str | None) -> int:
+def _entries_in(machine: Machine, seconds: float, dropin: str | None) -> list[dict]:
     """Journal entries portguard-monitor writes in `seconds` while pg-hammer spins."""
     monitor = "portguard-monitor.service"
     path = "/etc/portguard/conf.d/50-journal.toml"
@@ -246,21 +247,23 @@ def _entries_in(machine: Machine, seconds: float, dropin: str | None) -> int:
         machine.systemctl("stop", "pg-hammer.service")
         machine.run("rm", "-f", path)
     entries = journal_of(machine, f"_SYSTEMD_INVOCATION_ID={invocation}")
-    return sum(1 for e in entries if "PORTGUARD_PORT" in e)
+    return [e for e in entries if "PORTGUARD_PORT" in e]
 
 
 def test_a_spinning_stranger_cannot_flood_the_journal(machine: Machine):
     """Per minute of pg-hammer (631 tcp and udp, one cgroup): one entry per refusal without the
     limit (journal_interval = 0; journald drops beyond its own limit), a handful with it."""
     seconds = 20
-    unlimited = _entries_in(machine, seconds, "[guard]\njournal_interval = 0")
-    limited = _entries_in(machine, seconds, None)
+    unlimited = len(_entries_in(machine, seconds, "[guard]\njournal_interval = 0"))
+    entries = _entries_in(machine, seconds, None)
     per_minute = 60 / seconds
     print(
         f"journal entries per minute from a spinning stranger: {unlimited * per_minute:.0f} "
-        f"without the limit, {limited * per_minute:.0f} with journal_interval = 30"
+        f"without the limit, {len(entries) * per_minute:.0f} with journal_interval = 30"
     )
-    # two keys (631/tcp, 631/udp of pg-hammer's cgroup): the first refusal of each at once,
-    # then at most one entry per key and interval, and the rest at the stop
-    assert 2 <= limited <= 2 * (2 + seconds // 30 + 1)
-    assert unlimited > 10 * limited
+    # per caller cgroup (this pg-hammer's, and the last one's refusals left in the buffer) and
+    # protocol: the first refusal at once, at most one entry per interval, the rest at the stop
+    keys = {(e["PORTGUARD_CGROUP_ID"], e["PORTGUARD_PROTOCOL"]) for e in entries}
+    assert 2 <= len(keys) <= 4
+    assert len(entries) <= len(keys) * (2 + seconds // 30)
+    assert unlimited > 10 * len(entries)

@@ -109,9 +109,41 @@ def test_status_table_fits_100_columns_with_long_paths_and_marks_squatters():
     table = lines[lines.index(next(line for line in lines if line.lstrip().startswith("PORT"))) :]
     assert table[1].split()[:4] == ["631", "tcp", "12345678", "87654321"]
     assert table[1].endswith("(id 1234)")
-    assert table[2].endswith("cups-browsed.service (absent)")
-    assert table[3].split()[:3] == ["holder", "812", "cupsd"] and table[3].endswith(" owner")
-    assert "4000000 a-fifteen-chars …xxxx" in table[4] and table[4].endswith("SQUATTER")
+    assert table[2].endswith("owner  absent: /system.slice/cups-browsed.service")
+    assert table[3].split()[:4] == ["holder", "812", "cupsd", "0.0.0.0"]
+    assert table[3].endswith(" owner")
+    assert "4000000 a-fifteen-chars 0.0.0.0" in table[4] and "…xxxx" in table[4]
+    assert table[4].endswith("SQUATTER")
+
+
+def test_status_folds_owners_that_do_not_exist_here_into_one_line_unless_verbose():
+    absent = [
+        OwnerState(f"/system.slice/{name}", None, name)
+        for name in ("dovecot.service", "cyrus-imapd.service", "dovecot.socket")
+    ]
+    res = ReservationState(
+        993,
+        "tcp",
+        (OwnerState("/system.slice/dovecot.service", 42, "dovecot.service"), *absent[1:]),
+        0,
+        holders=(
+            holder_state(family="ipv6", address="::", unit="dovecot.service"),
+            holder_state(family="ipv4", address="0.0.0.0", unit="dovecot.service"),
+        ),
+    )
+    table = display.status_lines(state(res), "/")[-4:]
+    assert [line.split("  ")[-1].strip() for line in table[:2]] == [
+        "dovecot.service (id 42)",
+        "absent: cyrus-imapd.service, dovecot.socket",
+    ]
+    assert table[2].split()[:4] == ["holder", "812", "cupsd", "[::]"]
+    assert table[3].split()[:4] == ["holder", "812", "cupsd", "0.0.0.0"]
+    verbose = display.status_lines(state(res), "/", verbose=True)
+    assert any(line.endswith("cyrus-imapd.service (absent)") for line in verbose)
+    assert any(line.endswith("dovecot.socket (absent)") for line in verbose)
+    many = tuple(OwnerState(f"/x/u{i}.service", None, f"u{i}.service") for i in range(40))
+    lines = display.status_lines(state(ReservationState(1, "tcp", many, 0)), "/")
+    assert lines[-1].endswith("more") and len(lines[-1]) <= display.WIDTH
 
 
 def test_status_without_holders_says_where_to_run_it():
