@@ -136,11 +136,11 @@ def apply(config_path: str | None, dry_run: bool) -> None:
         _dry_run(config_path)
         return
     try:
-        _apply(config_path)
+        pin_dir = _apply(config_path)
     except click.ClickException as exc:
         outcome.record_failure(_pin_dir_for_record(config_path), exc.format_message())
         raise
-    outcome.clear(_pin_dir_for_record(config_path))
+    outcome.clear(pin_dir)
 
 
 def _pin_dir_for_record(config_path: str | None) -> str:
@@ -152,7 +152,8 @@ def _pin_dir_for_record(config_path: str | None) -> str:
         return config_mod.Settings().pin_dir
 
 
-def _apply(config_path: str | None) -> None:
+def _apply(config_path: str | None) -> str:
+    """Apply; the pin directory applied to."""
     from guard import lifecycle, resvport
 
     cfg = _load_config(config_path)
@@ -173,6 +174,7 @@ def _apply(config_path: str | None) -> None:
         f"portguard: {state}: {ports} reserved port/protocol pairs, "
         f"{len(plan.paths)} owner cgroups, mode {plan.settings.mode}"
     )
+    return plan.settings.pin_dir
 
 
 def _dry_run(config_path: str | None) -> None:

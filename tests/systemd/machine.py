@@ -25,6 +25,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_REPO = "/opt/portguard"
+GUEST_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+}
 GUEST_RESULTS = "/results"
 BOOT_TIMEOUT = 120  # seconds; a hang guard for set-up, not an assertion about speed
 CAPABILITIES = "CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_SYS_RESOURCE"
@@ -197,6 +201,7 @@ class Machine:
             text=True,
             timeout=timeout,
             check=False,
+            env=GUEST_ENV,  # not the test run's: its PORTGUARD_* settings are the host's
         )
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
