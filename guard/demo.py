@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from guard import cgroups, config, lifecycle, owners, plan
+from guard import cgroups, config, display, lifecycle, owners, plan
 
 CLONE_NEWNET = 0x40000000
 
@@ -87,39 +87,50 @@ def run(echo=print) -> int:
     # Every default block, installed or not, with its owners moved below the demo subtree.
     blocks = tuple(replace(b, if_installed=False) for b in defaults.blocks)
     cfg = config.Config(settings, blocks, defaults.files)
-    resolved = {
-        i: [(top + path, label) for path, label in pairs]
-        for i, pairs in owners.resolve(cfg).items()
+    here = owners.resolve(cfg)
+    resolved = {i: [(top + path, label) for path, label in pairs] for i, pairs in here.items()}
+    limits = {
+        i: {top + path: ports for path, ports in limited.items()}
+        for i, limited in owners.listen_limits(cfg, here).items()
     }
-    the_plan = plan.build(cfg, resolved)
+    the_plan = plan.build(cfg, resolved, (), limits)
     _unshare_net()
     top_dir.mkdir()
     try:
         result = lifecycle.apply(the_plan)
         for note in result.warnings:
-            echo(f"warning: {note}")
-        echo(
-            f"portguard demo: default policy applied to cgroup {top} in a private network namespace"
-        )
-        echo(f"  {len(the_plan.ports)} reserved port/protocol pairs, program {result.variant}")
+            echo(f"portguard demo: warning: {note}")
+        for line in display.wrap(
+            "portguard demo: the default policy, applied for real",
+            [f"to the cgroup subtree {top} in a private network namespace", "where"],
+            indent="  ",
+        ):
+            echo(line)
+        echo("  this machine's own services are not touched.")
+        echo("\nThe guard, as `portguard status` shows it:")
         state = lifecycle.read_state(settings)
-        echo(f"\n{'PORT':>5} {'PROTO':5}  OWNERS")
-        for res in state.reservations:
-            names = ", ".join(o.unit or o.cgroup for o in res.owners)
-            echo(f"{res.port:>5} {res.protocol:5}  {names}")
+        for line in display.status_lines(state, top):
+            echo(line)
         cups = cgroups.directory(top + "/system.slice/cups.service", root)
         stranger = cgroups.directory(top + "/system.slice/rpcbind.service", root)
-        echo("\nWho may bind 631 (IPP)?")
-        echo(f"  cups.service    -> {_child(cups, 'bind', 631)}")
-        echo(f"  rpcbind.service -> {_child(stranger, 'bind', 631)}")
-        echo("bindresvport() from rpcbind.service walks past reserved ports:")
-        echo(f"  -> {_child(stranger, 'bindresvport', 0)}")
+        echo("\nWho may bind 631 (IPP, reserved for CUPS)?")
+        outcomes = {
+            "cups.service": _child(cups, "bind", 631),
+            "rpcbind.service": _child(stranger, "bind", 631),
+        }
+        for line in display.demo_bind_table(outcomes):
+            echo(line)
+        echo("\nbindresvport() in rpcbind.service, the way RPC daemons pick a port in 512-1023:")
+        for line in display.demo_resvport_lines(_child(stranger, "bindresvport", 0)):
+            echo(line)
         denied = sum(r.denied for r in lifecycle.read_state(settings).reservations)
-        echo(f"refused binds counted by the kernel: {denied}")
+        echo(
+            f"\nThe kernel counted {denied} refused binds (`portguard status` shows them per port)."
+        )
     finally:
         try:
             lifecycle.remove(settings)
         finally:
             _remove_tree(top_dir)
-    echo("\nportguard demo: removed the guard and the sandbox; the machine is as before")
+    echo("\nportguard demo: removed the guard and the sandbox; the machine is as before.")
     return 0

@@ -147,7 +147,8 @@ def _owner_rows(owners, verbose: bool) -> list[tuple[str, str]]:
     not started, or another distribution's name for the service) in one row unless verbose."""
     rows, absent = [], []
     for owner in owners:
-        name = owner.unit or owner.cgroup
+        last = _last_component(owner.cgroup)
+        name = owner.unit or (last if last.endswith(".slice") else owner.cgroup)
         if owner.id or verbose:
             known = f"id {owner.id}" if owner.id else "absent"
             rows.append(("owner", shorten(name, _WHAT - len(known) - 3) + f" ({known})"))
@@ -461,3 +462,36 @@ def monitor_summary(summary) -> str:
     if summary.stopped_by:
         line += f"; stopped by {summary.stopped_by}"
     return line
+
+
+# ---- demo -----------------------------------------------------------------------------------
+
+_WAYS = ("IPv4/tcp", "IPv4/udp", "IPv6/tcp", "IPv6/udp")
+
+
+def demo_bind_table(outcomes: dict[str, dict[str, str]]) -> list[str]:
+    """unit -> {way: "ok" or errno name}: one aligned row per unit, "bound" or the error."""
+    width = max(len("UNIT"), *(len(unit) for unit in outcomes))
+    lines = [f"  {'UNIT':{width}}  " + "  ".join(f"{way:10}" for way in _WAYS).rstrip()]
+    for unit, result in outcomes.items():
+        if "error" in result:
+            lines.append(f"  {unit:{width}}  could not run: {result['error']}")
+            continue
+        cells = ["bound" if result.get(way) == "ok" else result.get(way, "-") for way in _WAYS]
+        lines.append(f"  {unit:{width}}  " + "  ".join(f"{cell:10}" for cell in cells).rstrip())
+    return lines
+
+
+def demo_resvport_lines(result: dict) -> list[str]:
+    got = result.get("bindresvport")
+    if isinstance(got, int):
+        return wrap(
+            f"  it got port {got}:",
+            ["the reserved ports it met were refused with EADDRINUSE", "so it moved on."],
+            indent="  ",
+        )
+    return wrap(
+        f"  it failed with {got or result.get('error')}:",
+        ["a refusal other than EADDRINUSE stops it"],
+        indent="  ",
+    )
