@@ -234,16 +234,41 @@ def _state_dict(state) -> dict:
     return data
 
 
+FORMATS = ("text", "json", "prometheus")
+
+
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="text for people, json for scripts, prometheus for metrics scrapers.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (--format json).")
 @click.option(
     "--verbose",
     "-v",
     is_flag=True,
     help="One line per owner, also those whose cgroup does not exist here.",
 )
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write to FILE (a new file renamed over it, so readers never see half of it), "
+    "e.g. for node_exporter's textfile collector.",
+)
 @click.pass_obj
-def status(config_path: str | None, as_json: bool, verbose: bool) -> None:
+def status(
+    config_path: str | None,
+    output_format: str,
+    as_json: bool,
+    verbose: bool,
+    output: Path | None,
+) -> None:
     """Show the guard as the kernel holds it: links, every reservation, its owners, the
     denied binds, and who holds the port now. Exits 4 when no guard is loaded (saying why,
     when the last apply failed), 3 when a non-owner holds a reserved port, 5 when the loaded
@@ -252,6 +277,7 @@ def status(config_path: str | None, as_json: bool, verbose: bool) -> None:
     Run it in the guarded network namespace: holders are read there."""
     from guard import display, lifecycle, outcome, resvport, squatters
 
+    output_format = "json" if as_json else output_format
     _config_files(config_path)  # unreadable: exit 2 at once
     cfg, problem = _config_or_problem(config_path)
     settings = cfg.settings if cfg else _settings_only(config_path)
@@ -261,7 +287,7 @@ def status(config_path: str | None, as_json: bool, verbose: bool) -> None:
     differences = _differences(cfg, problem, state) if state.loaded else []
     found = squatters.of_state(state)
     exposed = resvport.exposed((r.port for r in state.reservations), state.deny_errno)
-    if as_json:
+    if output_format == "json":
         import json  # only here: plain status, check and apply do without it
 
         data = _state_dict(state)
@@ -270,10 +296,17 @@ def status(config_path: str | None, as_json: bool, verbose: bool) -> None:
         data["config_differences"] = differences
         data["squatters"] = len(found)
         data["bindresvport_exposed"] = exposed
-        click.echo(json.dumps(data, indent=2))
+        lines = json.dumps(data, indent=2).splitlines()
+    elif output_format == "prometheus":
+        lines = display.prometheus_lines(
+            state,
+            config_matches=state.loaded and not differences,
+            squatter_keys={(s.port, s.protocol) for s in found},
+            bindresvport_exposed=exposed,
+            apply_failed=failure is not None,
+        )
     else:
-        for line in display.status_lines(state, settings.cgroup, verbose):
-            click.echo(line)
+        lines = display.status_lines(state, settings.cgroup, verbose)
         if failure:
             click.echo(display.failure_line(failure, state.loaded), err=True)
         for line in display.drift_lines(differences):
@@ -285,12 +318,28 @@ def status(config_path: str | None, as_json: bool, verbose: bool) -> None:
             click.echo(
                 f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)", err=True
             )
+    _write_lines(lines, output)
     if not state.loaded:
         sys.exit(EXIT_NOT_LOADED)
     if found:
         sys.exit(EXIT_SQUATTER)
     if differences:
         sys.exit(EXIT_CONFIG_DIFFERS)
+
+
+def _write_lines(lines: list[str], output: Path | None) -> None:
+    if output is None:
+        for line in lines:
+            click.echo(line)
+        return
+    tmp = output.with_name(f".{output.name}.{os.getpid()}")
+    try:
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeProblem(f"cannot write {output}: {exc.strerror}") from None
 
 
 def _config_or_problem(config_path: str | None) -> tuple[config_mod.Config | None, str | None]:

@@ -495,3 +495,113 @@ def demo_resvport_lines(result: dict) -> list[str]:
         ["a refusal other than EADDRINUSE stops it"],
         indent="  ",
     )
+
+
+# ---- prometheus -----------------------------------------------------------------------------
+
+
+def _labels(**labels: object) -> str:
+    def escape(value: object) -> str:
+        return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    inner = ",".join(f'{name}="{escape(value)}"' for name, value in labels.items())
+    return "{" + inner + "}" if inner else ""
+
+
+def prometheus_lines(
+    state: GuardState,
+    *,
+    config_matches: bool,
+    squatter_keys: set[tuple[int, str]],
+    bindresvport_exposed: list[int],
+    apply_failed: bool,
+) -> list[str]:
+    """status in Prometheus' text exposition format (for node_exporter's textfile collector
+    or any scraper): counters end in _total, 0/1 gauges for states, one series per
+    reservation labelled port and protocol."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, object]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{_labels(**labels)} {value}" for labels, value in samples)
+
+    metric(
+        "portguard_guard_loaded",
+        "gauge",
+        "1 when the guard's bind programs are attached.",
+        [({}, int(state.loaded))],
+    )
+    metric(
+        "portguard_config_matches",
+        "gauge",
+        "1 when the loaded guard is what the configuration files ask for.",
+        [({}, int(config_matches))],
+    )
+    metric(
+        "portguard_last_apply_failed",
+        "gauge",
+        "1 when the last portguard apply failed (see portguard status).",
+        [({}, int(apply_failed))],
+    )
+    if not state.loaded:
+        return lines
+    metric(
+        "portguard_guard_info",
+        "gauge",
+        "The loaded guard: mode, the errno refused binds see, the program.",
+        [
+            (
+                {
+                    "mode": state.mode or "",
+                    "deny_errno": errno_name(state.deny_errno),
+                    "program": state.program or "",
+                },
+                1,
+            )
+        ],
+    )
+    metric(
+        "portguard_events_lost_total",
+        "counter",
+        "Refusal events the full event buffer dropped (the refusal counters stay exact).",
+        [({}, state.lost_events)],
+    )
+    metric(
+        "portguard_bindresvport_exposed_ports",
+        "gauge",
+        "Reserved ports in 512-1023 at which bindresvport() would give up (refusals are not "
+        "EADDRINUSE and /etc/bindresvport.blacklist does not list them).",
+        [({}, len(bindresvport_exposed))],
+    )
+    reservations = state.reservations
+
+    def per_reservation(value) -> list[tuple[dict, object]]:
+        return [({"port": r.port, "protocol": r.protocol}, value(r)) for r in reservations]
+
+    metric(
+        "portguard_refused_binds_total",
+        "counter",
+        "Binds to the reserved port refused (in audit mode: that would have been refused).",
+        per_reservation(lambda r: r.denied),
+    )
+    metric(
+        "portguard_dropped_packets_total",
+        "counter",
+        "Packets of non-owner sockets on the reserved port dropped (contain = true).",
+        per_reservation(lambda r: r.contained_drops),
+    )
+    if state.holders_checked:
+        metric(
+            "portguard_holders",
+            "gauge",
+            "Sockets bound to the reserved port now.",
+            per_reservation(lambda r: len(r.holders)),
+        )
+        metric(
+            "portguard_squatter_present",
+            "gauge",
+            "1 when a socket on the reserved port is held by a non-owner.",
+            per_reservation(lambda r: int((r.port, r.protocol) in squatter_keys)),
+        )
+    return lines

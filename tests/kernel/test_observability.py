@@ -9,6 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
+
 from guard import cgroups
 
 PORT = 7641
@@ -445,3 +447,43 @@ def test_with_eperm_refusals_apply_and_status_name_the_ports_missing_from_the_bl
     assert data["bindresvport_exposed"] == [749]
     blacklist.write_text(blacklist.read_text() + "749\n")
     assert "bindresvport" not in sandbox.cli("status", env=env).stderr
+
+
+def metrics_of(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample, parsed by Prometheus' own client library."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    samples = {}
+    for family in parser.text_string_to_metric_families(text):
+        assert family.name.startswith("portguard_") and family.documentation
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_status_metrics_parse_as_prometheus_text_and_tell_the_state(sandbox):
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp", f"{FREE}/udp"], "owner"))
+    proc = sandbox.cli("status", "--format", "prometheus", check=False)
+    assert proc.returncode == 4
+    assert metrics_of(proc.stdout)[("portguard_guard_loaded", ())] == 0
+    hold(sandbox, "stranger", "v4", "udp", FREE)
+    sandbox.cli("apply")
+    repeat_in_parallel(sandbox, [("stranger", "v6", "tcp", 7)])
+    textfile = sandbox.work / "portguard.prom"
+    proc = sandbox.cli("status", "--format", "prometheus", "--output", str(textfile), check=False)
+    assert proc.returncode == 3 and proc.stdout == ""
+    metrics = metrics_of(textfile.read_text())
+    tcp = (("port", str(PORT)), ("protocol", "tcp"))
+    udp = (("port", str(FREE)), ("protocol", "udp"))
+    assert metrics[("portguard_guard_loaded", ())] == 1
+    assert metrics[("portguard_config_matches", ())] == 1
+    assert metrics[("portguard_refused_binds_total", tcp)] == 7
+    assert metrics[("portguard_refused_binds_total", udp)] == 0
+    assert metrics[("portguard_holders", udp)] == 1 and metrics[("portguard_holders", tcp)] == 0
+    assert metrics[("portguard_squatter_present", udp)] == 1
+    assert metrics[("portguard_squatter_present", tcp)] == 0
+    assert metrics[("portguard_events_lost_total", ())] == 0
+    info = [k for k in metrics if k[0] == "portguard_guard_info"]
+    assert dict(info[0][1])["mode"] == "enforce" and dict(info[0][1])["deny_errno"] == "EADDRINUSE"
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp"], "owner"))
+    proc = sandbox.cli("status", "--format", "prometheus", check=False)
+    assert metrics_of(proc.stdout)[("portguard_config_matches", ())] == 0

@@ -106,7 +106,13 @@ def bpf_objects(cache: Path) -> dict[str, bytes]:
 
 def guest_files(attach_cgroup: str, objects: dict[str, bytes]) -> GuestFiles:
     files: GuestFiles = {f"{UNIT_DIR}/{name}": text for name, text in UNITS.items()}
-    for unit in ("portguard.service", "portguard-monitor.service"):  # the monitor: not enabled
+    # the monitor and the metrics: installed, not enabled
+    for unit in (
+        "portguard.service",
+        "portguard-monitor.service",
+        "portguard-metrics.service",
+        "portguard-metrics.timer",
+    ):
         files[f"{UNIT_DIR}/{unit}"] = (REPO / "systemd" / unit).read_text()
     for wants, unit in ENABLED.items():
         files[f"{UNIT_DIR}/{wants}/{unit}"] = Symlink(f"{UNIT_DIR}/{unit}")

@@ -267,3 +267,22 @@ def test_a_spinning_stranger_cannot_flood_the_journal(machine: Machine):
     assert 2 <= len(keys) <= 4
     assert len(entries) <= len(keys) * (2 + seconds // 30)
     assert unlimited > 10 * len(entries)
+
+
+def test_metrics_unit_writes_a_textfile_prometheus_parses(machine: Machine):
+    parser = pytest.importorskip("prometheus_client.parser")
+    assert machine.show("portguard-metrics.timer", "UnitFileState")["UnitFileState"] == "disabled"
+    machine.systemctl("start", "portguard-metrics.service")
+    shown = machine.show("portguard-metrics.service", "Result")
+    assert shown == {"Result": "success"}
+    text = machine.run("cat", "/var/lib/prometheus/node-exporter/portguard.prom", check=True).stdout
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in parser.text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("portguard_guard_loaded", ())] == 1
+    assert samples[("portguard_config_matches", ())] == 1
+    owner_tcp = (("port", str(OWNER_PORT)), ("protocol", "tcp"))
+    assert samples[("portguard_holders", owner_tcp)] == 2  # pg-owner: IPv4 and IPv6
+    assert samples[("portguard_squatter_present", owner_tcp)] == 0
