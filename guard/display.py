@@ -257,8 +257,13 @@ def address_port(denial: Denial) -> str:
 _local_clock = SecondClock("%H:%M:%S", time.localtime)
 
 
+def _pid_text(denial: Denial, unknown: str = "?") -> str:
+    """The caller's pid in the reader's pid namespace (see monitor.LocalPids)."""
+    return unknown if denial.pid is None else str(denial.pid)
+
+
 def monitor_line(denial: Denial) -> str:
-    pid, uid = str(denial.pid), str(denial.uid)
+    pid, uid = _pid_text(denial, "-"), str(denial.uid)
     # a pid or uid wider than its column takes room from the caller's: the line still fits
     caller_width = _CALLER_WIDTH - max(0, len(pid) - 7) - max(0, len(uid) - 6)
     if denial.unit:
@@ -290,7 +295,8 @@ def journal_fields(denial: Denial) -> list[tuple[str, object]]:
         (
             "MESSAGE",
             (
-                f"{what} bind of {address_port(denial)}/{denial.protocol} by pid {denial.pid} "
+                f"{what} bind of {address_port(denial)}/{denial.protocol} by pid "
+                f"{_pid_text(denial)} "
                 f"({denial.comm}) in {caller}; reserved for {owners}"
             ),
         ),
@@ -303,14 +309,16 @@ def journal_fields(denial: Denial) -> list[tuple[str, object]]:
         ("PORTGUARD_PROTOCOL", denial.protocol),
         ("PORTGUARD_FAMILY", denial.family),
         ("PORTGUARD_ADDRESS", denial.address),
-        ("PORTGUARD_PID", denial.pid),
+        ("PORTGUARD_PID", denial.pid if denial.pid is not None else ""),
+        ("PORTGUARD_HOST_PID", denial.host_pid if denial.host_pid is not None else denial.pid),
         ("PORTGUARD_UID", denial.uid),
         ("PORTGUARD_COMM", denial.comm),
         ("PORTGUARD_CGROUP", denial.cgroup or ""),
         ("PORTGUARD_CGROUP_ID", denial.cgroup_id),
-        # journald adds the OBJECT_* fields (unit, exe, ...) of this process while it lives
-        ("OBJECT_PID", denial.pid),
     ]
+    if denial.pid is not None:
+        # journald adds the OBJECT_* fields (unit, exe, ...) of this process while it lives
+        fields.append(("OBJECT_PID", denial.pid))
     if denial.unit:
         fields.append(("PORTGUARD_UNIT", denial.unit))
     fields += [("PORTGUARD_OWNER", owner) for owner in denial.owners]
@@ -374,7 +382,7 @@ def suppressed_fields(last: Denial, count: int, interval: float) -> list[tuple[s
     fields[0] = (
         "MESSAGE",
         f"{what} {count} more binds of {address_port(last)}/{last.protocol} in {caller} "
-        f"within {interval:g} s (the last by pid {last.pid} ({last.comm})); journal entries "
+        f"within {interval:g} s (the last by pid {_pid_text(last)} ({last.comm})); journal entries "
         f"are limited to one per {interval:g} s (journal_interval)",
     )
     return [*fields, ("PORTGUARD_SUPPRESSED", count), ("PORTGUARD_INTERVAL", f"{interval:g}")]

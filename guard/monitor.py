@@ -67,7 +67,7 @@ def iso_time(when: float) -> str:
 @dataclass(slots=True)
 class Denial:
     time: float  # seconds since the epoch
-    pid: int
+    pid: int | None  # as the monitor's pid namespace numbers it; None: not known there
     uid: int
     comm: str
     cgroup_id: int
@@ -79,11 +79,13 @@ class Denial:
     port: int
     owners: tuple[str, ...]
     verdict: str  # "denied" | "audit"
+    host_pid: int | None = None  # as the initial pid namespace numbers it (the kernel's)
 
     def as_json(self) -> dict:
         return {
             "time": iso_time(self.time),
             "pid": self.pid,
+            "host_pid": self.host_pid,
             "uid": self.uid,
             "comm": self.comm,
             "cgroup": self.cgroup,
@@ -166,6 +168,59 @@ class CgroupNames:
         return known
 
 
+PROC_PID_INIT_INO = 0xEFFFFFFC  # the initial pid namespace's inode number (include/linux/proc_ns.h)
+
+
+class LocalPids:
+    """The kernel records pids as the initial pid namespace numbers them. A monitor in another
+    pid namespace (a container's) shows the caller's pid as that namespace numbers it, as
+    status does: the caller's cgroup.procs lists its processes in the reader's numbering, and
+    the one with the event's command is the caller. None when that is not unique (several
+    processes with the same command) or the caller is gone or not visible from here; the
+    kernel's pid stays in the event as host_pid."""
+
+    def __init__(self, cgroup_root: Path, proc_root: Path = Path("/proc")):
+        self.cgroup_root = cgroup_root
+        self.proc_root = proc_root
+        try:
+            own = (proc_root / "self" / "ns" / "pid").stat().st_ino
+        except OSError:
+            own = PROC_PID_INIT_INO
+        self.translate = own != PROC_PID_INIT_INO
+        self._known: dict[tuple[int, int], int | None] = {}
+
+    def local(self, host_pid: int, cgroup_id: int, cgroup: str | None, comm: str) -> int | None:
+        if not self.translate:
+            return host_pid
+        key = (host_pid, cgroup_id)
+        if key in self._known:
+            return self._known[key]
+        if len(self._known) >= _CACHE_LIMIT:
+            self._known.clear()
+        found = None if cgroup is None else self._find(cgroup, comm)
+        if found is not None:  # not cached when unknown: the next event may find it
+            self._known[key] = found
+        return found
+
+    def _find(self, cgroup: str, comm: str) -> int | None:
+        try:
+            directory = cgroups.directory(cgroup, self.cgroup_root)
+            procs = [int(x) for x in (directory / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError, cgroups.CgroupError):
+            return None
+        matches = []
+        for pid in procs:
+            if pid == 0:  # a process of an outer pid namespace
+                continue
+            try:
+                name = (self.proc_root / str(pid) / "comm").read_text().rstrip("\n")
+            except OSError:
+                continue
+            if name == comm:
+                matches.append(pid)
+        return matches[0] if len(matches) == 1 else None
+
+
 class OwnerNames:
     """(protocol, port) -> owner cgroup paths, as the active slot says; re-read after a flip."""
 
@@ -212,9 +267,15 @@ EVENT = struct.Struct("<QQIIHBBB3xI16s16s")
 class Decoder:
     """Raw ring buffer records -> Denial."""
 
-    def __init__(self, cgroup_names: CgroupNames, owner_names: OwnerNames):
+    def __init__(
+        self,
+        cgroup_names: CgroupNames,
+        owner_names: OwnerNames,
+        local_pids: LocalPids | None = None,
+    ):
         self.cgroup_names = cgroup_names
         self.owner_names = owner_names
+        self.local_pids = local_pids
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as is time.monotonic() on Linux
         self.epoch_offset = time.time() - time.monotonic()
         self.last_ts_ns = 0  # of the record decoded last
@@ -229,11 +290,15 @@ class Decoder:
         else:
             address = socket.inet_ntop(socket.AF_INET6, addr)
         cgroup, unit = self.cgroup_names.names(cgroup_id, pid)
+        name = comm.split(b"\0", 1)[0].decode(errors="replace")
         return Denial(
             time=ts_ns / 1e9 + self.epoch_offset,
-            pid=pid,
+            pid=pid
+            if self.local_pids is None
+            else self.local_pids.local(pid, cgroup_id, cgroup, name),
+            host_pid=pid,
             uid=uid,
-            comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+            comm=name,
             cgroup_id=cgroup_id,
             cgroup=cgroup,
             unit=unit,
@@ -334,7 +399,7 @@ def _consume(
         raise GuardError(str(exc)) from None
     owner_names = OwnerNames(maps)
     owner_names.refresh()
-    decoder = Decoder(CgroupNames(cgroup_root), owner_names)
+    decoder = Decoder(CgroupNames(cgroup_root), owner_names, LocalPids(cgroup_root))
     start_ns = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC too
 
     def on_record(raw: bytes) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -151,3 +152,52 @@ def test_journal_gets_one_entry_per_caller_port_and_interval_with_exact_counts(s
     assert "PORTGUARD_SUPPRESSED" not in a[0] and int(a[1]["PORTGUARD_SUPPRESSED"]) == 1999
     assert "PORTGUARD_SUPPRESSED" not in b[0] and int(b[1]["PORTGUARD_SUPPRESSED"]) == 299
     assert a[1]["MESSAGE"].startswith(f"refused 1999 more binds of 127.0.0.1:{PORT}/tcp in ")
+
+
+def test_monitor_in_a_pid_namespace_shows_the_callers_pid_as_that_namespace_numbers_it(sandbox):
+    applied(sandbox)
+    out, pidfile = sandbox.work / "events.json", sandbox.work / "stranger.pid"
+    stop = sandbox.work / "stop-loop"
+    stranger = " ".join(
+        shlex.quote(a)
+        for a in sandbox._child_cmd("stranger", "loop", ["v4", "tcp", PORT, str(stop)], None)
+    )
+    monitor = " ".join(
+        shlex.quote(a)
+        for a in [
+            *PORTGUARD,
+            "--config",
+            str(sandbox.config_path),
+            "monitor",
+            "--json",
+            "--count",
+            "20",
+        ]
+    )
+    script = (
+        f"{stranger} >/dev/null & echo $! > {pidfile}; "
+        f"{monitor} > {out}; status=$?; touch {stop}; wait; exit $status"
+    )
+    proc = subprocess.run(
+        [
+            *in_netns(sandbox.netns),
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "sh",
+            "-c",
+            script,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    local = int(pidfile.read_text())
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    events = [e for e in lines if "lost" not in e]  # the buffer may overflow before the start
+    assert events
+    assert {e["pid"] for e in events} == {local}  # the namespace's own number (small)
+    assert all(e["host_pid"] != local for e in events)
