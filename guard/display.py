@@ -34,8 +34,9 @@ def _fit(line: str) -> str:
 
 _RES = "{port:>5} {proto:5} {denied:>8} {dropped:>8}  {role:6} {what}"
 _WHAT = WIDTH - len(_RES.format(port="", proto="", denied="", dropped="", role="", what=""))
-_ADDRESS = 17  # "255.255.255.255" or "[::ffff:1.2.3.4]"; longer IPv6 addresses are shortened
-_HOLDER_WHERE = _WHAT - 7 - 1 - 15 - 1 - _ADDRESS - 1 - 1 - 8
+_COMM = 12
+_ADDRESS = 15  # "255.255.255.255", "[::]", "[::1]"; longer IPv6 addresses are shortened
+_HOLDER_WHERE = _WHAT - 7 - 1 - _COMM - 1 - _ADDRESS - 1 - 1 - 8
 
 
 def failure_line(failure, loaded: bool) -> str:
@@ -130,8 +131,8 @@ def drift_lines(differences: list[str]) -> list[str]:
     if not differences:
         return []
     return [
-        "portguard: the loaded guard is not what the configuration files ask for "
-        "(portguard apply, or systemctl reload portguard, loads them):",
+        "portguard: the loaded guard is not what the configuration files ask for",
+        "  (portguard apply, or systemctl reload portguard, loads them):",
         *(f"  {line}" for difference in differences for line in difference.splitlines()),
     ]
 
@@ -204,12 +205,12 @@ def status_lines(state: GuardState, attach_cgroup: str, verbose: bool = False) -
             else:
                 where = shorten(holder.cgroup or "(cgroup removed)", _HOLDER_WHERE)
             mark = "owner" if holder.owner else "SQUATTER"
-            comm = (holder.comm or "-")[:15]
+            comm = (holder.comm or "-")[:_COMM]
             address = holder_address(holder)
             rows.append(
                 (
                     "holder",
-                    f"{pid:>7} {comm:15} {address:{_ADDRESS}} {where:{_HOLDER_WHERE}} {mark}",
+                    f"{pid:>7} {comm:{_COMM}} {address:{_ADDRESS}} {where:{_HOLDER_WHERE}} {mark}",
                 )
             )
         rows = rows or [("", "")]

@@ -112,7 +112,7 @@ def test_status_table_fits_100_columns_with_long_paths_and_marks_squatters():
     assert table[2].endswith("owner  absent: /system.slice/cups-browsed.service")
     assert table[3].split()[:4] == ["holder", "812", "cupsd", "0.0.0.0"]
     assert table[3].endswith(" owner")
-    assert "4000000 a-fifteen-chars 0.0.0.0" in table[4] and "…xxxx" in table[4]
+    assert "4000000 a-fifteen-ch 0.0.0.0" in table[4] and "…xxxx" in table[4]
     assert table[4].endswith("SQUATTER")
 
 
