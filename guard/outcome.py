@@ -35,20 +35,20 @@ def record_failure(pin_dir: str, message: str) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n{message}\n")
         os.replace(tmp, path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a path with a NUL byte
         pass
 
 
 def clear(pin_dir: str) -> None:
     try:
         _path(pin_dir).unlink(missing_ok=True)
-    except OSError:
+    except (OSError, ValueError):
         pass
 
 
 def last_failure(pin_dir: str) -> Failure | None:
     try:
         when, _, message = _path(pin_dir).read_text().partition("\n")
-    except OSError:
+    except (OSError, ValueError):
         return None
     return Failure(when, message.strip())

@@ -3,13 +3,16 @@ administrator installs, built from this tree by `./dev.sh deb`.
 
 PORTGUARD_DEB names an already built package (CI builds it once from its clean clone and
 passes it on); otherwise it is built here, once per process. `upgrade_package()` builds the
-same tree under a higher version, to exercise upgrades.
+same tree under a higher version, to exercise upgrades; `new_program_package()` a still higher
+version whose BPF source differs by a comment, so that the upgrade swaps a new program in.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEB_ENV = "PORTGUARD_DEB"
 UPGRADE_VERSION_SUFFIX = "+upgrade1"
+NEW_PROGRAM_VERSION_SUFFIX = "+upgrade2"
 
 
 class DebError(RuntimeError):
@@ -38,12 +42,17 @@ def package(version: str | None = None) -> Path:
         if not deb.is_file():
             raise DebError(f"{DEB_ENV}={deb}: no such file")
         return deb
+    return _build(REPO, version)
+
+
+def _build(tree: Path, version: str | None) -> Path:
     out = Path(tempfile.mkdtemp(prefix="portguard-deb-"))
+    atexit.register(shutil.rmtree, out, True)  # the package serves this process only
     env = {**os.environ, "PORTGUARD_DEB_DIR": str(out)}
     if version:
         env["PORTGUARD_DEB_VERSION"] = version
     proc = subprocess.run(
-        [str(REPO / "dev.sh"), "deb"], env=env, capture_output=True, text=True, check=False
+        [str(tree / "dev.sh"), "deb"], env=env, capture_output=True, text=True, check=False
     )
     built = sorted(out.glob("portguard_*_all.deb"))
     if proc.returncode != 0 or len(built) != 1:
@@ -54,3 +63,32 @@ def package(version: str | None = None) -> Path:
 def upgrade_package() -> Path:
     """The same tree as a higher version: installing it over package() is an upgrade."""
     return package(version_of(package()) + UPGRADE_VERSION_SUFFIX)
+
+
+@functools.cache
+def new_program_package() -> Path:
+    """A version above upgrade_package() whose BPF program is new: the source gains a comment,
+    so its digest, the object's name and the loaded program change (the maps' layout, from
+    guard.h, does not)."""
+    tree = Path(tempfile.mkdtemp(prefix="portguard-src-"))
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout
+        for name in filter(None, listed.decode().split("\0")):
+            if (REPO / name).is_file():
+                (tree / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, tree / name)
+        source = tree / "bpf/guard.bpf.c"
+        source.write_text(
+            source.read_text() + "\n/* tests/debs.py: a new program for upgrades */\n"
+        )
+        # dev.sh deb packs what git lists: make the copy a repository of its own.
+        subprocess.run(["git", "init", "-q"], cwd=tree, check=True)
+        subprocess.run(["git", "add", "-A"], cwd=tree, check=True)
+        return _build(tree, version_of(package()) + NEW_PROGRAM_VERSION_SUFFIX)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)

@@ -14,8 +14,6 @@ def _object_cache(tmp_path_factory) -> Iterator[None]:
     """Build the BPF object once per run into a private cache (never /var/cache)."""
     cache = os.environ.get("PORTGUARD_CACHE_DIR") or str(tmp_path_factory.mktemp("objects"))
     os.environ["PORTGUARD_CACHE_DIR"] = cache
-    # apply's failure records (guard/outcome.py) stay out of the machine's /run/portguard
-    os.environ["PORTGUARD_RUN_DIR"] = str(tmp_path_factory.mktemp("run"))
     yield
 
 

@@ -1,19 +1,22 @@
-"""What goes into the guest for one boot: portguard.service enabled, a configuration naming
-systemd units as owners, test units, and the compiled BPF objects (the guest has no clang)."""
+"""What goes into the guest for one boot: a configuration drop-in naming systemd units as owners
+and the guest's own root cgroup as the attach point, the test units and their helper pgnet.py,
+and the packages the tests install on the running system. portguard itself comes from its .deb
+(machine.py): /usr/bin/portguard, the packaged units, enabled by the package's postinst."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.systemd.machine import GUEST_REPO, GUEST_RESULTS, REPO, GuestFiles, Symlink
+from tests.systemd.machine import GUEST_DEBS, GUEST_RESULTS, REPO, GuestFiles, Symlink
 
 OWNER_PORT = 631  # tcp+udp, owned by pg-owner.service
 SOCKET_PORT = 873  # tcp, owned by pg-sock.socket (bound by PID 1, served by pg-sock.service)
-PGNET = f"/usr/bin/python3 {GUEST_REPO}/tests/systemd/guest/pgnet.py"
+PGNET_GUEST = "/usr/local/lib/portguard-test/pgnet.py"
+PGNET = f"/usr/bin/python3 {PGNET_GUEST}"
 UNIT_DIR = "/etc/systemd/system"
+# A drop-in: the package's conffile /etc/portguard/portguard.toml stays as shipped (default
+# policy kept), this file adds the tests' reservations and overrides [guard] cgroup.
+CONFIG = "/etc/portguard/conf.d/50-test.toml"
 
 UNITS = {
     "pg-owner.service": f"""\
@@ -36,6 +39,14 @@ Description=portguard test: a stranger trying to bind port %i
 [Service]
 Type=oneshot
 ExecStart={PGNET} try %i {GUEST_RESULTS}/try-%i.json
+""",
+    "pg-stay@.service": f"""\
+[Unit]
+Description=portguard test: a stranger trying port %i, staying until stopped
+
+[Service]
+Type=notify
+ExecStart={PGNET} stay %i {GUEST_RESULTS}/stay-%i.json
 """,
     "pg-hammer.service": f"""\
 [Unit]
@@ -65,7 +76,6 @@ ExecStart={PGNET} activated
 }
 
 ENABLED = {
-    "sysinit.target.wants": "portguard.service",
     "multi-user.target.wants": "pg-owner.service",
     "sockets.target.wants": "pg-sock.socket",
 }
@@ -88,34 +98,13 @@ units = ["pg-sock.socket"]
 """
 
 
-def bpf_objects(cache: Path) -> dict[str, bytes]:
-    """Compile on the host (portguard build) into a private cache; the guest loads the copies."""
-    env = {**os.environ, "PORTGUARD_CACHE_DIR": str(cache)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "guard", "build"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"portguard build failed:\n{proc.stdout}{proc.stderr}")
-    return {f"/var/cache/portguard/{path.name}": path.read_bytes() for path in cache.iterdir()}
-
-
-def guest_files(attach_cgroup: str, objects: dict[str, bytes]) -> GuestFiles:
+def guest_files(attach_cgroup: str, debs: tuple[Path, ...] = ()) -> GuestFiles:
+    """Written into the overlay before boot; `debs` are copied to GUEST_DEBS for the tests."""
     files: GuestFiles = {f"{UNIT_DIR}/{name}": text for name, text in UNITS.items()}
-    # the monitor and the metrics: installed, not enabled
-    for unit in (
-        "portguard.service",
-        "portguard-monitor.service",
-        "portguard-metrics.service",
-        "portguard-metrics.timer",
-    ):
-        files[f"{UNIT_DIR}/{unit}"] = (REPO / "systemd" / unit).read_text()
     for wants, unit in ENABLED.items():
         files[f"{UNIT_DIR}/{wants}/{unit}"] = Symlink(f"{UNIT_DIR}/{unit}")
-    files["/etc/portguard/portguard.toml"] = config(attach_cgroup)
-    files.update(objects)
+    files[PGNET_GUEST] = (REPO / "tests/systemd/guest/pgnet.py").read_text()
+    files[CONFIG] = config(attach_cgroup)
+    for deb in debs:
+        files[f"{GUEST_DEBS}/{deb.name}"] = deb.read_bytes()
     return files

@@ -2,9 +2,11 @@
 
 One Machine is one boot: an overlay above the cached tree (which stays untouched), a cgroup of
 its own below the cgroup2 root (never the root itself), its own network namespace
-(--private-network) and its own bpffs. Commands run inside with nsenter into all of the
-container's namespaces; test units write their results into a bind-mounted host directory.
-Everything is removed on stop, also after a failure.
+(--private-network) and its own bpffs. portguard comes as the built .deb: installed into the
+overlay before boot (dpkg -i in a chroot, where no systemd runs and nothing is started), or
+copied in and installed on the running system by a test. Commands run inside with nsenter into
+all of the container's namespaces; test units write their results into a bind-mounted host
+directory. Everything is removed on stop, also after a failure.
 
 The container runs WITHOUT a cgroup namespace (SYSTEMD_NSPAWN_USE_CGNS=0): the cgroup_mkdir
 tracepoint reports paths from the real cgroup2 root and BPF cgroup levels count from there, so
@@ -24,15 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-GUEST_REPO = "/opt/portguard"
+GUEST_RESULTS = "/results"
+GUEST_DEBS = "/root/debs"  # packages copied in for the tests to install on the running system
+BOOT_TIMEOUT = 120  # seconds; a hang guard for set-up, not an assertion about speed
+CAPABILITIES = "CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_SYS_RESOURCE"
+SYSCALLS = "bpf perf_event_open"
+# Debian's way to keep maintainer scripts from starting services in a chroot (invoke-rc.d,
+# deb-systemd-invoke): "action forbidden by policy".
+POLICY_RC_D = "#!/bin/sh\nexit 101\n"
+# Commands in the guest get the guest's usual environment, not the test runner's (a venv on
+# PATH, PYTHONPATH, ...).
 GUEST_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
 }
-GUEST_RESULTS = "/results"
-BOOT_TIMEOUT = 120  # seconds; a hang guard for set-up, not an assertion about speed
-CAPABILITIES = "CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_SYS_RESOURCE"
-SYSCALLS = "bpf perf_event_open"
 
 
 class MachineError(RuntimeError):
@@ -64,6 +71,8 @@ class Machine:
         files: GuestFiles,
         name: str | None = None,
         cgroup_namespace: bool = False,
+        preinstalled: tuple[Path, ...] = (),
+        bpf: bool = True,
     ):
         self.name = name or f"portguard-nspawn-{secrets.token_hex(3)}"
         self.rootfs = rootfs
@@ -78,6 +87,9 @@ class Machine:
         self.leader: int | None = None
         self._mounted = False
         self.cgroup_namespace = cgroup_namespace  # True only to study the limitation
+        self.preinstalled = preinstalled  # .debs installed into the overlay before boot
+        self.install_output = ""  # what dpkg -i (and the maintainer scripts) printed then
+        self.bpf = bpf  # False: nspawn's default seccomp filter and capabilities (no bpf())
 
     @property
     def cgroup(self) -> str:
@@ -108,12 +120,17 @@ class Machine:
                 target.write_bytes(content)
             else:
                 target.write_text(content)
+        if self.preinstalled:
+            self._install_in_chroot(self.preinstalled)
         self.cgroup_dir.mkdir()
         env = {
             **os.environ,
             "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1",
             "SYSTEMD_NSPAWN_USE_CGNS": "1" if self.cgroup_namespace else "0",
         }
+        allow_bpf = [f"--system-call-filter={SYSCALLS}", f"--capability={CAPABILITIES}"]
+        if not self.bpf:
+            allow_bpf = []
         command = [
             "systemd-nspawn",
             "--boot",
@@ -123,9 +140,7 @@ class Machine:
             "--register=no",
             "--keep-unit",
             "--private-network",
-            f"--system-call-filter={SYSCALLS}",
-            f"--capability={CAPABILITIES}",
-            f"--bind-ro={REPO}:{GUEST_REPO}",
+            *allow_bpf,
             f"--bind={self.results}:{GUEST_RESULTS}",
             # nspawn's /sys has no fs/bpf: give the guest an empty directory there, on which
             # `portguard apply` mounts a bpffs of the guest's own (never the host's).
@@ -150,6 +165,40 @@ class Machine:
         seen = f"0::{self.cgroup}/init.scope"
         if seen not in Path(f"/proc/{self.leader}/cgroup").read_text().splitlines():
             raise MachineError(f"the guest's PID 1 is not in {seen}: nspawn changed its layout")
+
+    def _install_in_chroot(self, debs: tuple[Path, ...]) -> None:
+        """dpkg -i into the overlay as an image build would: no systemd runs there, so the
+        maintainer scripts only enable units. policy-rc.d forbids starting anything, and the
+        chroot gets its own cgroup and network namespaces: even a script that ignored both could
+        not attach to the host's cgroups (portguard refuses to run in a cgroup namespace)."""
+        staging = self.root / "tmp/preinstall"
+        staging.mkdir(parents=True)
+        policy = self.root / "usr/sbin/policy-rc.d"
+        policy.write_text(POLICY_RC_D)
+        policy.chmod(0o755)
+        try:
+            for deb in debs:
+                shutil.copy(deb, staging / deb.name)
+            proc = subprocess.run(
+                [
+                    "unshare", "--cgroup", "--net", "--mount", "--fork",
+                    "chroot", str(self.root),
+                    "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                    "DEBIAN_FRONTEND=noninteractive",
+                    "dpkg", "-i", *(f"/tmp/preinstall/{deb.name}" for deb in debs),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )  # fmt: skip
+        finally:
+            policy.unlink()
+            shutil.rmtree(staging)
+        self.install_output = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            raise MachineError(
+                f"dpkg -i in the chroot failed ({proc.returncode}):\n{self.install_output}"
+            )
 
     def _wait_for_boot(self) -> None:
         # No answer or "offline": PID 1 is not listening on its private socket yet.
@@ -197,11 +246,11 @@ class Machine:
         """Run a command in all of the container's namespaces (as root, from its /)."""
         proc = subprocess.run(
             ["nsenter", "-t", str(self.leader), "-a", "-r", "-w", *command],
+            env=GUEST_ENV,
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
-            env=GUEST_ENV,  # not the test run's: its PORTGUARD_* settings are the host's
         )
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
@@ -216,6 +265,12 @@ class Machine:
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         out = self.systemctl("show", *(f"-p{p}" for p in properties), "--", unit).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def write(self, guest_path: str, text: str) -> None:
+        """Write a file of the running guest (through the overlay, as the guest sees it)."""
+        target = self.root / guest_path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
 
     def result(self, name: str) -> dict:
         return json.loads((self.results / name).read_text())

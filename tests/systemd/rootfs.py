@@ -3,8 +3,9 @@
 The recipe (suite, packages, the steps below) is hashed; the tree is built once with debootstrap
 into <cache>/rootfs-<hash> and reused as long as the recipe is unchanged. Every boot runs on an
 overlay above it (see machine.py), so the cached tree is never modified. portguard itself is not
-in the tree: the repository is bind-mounted read-only at /opt/portguard at boot, run by the
-/usr/bin/portguard wrapper written here.
+in the tree: each boot installs the built .deb into its own overlay (machine.py), so the tree
+holds only what booting and the tests need plus what the package depends on -- no clang, no
+libbpf-dev, nothing of the repository.
 
 Run `python -m tests.systemd.rootfs` to build (or find) the tree ahead of the tests.
 """
@@ -19,33 +20,26 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 CACHE_ENV = "PORTGUARD_TEST_CACHE"
 DEFAULT_CACHE = Path("/var/cache/portguard-test")
 MIRROR_ENV = "PORTGUARD_TEST_MIRROR"
 SUITE = "bookworm"
-PACKAGES = (
-    "systemd-sysv",
-    "dbus",
-    "iproute2",
-    "python3",
-    "python3-click",
-    "python3-pyroute2",
-    "libbpf1",
-    "rpcbind",
-)
+# systemd as PID 1, and what the tests use besides portguard (ss; rpcbind, to order against).
+BOOT_PACKAGES = ("systemd-sysv", "dbus", "iproute2", "rpcbind")
+# The package's Depends (debian/control, ${python3:Depends} included), so that `dpkg -i` of the
+# .deb needs no network; tests check this list against the built .deb.
+PACKAGE_DEPENDS = ("python3", "python3-click", "python3-pyroute2", "libbpf1", "netbase")
+PACKAGES = BOOT_PACKAGES + PACKAGE_DEPENDS
 HOST_PACKAGES = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container"}
-WRAPPER = """#!/bin/sh
-# portguard from the repository bind-mounted read-only at /opt/portguard (tests only).
-PYTHONPATH=/opt/portguard PYTHONDONTWRITEBYTECODE=1 exec /usr/bin/python3 -m guard "$@"
-"""
-PORTRELEASE = """#!/bin/sh
-PYTHONPATH=/opt/portguard PYTHONDONTWRITEBYTECODE=1 exec /usr/bin/python3 -c \
-'import guard.cli; guard.cli.portrelease()' "$@"
-"""
 # Bumped whenever customise() changes in a way the hash of the lists above does not see.
-CUSTOMISE_VERSION = 1
+CUSTOMISE_VERSION = 2
+# A tree of another recipe is removed only when no run has used it for this long: other work
+# trees sharing the cache may still boot it.
+STALE_AFTER = 24 * 3600  # seconds
+USED_MARK = ".used"
 
 
 class SetupError(RuntimeError):
@@ -57,8 +51,6 @@ def recipe() -> dict:
         "suite": SUITE,
         "variant": "minbase",
         "packages": sorted(PACKAGES),
-        "wrapper": WRAPPER,
-        "portrelease": PORTRELEASE,
         "customise": CUSTOMISE_VERSION,
     }
 
@@ -140,12 +132,7 @@ def ensure_host_tools() -> None:
 
 
 def customise(root: Path) -> None:
-    """Steps after debootstrap: the portguard wrappers, nothing that depends on the repo."""
-    for name, text in (("portguard", WRAPPER), ("portrelease", PORTRELEASE)):
-        path = root / "usr/bin" / name
-        path.write_text(text)
-        path.chmod(0o755)
-    (root / "opt/portguard").mkdir(parents=True, exist_ok=True)
+    """Steps after debootstrap, nothing that depends on the repository."""
     (root / "etc/hostname").write_text("portguard-test\n")
     subprocess.run(["chroot", str(root), "apt-get", "clean"], check=True)
 
@@ -179,18 +166,29 @@ def build(target: Path, log=print) -> None:
 def ensure_rootfs(log=print) -> Path:
     """The cached tree for the current recipe, built first when missing (one builder at a time)."""
     target = rootfs_path()
-    if target.is_dir():
-        return target
-    ensure_host_tools()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.is_dir():
-            build(target, log)
-            for stale in target.parent.glob("rootfs-*"):
-                if stale != target:  # built from an older recipe: never used again
-                    shutil.rmtree(stale, ignore_errors=True)
+    if not target.is_dir():
+        ensure_host_tools()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / "build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.is_dir():
+                build(target, log)
+                _remove_stale(target)
+    # Outside the tree itself: an overlay may have it as its lower layer right now.
+    target.with_name(target.name + USED_MARK).touch()
     return target
+
+
+def _remove_stale(keep: Path) -> None:
+    """Trees of other recipes that no run has used for STALE_AFTER seconds."""
+    for stale in keep.parent.glob("rootfs-*"):
+        if stale == keep or stale.name.endswith(USED_MARK) or not stale.is_dir():
+            continue
+        mark = stale.with_name(stale.name + USED_MARK)
+        used = mark.stat().st_mtime if mark.exists() else stale.stat().st_mtime
+        if time.time() - used > STALE_AFTER:
+            shutil.rmtree(stale, ignore_errors=True)
+            mark.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -1,47 +1,65 @@
 """portguard under a real systemd: Debian bookworm booted with systemd-nspawn --boot.
 
-portguard.service is enabled in the guest and applies /etc/portguard/portguard.toml at early
-boot: 631 tcp+udp owned by pg-owner.service (enabled, started at boot), 873/tcp owned by the
-socket unit pg-sock.socket. Stranger units try the same ports. The guest's kernel is the host's.
+portguard is the built .deb, installed into the guest's root file system before boot (which has
+no clang and no libbpf-dev); its postinst enabled portguard.service, which applies the
+configuration at early boot: the packaged /etc/portguard/portguard.toml (default policy) and the
+tests' drop-in: 631 tcp+udp owned by pg-owner.service (enabled, started at boot), 873/tcp owned
+by the socket unit pg-sock.socket. Stranger units try the same ports. The guest's kernel is the
+host's.
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
+from tests import debs
+from tests.systemd.conftest import package
 from tests.systemd.guest_files import OWNER_PORT, PGNET, SOCKET_PORT
 from tests.systemd.machine import Machine
+from tests.systemd.probes import (
+    ALL_WAYS,
+    EADDRINUSE,
+    TCP_WAYS,
+    monotonic,
+    reservation,
+    stranger_tries,
+    wait_for,
+)
 
 pytestmark = pytest.mark.kernel
 
-EADDRINUSE = 98
-ALL_WAYS = ("v4/tcp", "v4/udp", "v6/tcp", "v6/udp")
-TCP_WAYS = ("v4/tcp", "v6/tcp")
+
+def test_the_guest_runs_the_installed_package_and_has_no_compiler_nor_libbpf_dev(
+    machine: Machine,
+):
+    assert machine.run("dpkg-query", "-S", "/usr/bin/portguard", check=True).stdout.startswith(
+        "portguard: /usr/bin/portguard"
+    )
+    version = machine.run("dpkg-query", "-W", "-f=${Version}", "portguard", check=True).stdout
+    assert version == debs.version_of(package())
+    for absent in ("clang", "libbpf-dev"):
+        installed = machine.run("dpkg-query", "-W", "-f=${db:Status-Status}", absent).stdout
+        assert installed in ("", "not-installed"), f"{absent} is in the guest"
+    assert machine.run("sh", "-c", "command -v clang").returncode != 0
+    assert machine.run("test", "-e", "/usr/include/bpf/libbpf.h").returncode != 0
 
 
-def status(machine: Machine) -> dict:
-    return json.loads(machine.run("portguard", "status", "--json", check=True).stdout)
-
-
-def reservation(machine: Machine, port: int, protocol: str) -> dict:
-    found = [
-        r for r in status(machine)["reservations"] if (r["port"], r["protocol"]) == (port, protocol)
-    ]
-    assert len(found) == 1, status(machine)
-    return found[0]
-
-
-def stranger_tries(machine: Machine, port: int) -> dict[str, int]:
-    """errno per way of binding, seen by the unit pg-try@PORT.service."""
-    machine.systemctl("start", f"pg-try@{port}.service")
-    return machine.result(f"try-{port}.json")
-
-
-def monotonic(machine: Machine, unit: str, prop: str) -> int:
-    return int(machine.show(unit, prop)[prop])
+def test_the_package_installed_before_boot_enabled_its_unit_and_started_nothing(
+    machine: Machine,
+):
+    # dpkg -i ran in a chroot (no systemd): the postinst only enabled the unit.
+    assert "portguard:" not in machine.install_output, machine.install_output
+    assert machine.systemctl("is-enabled", "portguard.service").stdout.strip() == "enabled"
+    assert (
+        machine.systemctl("is-enabled", "portguard-monitor.service", check=False).stdout.strip()
+        == "disabled"
+    )
+    shown = machine.show("portguard.service", "FragmentPath")["FragmentPath"]
+    assert shown.endswith("/lib/systemd/system/portguard.service"), shown
+    started = machine.run("journalctl", "-q", "-o", "cat", "-u", "portguard.service", check=True)
+    assert started.stdout.count("portguard: applied") == 1, started.stdout
 
 
 def test_portguard_service_applies_at_boot_before_rpcbind(machine: Machine):
@@ -125,14 +143,6 @@ def test_socket_activated_owner_serves_and_its_port_is_refused_to_strangers(mach
     assert greeting.startswith("hello from pid")
 
 
-def wait_for(probe, timeout: float = 60.0):
-    """probe() until it returns something true; that value (or the last one after timeout)."""
-    deadline = time.monotonic() + timeout
-    while not (value := probe()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return value
-
-
 def journal_of(machine: Machine, *matches: str) -> list[dict]:
     out = machine.run("journalctl", "-q", "-o", "json", *matches).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -140,23 +150,32 @@ def journal_of(machine: Machine, *matches: str) -> list[dict]:
 
 def test_monitor_unit_logs_refusals_to_the_journal_with_portguard_fields(machine: Machine):
     monitor = "portguard-monitor.service"
+    where = (f"_SYSTEMD_UNIT={monitor}", f"PORTGUARD_UNIT=pg-stay@{OWNER_PORT}.service")
     machine.systemctl("start", monitor)
     try:
-        said = wait_for(
-            lambda: (
-                "monitoring refused binds"
-                in machine.run("journalctl", "-q", "-o", "cat", "-u", monitor).stdout
+        try:
+            said = wait_for(
+                lambda: (
+                    "monitoring refused binds"
+                    in machine.run("journalctl", "-q", "-o", "cat", "-u", monitor).stdout
+                )
             )
-        )
-        assert said, machine.run("journalctl", "-q", "-u", monitor).stdout
-        assert stranger_tries(machine, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
-        where = (f"_SYSTEMD_UNIT={monitor}", f"PORTGUARD_UNIT=pg-try@{OWNER_PORT}.service")
-        # the first refusal of each caller, port and protocol at once: tcp and udp
-        first = wait_for(lambda: found if len(found := journal_of(machine, *where)) >= 2 else [])
+            assert said, machine.run("journalctl", "-q", "-u", monitor).stdout
+            # A stranger that stays: the monitor names the caller's cgroup and unit when it
+            # reads the event, and a oneshot's cgroup can be gone by then on a loaded machine.
+            machine.systemctl("start", f"pg-stay@{OWNER_PORT}.service")
+            stayed = machine.result(f"stay-{OWNER_PORT}.json")
+            assert stayed == dict.fromkeys(ALL_WAYS, EADDRINUSE)
+            # the first refusal of each caller, port and protocol at once: tcp and udp
+            first = wait_for(
+                lambda: found if len(found := journal_of(machine, *where)) >= 2 else []
+            )
+        finally:
+            machine.systemctl("stop", monitor)
+        # the second (IPv6) refusal of each protocol within the interval: one entry at the stop
+        logged = wait_for(lambda: found if len(found := journal_of(machine, *where)) >= 4 else [])
     finally:
-        machine.systemctl("stop", monitor)
-    # the second (IPv6) refusal of each protocol within the interval: one entry at the stop
-    logged = wait_for(lambda: found if len(found := journal_of(machine, *where)) >= 4 else [])
+        machine.systemctl("stop", f"pg-stay@{OWNER_PORT}.service")
     assert len(first) == 2 and len(logged) == 4, logged
     ways = sorted(f"{e['PORTGUARD_FAMILY']}/{e['PORTGUARD_PROTOCOL']}" for e in logged)
     assert ways == ["ipv4/tcp", "ipv4/udp", "ipv6/tcp", "ipv6/udp"]
@@ -167,9 +186,9 @@ def test_monitor_unit_logs_refusals_to_the_journal_with_portguard_fields(machine
         assert entry["PORTGUARD_VERDICT"] == "denied"
         assert entry["PRIORITY"] == "4"  # warning
         assert entry["PORTGUARD_OWNER"].lstrip("/") == owner_cgroup.lstrip("/")
-        # a template's instances live in its own slice: system-pg\x2dtry.slice
+        # a template's instances live in its own slice: system-pg\x2dstay.slice
         assert entry["PORTGUARD_CGROUP"].startswith(f"/{machine.cgroup.lstrip('/')}/system.slice/")
-        assert entry["PORTGUARD_CGROUP"].endswith(f"/pg-try@{OWNER_PORT}.service")
+        assert entry["PORTGUARD_CGROUP"].endswith(f"/pg-stay@{OWNER_PORT}.service")
     assert logged[0]["MESSAGE"].startswith("refused bind of ")
     assert logged[2]["MESSAGE"].startswith("refused 1 more binds of ")
 

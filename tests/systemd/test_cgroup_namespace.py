@@ -17,8 +17,8 @@ from tests.systemd.machine import Machine
 
 
 @pytest.fixture(scope="module")
-def machine_in_cgroup_namespace(tmp_path_factory) -> Iterator[Machine]:
-    with booted(tmp_path_factory.mktemp("objects"), cgroup_namespace=True) as box:
+def machine_in_cgroup_namespace() -> Iterator[Machine]:
+    with booted(cgroup_namespace=True) as box:
         yield box
 
 

@@ -411,6 +411,15 @@ def test_a_failed_apply_is_kept_per_pin_dir_until_an_apply_succeeds(tmp_path, mo
     assert outcome.last_failure("/sys/fs/bpf/portguard") is None
 
 
+def test_a_pin_dir_no_file_can_be_named_after_is_never_recorded(tmp_path, monkeypatch):
+    from guard import outcome
+
+    monkeypatch.setenv("PORTGUARD_RUN_DIR", str(tmp_path))
+    outcome.record_failure("/sys/fs/bpf/a\0b", "x")
+    outcome.clear("/sys/fs/bpf/a\0b")
+    assert outcome.last_failure("/sys/fs/bpf/a\0b") is None
+
+
 # ---- the journal's rate limit -------------------------------------------------------------------
 
 

@@ -1,8 +1,11 @@
 #!/usr/bin/python3
-"""Runs inside the booted container, started by the test units (units.py). Standard library only.
+"""Runs inside the booted container, started by the test units (guest_files.py). Standard library
+only.
 
 serve PORT              owner: bind PORT tcp+udp (IPv4 and IPv6), tell systemd READY=1, wait
 try PORT OUT            stranger: try to bind PORT every way, write {case: errno} to OUT
+stay PORT OUT           the same, then tell systemd READY=1 and stay (its cgroup with it) until
+                        SIGTERM: a refused caller that is still there when it is looked up
 hammer PORT OUT         stranger: bind PORT tcp+udp in a loop until SIGTERM, write counts to OUT
 activated               socket-activated service: accept on fd 3, greet, exit
 connect PORT            client: print what the socket-activated service says
@@ -102,8 +105,11 @@ def main(argv: list[str]) -> None:
     action, args = argv[1], argv[2:]
     if action == "serve":
         serve(int(args[0]))
-    elif action == "try":
+    elif action in ("try", "stay"):
         write(args[1], {case: errno_of(case, int(args[0])) for case in CASES})
+        if action == "stay":
+            notify("READY=1")
+            signal.sigwait({signal.SIGTERM})
     elif action == "hammer":
         hammer(int(args[0]), args[1])
     elif action == "activated":
