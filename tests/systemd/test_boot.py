@@ -11,6 +11,7 @@ host's.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
