@@ -210,6 +210,7 @@ def test_broken_dropin_at_upgrade_completes_the_upgrade_and_keeps_the_running_gu
         assert f"invalid configuration, nothing applied:\n{broken}:" in done.stderr
         assert installed_version(guest) == debs.version_of(debs.upgrade_package())
         assert guard_as_loaded(guest) == before
+        assert guest.run("portguard", "status").returncode == 5  # loaded, not the files' guard
         assert stranger_tries(guest, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
     finally:
         guest.run("rm", "-f", broken, check=True)
