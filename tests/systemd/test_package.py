@@ -190,6 +190,8 @@ def test_apt_install_on_the_running_system_guards_at_once_and_enables_the_unit(g
     assert guest.systemctl("is-enabled", "portguard.service").stdout.strip() == "enabled"
     monitor = guest.systemctl("is-enabled", "portguard-monitor.service", check=False)
     assert monitor.stdout.strip() == "disabled"
+    metrics = guest.systemctl("is-enabled", "portguard-metrics.timer", check=False)
+    assert metrics.stdout.strip() == "disabled"
     assert guest.show("portguard.service", "ActiveState")["ActiveState"] == "active"
     assert sysctl(guest) != guest.sysctl_before_install  # autobind kept off the reserved ports
 
