@@ -2,7 +2,7 @@
 
 Metadata lives in pyproject.toml; this file only adds one step to build_py. The object is
 compiled from bpf/ with clang into the build tree beside the packaged sources (guard/bpf), for
-every denial variant and both byte orders (see guard/objects.py), so an installed portguard
+both byte orders (see guard/kernel/objects.py), so an installed portguard
 loads it with no compiler and no libbpf-dev on the host. Editable installs (source checkouts)
 skip it: there `portguard build` fills /var/cache/portguard.
 """
@@ -21,14 +21,13 @@ class build_py_with_bpf_object(build_py):  # noqa: N801 (setuptools' command nam
         super().run()
         if getattr(self, "editable_mode", False):
             return
-        from guard import objects
+        from guard.kernel import objects
 
         shipped = Path(self.build_lib) / "guard" / "bpf"
         try:
-            for variant in objects.VARIANTS:
-                for target in objects.TARGETS.values():
-                    built = objects.build(variant, target, shipped)
-                    print(f"portguard: compiled {built}")
+            for target in objects.TARGETS.values():
+                built = objects.build(target, shipped)
+                print(f"portguard: compiled {built}")
         except objects.BuildError as exc:
             sys.exit(f"building portguard compiles its BPF object: {exc}")
 

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.harness import bpftool_json
-from guard import cgroups
+from guard.kernel import cgroups
 from tests.kernel.sandbox import Sandbox, in_netns, new_sandbox
 
 PORT = 7651  # reserved for the owner, contain on in `owner` and `other`

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from guard import cgroups, kernel
+from guard.kernel import cgroups
+from guard.kernel import libbpf as kernel
 from tests.kernel.sandbox import PORTGUARD, REPO, Sandbox, in_netns, require_kernel
 
 HERE = Path(__file__).resolve().parent
@@ -180,7 +181,7 @@ def prog_stats(prog_id: int) -> tuple[int, int]:
 
 
 def prog_id_of_fd(fd: int) -> int:
-    return int.from_bytes(kernel._info(fd, 8)[4:8], "little")
+    return kernel.prog_info(fd).id
 
 
 # ---- measuring commands -----------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from guard import cgroups  # noqa: E402
+from guard.kernel import cgroups  # noqa: E402
 from tests.kernel.sandbox import PORTGUARD, in_netns, new_sandbox, require_kernel  # noqa: E402
 
 PORT = 7651

@@ -35,7 +35,8 @@ from bench.harness import (
     table,
     timed,
 )
-from guard import kernel, layout, objects
+from guard.kernel import layout, objects
+from guard.kernel import libbpf as kernel
 from tests.kernel.sandbox import REPO, in_netns
 
 PORT = 30000  # the reserved probe port

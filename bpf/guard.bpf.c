@@ -5,9 +5,11 @@
  * cgroup_skb ingress/egress containment of sockets that hold a reserved port
  * without being an owner's (squatters bound before the guard was loaded).
  *
- * Built once with `clang -target bpf` (see guard/objects.py); CO-RE relocations
- * against the running kernel's BTF make the object independent of kernel headers.
- * Build with -DPG_NO_SET_RETVAL for kernels older than 5.18 (denial is then EPERM).
+ * Built once with `clang -target bpf` (see guard/kernel/objects.py); CO-RE
+ * relocations against the running kernel's BTF make the object independent of
+ * kernel headers. One object serves every kernel: the bind hooks come in two
+ * denial styles, and the loader loads one of them (bpf_program__set_autoload):
+ * bpf_set_retval(-deny_errno) where the kernel has it (5.18), plain EPERM before.
  */
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -26,106 +28,53 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PG_SLOTS * PG_MAX_PORTS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct pg_port_key);
-	__type(value, struct pg_port_val);
-} ports SEC(".maps");
+/* Never called, never loaded: its prototype puts the parts of the contract no map type
+ * names (the enums, the event record) into the object's BTF, where
+ * tests/unit/test_contract.py reads them. */
+__attribute__((used)) int pg_contract(enum pg_limits limits, enum pg_mode mode,
+				       enum pg_verdict verdict, enum pg_port_flags flags,
+				       const struct pg_event *event)
+{
+	return 0;
+}
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PG_SLOTS * PG_MAX_SETS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct pg_set_key);
-	__type(value, struct pg_set_val);
-} sets SEC(".maps");
+/* What a bind or a packet on (protocol, port) is checked against. */
+struct guarded {
+	__u32 slot;
+	struct pg_port_val *reservation;
+	struct pg_config *cfg;
+};
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PG_SLOTS * PG_MAX_OWNER_PATHS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct pg_path_key);
-	__type(value, __u32);
-} paths SEC(".maps");
+/* Whether (protocol, port) is reserved, with all of `flags`, in the active slot, and the
+ * subject (ctx) is in the guarded network namespace; fills g when it is. */
+static __always_inline int reserved(void *ctx, __u32 protocol, __u16 port, __u32 flags,
+				    struct guarded *g)
+{
+	__u32 zero = 0;
+	struct pg_state *st = bpf_map_lookup_elem(&state, &zero);
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PG_SLOTS * PG_MAX_OWNER_PATHS);
-	__type(key, struct pg_owner_key);
-	__type(value, struct pg_owner_val);
-} owners SEC(".maps");
+	if (!st || !port)  /* port 0: autobind, kept off reserved ports by the sysctl */
+		return 0;
+	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+		return 0;
+	g->slot = st->active & 1;
+	struct pg_port_key pk = { .slot = g->slot, .proto = protocol, .port = port };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, PG_SLOTS);
-	__type(key, __u32);
-	__type(value, struct pg_config);
-} config SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct pg_state);
-} state SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, PG_MAX_PORTS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct pg_count_key);
-	__type(value, __u64);
-} denied SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, PG_MAX_PORTS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct pg_count_key);
-	__type(value, __u64);
-} contained SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
-} events SEC(".maps");
-
-/* events that did not fit in the ring buffer */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} lost SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct pg_meta);
-} meta SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u16);
-	__type(value, __u8);
-} sysctl_added SEC(".maps");
-
-/* per-CPU scratch for the cgroup path key: too large for the 512-byte stack */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct pg_path_key);
-} scratch SEC(".maps");
+	g->reservation = bpf_map_lookup_elem(&ports, &pk);
+	if (!g->reservation || (g->reservation->flags & flags) != flags)
+		return 0;
+	g->cfg = bpf_map_lookup_elem(&config, &g->slot);
+	if (!g->cfg)
+		return 0;
+	/* guarded network namespace only (0: every namespace, kernels < 5.14) */
+	return !g->cfg->netns_cookie || bpf_get_netns_cookie(ctx) == g->cfg->netns_cookie;
+}
 
 /* Whether the subject belongs to an owner of the set: the calling task (sk == NULL, the
  * bind hooks) or the cgroup the socket was created in (the packet hooks). sk is a constant
- * NULL in the bind hooks, so the socket helper, which they may not call, is compiled out. */
+ * NULL in the bind hooks, so the socket helper, which they may not call, is compiled out.
+ * The cost is one ancestor lookup per owner at the caller's depth, never a scan of all
+ * reservations. */
 static __always_inline int is_owner(__u32 slot, __u32 set_id, struct bpf_sock *sk)
 {
 	struct pg_set_key key = { .slot = slot, .set = set_id };
@@ -209,63 +158,53 @@ static __always_inline void report(struct bpf_sock_addr *ctx, __u8 family, __u8 
 	bpf_ringbuf_submit(ev, 0);
 }
 
-static __always_inline int guard_bind(struct bpf_sock_addr *ctx, __u8 family)
+/* The rule: a reserved port in the guarded namespace is for its owners only. set_retval is
+ * a constant per program, so the EPERM programs never contain the helper call that kernels
+ * before 5.18 would refuse. */
+static __always_inline int guard_bind(struct bpf_sock_addr *ctx, __u8 family, int set_retval)
 {
-	__u32 zero = 0;
-	struct pg_state *st = bpf_map_lookup_elem(&state, &zero);
-
-	if (!st)
-		return ALLOW;
-	__u32 slot = st->active & 1;
-	__u32 protocol = ctx->protocol;
-
-	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
-		return ALLOW;
+	__u32 protocol = ctx->protocol;  /* 4-byte load: narrow loads are refused */
 	__u16 port = bpf_ntohs(ctx->user_port);
+	struct guarded g;
 
-	if (!port)
-		return ALLOW;  /* autobind: kept off reserved ports by ip_local_reserved_ports */
-
-	struct pg_port_key pk = { .slot = slot, .proto = protocol, .port = port };
-	struct pg_port_val *reservation = bpf_map_lookup_elem(&ports, &pk);
-
-	if (!reservation)
+	if (!reserved(ctx, protocol, port, 0, &g))
 		return ALLOW;
-	struct pg_config *cfg = bpf_map_lookup_elem(&config, &slot);
-
-	if (!cfg)
+	if (is_owner(g.slot, g.reservation->set, NULL))
 		return ALLOW;
-	if (cfg->netns_cookie && bpf_get_netns_cookie(ctx) != cfg->netns_cookie)
-		return ALLOW;
-	__u32 set_id = reservation->set;
-
-	if (is_owner(slot, set_id, NULL))
-		return ALLOW;
-
 	count(&denied, protocol, port);
-	if (cfg->mode == PG_MODE_AUDIT) {
-		report(ctx, family, protocol, port, set_id, PG_VERDICT_AUDIT);
+	if (g.cfg->mode == PG_MODE_AUDIT) {
+		report(ctx, family, protocol, port, g.reservation->set, PG_VERDICT_AUDIT);
 		return ALLOW;
 	}
-	report(ctx, family, protocol, port, set_id, PG_VERDICT_DENIED);
-#ifndef PG_NO_SET_RETVAL
+	report(ctx, family, protocol, port, g.reservation->set, PG_VERDICT_DENIED);
 	/* Only on the deny path: set_retval followed by ALLOW still fails the bind. */
-	if (cfg->deny_errno)
-		bpf_set_retval(-(int)cfg->deny_errno);
-#endif
+	if (set_retval && g.cfg->deny_errno)
+		bpf_set_retval(-(int)g.cfg->deny_errno);
 	return DENY;
 }
 
 SEC("cgroup/bind4")
 int portguard_bind4(struct bpf_sock_addr *ctx)
 {
-	return guard_bind(ctx, AF_INET);
+	return guard_bind(ctx, AF_INET, 1);
 }
 
 SEC("cgroup/bind6")
 int portguard_bind6(struct bpf_sock_addr *ctx)
 {
-	return guard_bind(ctx, AF_INET6);
+	return guard_bind(ctx, AF_INET6, 1);
+}
+
+SEC("cgroup/bind4")
+int portguard_bind4_eperm(struct bpf_sock_addr *ctx)
+{
+	return guard_bind(ctx, AF_INET, 0);
+}
+
+SEC("cgroup/bind6")
+int portguard_bind6_eperm(struct bpf_sock_addr *ctx)
+{
+	return guard_bind(ctx, AF_INET6, 0);
 }
 
 /* A packet of a socket whose local port is reserved with PG_PORT_CONTAIN passes only when
@@ -274,12 +213,8 @@ int portguard_bind6(struct bpf_sock_addr *ctx)
  * for its SYN-ACKs and request sockets; accepted sockets keep the listener's cgroup). */
 static __always_inline int contain(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct pg_state *st = bpf_map_lookup_elem(&state, &zero);
-
-	if (!st)
-		return PASS;
 	struct bpf_sock *sk = skb->sk;
+	struct guarded g;
 
 	if (!sk)
 		return PASS;
@@ -287,29 +222,14 @@ static __always_inline int contain(struct __sk_buff *skb)
 	if (!sk)
 		return PASS;
 	__u32 protocol = sk->protocol;
-
-	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
-		return PASS;
 	__u16 port = sk->src_port;  /* host byte order: the socket's local port */
 
-	if (!port)
+	if (!reserved(skb, protocol, port, PG_PORT_CONTAIN, &g))
 		return PASS;
-	__u32 slot = st->active & 1;
-	struct pg_port_key pk = { .slot = slot, .proto = protocol, .port = port };
-	struct pg_port_val *reservation = bpf_map_lookup_elem(&ports, &pk);
-
-	if (!reservation || !(reservation->flags & PG_PORT_CONTAIN))
-		return PASS;
-	struct pg_config *cfg = bpf_map_lookup_elem(&config, &slot);
-
-	if (!cfg)
-		return PASS;
-	if (cfg->netns_cookie && bpf_get_netns_cookie(skb) != cfg->netns_cookie)
-		return PASS;
-	if (is_owner(slot, reservation->set, sk))
+	if (is_owner(g.slot, g.reservation->set, sk))
 		return PASS;
 	count(&contained, protocol, port);
-	return cfg->mode == PG_MODE_AUDIT ? PASS : DROP;
+	return g.cfg->mode == PG_MODE_AUDIT ? PASS : DROP;
 }
 
 SEC("cgroup_skb/ingress")

@@ -1,33 +1,51 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * portguard map layout: the single truth shared by the BPF programs (guard.bpf.c)
- * and the Python controller (guard/layout.py mirrors these structs field by field;
- * a unit test compares both, and the layout hash names the pin sub-directory, so a
- * changed layout is never loaded onto maps of the old one).
+ * portguard's kernel/user contract, written once: the constants, the map keys and
+ * values, the map definitions and the event record. The Python controller mirrors
+ * them in guard/kernel/layout.py, and tests/unit/test_contract.py checks that mirror
+ * against the BTF of the compiled object (member offsets and sizes, every constant,
+ * each map's type, key, value and size), so the two cannot drift apart. The digest
+ * of this file names the pin sub-directory: a changed layout is never loaded onto
+ * maps of the old one.
  *
- * Every configuration-dependent entry carries a slot (0 or 1). The programs only
- * read the slot named by state.active; `apply` fills the inactive slot completely,
- * then flips state.active with one map update. That flip is the single instant at
- * which the guard changes, for IPv4 and IPv6 alike.
+ * Semantics. A bind of a reserved (protocol, port) in the guarded network namespace
+ * is refused unless the caller's cgroup is one of the port's owners or below one;
+ * everything else passes untouched. Every configuration-dependent entry carries a
+ * slot (0 or 1). The programs only read the slot named by state.active; apply fills
+ * the inactive slot completely, then flips state.active with one map update. That
+ * flip is the single instant at which the guard changes, for IPv4 and IPv6 alike.
+ *
+ * Constants are enums (not #defines) so that they are part of the object's BTF.
+ * Include only from BPF C, after <bpf/bpf_helpers.h>.
  */
 #ifndef PORTGUARD_GUARD_H
 #define PORTGUARD_GUARD_H
 
-#define PG_SLOTS 2
-#define PG_MAX_OWNERS 64          /* owners of one port */
-#define PG_MAX_OWNER_PATHS 4096   /* distinct owner cgroups per slot */
-#define PG_MAX_SETS 4096          /* distinct owner sets per slot */
-#define PG_MAX_PORTS (65535 * 2)  /* every port, tcp and udp */
-#define PG_PATH_MAX 256           /* cgroup path incl. NUL; longer paths are refused */
+enum pg_limits {
+	PG_SLOTS = 2,
+	PG_MAX_OWNERS = 64,          /* owners of one port */
+	PG_MAX_OWNER_PATHS = 4096,   /* distinct owner cgroups per slot */
+	PG_MAX_SETS = 4096,          /* distinct owner sets per slot */
+	PG_MAX_PORTS = 65535 * 2,    /* every port, tcp and udp */
+	PG_PATH_MAX = 256,           /* cgroup path incl. NUL; longer paths are refused */
+	PG_EVENT_BYTES = 256 * 1024, /* the event ring buffer */
+	PG_SYSCTL_PORTS = 65536,     /* one record per port number */
+};
 
-#define PG_MODE_ENFORCE 0
-#define PG_MODE_AUDIT 1
+enum pg_mode {
+	PG_MODE_ENFORCE = 0,
+	PG_MODE_AUDIT = 1,  /* count and report, but allow */
+};
 
-#define PG_VERDICT_DENIED 0
-#define PG_VERDICT_AUDIT 1
+enum pg_verdict {
+	PG_VERDICT_DENIED = 0,
+	PG_VERDICT_AUDIT = 1,
+};
 
 /* pg_port_val.flags */
-#define PG_PORT_CONTAIN 1  /* drop packets of sockets on the port that are not an owner's */
+enum pg_port_flags {
+	PG_PORT_CONTAIN = 1,  /* drop packets of sockets on the port that are not an owner's */
+};
 
 /* ports: which (slot, protocol, port) is reserved, and for which owner set */
 struct pg_port_key {
@@ -38,7 +56,7 @@ struct pg_port_key {
 
 struct pg_port_val {
 	__u32 set;    /* owner set id */
-	__u32 flags;  /* PG_PORT_* */
+	__u32 flags;  /* enum pg_port_flags */
 };
 
 /* sets: the owners allowed to bind a port */
@@ -74,9 +92,9 @@ struct pg_owner_val {
 
 /* config: per slot */
 struct pg_config {
-	__u64 netns_cookie;  /* only binds in this network namespace are guarded */
+	__u64 netns_cookie;  /* only binds in this network namespace are guarded; 0: all */
 	__u32 deny_errno;    /* errno the binder sees; 0 = plain EPERM */
-	__u32 mode;          /* PG_MODE_* */
+	__u32 mode;          /* enum pg_mode */
 };
 
 /* state: a single entry */
@@ -85,14 +103,12 @@ struct pg_state {
 	__u32 pad;
 };
 
-/* denied: per-CPU denial counters, keyed without slot so they survive re-apply */
+/* denied and contained: per-CPU counters, keyed without slot so they survive re-apply */
 struct pg_count_key {
 	__u8 proto;
 	__u8 pad;
 	__u16 port;
 };
-
-/* contained: per-CPU counters of dropped packets (PG_PORT_CONTAIN), keyed like denied */
 
 /* events: one record per refused (or, in audit mode, would-be refused) bind */
 struct pg_event {
@@ -103,20 +119,120 @@ struct pg_event {
 	__u16 port;
 	__u8 proto;
 	__u8 family;   /* AF_INET or AF_INET6 */
-	__u8 verdict;  /* PG_VERDICT_* */
+	__u8 verdict;  /* enum pg_verdict */
 	__u8 pad[3];
 	__u32 set;
 	char comm[16];
 	__u8 addr[16]; /* IPv4 in the first 4 bytes */
 };
 
-/* meta: a single entry naming the loaded program object (its content digest), so a
- * re-apply with an unchanged program touches maps only */
+/* meta: a single entry naming the loaded program object (its content digest and the
+ * denial style), so a re-apply with an unchanged program touches maps only */
 struct pg_meta {
 	char object[64];
 };
 
-/* sysctl_added: ports portguard added to net.ipv4.ip_local_reserved_ports (key: port,
- * value: 1), so remove takes away only those */
+/* ---- the maps ---------------------------------------------------------------------- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SLOTS * PG_MAX_PORTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_port_key);
+	__type(value, struct pg_port_val);
+} ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SLOTS * PG_MAX_SETS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_set_key);
+	__type(value, struct pg_set_val);
+} sets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SLOTS * PG_MAX_OWNER_PATHS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_path_key);
+	__type(value, __u32);
+} paths SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SLOTS * PG_MAX_OWNER_PATHS);
+	__type(key, struct pg_owner_key);
+	__type(value, struct pg_owner_val);
+} owners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PG_SLOTS);
+	__type(key, __u32);
+	__type(value, struct pg_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pg_state);
+} state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, PG_MAX_PORTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_count_key);
+	__type(value, __u64);
+} denied SEC(".maps");
+
+/* packets of non-owner sockets dropped on PG_PORT_CONTAIN ports (audit: seen) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, PG_MAX_PORTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pg_count_key);
+	__type(value, __u64);
+} contained SEC(".maps");
+
+/* struct pg_event records */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, PG_EVENT_BYTES);
+} events SEC(".maps");
+
+/* events that did not fit in the ring buffer */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lost SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pg_meta);
+} meta SEC(".maps");
+
+/* ports portguard added to net.ipv4.ip_local_reserved_ports (key: port, value: 1),
+ * so remove takes away only those */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PG_SYSCTL_PORTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u16);
+	__type(value, __u8);
+} sysctl_added SEC(".maps");
+
+/* per-CPU scratch for the cgroup path key: too large for the 512-byte stack */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pg_path_key);
+} scratch SEC(".maps");
 
 #endif

@@ -16,12 +16,11 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from guard import config as config_mod
+from guard.policy import config as config_mod
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -68,7 +67,9 @@ def _load_settings(path: str | None) -> config_mod.Settings:
     try:
         return _load_config(path).settings
     except ConfigProblem as exc:
-        click.echo(f"portguard: warning: {exc.message}", err=True)
+        from guard.observe.display import warning_line
+
+        click.echo(warning_line(exc.message), err=True)
     return _settings_only(path)
 
 
@@ -81,16 +82,17 @@ def _settings_only(path: str | None) -> config_mod.Settings:
 
 
 def _plan(cfg: config_mod.Config):
-    from guard import owners
+    from guard.kernel.layout import LIMITS
+    from guard.policy import owners, plan
 
     try:
-        return owners.build_plan(cfg)
+        return plan.build(cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS)
     except config_mod.ConfigError as exc:
         raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
 
 
 def _runtime(fn, *args):
-    from guard.lifecycle import GuardError
+    from guard.errors import GuardError
 
     try:
         return fn(*args)
@@ -130,7 +132,7 @@ def apply(config_path: str | None, dry_run: bool) -> None:
     """Load or update the guard to match the configuration, then exit (the guard stays).
     With --dry-run: validate the files (exit 2 when invalid), resolve the owners, print the
     reservations and what apply would change against the loaded guard; nothing is changed."""
-    from guard import outcome
+    from guard.observe import outcome
 
     if dry_run:
         _dry_run(config_path)
@@ -154,32 +156,33 @@ def _pin_dir_for_record(config_path: str | None) -> str:
 
 def _apply(config_path: str | None) -> str:
     """Apply; the pin directory applied to."""
-    from guard import lifecycle, resvport
+    from guard.kernel.apply import apply as apply_plan
+    from guard.kernel.host import DENY_EPERM
+    from guard.observe import display
+    from guard.policy import resvport
 
     cfg = _load_config(config_path)
     plan = _plan(cfg)
-    result = _runtime(lifecycle.apply, plan)
+    result = _runtime(apply_plan, plan)
     for note in result.warnings:
-        click.echo(f"portguard: warning: {note}", err=True)
-    seen = errno.EPERM if result.variant == "eperm" else plan.settings.deny_errno_number
+        click.echo(display.warning_line(note), err=True)
+    seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number
     exposed = resvport.exposed((port for _, port in plan.ports), seen)
     if exposed:
-        warning = resvport.warning(exposed, errno.errorcode[seen])
-        click.echo(f"portguard: warning: {warning}", err=True)
+        click.echo(display.warning_line(resvport.warning(exposed, errno.errorcode[seen])), err=True)
     for squatter in _squatters_of_plan(plan):
-        click.echo(f"portguard: warning: {squatter.describe()}", err=True)
-    ports = len(plan.ports)
-    state = "applied" if result.changed else "unchanged"
+        click.echo(display.warning_line(display.squatter_text(squatter)), err=True)
     click.echo(
-        f"portguard: {state}: {ports} reserved port/protocol pairs, "
-        f"{len(plan.paths)} owner cgroups, mode {plan.settings.mode}"
+        display.apply_line(result.changed, len(plan.ports), len(plan.paths), plan.settings.mode)
     )
     return plan.settings.pin_dir
 
 
 def _dry_run(config_path: str | None) -> None:
     """`nginx -t` for portguard: the files as apply would read them, and the change."""
-    from guard import display, drift, lifecycle, owners
+    from guard.observe import display, drift
+    from guard.observe.state import read_state
+    from guard.policy import owners
 
     cfg = _load_config(config_path)
     the_plan = _plan(cfg)
@@ -189,7 +192,7 @@ def _dry_run(config_path: str | None) -> None:
     if os.geteuid() != 0:
         click.echo("portguard: not compared with the loaded guard: that needs root")
         return
-    state = _runtime(lifecycle.read_state, the_plan.settings)
+    state = _runtime(read_state, the_plan.settings)
     if not state.loaded:
         click.echo("portguard: apply would load the guard: none is loaded")
         return
@@ -200,8 +203,8 @@ def _dry_run(config_path: str | None) -> None:
 def _squatters_of_plan(plan) -> list:
     """Holders of the planned ports that are not owners (apply runs in the guarded netns).
     /proc/net is read first: only when a reserved port is held does sock_diag run."""
-    from guard.holders import bound_ports
-    from guard.layout import PROTOCOL_NAMES
+    from guard.kernel.layout import PROTOCOL_NAMES
+    from guard.observe.holders import bound_ports, find
 
     bound = bound_ports()
     reservations = [
@@ -209,29 +212,17 @@ def _squatters_of_plan(plan) -> list:
         for (proto, port), set_id in plan.ports.items()
         if (port, PROTOCOL_NAMES[proto]) in bound
     ]
-    if not reservations:
-        return []
-    from guard import squatters
-
-    return squatters.find(reservations)
+    return find(reservations) if reservations else []
 
 
 @main.command()
 @click.pass_obj
 def remove(config_path: str | None) -> None:
     """Detach and unpin the guard and restore the sysctl: the machine is as before."""
-    from guard import lifecycle
+    from guard.kernel.apply import remove as remove_guard
+    from guard.observe.display import remove_line
 
-    removed = _runtime(lifecycle.remove, _load_settings(config_path))
-    click.echo("portguard: removed" if removed else "portguard: nothing to remove")
-
-
-def _state_dict(state) -> dict:
-    data = asdict(state)
-    data["links"] = {
-        link["name"]: {k: v for k, v in link.items() if k != "name"} for link in data["links"]
-    }
-    return data
+    click.echo(remove_line(_runtime(remove_guard, _load_settings(config_path))))
 
 
 FORMATS = ("text", "json", "prometheus")
@@ -275,28 +266,30 @@ def status(
     guard is not what the configuration files ask for (saying what differs).
 
     Run it in the guarded network namespace: holders are read there."""
-    from guard import display, lifecycle, outcome, resvport, squatters
+    from guard.kernel.host import netns_cookie
+    from guard.observe import display, holders, outcome
+    from guard.observe.state import read_state
+    from guard.policy import resvport
 
     output_format = "json" if as_json else output_format
     _config_files(config_path)  # unreadable: exit 2 at once
     cfg, problem = _config_or_problem(config_path)
     settings = cfg.settings if cfg else _settings_only(config_path)
-    state = _runtime(lifecycle.read_state, settings)
-    state = squatters.with_holders(state, lifecycle.netns_cookie())
+    state = _runtime(read_state, settings)
+    state = holders.with_holders(state, netns_cookie())
     failure = outcome.last_failure(settings.pin_dir)
     differences = _differences(cfg, problem, state) if state.loaded else []
-    found = squatters.of_state(state)
+    found = holders.of_state(state)
     exposed = resvport.exposed((r.port for r in state.reservations), state.deny_errno)
     if output_format == "json":
-        import json  # only here: plain status, check and apply do without it
-
-        data = _state_dict(state)
-        data["last_apply_failure"] = asdict(failure) if failure else None
-        data["config_matches"] = state.loaded and not differences
-        data["config_differences"] = differences
-        data["squatters"] = len(found)
-        data["bindresvport_exposed"] = exposed
-        lines = json.dumps(data, indent=2).splitlines()
+        lines = display.status_json(
+            state,
+            failure,
+            config_matches=state.loaded and not differences,
+            config_differences=differences,
+            squatters=len(found),
+            bindresvport_exposed=exposed,
+        ).splitlines()
     elif output_format == "prometheus":
         lines = display.prometheus_lines(
             state,
@@ -312,12 +305,10 @@ def status(
         for line in display.drift_lines(differences):
             click.echo(line, err=True)
         if exposed:
-            warning = resvport.warning(exposed, lifecycle.errno_name(state.deny_errno))
-            click.echo(f"portguard: warning: {warning}", err=True)
+            warning = resvport.warning(exposed, display.errno_name(state.deny_errno))
+            click.echo(display.warning_line(warning), err=True)
         if found:
-            click.echo(
-                f"portguard: {len(found)} reserved port holder(s) not an owner (SQUATTER)", err=True
-            )
+            click.echo(display.squatters_line(len(found)), err=True)
     _write_lines(lines, output)
     if not state.loaded:
         sys.exit(EXIT_NOT_LOADED)
@@ -352,7 +343,7 @@ def _config_or_problem(config_path: str | None) -> tuple[config_mod.Config | Non
 
 def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> list[str]:
     """How the loaded guard differs from what `apply` would load now (empty: the same)."""
-    from guard import drift
+    from guard.observe import drift
 
     if cfg is not None:
         try:
@@ -368,37 +359,21 @@ def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> l
 @click.pass_obj
 def check(config_path: str | None, port: str, as_json: bool) -> None:
     """Say who owns PORT[/tcp|/udp] (a number or an /etc/services name)."""
-    from guard import lifecycle
-    from guard.ports import PortSpecError, parse_check_target
+    from guard.observe import display
+    from guard.observe.state import read_state
+    from guard.policy.ports import PortSpecError, parse_check_target
 
     try:
         pairs = parse_check_target(port)
     except PortSpecError as exc:
         raise click.UsageError(str(exc)) from None
-    state = _runtime(lifecycle.read_state, _load_settings(config_path), pairs)
-    by_key = {(r.protocol, r.port): r for r in state.reservations}
-    results = []
-    for proto, number in pairs:
-        res = by_key.get((proto, number))
-        results.append(
-            {
-                "port": number,
-                "protocol": proto,
-                "reserved": res is not None,
-                "owners": [asdict(o) for o in res.owners] if res else [],
-            }
-        )
+    state = _runtime(read_state, _load_settings(config_path), pairs)
+    results = display.check_results(pairs, state.reservations)
     if as_json:
-        import json
-
-        click.echo(json.dumps(results, indent=2))
+        click.echo(display.check_json(results))
         return
-    for item in results:
-        if item["reserved"]:
-            owners = ", ".join(o["cgroup"] for o in item["owners"])
-            click.echo(f"{item['port']}/{item['protocol']}: reserved for {owners}")
-        else:
-            click.echo(f"{item['port']}/{item['protocol']}: not reserved")
+    for line in display.check_lines(results):
+        click.echo(line)
 
 
 @main.command()
@@ -436,8 +411,8 @@ def monitor(
     """Print every refused bind as it happens (in audit mode: every bind that would be
     refused). Lost events are reported as "lost N events", never dropped silently.
     One monitor at a time; runs until interrupted."""
-    from guard import display, journal
-    from guard import monitor as monitor_mod
+    from guard.observe import display, journal
+    from guard.observe import monitor as monitor_mod
 
     settings = _load_settings(config_path)
     if to_journal:
@@ -451,7 +426,7 @@ def monitor(
         sink = display.TextSink(sys.stdout)
 
     def ready() -> None:
-        click.echo(f"portguard: monitoring refused binds of {settings.pin_dir}", err=True)
+        click.echo(display.monitor_ready_line(settings.pin_dir), err=True)
 
     summary = _runtime(
         lambda: monitor_mod.run(
@@ -479,11 +454,11 @@ def _detach_stdout() -> None:
 @main.command()
 def build() -> None:
     """Compile the BPF object into the cache, so apply needs no compiler (e.g. at boot)."""
-    from guard import objects
+    from guard.kernel import objects
+    from guard.observe.display import built_line
 
     try:
-        for variant in objects.VARIANTS:
-            click.echo(f"portguard: built {objects.build(variant)}")
+        click.echo(built_line(objects.build()))
     except objects.BuildError as exc:
         raise RuntimeProblem(str(exc)) from None
 
@@ -502,7 +477,7 @@ def demo() -> None:
 def import_portreserve(directory: str) -> None:
     """Print portreserve's configuration (DIRECTORY, default /etc/portreserve) as portguard
     TOML. portguard reads those files as they are anyway; this is for migrating."""
-    from guard.portreserve import PortreserveError, read_portreserve, to_toml
+    from guard.policy.portreserve import PortreserveError, read_portreserve, to_toml
 
     try:
         click.echo(to_toml(read_portreserve(Path(directory))), nl=False)

@@ -16,7 +16,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from guard import cgroups, config, display, lifecycle, owners, plan
+from guard.errors import GuardError
+from guard.kernel import cgroups
+from guard.kernel.apply import apply, remove
+from guard.kernel.host import require_root
+from guard.kernel.layout import LIMITS
+from guard.observe import display
+from guard.observe.state import read_state
+from guard.policy import config, owners, plan
 
 CLONE_NEWNET = 0x40000000
 
@@ -47,9 +54,7 @@ else:
 def _unshare_net() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
-        raise lifecycle.GuardError(
-            f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}"
-        )
+        raise GuardError(f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=False)
 
 
@@ -74,10 +79,7 @@ def _remove_tree(top: Path) -> None:
 
 def run(echo=print) -> int:
     """Apply the default policy in a sandbox, show it working, take it all away."""
-    if os.geteuid() != 0:
-        raise lifecycle.GuardError(
-            "portguard demo must run as root: it loads BPF programs into the kernel"
-        )
+    require_root("portguard demo")
     root = cgroups.cgroup2_mount()
     name = f"portguard-demo-{os.getpid()}"
     top = f"/{name}"
@@ -87,17 +89,15 @@ def run(echo=print) -> int:
     # Every default block, installed or not, with its owners moved below the demo subtree.
     blocks = tuple(replace(b, if_installed=False) for b in defaults.blocks)
     cfg = config.Config(settings, blocks, defaults.files)
-    here = owners.resolve(cfg)
-    resolved = {i: [(top + path, label) for path, label in pairs] for i, pairs in here.items()}
-    limits = {
-        i: {top + path: ports for path, ports in limited.items()}
-        for i, limited in owners.listen_limits(cfg, here).items()
-    }
-    the_plan = plan.build(cfg, resolved, (), limits)
+    resolved = [
+        replace(block, owners=tuple(replace(o, path=top + o.path) for o in block.owners))
+        for block in owners.resolve(cfg)
+    ]
+    the_plan = plan.build(settings, resolved, (), LIMITS)
     _unshare_net()
     top_dir.mkdir()
     try:
-        result = lifecycle.apply(the_plan)
+        result = apply(the_plan)
         for note in result.warnings:
             echo(f"portguard demo: warning: {note}")
         for line in display.wrap(
@@ -108,7 +108,7 @@ def run(echo=print) -> int:
             echo(line)
         echo("  this machine's own services are not touched.")
         echo("\nThe guard, as `portguard status` shows it:")
-        state = lifecycle.read_state(settings)
+        state = read_state(settings)
         for line in display.status_lines(state, top):
             echo(line)
         cups = cgroups.directory(top + "/system.slice/cups.service", root)
@@ -123,13 +123,13 @@ def run(echo=print) -> int:
         echo("\nbindresvport() in rpcbind.service, the way RPC daemons pick a port in 512-1023:")
         for line in display.demo_resvport_lines(_child(stranger, "bindresvport", 0)):
             echo(line)
-        denied = sum(r.denied for r in lifecycle.read_state(settings).reservations)
+        denied = sum(r.denied for r in read_state(settings).reservations)
         echo(
             f"\nThe kernel counted {denied} refused binds (`portguard status` shows them per port)."
         )
     finally:
         try:
-            lifecycle.remove(settings)
+            remove(settings)
         finally:
             _remove_tree(top_dir)
     echo("\nportguard demo: removed the guard and the sandbox; the machine is as before.")

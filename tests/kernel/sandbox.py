@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from guard import cgroups
+from guard.kernel import cgroups
 
 REPO = Path(__file__).resolve().parents[2]
 PORTGUARD = [sys.executable, "-m", "guard"]

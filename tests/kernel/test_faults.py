@@ -1,7 +1,7 @@
 """apply and remove killed (SIGKILL) after every state-changing step: afterwards the old guard
 holds or the new one, never neither and never a mix, and the next run settles everything.
 
-The kill points come from the fault hook in guard/kernel.py (PORTGUARD_FAULT_AFTER=N: the
+The kill points come from the fault hook in guard/kernel/libbpf.py (PORTGUARD_FAULT_AFTER=N: the
 process kills itself right after its N-th map write, load, pin, unpin, attach, link update or
 sysctl write). Each scenario walks N = offset, offset+stride, ... until a run completes, so
 every step is a kill point when the stride is 1. Counts: PORTGUARD_FAULT_STRIDE (default 4
@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from guard import layout, lifecycle
-from guard.config import Settings
+from guard.kernel import layout
+from guard.kernel.pins import Maps, Pins
+from guard.observe.state import GuardState, read_state
+from guard.policy.config import Settings
 from tests.kernel.sandbox import PORTGUARD, REPO, in_netns
 
 STRIDE = int(os.environ.get("PORTGUARD_FAULT_STRIDE", "4"))
@@ -115,10 +117,10 @@ class Rig:
         assert "Traceback" not in proc.stderr
         return proc.returncode
 
-    def observe(self) -> tuple[dict, dict, lifecycle.GuardState]:
+    def observe(self) -> tuple[dict, dict, GuardState]:
         out = self.sandbox.run("stranger", "matrix", self.matrix_args)
         sysctl = out.pop("sysctl")
-        return out, sysctl, lifecycle.read_state(self.settings)
+        return out, sysctl, read_state(self.settings)
 
     @staticmethod
     def reservations(state) -> dict:
@@ -157,7 +159,7 @@ class Rig:
             shown = v4 + v6
         assert shown, f"binds match none of {[g.name for g in allowed]}: {matrix}"
         reserved_now = set().union(*(g.ports() for g in shown))
-        from guard import sysctl as sysctl_mod
+        from guard.kernel import sysctl as sysctl_mod
 
         assert reserved_now <= sysctl_mod.parse(sysctl), (sysctl, [g.name for g in shown])
         if not state.interrupted:
@@ -166,7 +168,7 @@ class Rig:
     def assert_exactly(self, guard: Guard) -> None:
         matrix, sysctl, state = self.observe()
         assert matrix == guard.matrix()
-        from guard import sysctl as sysctl_mod
+        from guard.kernel import sysctl as sysctl_mod
 
         assert sysctl_mod.parse(sysctl) == guard.ports()
         pins = self.sandbox.pin_dir
@@ -237,7 +239,7 @@ def test_program_swap_killed_anywhere_leaves_the_old_guard_or_the_new(rig):
     # A stale object digest makes apply reload the programs onto the same maps: trackers are
     # staged beside the old ones, then each bind link swaps its program.
     def stale_program():
-        maps = lifecycle.Maps.open_pinned(lifecycle.Pins(rig.sandbox.pin_dir).maps_dir)
+        maps = Maps.open_pinned(Pins(rig.sandbox.pin_dir).maps_dir)
         try:
             maps.meta.update(0, layout.Meta(b"guard-retval-0000000000000000"))
         finally:
@@ -251,7 +253,7 @@ def test_program_swap_killed_anywhere_leaves_the_old_guard_or_the_new(rig):
 def test_layout_takeover_killed_anywhere_never_leaves_a_family_unguarded(rig):
     # Maps of an older layout (simulated by renaming ours): apply loads fresh maps, fills them,
     # then swaps each bind link; the old maps go last, their sysctl records carried over.
-    pins = lifecycle.Pins(rig.sandbox.pin_dir)
+    pins = Pins(rig.sandbox.pin_dir)
 
     def older_layout():
         if pins.maps_dir.exists():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from guard import kernel
+from guard.kernel import libbpf as kernel
 
 PORT = 7631
 FREE = 7632

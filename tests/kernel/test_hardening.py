@@ -15,7 +15,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from guard import kernel, layout, lifecycle
+import pytest
+
+from guard.kernel import layout, objects
+from guard.kernel import libbpf as kernel
+from guard.kernel.pins import Maps, Pins
 from tests.kernel.sandbox import CHILD, REPO, in_netns, missing
 
 PORT = 7651
@@ -52,7 +56,7 @@ CLEAN_PINS = sorted(
 def test_a_foreign_pin_under_a_link_name_is_one_clear_sentence_and_the_guard_stays(sandbox):
     applied(sandbox)
     link = sandbox.pin_dir / "link_bind6"
-    maps = lifecycle.Maps.open_pinned(lifecycle.Pins(sandbox.pin_dir).maps_dir)
+    maps = Maps.open_pinned(Pins(sandbox.pin_dir).maps_dir)
     try:
         os.unlink(link)  # bind6 detaches; something else takes its name
         kernel.pin(maps.fds["state"], link)
@@ -69,7 +73,7 @@ def test_a_foreign_pin_under_a_link_name_is_one_clear_sentence_and_the_guard_sta
 
 def test_half_created_maps_and_stale_staged_links_are_taken_over_while_the_links_enforce(sandbox):
     applied(sandbox)
-    pins = lifecycle.Pins(sandbox.pin_dir)
+    pins = Pins(sandbox.pin_dir)
     os.unlink(pins.maps_dir / "ports")  # a half-created or damaged set of maps
     fd = kernel.get_pinned(pins.link("mkdir"))
     kernel.pin(fd, pins.staged_link("mkdir"))  # a killed run's staged tracker
@@ -82,9 +86,32 @@ def test_half_created_maps_and_stale_staged_links_are_taken_over_while_the_links
     assert sandbox.status()["interrupted"] is False
 
 
+def test_a_pinned_map_libbpf_cannot_reuse_is_a_typed_error_and_apply_makes_the_maps_afresh(
+    sandbox,
+):
+    applied(sandbox)
+    pins = Pins(sandbox.pin_dir)
+    scratch = pins.maps_dir / "scratch"  # same layout, but not the object's definition
+    os.unlink(scratch)
+    fd = kernel.lib().bpf_map_create(layout.ARRAY, b"scratch", 4, 8, 1, None)
+    assert fd >= 0
+    kernel.pin(fd, scratch)
+    os.close(fd)
+    with pytest.raises(kernel.IncompatiblePinnedMap) as exc:
+        kernel.load_object(objects.ensure_object(), pins.maps_dir).close()
+    assert exc.value.name == "scratch" and "type 2 instead of 6" in str(exc.value)
+    maps = Maps.open_pinned(pins.maps_dir)
+    try:
+        maps.meta.update(0, layout.Meta(b"guard-0000000000000000"))  # as if the program changed
+    finally:
+        maps.close()
+    sandbox.cli("apply")
+    assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
+
+
 def test_maps_of_an_older_layout_are_taken_over_and_removed_keeping_the_sysctl_records(sandbox):
     applied(sandbox, ports=(str(PORT), str(FREE)))
-    pins = lifecycle.Pins(sandbox.pin_dir)
+    pins = Pins(sandbox.pin_dir)
     os.rename(pins.maps_dir, pins.root / "maps-0123456789ab")  # as an older version left it
     applied(sandbox)
     assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
@@ -314,12 +341,16 @@ def test_reapplies_alternating_configs_while_binds_run_give_no_wrong_answer(sand
         assert child.stdout.readline().strip() == "ready"
     driver = textwrap.dedent(f"""
         import sys
-        from guard import config, owners, plan, lifecycle
+        from guard.kernel.apply import apply
+        from guard.kernel.layout import LIMITS
+        from guard.policy import config, owners, plan
         plans = []
         for path in {configs!r}:
             cfg = config.load([config.Path(path)])
-            plans.append(plan.build(cfg, owners.resolve(cfg), owners.extra_owners(cfg)))
-        changed = sum(lifecycle.apply(plans[(i + 1) % 2]).changed for i in range({REAPPLIES}))
+            plans.append(plan.build(
+                cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS
+            ))
+        changed = sum(apply(plans[(i + 1) % 2]).changed for i in range({REAPPLIES}))
         print(changed)
     """)
     proc = subprocess.run(

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.cgroups import cgroup2_mount
-from guard.holders import Holder, holders
+from guard.kernel.cgroups import CgroupError, cgroup2_mount
+from guard.observe.holders import Holder, holders
 
 pytestmark = pytest.mark.kernel
 
@@ -96,7 +96,7 @@ def cgroup2_root() -> Path:
         _missing("needs root")
     try:
         root = cgroup2_mount()
-    except FileNotFoundError:
+    except CgroupError:
         _missing("no cgroup2 file system mounted")
     return root
 

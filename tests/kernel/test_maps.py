@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from guard import kernel, layout
+from guard.kernel import layout
+from guard.kernel import libbpf as kernel
 
 pytestmark = pytest.mark.kernel
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from guard import cgroups
+from guard.kernel import cgroups
 
 PORT = 7641
 FREE = 7642

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from guard import objects
+from guard.kernel import objects
 from tests.kernel.sandbox import REPO, missing
 
 pytestmark = pytest.mark.kernel
@@ -41,13 +41,12 @@ def wheel_install(tmp_path_factory) -> Path:
     return work / "venv/bin/portguard"
 
 
-def test_the_wheel_carries_both_byte_orders_of_every_variant(wheel_install):
+def test_the_wheel_carries_both_byte_orders_of_the_object(wheel_install):
     (wheel,) = wheel_install.parents[2].glob("portguard-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for variant in objects.VARIANTS:
-        for target in objects.TARGETS.values():
-            name = f"guard/bpf/{objects.object_name(variant, target)}"
-            assert name in names and name.replace(".o", ".sha256") in names
+    for target in objects.TARGETS.values():
+        name = f"guard/bpf/{objects.object_name(target)}"
+        assert name in names and name.replace(".o", ".sha256") in names
 
 
 def test_an_installed_wheel_applies_the_guard_with_no_compiler_and_no_cache(sandbox, wheel_install):
@@ -60,5 +59,5 @@ def test_an_installed_wheel_applies_the_guard_with_no_compiler_and_no_cache(sand
     state = json.loads(
         sandbox.cli("status", "--json", env=env, program=[str(wheel_install)]).stdout
     )
-    assert state["program"] == Path(objects.object_name("retval")).stem
+    assert state["program"] == Path(objects.object_name()).stem
     assert not cache.exists() or not any(cache.iterdir())  # nothing compiled, nothing cached

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from guard import objects
+from guard.kernel import objects
 from tests import debs
 
 
@@ -59,10 +59,9 @@ def test_installs_commands_units_config_docs_and_the_compiled_object(deb):
         assert path in files, path
     assert not any(p.startswith("/etc/systemd/") for p in files)  # masking must keep working
     shipped = "/usr/lib/python3/dist-packages/guard/bpf/"
-    for variant in objects.VARIANTS:
-        for target in objects.TARGETS.values():
-            name = objects.object_name(variant, target)
-            assert shipped + name in files and shipped + name.replace(".o", ".sha256") in files
+    for target in objects.TARGETS.values():
+        name = objects.object_name(target)
+        assert shipped + name in files and shipped + name.replace(".o", ".sha256") in files
 
 
 def test_the_configuration_is_a_conffile(deb):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from guard import cgroups
+from guard.kernel import cgroups
 from tests.systemd.conftest import booted
 from tests.systemd.machine import Machine
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from guard import config
-from guard.config import ConfigError
-from guard.ports import PortRange
+from guard.policy import config
+from guard.policy.config import ConfigError
+from guard.policy.ports import PortRange
 
 
 def load_text(tmp_path: Path, text: str, name: str = "portguard.toml") -> config.Config:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from guard import config, plan
+from guard.kernel.layout import LIMITS
+from guard.policy import config, owners, plan
 
 TCP, UDP = 6, 17
 
 
 def planned(text: str) -> plan.Plan:
     cfg = config.loads(text)
-    owners = {i: [(o.name, None) for o in block.owners] for i, block in enumerate(cfg.blocks)}
-    return plan.build(cfg, owners)
+    return plan.build(cfg.settings, owners.resolve(cfg), (), LIMITS)
 
 
 def test_contain_is_off_by_default():

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.defaults import default_policy_text, installed_units
-from guard.units import parse_unit_name, slice_cgroup_path, unit_cgroup_path
+from guard.policy.defaults import default_policy_text, installed_units
+from guard.policy.units import parse_unit_name, slice_cgroup_path, unit_cgroup_path
 
 OWNER_KEYS = ("unit", "units", "slice", "slices", "cgroup", "cgroups")
 
@@ -120,7 +120,8 @@ def test_installed_units_of_an_empty_system_is_empty(tmp_path: Path):
 
 
 def _plan_with(tmp_path, monkeypatch, unit_files: dict[str, str], text: str):
-    from guard import config, owners
+    from guard.kernel.layout import LIMITS
+    from guard.policy import config, owners, plan
 
     units = tmp_path / "units"
     units.mkdir()
@@ -128,13 +129,14 @@ def _plan_with(tmp_path, monkeypatch, unit_files: dict[str, str], text: str):
         (units / name).write_text(content)
     monkeypatch.setenv(owners.UNIT_DIRS_ENV, str(units))
     monkeypatch.setattr(config, "PORTRESERVE_DIR", "")
-    return owners.build_plan(config.loads(text))
+    cfg = config.loads(text)
+    return plan.build(cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS)
 
 
 def _owners(built, port, proto="tcp"):
-    from guard import layout
+    from guard.policy.ports import PROTOCOL_NUMBERS
 
-    return set(built.owners_of(layout.PROTOCOLS[proto], port))
+    return set(built.owners_of(PROTOCOL_NUMBERS[proto], port))
 
 
 SERVICE = "[Service]\nExecStart=/bin/true\n"
@@ -177,7 +179,7 @@ def test_pid_1_named_as_an_owner_itself_is_not_limited(tmp_path, monkeypatch):
 def test_a_block_whose_only_owner_is_a_socket_not_listening_on_the_port_is_an_error(
     tmp_path, monkeypatch
 ):
-    from guard import config
+    from guard.policy import config
 
     with pytest.raises(config.ConfigError, match="none of the owners binds 701/tcp"):
         _plan_with(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from guard import config, drift, owners, plan
-from guard.lifecycle import GuardState, OwnerState, ReservationState
+from guard.kernel.layout import LIMITS
+from guard.observe import drift
+from guard.observe.state import GuardState, OwnerState, ReservationState
+from guard.policy import config, owners, plan
 
 
 def planned(text: str) -> plan.Plan:
     cfg = config.loads(text)
-    return owners.build_plan(cfg)
+    return plan.build(cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS)
 
 
 FILES = """

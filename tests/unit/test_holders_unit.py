@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from guard.cgroups import unescape_mount_path
-from guard.holders import (
+from guard.kernel.cgroups import unescape_mount_path
+from guard.observe.holders import (
     _cgroup_id,
-    _cgroup_paths,
     cgroup_id_attribute,
+    cgroup_paths,
     holders,
     socket_owners,
     unit_of_cgroup,
@@ -105,7 +105,7 @@ def test_cgroup_ids_map_to_paths_by_directory_inode(tmp_path):
     user = (tmp_path / "user.slice").stat().st_ino
     root = tmp_path.stat().st_ino
 
-    assert _cgroup_paths({cups, user, root, 0, 123456789}, tmp_path) == {
+    assert cgroup_paths({cups, user, root, 0, 123456789}, tmp_path) == {
         cups: "/system.slice/cups.service",
         user: "/user.slice",
         root: "/",
@@ -127,7 +127,7 @@ def test_empty_port_filter_asks_nothing():
 
 
 def test_bound_ports_reads_listening_tcp_and_bound_udp(tmp_path):
-    from guard.holders import bound_ports
+    from guard.observe.holders import bound_ports
 
     header = "  sl  local_address rem_address   st tx_queue rx_queue\n"
     (tmp_path / "tcp").write_text(

@@ -19,8 +19,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard import cli, config, lifecycle, plan
-from guard.portreserve import PortreserveError, read_file, to_toml
+from guard import cli
+from guard.kernel import apply as apply_mod
+from guard.kernel.layout import LIMITS
+from guard.policy import config, owners, plan
+from guard.policy.portreserve import PortreserveError, read_file, to_toml
 
 EXAMPLES = int(os.environ.get("PORTGUARD_FUZZ_EXAMPLES", "2000"))
 FUZZ = settings(
@@ -159,9 +162,9 @@ def toml_files(draw) -> bytes:
 def _run_apply(path: Path, monkeypatch) -> tuple[int, list]:
     applied = []
     monkeypatch.setattr(
-        lifecycle,
+        apply_mod,
         "apply",
-        lambda p: applied.append(p) or lifecycle.ApplyResult(True, True, "retval", []),
+        lambda p: applied.append(p) or apply_mod.ApplyResult(True, True, "retval", []),
     )
     result = CliRunner().invoke(cli.main, ["--config", str(path), "apply"])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -305,7 +308,8 @@ def test_long_owner_paths_are_refused_never_truncated(length):
     assert len(owner) == length
     text = f'[[reserve]]\nports = ["7000"]\ncgroup = "{owner}"\n'
     if length <= config.MAX_PATH_BYTES:
-        built = plan.build(config.loads(text, "p.toml"), {0: [(owner, None)]})
+        cfg = config.loads(text, "p.toml")
+        built = plan.build(cfg.settings, owners.resolve(cfg), (), LIMITS)
         assert built.paths == (owner,)
         return
     with pytest.raises(config.ConfigError) as exc:
@@ -320,9 +324,13 @@ def test_long_owner_paths_are_refused_never_truncated(length):
 
 def test_a_resolved_owner_path_too_long_for_the_key_is_refused_by_the_plan():
     # units and slices resolve to paths after parsing: the plan checks again
+    # (as if x.service resolved there); the error names the line that named the unit
     cfg = config.loads('[[reserve]]\nports = ["7000"]\nunit = "x.service"\n', "p.toml")
-    long_path = _path_of(300)
+    block, [unit] = cfg.blocks[0], cfg.blocks[0].owners
+    resolved = owners.Block(
+        block.ports, (owners.Owner(_path_of(300), unit.name, unit.origin),), False, block.origin
+    )
     with pytest.raises(
-        config.ConfigError, match=r"^p.toml:1: owner cgroup .* is 300 bytes; at most 254"
+        config.ConfigError, match=r"^p.toml:3: owner cgroup .* is 300 bytes; at most 254"
     ):
-        plan.build(cfg, {0: [(long_path, "x.service")]})
+        plan.build(cfg.settings, [resolved], (), LIMITS)

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guard import config, display, journal
-from guard.holders import Holder
-from guard.lifecycle import GuardState, LinkState, OwnerState, ReservationState
-from guard.monitor import Denial
-from guard.squatters import HolderState, classify, of_state, within
+from guard.observe import display, journal
+from guard.observe.holders import Holder, HolderState, classify, of_state, within
+from guard.observe.monitor import Denial
+from guard.observe.state import GuardState, LinkState, OwnerState, ReservationState
+from guard.policy import config
 
 LONG = "/system.slice/" + "very-long-name-" * 10 + ".service"
 
@@ -211,7 +211,7 @@ def test_several_owners_show_the_first_and_how_many_more():
 
 
 def test_json_event_carries_every_field():
-    data = denial().as_json()
+    data = display.denial_json(denial())
     assert data["time"] == "2023-11-14T22:13:20.000000+00:00"
     keys = ("port", "protocol", "family", "pid", "comm", "cgroup", "verdict")
     assert {k: data[k] for k in keys} == {
@@ -347,15 +347,17 @@ def test_squatters_of_a_state_are_the_non_owner_holders():
     )
     [squatter] = of_state(state(res))
     assert squatter.holder.pid == 9
-    assert squatter.describe().startswith("port 631/tcp is held by pid 9 (cupsd) in cgroup ")
+    assert display.squatter_text(squatter).startswith(
+        "port 631/tcp is held by pid 9 (cupsd) in cgroup "
+    )
 
 
 # ---- event records --------------------------------------------------------------------------
 
 
 def test_event_struct_reads_what_the_layout_header_describes():
-    from guard import layout
-    from guard.monitor import EVENT, CgroupNames, Decoder
+    from guard.kernel import layout
+    from guard.observe.monitor import EVENT, CgroupNames, Decoder
 
     ev = layout.Event(
         ts_ns=5,
@@ -398,7 +400,7 @@ def test_event_struct_reads_what_the_layout_header_describes():
 
 
 def test_a_failed_apply_is_kept_per_pin_dir_until_an_apply_succeeds(tmp_path, monkeypatch):
-    from guard import outcome
+    from guard.observe import outcome
 
     monkeypatch.setenv("PORTGUARD_RUN_DIR", str(tmp_path))
     outcome.record_failure("/sys/fs/bpf/portguard", "no cgroup2 here")
@@ -412,7 +414,7 @@ def test_a_failed_apply_is_kept_per_pin_dir_until_an_apply_succeeds(tmp_path, mo
 
 
 def test_a_pin_dir_no_file_can_be_named_after_is_never_recorded(tmp_path, monkeypatch):
-    from guard import outcome
+    from guard.observe import outcome
 
     monkeypatch.setenv("PORTGUARD_RUN_DIR", str(tmp_path))
     outcome.record_failure("/sys/fs/bpf/a\0b", "x")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from guard import config, layout, plan
-from guard.config import ConfigError
+from guard.kernel import layout
+from guard.policy import config, owners, plan
+from guard.policy.config import ConfigError
 
 TCP, UDP = layout.PROTOCOLS["tcp"], layout.PROTOCOLS["udp"]
 
@@ -16,8 +21,8 @@ def cfg(text: str) -> config.Config:
 
 def build(text: str, extra=()) -> plan.Plan:
     c = cfg(text)
-    owners = {i: [(o.name, None) for o in b.owners] for i, b in enumerate(c.blocks)}
-    return plan.build(c, owners, extra)
+    trusted = tuple(owners.Owner(path, None, config.Origin("<trusted>", 1)) for path in extra)
+    return plan.build(c.settings, owners.resolve(c), trusted, layout.LIMITS)
 
 
 def test_one_owner_set_serves_a_whole_range():
@@ -41,12 +46,61 @@ def test_extra_owners_join_every_port():
     assert set(p.owners_of(TCP, 1)) == {"/a", "/init.scope"}
 
 
-def test_plan_is_deterministic():
+# Builds a plan in a fresh interpreter and prints it with every order it has (dict equality
+# would ignore the order of ports and sets; the maps are filled in that order).
+PLAN_IN_A_FRESH_INTERPRETER = """
+import json, sys
+from guard.kernel.layout import LIMITS
+from guard.policy import config, owners, plan
+cfg = config.loads(sys.stdin.read())
+p = plan.build(cfg.settings, owners.resolve(cfg), (), LIMITS)
+print(json.dumps([list(p.ports.items()), list(p.sets.items()), p.paths,
+                  list(p.owner_names.items()), sorted(p.contained)]))
+"""
+
+
+def test_plan_is_the_same_whatever_the_hash_seed():
+    owners_text = ", ".join(f'"/o{i}"' for i in range(12))
     text = (
-        '[[reserve]]\nports = ["1", "2"]\ncgroups = ["/b", "/a"]\n'
+        '[guard]\nportreserve_dir = ""\n'
+        f'[[reserve]]\nports = ["1", "20-25"]\ncgroups = [{owners_text}]\ncontain = true\n'
+        '[[reserve]]\nports = ["3", "22/udp"]\ncgroups = ["/z", "/o3", "/a"]\n'
+        '[[reserve]]\nports = ["4"]\ncgroups = ["/m", "/b"]\n'
+    )
+    plans = {
+        subprocess.run(
+            [sys.executable, "-c", PLAN_IN_A_FRESH_INTERPRETER],
+            input=text,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in (1, 2, 3, 4)
+    }
+    assert len(plans) == 1
+
+
+def test_too_many_owner_cgroups_names_the_owner_that_went_over():
+    limits = plan.Limits(owners_per_port=64, owner_paths=2, owner_sets=4096)
+    c = cfg(
+        '[[reserve]]\nports = ["1"]\ncgroup = "/a"\n'
+        '[[reserve]]\nports = ["2"]\ncgroup = "/b"\n'
         '[[reserve]]\nports = ["3"]\ncgroup = "/c"\n'
     )
-    assert build(text) == build(text)
+    with pytest.raises(ConfigError) as exc:
+        plan.build(c.settings, owners.resolve(c), (), limits)
+    assert str(exc.value) == "<config>:11: 3 owner cgroups; at most 2"
+
+
+def test_too_many_owner_combinations_names_the_port_that_went_over():
+    limits = plan.Limits(owners_per_port=64, owner_paths=4096, owner_sets=1)
+    c = cfg(
+        '[[reserve]]\nports = ["1"]\ncgroup = "/a"\n[[reserve]]\nports = ["2"]\ncgroup = "/b"\n'
+    )
+    with pytest.raises(ConfigError) as exc:
+        plan.build(c.settings, owners.resolve(c), (), limits)
+    assert str(exc.value) == "<config>:7: 2 distinct owner combinations; at most 1"
 
 
 def test_more_than_64_owners_on_a_port_is_a_config_error():
@@ -64,4 +118,4 @@ def test_unreserved_port_has_no_owners():
 
 def test_blocks_without_resolved_owners_reserve_nothing():
     c = cfg('[[reserve]]\nports = ["1"]\nunit = "nothere.service"\nif_installed = true\n')
-    assert plan.build(c, {0: []}).ports == {}
+    assert plan.build(c.settings, owners.resolve(c), (), layout.LIMITS).ports == {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.portreserve import (
+from guard.policy.portreserve import (
     PortreserveEntry,
     PortreserveError,
     read_portreserve,

@@ -2,8 +2,14 @@ from __future__ import annotations
 
 import pytest
 
-from guard import sysctl
-from guard.ports import PortRange, PortSpecError, parse_check_target, parse_port_spec, read_services
+from guard.kernel import sysctl
+from guard.policy.ports import (
+    PortRange,
+    PortSpecError,
+    parse_check_target,
+    parse_port_spec,
+    read_services,
+)
 
 SERVICES = {"ipp": {"tcp": 631}, "domain": {"tcp": 53, "udp": 53}, "bootpc": {"udp": 68}}
 

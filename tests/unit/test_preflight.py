@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from guard import cli, kernel, lifecycle
-from guard.config import Settings
+from guard import cli
+from guard.errors import GuardError
+from guard.kernel import host
+from guard.kernel import libbpf as kernel
+from guard.policy.config import Settings
 
 ALL = kernel.Features()
 
@@ -28,8 +31,8 @@ ALL = kernel.Features()
 )
 def test_a_missing_essential_feature_refuses_naming_it_and_what_it_costs(feature, says):
     features = dataclasses.replace(ALL, **{feature: False})
-    with pytest.raises(lifecycle.GuardError) as exc:
-        lifecycle.choose_variant(Settings(), features)
+    with pytest.raises(GuardError) as exc:
+        host.choose_denial(Settings(), features)
     assert str(exc.value).startswith(
         "this kernel cannot run portguard, nothing was loaded; it lacks "
     )
@@ -37,15 +40,13 @@ def test_a_missing_essential_feature_refuses_naming_it_and_what_it_costs(feature
 
 
 def test_every_missing_feature_is_named_at_once():
-    with pytest.raises(lifecycle.GuardError) as exc:
-        lifecycle.choose_variant(Settings(), kernel.Features(False, False, False, False, False))
+    with pytest.raises(GuardError) as exc:
+        host.choose_denial(Settings(), kernel.Features(False, False, False, False, False))
     assert str(exc.value).count("; and ") == 3
 
 
 def test_without_set_retval_the_guard_degrades_to_eperm_and_says_what_is_lost():
-    variant, notes = lifecycle.choose_variant(
-        Settings(), dataclasses.replace(ALL, set_retval=False)
-    )
+    variant, notes = host.choose_denial(Settings(), dataclasses.replace(ALL, set_retval=False))
     assert variant == "eperm"
     assert notes == [
         (
@@ -56,13 +57,13 @@ def test_without_set_retval_the_guard_degrades_to_eperm_and_says_what_is_lost():
 
 
 def test_without_set_retval_and_eperm_configured_nothing_is_lost():
-    assert lifecycle.choose_variant(
+    assert host.choose_denial(
         Settings(deny_errno="EPERM"), dataclasses.replace(ALL, set_retval=False)
     ) == ("eperm", [])
 
 
 def test_with_every_feature_the_full_guard_loads():
-    assert lifecycle.choose_variant(Settings(), ALL) == ("retval", [])
+    assert host.choose_denial(Settings(), ALL) == ("retval", [])
 
 
 def test_the_warning_reaches_the_user_and_the_refusal_exits_1_without_traceback(
@@ -71,7 +72,7 @@ def test_the_warning_reaches_the_user_and_the_refusal_exits_1_without_traceback(
     config = tmp_path / "portguard.toml"
     config.write_text('[[reserve]]\nports = ["7000"]\ncgroup = "/x"\n')
     monkeypatch.setattr(kernel, "probe_features", lambda: kernel.Features(bpf_link=False))
-    monkeypatch.setattr(lifecycle, "preflight", lambda *a, **k: (tmp_path, tmp_path))
+    monkeypatch.setattr(host, "preflight", lambda *a, **k: (tmp_path, tmp_path))
     result = CliRunner().invoke(cli.main, ["--config", str(config), "apply"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "Error: this kernel cannot run portguard" in result.output
@@ -88,7 +89,7 @@ def _mounts(tmp_path: Path, *lines: str) -> Path:
 
 @pytest.fixture
 def as_root(monkeypatch):
-    monkeypatch.setattr(lifecycle.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(host.os, "geteuid", lambda: 0)
 
 
 def test_no_cgroup2_is_one_clear_sentence(tmp_path, as_root):
@@ -96,34 +97,28 @@ def test_no_cgroup2_is_one_clear_sentence(tmp_path, as_root):
         tmp_path, "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0", "bpf /sys/fs/bpf bpf rw 0 0"
     )
     with pytest.raises(
-        lifecycle.GuardError,
+        GuardError,
         match=r"^no cgroup2 file system is mounted \(portguard needs the unified hierarchy\)$",
     ):
-        lifecycle.preflight(Settings(), mount_bpffs=False, mounts=mounts)
+        host.preflight(Settings(), mount_bpffs=False, mounts=mounts)
 
 
 def test_unreadable_mount_table_is_one_clear_sentence(tmp_path, as_root):
-    with pytest.raises(
-        lifecycle.GuardError, match=r"^cannot read .*/nope: No such file or directory$"
-    ):
-        lifecycle.preflight(Settings(), mount_bpffs=False, mounts=tmp_path / "nope")
+    with pytest.raises(GuardError, match=r"^cannot read .*/nope: No such file or directory$"):
+        host.preflight(Settings(), mount_bpffs=False, mounts=tmp_path / "nope")
 
 
 def test_missing_attach_cgroup_is_one_clear_sentence(tmp_path, as_root):
     mounts = _mounts(tmp_path, f"cgroup2 {tmp_path} cgroup2 rw 0 0")
-    with pytest.raises(
-        lifecycle.GuardError, match=r"^the attach cgroup /gone does not exist under "
-    ):
-        lifecycle.preflight(Settings(cgroup="/gone"), mount_bpffs=False, mounts=mounts)
+    with pytest.raises(GuardError, match=r"^the attach cgroup /gone does not exist under "):
+        host.preflight(Settings(cgroup="/gone"), mount_bpffs=False, mounts=mounts)
 
 
 def test_pin_dir_off_bpffs_is_one_clear_sentence_naming_the_fix(tmp_path, as_root):
     (tmp_path / "top").mkdir()
     mounts = _mounts(tmp_path, f"cgroup2 {tmp_path} cgroup2 rw 0 0")
-    with pytest.raises(
-        lifecycle.GuardError, match=r"is not on a BPF file system \(mount -t bpf bpf"
-    ):
-        lifecycle.preflight(
+    with pytest.raises(GuardError, match=r"is not on a BPF file system \(mount -t bpf bpf"):
+        host.preflight(
             Settings(cgroup="/top", pin_dir="/sys/fs/bpf/portguard"),
             mount_bpffs=False,
             mounts=mounts,
@@ -133,7 +128,7 @@ def test_pin_dir_off_bpffs_is_one_clear_sentence_naming_the_fix(tmp_path, as_roo
 def test_with_everything_mounted_preflight_names_the_places(tmp_path, as_root):
     (tmp_path / "top").mkdir()
     mounts = _mounts(tmp_path, f"cgroup2 {tmp_path} cgroup2 rw 0 0", "bpf /sys/fs/bpf bpf rw 0 0")
-    assert lifecycle.preflight(Settings(cgroup="/top"), mount_bpffs=False, mounts=mounts) == (
+    assert host.preflight(Settings(cgroup="/top"), mount_bpffs=False, mounts=mounts) == (
         tmp_path,
         tmp_path / "top",
     )

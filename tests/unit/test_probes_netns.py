@@ -7,19 +7,19 @@ import socket
 
 import pytest
 
-from guard import lifecycle
+from guard.kernel import host
 
 
 class NoCookieSocket(socket.socket):
     def getsockopt(self, level, option, *args):
-        if option == lifecycle.SO_NETNS_COOKIE:
+        if option == host.SO_NETNS_COOKIE:
             raise OSError(errno.ENOPROTOOPT, "Protocol not available")
         return super().getsockopt(level, option, *args)
 
 
 def test_missing_so_netns_cookie_means_cookie_zero(monkeypatch):
-    monkeypatch.setattr(lifecycle.socket, "socket", NoCookieSocket)
-    assert lifecycle.netns_cookie() == 0
+    monkeypatch.setattr(host.socket, "socket", NoCookieSocket)
+    assert host.netns_cookie() == 0
 
 
 def test_other_getsockopt_errors_are_not_hidden(monkeypatch):
@@ -27,10 +27,10 @@ def test_other_getsockopt_errors_are_not_hidden(monkeypatch):
         def getsockopt(self, level, option, *args):
             raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(lifecycle.socket, "socket", Broken)
+    monkeypatch.setattr(host.socket, "socket", Broken)
     with pytest.raises(OSError):
-        lifecycle.netns_cookie()
+        host.netns_cookie()
 
 
 def test_this_kernel_reports_a_cookie():
-    assert lifecycle.netns_cookie() > 0
+    assert host.netns_cookie() > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from guard import resvport
+from guard.policy import resvport
 
 DEBIAN = "# comment\n631\n636\n655\n774\n783\n873\n921\n993\n995\n"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from guard import units
-from guard.units import (
+from guard.policy import units
+from guard.policy.units import (
     UnitError,
     load_unit,
     resolve_unit,

@@ -7,12 +7,21 @@ service costs one set however many ports it spans.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from guard import layout
-from guard.config import MAX_PATH_BYTES, Config, ConfigError, Origin, Settings
+from guard.policy.config import MAX_PATH_BYTES, ConfigError, Origin, Settings
+from guard.policy.owners import Block, Owner
+from guard.policy.ports import PROTOCOL_NUMBERS
 
-PROTO_NUMBERS = layout.PROTOCOLS
+
+@dataclass(frozen=True)
+class Limits:
+    """What one slot of the kernel's maps can hold (guard.kernel.layout.LIMITS)."""
+
+    owners_per_port: int
+    owner_paths: int
+    owner_sets: int
 
 
 @dataclass(frozen=True)
@@ -33,35 +42,34 @@ class Plan:
 
 
 def build(
-    config: Config,
-    owner_paths: dict[int, list[tuple[str, str | None]]],
-    extra_owners: tuple[str, ...] = (),
-    limits: dict[int, dict[str, frozenset[tuple[str, int]]]] | None = None,
+    settings: Settings, blocks: Sequence[Block], extra_owners: Sequence[Owner], limits: Limits
 ) -> Plan:
-    """owner_paths: for each block (by index) its resolved owners as (cgroup path, name);
-    extra_owners: paths trusted for every reserved port (e.g. /init.scope); limits: per block,
-    owner paths trusted only for some (protocol name, port) pairs (a socket unit's, see
-    owners.listen_limits)."""
+    """The slot contents for these resolved blocks; extra_owners own every reserved port.
+    Every problem names the file:line it comes from."""
     # One owner set per block, shared by all its ports (a range of thousands of ports
     # costs one frozenset); a port named by several blocks gets the union.
     owners_by_port: dict[tuple[int, int], frozenset[str]] = {}
     contained: set[tuple[int, int]] = set()
     problems: list[str] = []
     first_origin: dict[tuple[int, int], Origin] = {}
+    path_origin: dict[str, Origin] = {}  # where each owner cgroup was first named
     names: dict[str, set[str]] = {}
-    extra = frozenset(extra_owners)
-    for index, block in enumerate(config.blocks):
-        resolved = owner_paths.get(index, [])
-        if not resolved:
+    extra = frozenset(o.path for o in extra_owners)
+    for owner in extra_owners:
+        path_origin.setdefault(owner.path, owner.origin)
+    for block in blocks:
+        if not block.owners:
             continue  # e.g. if_installed and no owner installed
-        for path, name in resolved:
-            if name:
-                names.setdefault(path, set()).add(name)
-        limited = (limits or {}).get(index, {})
-        block_owners = frozenset(p for p, _ in resolved if p not in limited) | extra
+        for owner in block.owners:
+            path_origin.setdefault(owner.path, owner.origin)
+            if owner.name:
+                names.setdefault(owner.path, set()).add(owner.name)
+        unlimited = frozenset(o.path for o in block.owners if o.only is None)
+        block_owners = unlimited | extra
+        limited = _limited(block.owners, unlimited)
         for port_range, origin in block.ports:
             for proto_name, port in port_range.pairs():
-                key = (PROTO_NUMBERS[proto_name], port)
+                key = (PROTOCOL_NUMBERS[proto_name], port)
                 port_owners = (
                     _owners_for(block_owners, limited, (proto_name, port))
                     if limited
@@ -79,36 +87,40 @@ def build(
                     first_origin[key] = origin
                 elif not port_owners <= known:
                     owners_by_port[key] = known | port_owners
-                if block.contain or config.settings.contain:
+                if block.contain:
                     contained.add(key)
     for key, owners in owners_by_port.items():
-        if len(owners) > layout.MAX_OWNERS:
+        if len(owners) > limits.owners_per_port:
             problems.append(
                 f"{first_origin[key]}: port {key[1]} has {len(owners)} owners; "
-                f"at most {layout.MAX_OWNERS} per port"
+                f"at most {limits.owners_per_port} per port"
             )
     distinct_owners = set(owners_by_port.values())
-    paths = tuple(sorted({p for owners in distinct_owners for p in owners}))
-    for path in paths:  # e.g. a unit's cgroup: the kernel key would be truncated
+    used = {p for owners in distinct_owners for p in owners}
+    for path in (p for p in path_origin if p in used):
+        # e.g. a unit's cgroup: the kernel key would be truncated
         if len(path.encode()) > MAX_PATH_BYTES:
             problems.append(
-                f"{config.files[0] if config.files else '<config>'}:1: owner cgroup "
-                f"{path[:60]}... is {len(path.encode())} bytes; at most "
-                f"{MAX_PATH_BYTES} fit the kernel's key (a truncated key could match "
-                "another cgroup)"
+                f"{path_origin[path]}: owner cgroup {path[:60]}... is {len(path.encode())} "
+                f"bytes; at most {MAX_PATH_BYTES} fit the kernel's key (a truncated key could "
+                "match another cgroup)"
             )
-    if len(paths) > layout.MAX_OWNER_PATHS:
+    if len(used) > limits.owner_paths:
+        beyond = [p for p in path_origin if p in used][limits.owner_paths]
         problems.append(
-            f"{config.files[0] if config.files else '<config>'}:1: {len(paths)} owner "
-            f"cgroups; at most {layout.MAX_OWNER_PATHS}"
+            f"{path_origin[beyond]}: {len(used)} owner cgroups; at most {limits.owner_paths}"
         )
+    paths = tuple(sorted(used))
     index_of = {path: i for i, path in enumerate(paths)}
     members_of = {owners: tuple(sorted(index_of[p] for p in owners)) for owners in distinct_owners}
     distinct = sorted(set(members_of.values()))
-    if len(distinct) > layout.MAX_SETS:
+    if len(distinct) > limits.owner_sets:
+        first_use: dict[tuple[int, ...], Origin] = {}
+        for key, owners in owners_by_port.items():  # in the order the ports were named
+            first_use.setdefault(members_of[owners], first_origin[key])
+        beyond = list(first_use.values())[limits.owner_sets]
         problems.append(
-            f"{config.files[0] if config.files else '<config>'}:1: {len(distinct)} "
-            f"distinct owner combinations; at most {layout.MAX_SETS}"
+            f"{beyond}: {len(distinct)} distinct owner combinations; at most {limits.owner_sets}"
         )
     if problems:
         raise ConfigError(problems)
@@ -116,7 +128,7 @@ def build(
     set_of_owners = {owners: set_of[members] for owners, members in members_of.items()}
     ports = {key: set_of_owners[owners] for key, owners in sorted(owners_by_port.items())}
     return Plan(
-        config.settings,
+        settings,
         ports,
         dict(enumerate(distinct)),
         paths,
@@ -125,8 +137,18 @@ def build(
     )
 
 
+def _limited(owners: Sequence[Owner], unlimited: frozenset[str]) -> dict[str, frozenset]:
+    """Owner paths trusted only for some ports (a socket unit's, see owners.resolve_owner);
+    a path the block also names without a limit is not limited."""
+    limited: dict[str, frozenset] = {}
+    for owner in owners:
+        if owner.only is not None and owner.path not in unlimited:
+            limited[owner.path] = limited.get(owner.path, frozenset()) | owner.only
+    return limited
+
+
 def _owners_for(
-    unlimited: frozenset[str], limited: dict[str, frozenset[tuple[str, int]]], pair: tuple[str, int]
+    unlimited: frozenset[str], limited: dict[str, frozenset], pair: tuple[str, int]
 ) -> frozenset[str]:
     """The block's owners of one port: a limited path only where it listens (usually not at
     all, so most ports share the one unlimited set)."""

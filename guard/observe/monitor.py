@@ -19,49 +19,25 @@ counted, not read: the denied counters say how many binds were refused since the
 
 from __future__ import annotations
 
-import fcntl
-import os
 import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from guard import cgroups, kernel, layout
-from guard.holders import _cgroup_paths, unit_of_cgroup
-from guard.lifecycle import GuardError, Maps, Pins, lock_path
-from guard.squatters import FAMILY_NAMES, process_cgroup
+from guard.errors import GuardError
+from guard.kernel import cgroups, layout, libbpf, slots
+from guard.kernel.host import locked, require_root
+from guard.kernel.pins import Maps, Pins
+from guard.observe.holders import FAMILY_NAMES, cgroup_paths, process_cgroup, unit_of_cgroup
 
 POLL_MS = 100
 VERDICTS = {layout.VERDICT_DENIED: "denied", layout.VERDICT_AUDIT: "audit"}
 _CACHE_LIMIT = 4096
-
-
-class SecondClock:
-    """time.strftime once per second: events come in bursts."""
-
-    def __init__(self, fmt: str, convert: Callable[[float], time.struct_time]):
-        self.fmt, self.convert = fmt, convert
-        self.second: int | None = None
-        self.text = ""
-
-    def __call__(self, when: float) -> str:
-        second = int(when)
-        if second != self.second:
-            self.second, self.text = second, time.strftime(self.fmt, self.convert(second))
-        return self.text
-
-
-_utc_clock = SecondClock("%Y-%m-%dT%H:%M:%S", time.gmtime)
-
-
-def iso_time(when: float) -> str:
-    """RFC 3339 UTC with microseconds."""
-    return f"{_utc_clock(when)}.{int(when % 1 * 1e6):06d}+00:00"
 
 
 @dataclass(slots=True)
@@ -80,24 +56,6 @@ class Denial:
     owners: tuple[str, ...]
     verdict: str  # "denied" | "audit"
     host_pid: int | None = None  # as the initial pid namespace numbers it (the kernel's)
-
-    def as_json(self) -> dict:
-        return {
-            "time": iso_time(self.time),
-            "pid": self.pid,
-            "host_pid": self.host_pid,
-            "uid": self.uid,
-            "comm": self.comm,
-            "cgroup": self.cgroup,
-            "cgroup_id": self.cgroup_id,
-            "unit": self.unit,
-            "family": self.family,
-            "protocol": self.protocol,
-            "address": self.address,
-            "port": self.port,
-            "owners": list(self.owners),
-            "verdict": self.verdict,
-        }
 
 
 class Sink(Protocol):
@@ -163,7 +121,7 @@ class CgroupNames:
             self._names.clear()
         path = process_cgroup(pid, self.proc_root)
         if path is None or cgroups.cgroup_id(path, self.root) != cgroup_id:
-            path = _cgroup_paths({cgroup_id}, self.root).get(cgroup_id)
+            path = cgroup_paths({cgroup_id}, self.root).get(cgroup_id)
         known = self._names[cgroup_id] = (path, unit_of_cgroup(path) if path else None)
         return known
 
@@ -228,7 +186,7 @@ class OwnerNames:
         self.maps = maps
         self.slot: int | None = None
         self._owners: dict[tuple[int, int], tuple[str, ...]] = {}
-        self._paths: dict[int, str] | None = None
+        self._paths: dict[str, int] | None = None  # the slot's owner paths, walked once
 
     def refresh(self) -> None:
         active = self.maps.active
@@ -240,28 +198,15 @@ class OwnerNames:
     def owners(self, proto: int, port: int) -> tuple[str, ...]:
         key = (proto, port)
         if key not in self._owners:
-            self._owners[key] = self._read(proto, port)
+            contents = slots.read_slot(self.maps, self.slot, [key], self._paths)
+            self._paths = contents.paths
+            self._owners[key] = contents.owners_of(proto, port)
         return self._owners[key]
 
-    def _read(self, proto: int, port: int) -> tuple[str, ...]:
-        reservation = self.maps.ports.lookup(layout.PortKey(self.slot, proto, port))
-        if reservation is None:
-            return ()
-        members = self.maps.sets.lookup(layout.SetKey(self.slot, reservation.set))
-        if members is None:
-            return ()
-        if self._paths is None:
-            self._paths = {
-                idx: key.path.decode()
-                for key, idx in self.maps.paths.items()
-                if key.slot == self.slot
-            }
-        return tuple(self._paths.get(i, "?") for i in members.owner[: members.count])
 
-
-# struct pg_event (bpf/guard.h, guard.layout.Event): unpacked with struct, several times
+# struct pg_event (bpf/guard.h, guard.kernel.layout.Event): unpacked with struct, several times
 # faster than through ctypes on the monitor's hot path; a unit test compares the two.
-EVENT = struct.Struct("<QQIIHBBB3xI16s16s")
+EVENT = struct.Struct("=QQIIHBBB3xI16s16s")  # native order: the object is built for it
 
 
 class Decoder:
@@ -316,20 +261,6 @@ def lost_total(maps: Maps) -> int:
     return sum(values) if values else 0
 
 
-@contextmanager
-def _sole_monitor(pin_dir: Path) -> Iterator[None]:
-    """One consumer per ring buffer: a second monitor would split the events with the first."""
-    with open(lock_path(pin_dir, "monitor"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GuardError(
-                f"another portguard monitor is reading the events of {pin_dir}: "
-                "the event buffer has a single reader"
-            ) from None
-        yield
-
-
 def denied_total(maps: Maps) -> int:
     return sum(sum(values) for _, values in maps.denied.items())
 
@@ -346,19 +277,23 @@ def run(
     """Report denials to sink until count events (delivered + lost) or duration seconds or
     SIGINT/SIGTERM or until the output is closed (BrokenPipeError). stall_until (for tests):
     consume nothing until that file exists."""
-    if os.geteuid() != 0:
-        raise GuardError("portguard monitor must run as root: the pinned maps are root-only")
+    require_root("portguard monitor", "the pinned maps are root-only")
     pins = Pins(pin_dir)
     summary = Summary()
     stop = StopFlag()
-    with _signals_stop(stop), _sole_monitor(pins.root):
+    # One consumer per ring buffer: a second monitor would split the events with the first.
+    busy = (
+        f"another portguard monitor is reading the events of {pin_dir}: "
+        "the event buffer has a single reader"
+    )
+    with _signals_stop(stop), locked(pins.root, "monitor", wait=False, busy=busy):
         try:
             maps = Maps.open_pinned(pins.maps_dir)
-            events_fd = kernel.get_pinned(pins.maps_dir / "events")
-        except kernel.BpfError as exc:
+            events_fd = libbpf.get_pinned(pins.maps_dir / "events")
+        except libbpf.BpfError as exc:
             raise GuardError(str(exc)) from None
         if maps is None or events_fd is None:
-            kernel.close(events_fd)
+            libbpf.close(events_fd)
             raise GuardError(
                 f"the guard is not loaded (nothing pinned in {pin_dir}): run portguard apply first"
             )
@@ -367,7 +302,7 @@ def run(
             _consume(maps, events_fd, sink, summary, stop, count, duration, stall_until, on_ready)
         except BrokenPipeError:
             summary.stopped_by = "output closed"
-        except kernel.BpfError as exc:
+        except libbpf.BpfError as exc:
             raise GuardError(str(exc)) from None
         finally:
             try:
@@ -377,7 +312,7 @@ def run(
             summary.refused = denied_total(maps) - denied_at_start
             if summary.stopped_by is None:
                 summary.stopped_by = stop.signal
-            os.close(events_fd)
+            libbpf.close(events_fd)
             maps.close()
     return summary
 
@@ -413,7 +348,7 @@ def _consume(
         return count is None or summary.received + summary.lost < count
 
     lost_seen = lost_total(maps)
-    ring = kernel.RingBuffer(events_fd, on_record)
+    ring = libbpf.RingBuffer(events_fd, on_record)
     try:
         sink.start()
         on_ready()

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from guard.units import UnitError, parse_unit_name
+from guard.policy.units import UnitError, parse_unit_name
 
 PORTRESERVE_DIR = Path("/etc/portreserve")
 

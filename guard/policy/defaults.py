@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
-from guard.units import load_unit
+from guard.policy.units import load_unit
 
 DEFAULT_POLICY = "default_policy.toml"
 DEFAULT_POLICY_NAME = "<default policy>"  # how config errors name it; the file is package data
@@ -20,7 +20,7 @@ DEFAULT_POLICY_NAME = "<default policy>"  # how config errors name it; the file 
 
 def default_policy_text() -> str:
     """The default policy's TOML text, as shipped inside the package."""
-    return resources.files("guard").joinpath(DEFAULT_POLICY).read_text(encoding="utf-8")
+    return resources.files("guard.policy").joinpath(DEFAULT_POLICY).read_text(encoding="utf-8")
 
 
 def installed_units(units: Iterable[str], unit_dirs: Sequence[Path] | None = None) -> list[str]:

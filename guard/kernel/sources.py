@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def bpf_source_dir() -> Path:
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # guard/
     for candidate in (here.parent / "bpf", here / "bpf"):
         if (candidate / "guard.bpf.c").is_file():
             return candidate

@@ -7,18 +7,19 @@ alert even when every port is fine right now.
 
 from __future__ import annotations
 
-from guard import layout
-from guard.lifecycle import GuardState, errno_name
-from guard.plan import Plan
+from guard.observe.display import errno_name
+from guard.observe.state import GuardState
+from guard.policy.plan import Plan
+from guard.policy.ports import PROTOCOL_NUMBERS
+
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 
 
 def differences(plan: Plan, state: GuardState) -> list[str]:
     """What differs between the loaded guard and the plan, one sentence each (empty: the
     same). Reservations in port order, then the settings."""
     loaded = {(res.protocol, res.port): res for res in state.reservations}
-    planned = {
-        (layout.PROTOCOL_NAMES[proto], port): (proto, port) for proto, port in plan.reserved()
-    }
+    planned = {(PROTOCOL_NAMES[proto], port): (proto, port) for proto, port in plan.reserved()}
     found = []
     for key in sorted(planned.keys() | loaded.keys(), key=lambda k: (k[1], k[0])):
         name = f"{key[1]}/{key[0]}"

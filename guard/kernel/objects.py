@@ -10,7 +10,8 @@ damaged, is never loaded.
 
 BPF objects carry the byte order of their target, not a CPU architecture: the package ships
 a little- and a big-endian build (``bpfel``/``bpfeb``) and the host's byte order picks one,
-so the package is the same on every architecture.
+so the package is the same on every architecture. There is one object per byte order, not
+one per kernel: how a refused bind is denied is chosen when the object is loaded.
 """
 
 from __future__ import annotations
@@ -19,14 +20,10 @@ import os
 import sys
 from pathlib import Path
 
-from guard.sources import bpf_source_dir, sha256
+from guard.kernel.sources import bpf_source_dir, sha256
 
 DEFAULT_CACHE_DIR = Path("/var/cache/portguard")
 SOURCES = ("guard.bpf.c", "guard.h")
-VARIANTS = {
-    "retval": [],  # denial errno chosen at run time via bpf_set_retval (Linux >= 5.18)
-    "eperm": ["-DPG_NO_SET_RETVAL"],  # older kernels: the binder sees EPERM
-}
 # the clang target for each byte order (sys.byteorder)
 TARGETS = {"little": "bpfel", "big": "bpfeb"}
 CLANGS = ("clang", "clang-19", "clang-18", "clang-17", "clang-16", "clang-15", "clang-14")
@@ -42,40 +39,39 @@ def cache_dir() -> Path:
 
 def shipped_dir() -> Path:
     """Where an installed package carries its prebuilt objects (absent in a checkout)."""
-    return Path(__file__).resolve().parent / "bpf"
+    return Path(__file__).resolve().parent.parent / "bpf"
 
 
 def host_target() -> str:
     return TARGETS[sys.byteorder]
 
 
-def _flags(variant: str, target: str) -> list[str]:
+def _flags(target: str) -> list[str]:
     import sysconfig
 
     include = [f"-I{bpf_source_dir()}"]
     multiarch = sysconfig.get_config_var("MULTIARCH")
     if multiarch:
         include.append(f"-I/usr/include/{multiarch}")
-    return ["-O2", "-g", "-target", target, *include, *VARIANTS[variant]]
+    return ["-O2", "-g", "-target", target, *include]
 
 
-def source_digest(variant: str, target: str | None = None) -> str:
+def source_digest(target: str | None = None) -> str:
     digest = sha256()
     for name in SOURCES:
         digest.update((bpf_source_dir() / name).read_bytes())
-    digest.update(" ".join(VARIANTS[variant]).encode())
     target = target or host_target()
     if target != "bpfel":  # keeps the little-endian names that caches and pins already carry
         digest.update(target.encode())
     return digest.hexdigest()[:16]
 
 
-def object_name(variant: str, target: str | None = None) -> str:
-    return f"guard-{variant}-{source_digest(variant, target)}.o"
+def object_name(target: str | None = None) -> str:
+    return f"guard-{source_digest(target)}.o"
 
 
-def object_path(variant: str) -> Path:
-    return cache_dir() / object_name(variant)
+def object_path() -> Path:
+    return cache_dir() / object_name()
 
 
 def _file_digest(path: Path) -> str:
@@ -89,10 +85,10 @@ def _intact(path: Path) -> bool:
         return False
 
 
-def cached_object(variant: str) -> Path | None:
+def cached_object() -> Path | None:
     """The object for the current sources, if present and intact: the one the package
     shipped first, else the one in the cache."""
-    name = object_name(variant)
+    name = object_name()
     for path in (shipped_dir() / name, cache_dir() / name):
         if _intact(path):
             return path
@@ -112,7 +108,7 @@ def find_clang() -> str | None:
     return None
 
 
-def build(variant: str, target: str | None = None, directory: Path | None = None) -> Path:
+def build(target: str | None = None, directory: Path | None = None) -> Path:
     """Compile the object (for `target`, default the host's byte order) into `directory`
     (default the cache), atomically, and return its path."""
     import subprocess
@@ -129,12 +125,12 @@ def build(variant: str, target: str | None = None, directory: Path | None = None
             "(apt install clang libbpf-dev) and run `portguard build`"
         )
     target = target or host_target()
-    path = (directory or cache_dir()) / object_name(variant, target)
+    path = (directory or cache_dir()) / object_name(target)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
         source = bpf_source_dir() / "guard.bpf.c"
-        cmd = [clang, *_flags(variant, target), "-c", str(source), "-o", str(out)]
+        cmd = [clang, *_flags(target), "-c", str(source), "-o", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             hint = ""
@@ -145,21 +141,21 @@ def build(variant: str, target: str | None = None, directory: Path | None = None
         sidecar.write_text(_file_digest(out) + "\n")
         os.replace(out, path)
         os.replace(sidecar, path.with_suffix(".sha256"))
-    _prune(variant, keep=path)
+    _prune(keep=path)
     return path
 
 
-def _prune(variant: str, keep: Path) -> None:
-    """Remove this variant's objects built from other sources (a package upgrade leaves
-    the old version's): they are never loaded, only taking room. Objects for the other byte
-    order, built beside them for a package, stay."""
-    current = {object_name(variant, target) for target in TARGETS.values()}
-    for stale in keep.parent.glob(f"guard-{variant}-*.o"):
+def _prune(keep: Path) -> None:
+    """Remove objects built from other sources (a package upgrade leaves the old version's,
+    older versions built one per denial style): they are never loaded, only taking room.
+    Objects for the other byte order, built beside them for a package, stay."""
+    current = {object_name(target) for target in TARGETS.values()}
+    for stale in keep.parent.glob("guard-*.o"):
         if stale.name not in current:
             for path in (stale, stale.with_suffix(".sha256")):
                 path.unlink(missing_ok=True)
 
 
-def ensure_object(variant: str) -> Path:
-    """The object for this variant, building it when the cache lacks it."""
-    return cached_object(variant) or build(variant)
+def ensure_object() -> Path:
+    """The object for the current sources, building it when neither package nor cache has it."""
+    return cached_object() or build()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 SERVICES = Path("/etc/services")
 PROTOCOLS = ("tcp", "udp")
+PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}  # IPPROTO_TCP, IPPROTO_UDP
 
 
 class PortSpecError(ValueError):

@@ -15,17 +15,28 @@ class CgroupError(RuntimeError):
     pass
 
 
-def cgroup2_mount(mounts: Path = MOUNTS) -> Path:
-    """The cgroup2 mount point (/sys/fs/cgroup, or /sys/fs/cgroup/unified in hybrid layouts)."""
+def mount_points(fstype: str, mounts: Path = MOUNTS) -> list[Path]:
+    """Where file systems of this type are mounted, in /proc/mounts order (escapes undone)."""
     try:
         lines = mounts.read_text().splitlines()
     except OSError as exc:
         raise CgroupError(f"cannot read {mounts}: {exc.strerror}") from exc
+    found = []
     for line in lines:
         fields = line.split()
-        if len(fields) >= 3 and fields[2] == "cgroup2":
-            return Path(unescape_mount_path(fields[1]))
-    raise CgroupError("no cgroup2 file system is mounted (portguard needs the unified hierarchy)")
+        if len(fields) >= 3 and fields[2] == fstype:
+            found.append(Path(unescape_mount_path(fields[1])))
+    return found
+
+
+def cgroup2_mount(mounts: Path = MOUNTS) -> Path:
+    """The cgroup2 mount point (/sys/fs/cgroup, or /sys/fs/cgroup/unified in hybrid layouts)."""
+    found = mount_points("cgroup2", mounts)
+    if not found:
+        raise CgroupError(
+            "no cgroup2 file system is mounted (portguard needs the unified hierarchy)"
+        )
+    return found[0]
 
 
 def unescape_mount_path(path: str) -> str:

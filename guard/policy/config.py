@@ -11,10 +11,10 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from guard.ports import PortRange, PortSpecError, Services, parse_port_spec
+from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_spec
 
 DEFAULT_CONFIG = Path("/etc/portguard/portguard.toml")
 DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")
@@ -22,17 +22,6 @@ MODES = ("enforce", "audit")
 MAX_PATH_BYTES = 254  # the kernel key holds 256 bytes incl. NUL; longer paths are refused
 MAX_FILE_BYTES = 1 << 20  # a configuration file larger than this is refused, not read
 
-GUARD_KEYS = {
-    "cgroup",
-    "pin_dir",
-    "deny_errno",
-    "mode",
-    "trust_init",
-    "use_defaults",
-    "portreserve_dir",
-    "contain",
-    "journal_interval",
-}
 PORTRESERVE_DIR = "/etc/portreserve"
 OWNER_KEYS = {
     "cgroup": "cgroup",
@@ -72,23 +61,92 @@ class ReserveBlock:
     contain: bool = False  # drop traffic of non-owner sockets on these ports
 
 
+# ---- [guard]: each key declared once, with its default and its check -------------------------
+# A check takes (key, value, where, problems) and returns the value to keep, or None after
+# recording a problem.
+
+
+def _boolean(key: str, value: object, where: Origin, problems: list[str]) -> bool | None:
+    if not isinstance(value, bool):
+        problems.append(f"{where}: {key} must be true or false")
+        return None
+    return value
+
+
+def _text(check):
+    def checked(key: str, value: object, where: Origin, problems: list[str]) -> str | None:
+        if not isinstance(value, str):
+            problems.append(f"{where}: {key} must be a string")
+            return None
+        return check(key, value, where, problems)
+
+    return checked
+
+
+def _one_of(choices: tuple[str, ...], upper: bool = False):
+    def check(key: str, value: str, where: Origin, problems: list[str]) -> str | None:
+        chosen = value.upper() if upper else value
+        if chosen not in choices:
+            problems.append(f"{where}: {key} {value!r} is not one of {', '.join(choices)}")
+            return None
+        return chosen
+
+    return _text(check)
+
+
+def _absolute(empty_allowed: bool):
+    def check(key: str, value: str, where: Origin, problems: list[str]) -> str | None:
+        if value.startswith("/") or (empty_allowed and not value):
+            return value
+        also = ' or ""' if empty_allowed else ""
+        problems.append(f"{where}: {key} {value!r} must be an absolute path{also}")
+        return None
+
+    return _text(check)
+
+
+def _attach_cgroup(key: str, value: str, where: Origin, problems: list[str]) -> str | None:
+    return _check_cgroup_path(value, where, problems)
+
+
+def _seconds(most: int):
+    def check(key: str, value: object, where: Origin, problems: list[str]) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= most:
+            problems.append(f"{where}: {key} must be a number of seconds, 0 to {most}")
+            return None
+        return float(value)
+
+    return check
+
+
+def _setting(default: object, check) -> object:
+    return field(default=default, metadata={"check": check})
+
+
 @dataclass(frozen=True)
 class Settings:
-    cgroup: str = "/"
-    pin_dir: str = "/sys/fs/bpf/portguard"
-    deny_errno: str = "EADDRINUSE"
-    mode: str = "enforce"
-    trust_init: bool = False
-    use_defaults: bool | None = None  # None: the default policy applies when no file exists
-    portreserve_dir: str = PORTRESERVE_DIR  # "" turns reading portreserve's files off
-    contain: bool = False  # contain = true for every reservation
+    """The [guard] table: one field per key, its default, and how its value is checked."""
+
+    cgroup: str = _setting("/", _text(_attach_cgroup))  # attach point
+    pin_dir: str = _setting("/sys/fs/bpf/portguard", _absolute(empty_allowed=False))
+    deny_errno: str = _setting("EADDRINUSE", _one_of(DENY_ERRNOS, upper=True))
+    mode: str = _setting("enforce", _one_of(MODES))
+    trust_init: bool = _setting(False, _boolean)
+    # None: the default policy applies when no file exists
+    use_defaults: bool | None = _setting(None, _boolean)
+    # "" turns reading portreserve's files off
+    portreserve_dir: str = _setting(PORTRESERVE_DIR, _absolute(empty_allowed=True))
+    contain: bool = _setting(False, _boolean)  # contain = true for every reservation
     # monitor --journal: at most one entry per (caller cgroup, port, protocol) per this many
     # seconds, with the count of the refusals it stands for; 0: one entry per refusal
-    journal_interval: float = 30.0
+    journal_interval: float = _setting(30.0, _seconds(86400))
 
     @property
     def deny_errno_number(self) -> int:
         return getattr(errno_mod, self.deny_errno)
+
+
+GUARD_KEYS = {f.name: f.metadata["check"] for f in fields(Settings)}
 
 
 @dataclass(frozen=True)
@@ -96,6 +154,7 @@ class Config:
     settings: Settings = field(default_factory=Settings)
     blocks: tuple[ReserveBlock, ...] = ()
     files: tuple[str, ...] = ()
+    origins: dict[str, Origin] = field(default_factory=dict)  # [guard] key -> where it was set
 
 
 class ConfigError(ValueError):
@@ -206,7 +265,8 @@ def _parse_file(path: Path, services: dict, problems: list[str]) -> tuple[dict, 
 
 def _parse_text(
     name: str, text: str, services: dict, problems: list[str]
-) -> tuple[dict, list[ReserveBlock]]:
+) -> tuple[dict[str, tuple[object, Origin]], list[ReserveBlock]]:
+    """The file's [guard] keys as key -> (value, where), and its reservation blocks."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -239,7 +299,7 @@ def _parse_text(
                     continue
                 checked = _check_guard_value(gkey, gvalue, where, problems)
                 if checked is not None:
-                    guard[gkey] = checked
+                    guard[gkey] = (checked, where)
         elif key == "reserve":
             starts = lines.tables("reserve", True)
             if not isinstance(value, list):
@@ -262,34 +322,7 @@ def _parse_text(
 
 
 def _check_guard_value(key: str, value: object, where: Origin, problems: list[str]) -> object:
-    if key in ("trust_init", "use_defaults", "contain"):
-        if not isinstance(value, bool):
-            problems.append(f"{where}: {key} must be true or false")
-            return None
-        return value
-    if key == "journal_interval":
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86400:
-            problems.append(f"{where}: journal_interval must be a number of seconds, 0 to 86400")
-            return None
-        return float(value)
-    if not isinstance(value, str):
-        problems.append(f"{where}: {key} must be a string")
-        return None
-    if key == "deny_errno" and value.upper() not in DENY_ERRNOS:
-        problems.append(f"{where}: deny_errno {value!r} is not one of {', '.join(DENY_ERRNOS)}")
-        return None
-    if key == "mode" and value not in MODES:
-        problems.append(f"{where}: mode {value!r} is not one of {', '.join(MODES)}")
-        return None
-    if key == "cgroup":
-        return _check_cgroup_path(value, where, problems)
-    if key == "pin_dir" and not value.startswith("/"):
-        problems.append(f"{where}: pin_dir {value!r} must be an absolute path")
-        return None
-    if key == "portreserve_dir" and value and not value.startswith("/"):
-        problems.append(f'{where}: portreserve_dir {value!r} must be an absolute path or ""')
-        return None
-    return value.upper() if key == "deny_errno" else value
+    return GUARD_KEYS[key](key, value, where, problems)
 
 
 def _parse_block(
@@ -406,26 +439,33 @@ def load(paths: list[Path], services_file: Path | None = None) -> Config:
         file_guard, file_blocks = _parse_file(path, services, problems)
         guard.update(file_guard)
         blocks.extend(file_blocks)
-    if guard.get("use_defaults", not paths):
-        from guard.defaults import DEFAULT_POLICY_NAME, default_policy_text
+    values = {key: value for key, (value, _) in guard.items()}
+    if values.get("use_defaults", not paths):
+        from guard.policy.defaults import DEFAULT_POLICY_NAME, default_policy_text
 
         _, default_blocks = _parse_text(
             DEFAULT_POLICY_NAME, default_policy_text(), services, problems
         )
         blocks.extend(default_blocks)
         names.append(DEFAULT_POLICY_NAME)
-    portreserve_dir = guard.get("portreserve_dir", PORTRESERVE_DIR)
+    portreserve_dir = values.get("portreserve_dir", PORTRESERVE_DIR)
     if portreserve_dir:
         blocks.extend(_portreserve_blocks(Path(portreserve_dir), services, problems))
     if problems:
         raise ConfigError(problems)
-    return Config(Settings(**guard), tuple(blocks), tuple(names))
+    return _config(guard, blocks, names)
+
+
+def _config(guard: dict[str, tuple[object, Origin]], blocks: list, names: list[str]) -> Config:
+    settings = Settings(**{key: value for key, (value, _) in guard.items()})
+    origins = {key: where for key, (_, where) in guard.items()}
+    return Config(settings, tuple(blocks), tuple(names), origins)
 
 
 def _portreserve_blocks(directory: Path, services: dict, problems: list[str]) -> list[ReserveBlock]:
     """portreserve's files as reservations owned by the service the file is named after.
     portreserve held IPv4 sockets only; these reservations cover IPv6 too."""
-    from guard.portreserve import PortreserveError, read_portreserve
+    from guard.policy.portreserve import PortreserveError, read_portreserve
 
     try:
         entries = read_portreserve(directory)
@@ -453,7 +493,7 @@ def loads(text: str, name: str = "<config>", services_file: Path | None = None) 
     guard, blocks = _parse_text(name, text, services, problems)
     if problems:
         raise ConfigError(problems)
-    return Config(Settings(**guard), tuple(blocks), (name,))
+    return _config(guard, blocks, [name])
 
 
 def load_settings(paths: list[Path]) -> Settings:

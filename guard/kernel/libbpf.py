@@ -1,4 +1,5 @@
-"""The only module that talks to libbpf: load the object, pin, attach, read and write maps.
+"""The only module that talks to libbpf: load the object, pin, attach, read and write maps,
+read the object's BTF.
 
 libbpf.so.1 (Debian's libbpf1, which bcc links too) is reached through ctypes; nothing here
 compiles anything, so a host needs neither LLVM nor kernel headers to load the guard.
@@ -24,6 +25,8 @@ BPF_CGROUP_INET_EGRESS = 1
 BPF_CGROUP_INET4_BIND = 8
 BPF_CGROUP_INET6_BIND = 9
 BPF_ANY = 0
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_NOEXIST = 1
 LINK_TYPE_RAW_TRACEPOINT = 1  # tp_btf programs attached with bpf_raw_tracepoint_open
 LINK_TYPE_TRACING = 2
@@ -118,6 +121,27 @@ def lib() -> C.CDLL:
         "libbpf_probe_bpf_helper": (INT, [INT, INT, P]),
         "libbpf_num_possible_cpus": (INT, []),
         "libbpf_set_print": (P, [_PRINT_FN]),
+        "bpf_object__next_program": (P, [P, P]),
+        "bpf_object__next_map": (P, [P, P]),
+        "bpf_object__btf": (P, [P]),
+        "bpf_program__name": (C.c_char_p, [P]),
+        "bpf_program__section_name": (C.c_char_p, [P]),
+        "bpf_map__name": (C.c_char_p, [P]),
+        "bpf_map__type": (INT, [P]),
+        "bpf_map__key_size": (U32, [P]),
+        "bpf_map__value_size": (U32, [P]),
+        "bpf_map__max_entries": (U32, [P]),
+        "bpf_map__map_flags": (U32, [P]),
+        "bpf_map__btf_key_type_id": (U32, [P]),
+        "bpf_map__btf_value_type_id": (U32, [P]),
+        "bpf_map__is_internal": (C.c_bool, [P]),
+        "bpf_map_create": (INT, [INT, C.c_char_p, U32, U32, U32, P]),
+        "btf__type_cnt": (U32, [P]),
+        "btf__type_by_id": (P, [P, U32]),
+        "btf__name_by_offset": (C.c_char_p, [P, U32]),
+        "btf__parse": (P, [C.c_char_p, P]),
+        "btf__free": (None, [P]),
+        "btf__find_by_name_kind": (INT, [P, C.c_char_p, U32]),
         "ring_buffer__new": (P, [INT, _RING_SAMPLE_FN, P, P]),
         "ring_buffer__poll": (INT, [P, INT]),
         "ring_buffer__free": (None, [P]),
@@ -209,6 +233,19 @@ def has_packet_netns_cookie() -> bool:
     )
 
 
+class IncompatiblePinnedMap(BpfError):
+    """A map pinned where the object's map would be pinned has another definition (type,
+    key or value size, max entries or flags): libbpf would refuse to reuse it."""
+
+    def __init__(self, name: str, path: Path, differences: list[str]):
+        super().__init__(
+            errno.EINVAL,
+            f"the map pinned at {path} is not the object's {name}: " + ", ".join(differences),
+        )
+        self.name = name
+        self.path = path
+
+
 @dataclass
 class LoadedObject:
     """A loaded (verified) object: program fds by name, map fds by name. Owns the fds."""
@@ -221,54 +258,135 @@ class LoadedObject:
         lib().bpf_object__close(self.handle)
 
 
-def load_object(
-    path: Path, maps_dir: Path, programs: list[str], maps: list[str], skip: tuple[str, ...] = ()
-) -> LoadedObject:
-    """Load and verify the object; its maps are reused from maps_dir when pinned there
-    (same layout), else created and pinned there. Programs named in skip are not loaded
-    (this kernel would refuse them)."""
-    bpf = lib()
-    _LOG.clear()
-    handle = bpf.bpf_object__open_file(str(path).encode(), None)
+def _programs(handle: int) -> dict[str, int]:
+    """name -> struct bpf_program * of every program of an opened object."""
+    bpf, found, prog = lib(), {}, None
+    while prog := bpf.bpf_object__next_program(handle, prog):
+        found[bpf.bpf_program__name(prog).decode()] = prog
+    return found
+
+
+def _maps(handle: int) -> dict[str, int]:
+    """name -> struct bpf_map * of the object's own maps (not .rodata and the like)."""
+    bpf, found, m = lib(), {}, None
+    while m := bpf.bpf_object__next_map(handle, m):
+        if not bpf.bpf_map__is_internal(m):
+            found[bpf.bpf_map__name(m).decode()] = m
+    return found
+
+
+def _open_object(path: Path) -> int:
+    handle = lib().bpf_object__open_file(str(path).encode(), None)
     if not handle:
         err = C.get_errno()
         raise BpfError(err, f"opening BPF object {path}: {os.strerror(err)}")
+    return handle
+
+
+def _check_reusable(name: str, m: int, path: Path) -> None:
+    """Raise IncompatiblePinnedMap when a map pinned at path differs from the object's map
+    (what libbpf compares before it reuses a pinned map)."""
+    fd = get_pinned(path)
+    if fd is None:
+        return
     try:
-        map_fds_pending = {}
-        for name in maps:
-            m = bpf.bpf_object__find_map_by_name(handle, name.encode())
-            if not m:
-                raise BpfError(errno.ENOENT, f"map {name} missing from {path}")
-            _check(
-                bpf.bpf_map__set_pin_path(m, str(maps_dir / name).encode()), f"pin path for {name}"
-            )
-            map_fds_pending[name] = m
+        info = map_info(fd)
+    finally:
+        os.close(fd)
+    bpf = lib()
+    want = {
+        "type": bpf.bpf_map__type(m),
+        "key_size": bpf.bpf_map__key_size(m),
+        "value_size": bpf.bpf_map__value_size(m),
+        "max_entries": bpf.bpf_map__max_entries(m),
+        "map_flags": bpf.bpf_map__map_flags(m),
+    }
+    differences = [
+        f"{field} {getattr(info, field)} instead of {value}"
+        for field, value in want.items()
+        if getattr(info, field) != value
+    ]
+    if differences:
+        raise IncompatiblePinnedMap(name, path, differences)
+
+
+def load_object(path: Path, maps_dir: Path, skip: tuple[str, ...] = ()) -> LoadedObject:
+    """Load and verify the object; each of its maps is reused from maps_dir when pinned
+    there, else created and pinned there (IncompatiblePinnedMap when a pinned one differs).
+    Programs named in skip are not loaded (the other denial style, or programs this kernel
+    would refuse). Program and map names are the object's own."""
+    bpf = lib()
+    _LOG.clear()
+    handle = _open_object(path)
+    try:
+        maps = _maps(handle)
+        for name, m in maps.items():
+            pin_path = maps_dir / name
+            _check_reusable(name, m, pin_path)
+            _check(bpf.bpf_map__set_pin_path(m, str(pin_path).encode()), f"pin path for {name}")
+        programs = _programs(handle)
         for name in skip:
-            p = bpf.bpf_object__find_program_by_name(handle, name.encode())
-            if p:
-                _check(bpf.bpf_program__set_autoload(p, False), f"not loading {name}")
+            if name in programs:
+                _check(bpf.bpf_program__set_autoload(programs[name], False), f"not loading {name}")
         ret = bpf.bpf_object__load(handle)
         if ret < 0:
             err = C.get_errno() or -ret
             raise BpfError(
                 err, f"loading BPF programs failed: {os.strerror(err)}\n{libbpf_log_tail()}"
             )
-        prog_fds = {}
-        for name in programs:
-            if name in skip:
-                continue
-            p = bpf.bpf_object__find_program_by_name(handle, name.encode())
-            if not p:
-                raise BpfError(errno.ENOENT, f"program {name} missing from {path}")
-            prog_fds[name] = _check(bpf.bpf_program__fd(p), f"fd of {name}")
-        map_fds = {
-            name: _check(bpf.bpf_map__fd(m), f"fd of {name}") for name, m in map_fds_pending.items()
+        prog_fds = {
+            name: _check(bpf.bpf_program__fd(prog), f"fd of {name}")
+            for name, prog in programs.items()
+            if name not in skip
         }
+        map_fds = {name: _check(bpf.bpf_map__fd(m), f"fd of {name}") for name, m in maps.items()}
     except BaseException:
         bpf.bpf_object__close(handle)
         raise
     step()
     return LoadedObject(handle, prog_fds, map_fds)
+
+
+def wait_for_programs() -> None:
+    """Return once every BPF program that was running when called has finished (an RCU
+    grace period: programs run under rcu_read_lock). The kernel waits so for an update
+    of a map-in-map, to tell user space that no program still uses the old inner map;
+    a throwaway outer map gives the same guarantee here, on every kernel configuration."""
+    bpf = lib()
+    inner = _check(
+        bpf.bpf_map_create(BPF_MAP_TYPE_ARRAY, b"pg_grace", 4, 4, 1, None), "creating a map"
+    )
+    try:
+        opts = _MapCreateOpts(sz=C.sizeof(_MapCreateOpts), inner_map_fd=inner)
+        outer = _check(
+            bpf.bpf_map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, b"pg_grace", 4, 4, 1, C.byref(opts)),
+            "creating a map-in-map",
+        )
+        try:
+            key, value = C.c_uint32(0), C.c_uint32(inner)
+            _check(
+                bpf.bpf_map_update_elem(outer, C.byref(key), C.byref(value), BPF_ANY),
+                "waiting for running BPF programs",
+            )
+        finally:
+            os.close(outer)
+    finally:
+        os.close(inner)
+
+
+class _MapCreateOpts(C.Structure):
+    _fields_ = [
+        ("sz", C.c_size_t),
+        ("btf_fd", C.c_uint32),
+        ("btf_key_type_id", C.c_uint32),
+        ("btf_value_type_id", C.c_uint32),
+        ("btf_vmlinux_value_type_id", C.c_uint32),
+        ("inner_map_fd", C.c_uint32),
+        ("map_flags", C.c_uint32),
+        ("map_extra", C.c_uint64),
+        ("numa_node", C.c_uint32),
+        ("map_ifindex", C.c_uint32),
+    ]
 
 
 def pin(fd: int, path: Path) -> None:
@@ -331,67 +449,259 @@ def update_link(link_fd: int, prog_fd: int) -> None:
     step()
 
 
-def _info(fd: int, size: int) -> bytes:
-    buf = C.create_string_buffer(size)
-    length = C.c_uint32(size)
-    _check(lib().bpf_obj_get_info_by_fd(fd, buf, C.byref(length)), "reading object info")
-    return buf.raw
+class _LinkCgroup(C.Structure):
+    _fields_ = [("cgroup_id", C.c_uint64), ("attach_type", C.c_uint32)]
 
 
-@dataclass(frozen=True)
-class LinkInfo:
-    id: int
-    type: int
-    prog_id: int
-    cgroup_id: int | None
-    attach_type: int | None
+class _LinkDetails(C.Union):
+    _fields_ = [("cgroup", _LinkCgroup), ("_size", C.c_uint8 * 32)]
+
+
+class LinkInfo(C.Structure):
+    """struct bpf_link_info (UAPI), as far as portguard reads it."""
+
+    _anonymous_ = ("details",)
+    _fields_ = [
+        ("type", C.c_uint32),
+        ("id", C.c_uint32),
+        ("prog_id", C.c_uint32),
+        ("details", _LinkDetails),  # 8-aligned: offset 16
+    ]
+
+
+class ProgInfo(C.Structure):
+    """struct bpf_prog_info (UAPI) up to the program's name."""
+
+    _fields_ = [
+        ("type", C.c_uint32),
+        ("id", C.c_uint32),
+        ("tag", C.c_uint8 * 8),
+        ("jited_prog_len", C.c_uint32),
+        ("xlated_prog_len", C.c_uint32),
+        ("jited_prog_insns", C.c_uint64),
+        ("xlated_prog_insns", C.c_uint64),
+        ("load_time", C.c_uint64),
+        ("created_by_uid", C.c_uint32),
+        ("nr_map_ids", C.c_uint32),
+        ("map_ids", C.c_uint64),  # user pointer to nr_map_ids u32s
+        ("name", C.c_char * 16),
+    ]
+
+
+class MapInfo(C.Structure):
+    """struct bpf_map_info (UAPI)."""
+
+    _fields_ = [
+        ("type", C.c_uint32),
+        ("id", C.c_uint32),
+        ("key_size", C.c_uint32),
+        ("value_size", C.c_uint32),
+        ("max_entries", C.c_uint32),
+        ("map_flags", C.c_uint32),
+        ("name", C.c_char * 16),
+        ("ifindex", C.c_uint32),
+        ("btf_vmlinux_value_type_id", C.c_uint32),
+        ("netns_dev", C.c_uint64),
+        ("netns_ino", C.c_uint64),
+        ("btf_id", C.c_uint32),
+        ("btf_key_type_id", C.c_uint32),
+        ("btf_value_type_id", C.c_uint32),
+        ("_pad", C.c_uint32),
+        ("map_extra", C.c_uint64),
+    ]
+
+
+def _info(fd: int, info: C.Structure) -> C.Structure:
+    length = C.c_uint32(C.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(length)), "reading object info")
+    return info
 
 
 def link_info(fd: int) -> LinkInfo:
-    raw = _info(fd, 48)
-    link_type, link_id, prog_id = (int.from_bytes(raw[o : o + 4], "little") for o in (0, 4, 8))
-    if link_type == LINK_TYPE_CGROUP:
-        return LinkInfo(
-            link_id,
-            link_type,
-            prog_id,
-            int.from_bytes(raw[16:24], "little"),
-            int.from_bytes(raw[24:28], "little"),
-        )
-    return LinkInfo(link_id, link_type, prog_id, None, None)
+    """The link's type, id and program; for cgroup links (type LINK_TYPE_CGROUP) also
+    .cgroup.cgroup_id and .cgroup.attach_type."""
+    return _info(fd, LinkInfo())
+
+
+def prog_info(fd: int) -> ProgInfo:
+    return _info(fd, ProgInfo())
 
 
 def prog_map_ids(prog_id: int) -> set[int]:
     """Ids of the maps a loaded program uses."""
     fd = _check(lib().bpf_prog_get_fd_by_id(prog_id), f"opening program {prog_id}")
     try:
-        count = int.from_bytes(_info(fd, 64)[52:56], "little")  # bpf_prog_info.nr_map_ids
+        count = prog_info(fd).nr_map_ids
         ids = (C.c_uint32 * max(count, 1))()
-        buf = C.create_string_buffer(64)
-        C.memmove(C.addressof(buf) + 52, C.byref(C.c_uint32(count)), 4)
-        C.memmove(C.addressof(buf) + 56, C.byref(C.c_uint64(C.addressof(ids))), 8)
-        length = C.c_uint32(64)
-        _check(lib().bpf_obj_get_info_by_fd(fd, buf, C.byref(length)), "reading program info")
-        return set(ids[:count])
+        info = ProgInfo(nr_map_ids=count, map_ids=C.addressof(ids))
+        _info(fd, info)
+        return set(ids[: min(count, info.nr_map_ids)])
     finally:
         os.close(fd)
 
 
+def map_info(fd: int) -> MapInfo:
+    return _info(fd, MapInfo())
+
+
+def reopen_program(prog_id: int) -> int:
+    """A new fd of the loaded program with this id."""
+    return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"reopening program {prog_id}")
+
+
+# ---- the object's BTF: what the compiled object says the contract is -----------------------
+
+BTF_INT, BTF_PTR, BTF_ARRAY, BTF_STRUCT, BTF_UNION, BTF_ENUM = 1, 2, 3, 4, 5, 6
+BTF_TYPEDEF, BTF_VOLATILE, BTF_CONST, BTF_RESTRICT, BTF_TYPE_TAG = 8, 9, 10, 11, 18
+_BTF_QUALIFIERS = (BTF_TYPEDEF, BTF_VOLATILE, BTF_CONST, BTF_RESTRICT, BTF_TYPE_TAG)
+
+
+class _BtfType(C.Structure):
+    _fields_ = [("name_off", C.c_uint32), ("info", C.c_uint32), ("size_or_type", C.c_uint32)]
+
+
+class _BtfArray(C.Structure):
+    _fields_ = [("type", C.c_uint32), ("index_type", C.c_uint32), ("nelems", C.c_uint32)]
+
+
+class _BtfMember(C.Structure):
+    _fields_ = [("name_off", C.c_uint32), ("type", C.c_uint32), ("offset", C.c_uint32)]
+
+
+class _BtfEnum(C.Structure):
+    _fields_ = [("name_off", C.c_uint32), ("val", C.c_int32)]
+
+
 @dataclass(frozen=True)
-class MapInfo:
-    id: int
+class StructLayout:
+    size: int
+    members: tuple[tuple[str, int, int], ...]  # (name, byte offset, byte size)
+
+
+@dataclass(frozen=True)
+class MapDefinition:
     type: int
+    key: str  # BTF type name: "pg_port_key", "__u32"; "" when the map has no key type
+    value: str
     key_size: int
     value_size: int
     max_entries: int
-    name: str
+    map_flags: int
 
 
-def map_info(fd: int) -> MapInfo:
-    raw = _info(fd, 88)
-    u32 = [int.from_bytes(raw[o : o + 4], "little") for o in (0, 4, 8, 12, 16)]
-    name = raw[24:40].split(b"\0", 1)[0].decode()
-    return MapInfo(u32[1], u32[0], u32[2], u32[3], u32[4], name)
+@dataclass(frozen=True)
+class ObjectDescription:
+    """An object's programs (name -> ELF section), maps, structs and enums, from its BTF."""
+
+    programs: dict[str, str]
+    maps: dict[str, MapDefinition]
+    structs: dict[str, StructLayout]
+    enums: dict[str, dict[str, int]]
+
+
+class _Btf:
+    def __init__(self, btf: int):
+        self.btf = btf
+
+    def type(self, type_id: int) -> _BtfType:
+        return _BtfType.from_address(lib().btf__type_by_id(self.btf, type_id))
+
+    def name(self, offset: int) -> str:
+        return (lib().btf__name_by_offset(self.btf, offset) or b"").decode()
+
+    @staticmethod
+    def kind(t: _BtfType) -> int:
+        return (t.info >> 24) & 0x1F
+
+    def _after(self, t: _BtfType, record: type, count: int):
+        return (record * count).from_address(C.addressof(t) + C.sizeof(_BtfType))
+
+    def resolve(self, type_id: int) -> int:
+        """Skip typedefs and qualifiers."""
+        while self.kind(self.type(type_id)) in _BTF_QUALIFIERS:
+            type_id = self.type(type_id).size_or_type
+        return type_id
+
+    def size(self, type_id: int) -> int:
+        t = self.type(self.resolve(type_id))
+        kind = self.kind(t)
+        if kind == BTF_ARRAY:
+            array = self._after(t, _BtfArray, 1)[0]
+            return array.nelems * self.size(array.type)
+        if kind == BTF_PTR:
+            return 8
+        return t.size_or_type
+
+    def struct(self, t: _BtfType) -> StructLayout:
+        kflag = t.info >> 31
+        members = []
+        for m in self._after(t, _BtfMember, t.info & 0xFFFF):
+            bits = m.offset & 0xFFFFFF if kflag else m.offset
+            members.append((self.name(m.name_off), bits // 8, self.size(m.type)))
+        return StructLayout(t.size_or_type, tuple(members))
+
+    def enum(self, t: _BtfType) -> dict[str, int]:
+        values = self._after(t, _BtfEnum, t.info & 0xFFFF)
+        return {self.name(e.name_off): e.val for e in values}
+
+
+def describe_object(path: Path) -> ObjectDescription:
+    """Read an object's contract from its BTF, without loading it (no root needed)."""
+    bpf = lib()
+    handle = _open_object(path)
+    try:
+        raw = bpf.bpf_object__btf(handle)
+        if not raw:
+            raise BpfError(errno.ENOENT, f"{path} carries no BTF (built without -g?)")
+        btf = _Btf(raw)
+        structs, enums = {}, {}
+        for type_id in range(1, bpf.btf__type_cnt(raw)):
+            t = btf.type(type_id)
+            name = btf.name(t.name_off)
+            if not name:
+                continue
+            if btf.kind(t) == BTF_STRUCT:
+                structs[name] = btf.struct(t)
+            elif btf.kind(t) == BTF_ENUM:
+                enums[name] = btf.enum(t)
+        maps = {}
+        for name, m in _maps(handle).items():
+            key_id, value_id = bpf.bpf_map__btf_key_type_id(m), bpf.bpf_map__btf_value_type_id(m)
+            maps[name] = MapDefinition(
+                type=bpf.bpf_map__type(m),
+                key=btf.name(btf.type(key_id).name_off) if key_id else "",
+                value=btf.name(btf.type(value_id).name_off) if value_id else "",
+                key_size=bpf.bpf_map__key_size(m),
+                value_size=bpf.bpf_map__value_size(m),
+                max_entries=bpf.bpf_map__max_entries(m),
+                map_flags=bpf.bpf_map__map_flags(m),
+            )
+        programs = {
+            name: bpf.bpf_program__section_name(prog).decode()
+            for name, prog in _programs(handle).items()
+        }
+        return ObjectDescription(programs, maps, structs, enums)
+    finally:
+        bpf.bpf_object__close(handle)
+
+
+def btf_structs(path: Path, names: list[str]) -> dict[str, StructLayout]:
+    """The named structs of a BTF file (the kernel's: /sys/kernel/btf/vmlinux); absent
+    names are left out."""
+    bpf = lib()
+    raw = bpf.btf__parse(str(path).encode(), None)
+    if not raw:
+        err = C.get_errno()
+        raise BpfError(err, f"reading BTF from {path}: {os.strerror(err)}")
+    try:
+        btf, found = _Btf(raw), {}
+        for name in names:
+            type_id = bpf.btf__find_by_name_kind(raw, name.encode(), BTF_STRUCT)
+            if type_id > 0:
+                found[name] = btf.struct(btf.type(type_id))
+        return found
+    finally:
+        bpf.btf__free(raw)
 
 
 class Map:

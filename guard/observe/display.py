@@ -1,19 +1,27 @@
-"""What people and scripts see: the status table, monitor lines (text, JSON, journal).
+"""Everything people and scripts see, in every format: apply's summary and warnings, remove,
+build, status (text, JSON), check (text, JSON), monitor (text, JSON lines, journal entries).
 
 Human output fits 100 columns: long cgroup paths and addresses are shortened from the left
-with an ellipsis, keeping their informative end; `--json` carries every value in full.
+with an ellipsis, keeping their informative end; JSON carries every value in full. Commands
+(guard.cli) only choose what to render and where it goes.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import time
-from dataclasses import dataclass
-from typing import TextIO
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, TextIO
 
-from guard import journal, layout
-from guard.lifecycle import GuardState, errno_name
-from guard.monitor import Denial, SecondClock
+from guard.observe import journal
+from guard.policy.ports import PROTOCOL_NUMBERS
+
+if TYPE_CHECKING:  # the types rendered; apply's summary does without importing them
+    from guard.observe.holders import Squatter
+    from guard.observe.monitor import Denial
+    from guard.observe.outcome import Failure
+    from guard.observe.state import GuardState, ReservationState
 
 WIDTH = 100
 ELLIPSIS = "…"
@@ -30,7 +38,87 @@ def _fit(line: str) -> str:
     return line if len(line) <= WIDTH else line[: WIDTH - 1] + ELLIPSIS
 
 
+def errno_name(number: int | None) -> str:
+    if number is None:
+        return "-"
+    return errno.errorcode.get(number, str(number)) if number else "EPERM"
+
+
+class SecondClock:
+    """time.strftime once per second: events come in bursts."""
+
+    def __init__(self, fmt: str, convert: Callable[[float], time.struct_time]):
+        self.fmt, self.convert = fmt, convert
+        self.second: int | None = None
+        self.text = ""
+
+    def __call__(self, when: float) -> str:
+        second = int(when)
+        if second != self.second:
+            self.second, self.text = second, time.strftime(self.fmt, self.convert(second))
+        return self.text
+
+
+_utc_clock = SecondClock("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
+
+def iso_time(when: float) -> str:
+    """RFC 3339 UTC with microseconds."""
+    return f"{_utc_clock(when)}.{int(when % 1 * 1e6):06d}+00:00"
+
+
+# ---- apply ----------------------------------------------------------------------------------
+
+
+def warning_line(text: str) -> str:
+    return f"portguard: warning: {text}"
+
+
+def squatter_text(squatter: Squatter) -> str:
+    holder = squatter.holder
+    who = f"pid {holder.pid} ({holder.comm})" if holder.pid else "a socket of no process"
+    return (
+        f"port {squatter.port}/{squatter.protocol} is held by {who} in cgroup "
+        f"{holder.cgroup or '(removed)'}, not an owner: it keeps the port until it "
+        "closes it"
+    )
+
+
+def apply_line(changed: bool, ports: int, owner_cgroups: int, mode: str) -> str:
+    state = "applied" if changed else "unchanged"
+    return (
+        f"portguard: {state}: {ports} reserved port/protocol pairs, "
+        f"{owner_cgroups} owner cgroups, mode {mode}"
+    )
+
+
+def remove_line(removed: bool) -> str:
+    return "portguard: removed" if removed else "portguard: nothing to remove"
+
+
+def built_line(path: object) -> str:
+    return f"portguard: built {path}"
+
+
 # ---- status ---------------------------------------------------------------------------------
+
+
+def status_json(state: GuardState, failure: Failure | None, **facts: object) -> str:
+    """state, the last apply's failure and the facts status adds (config_matches, ...)."""
+    import json  # only for JSON output: plain status, check and apply do without it
+
+    data = asdict(state)
+    data["links"] = {
+        link["name"]: {k: v for k, v in link.items() if k != "name"} for link in data["links"]
+    }
+    data["last_apply_failure"] = asdict(failure) if failure else None
+    data.update(facts)
+    return json.dumps(data, indent=2)
+
+
+def squatters_line(count: int) -> str:
+    return f"portguard: {count} reserved port holder(s) not an owner (SQUATTER)"
+
 
 _RES = "{port:>5} {proto:5} {denied:>8} {dropped:>8}  {role:6} {what}"
 _WHAT = WIDTH - len(_RES.format(port="", proto="", denied="", dropped="", role="", what=""))
@@ -39,8 +127,8 @@ _ADDRESS = 15  # "255.255.255.255", "[::]", "[::1]"; longer IPv6 addresses are s
 _HOLDER_WHERE = _WHAT - 7 - 1 - _COMM - 1 - _ADDRESS - 1 - 1 - 8
 
 
-def failure_line(failure, loaded: bool) -> str:
-    """Why the guard is not what the configuration asks for (see guard/outcome.py)."""
+def failure_line(failure: Failure, loaded: bool) -> str:
+    """Why the guard is not what the configuration asks for (see guard/observe/outcome.py)."""
     now = "the guard loaded before it is still in place" if loaded else "no guard is loaded"
     return f"portguard: the last apply failed ({failure.when}), {now}: {failure.message}"
 
@@ -92,7 +180,7 @@ def plan_lines(cfg, plan, skipped=()) -> list[str]:
         ],
     )
     lines.append(_PLAN.format(ports="PORTS", proto="PROTO", owner="OWNERS (UNIT: CGROUP)"))
-    by_proto = {number: name for name, number in layout.PROTOCOLS.items()}
+    by_proto = {number: name for name, number in PROTOCOL_NUMBERS.items()}
     pairs = [
         (by_proto.get(proto, str(proto)), port, plan.owners_of(proto, port))
         for proto, port in sorted(plan.ports)
@@ -229,6 +317,45 @@ def status_lines(state: GuardState, attach_cgroup: str, verbose: bool = False) -
     return [_fit(line) for line in lines]
 
 
+# ---- check ----------------------------------------------------------------------------------
+
+
+def check_results(
+    pairs: Sequence[tuple[str, int]], reservations: Sequence[ReservationState]
+) -> list[dict]:
+    """One entry per asked (protocol, port): reserved or not, and for whom."""
+    by_key = {(r.protocol, r.port): r for r in reservations}
+    results = []
+    for proto, number in pairs:
+        res = by_key.get((proto, number))
+        results.append(
+            {
+                "port": number,
+                "protocol": proto,
+                "reserved": res is not None,
+                "owners": [asdict(o) for o in res.owners] if res else [],
+            }
+        )
+    return results
+
+
+def check_json(results: list[dict]) -> str:
+    import json
+
+    return json.dumps(results, indent=2)
+
+
+def check_lines(results: list[dict]) -> list[str]:
+    lines = []
+    for item in results:
+        if item["reserved"]:
+            owners = ", ".join(o["cgroup"] for o in item["owners"])
+            lines.append(f"{item['port']}/{item['protocol']}: reserved for {owners}")
+        else:
+            lines.append(f"{item['port']}/{item['protocol']}: not reserved")
+    return lines
+
+
 # ---- monitor --------------------------------------------------------------------------------
 
 # TIME PID COMM UID CGROUP/UNIT PROTO ADDR:PORT OWNER(S) VERDICT, like bcc's bindsnoop
@@ -282,6 +409,29 @@ def monitor_line(denial: Denial) -> str:
         _owners_column(denial.owners),
         denial.verdict,
     )
+
+
+def denial_json(denial: Denial) -> dict:
+    return {
+        "time": iso_time(denial.time),
+        "pid": denial.pid,
+        "host_pid": denial.host_pid,
+        "uid": denial.uid,
+        "comm": denial.comm,
+        "cgroup": denial.cgroup,
+        "cgroup_id": denial.cgroup_id,
+        "unit": denial.unit,
+        "family": denial.family,
+        "protocol": denial.protocol,
+        "address": denial.address,
+        "port": denial.port,
+        "owners": list(denial.owners),
+        "verdict": denial.verdict,
+    }
+
+
+def monitor_ready_line(pin_dir: str) -> str:
+    return f"portguard: monitoring refused binds of {pin_dir}"
 
 
 def lost_line(count: int) -> str:
@@ -348,16 +498,19 @@ class TextSink:
 
 class JsonSink:
     def __init__(self, out: TextIO):
+        import json
+
         self.out = out
+        self.dumps = json.dumps
 
     def start(self) -> None:
         pass
 
     def denial(self, denial: Denial) -> None:
-        self.out.write(json.dumps(denial.as_json()) + "\n")
+        self.out.write(self.dumps(denial_json(denial)) + "\n")
 
     def lost(self, count: int) -> None:
-        self.out.write(json.dumps({"lost": count}) + "\n")
+        self.out.write(self.dumps({"lost": count}) + "\n")
 
     def flush(self) -> None:
         self.out.flush()

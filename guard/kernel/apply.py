@@ -1,0 +1,395 @@
+"""apply / remove: the plan meets the kernel here.
+
+Every change of behaviour happens at one instant, the flip of state.active: apply fills the
+inactive slot completely (config, owner paths, owner ids, owner sets, ports) and then flips.
+The old slot is cleared only once no program can still be reading it: a program that looked
+up state.active before the flip may still be running (libbpf.wait_for_programs waits for
+it). Links are attached while the active slot is empty (no reservations), so attaching
+changes nothing either. A process killed at any point leaves either the old guard or the
+new one.
+
+Maps the bind links do not read (an older layout's, a half-created set, leftovers of a killed
+run) are never trusted: apply loads fresh maps, fills them completely while the old links
+keep enforcing, and only then swaps each bind link's program (bpf_link_update, one step per
+address family). The trackers of the new maps are pinned beside the old ones until then,
+and the old maps go last. The `meta` map's object digest is written last of all: while it
+is stale the next apply redoes the whole load.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from guard.errors import GuardError
+from guard.kernel import host, layout, libbpf, objects, slots, sysctl
+from guard.kernel.pins import Maps, Pins
+from guard.kernel.programs import (
+    CGROUP_ATTACH_TYPES,
+    CORE_LINKS,
+    LINK_NAMES,
+    PACKET_LINKS,
+    TRACKER_LINKS,
+    not_loaded,
+    program_names,
+)
+from guard.policy.config import Settings
+from guard.policy.plan import Plan
+
+
+@dataclass
+class ApplyResult:
+    changed: bool
+    loaded_program: bool
+    denial: str  # host.DENY_SET_RETVAL or host.DENY_EPERM
+    warnings: list[str]
+
+
+def apply(plan: Plan) -> ApplyResult:
+    settings = plan.settings
+    cgroup_root, attach_dir = host.preflight(settings, mount_bpffs=True)
+    try:
+        denial, notes = host.choose_denial(settings)
+        if host.netns_cookie() == 0:
+            notes.append(host.NO_NETNS_COOKIE)
+        object_path = objects.ensure_object()
+        can_contain = libbpf.has_packet_netns_cookie()
+    except (objects.BuildError, libbpf.BpfError) as exc:
+        raise GuardError(str(exc)) from None
+    if plan.contained and not can_contain:
+        raise GuardError(
+            "contain = true needs cgroup_skb programs that may call bpf_get_netns_cookie, "
+            "which this kernel refuses; nothing applied (turn contain off)"
+        )
+    pins = Pins(Path(settings.pin_dir))
+    with host.locked(pins.root):
+        try:
+            pins.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(pins.root, 0o700)
+        except OSError as exc:
+            raise GuardError(f"cannot use the pin directory {pins.root}: {exc.strerror}") from None
+        try:
+            result = _Transaction(
+                plan, pins, object_path, denial, cgroup_root, attach_dir, can_contain
+            ).run()
+        except libbpf.BpfError as exc:
+            raise GuardError(str(exc)) from None
+        except OSError as exc:
+            raise GuardError(f"{exc.filename or pins.root}: {exc.strerror}") from None
+    result.warnings[:0] = notes
+    return result
+
+
+def _open_links(pins: Pins) -> dict[str, int | None]:
+    """The pinned links; a pin under a link's name that is not such a link is refused."""
+    links: dict[str, int | None] = {}
+    try:
+        for name in LINK_NAMES:
+            fd = links[name] = libbpf.get_pinned(pins.link(name))
+            if fd is None:
+                continue
+            kind, kind_type = libbpf.object_kind(fd)
+            if kind != "link" or not _expected_link(name, libbpf.link_info(fd)):
+                raise GuardError(
+                    f"{pins.link(name)} is not a portguard {name} link (a foreign or "
+                    f"damaged pin: {kind} {kind_type}): remove it or choose "
+                    "another pin_dir"
+                )
+    except BaseException:
+        for fd in links.values():
+            libbpf.close(fd)
+        raise
+    return links
+
+
+def _expected_link(name: str, info: libbpf.LinkInfo) -> bool:
+    if name in CGROUP_ATTACH_TYPES:
+        return (
+            info.type == libbpf.LINK_TYPE_CGROUP
+            and info.cgroup.attach_type == CGROUP_ATTACH_TYPES[name]
+        )
+    return info.type in (libbpf.LINK_TYPE_RAW_TRACEPOINT, libbpf.LINK_TYPE_TRACING)
+
+
+def _reads_maps(link_fd: int, maps: Maps) -> bool:
+    """Whether the link's program uses these maps (and not an older set)."""
+    state_id = libbpf.map_info(maps.fds["state"]).id
+    return state_id in libbpf.prog_map_ids(libbpf.link_info(link_fd).prog_id)
+
+
+def _retire(maps_dir: Path) -> None:
+    """Move maps this version cannot trust out of the way; links may still use them, so they
+    are deleted only once no link does (end of apply)."""
+    if maps_dir.exists():
+        libbpf.rename_pin(maps_dir, maps_dir.with_name(f"maps-retired-{secrets.token_hex(4)}"))
+
+
+def _load(
+    object_path: Path, pins: Pins, reused: bool, skip: tuple[str, ...]
+) -> tuple[libbpf.LoadedObject, bool]:
+    """Load, reusing this layout's pinned maps when reused; maps libbpf cannot reuse (their
+    definition changed without a layout change) are retired and made afresh."""
+    pins.maps_dir.mkdir(mode=0o700, exist_ok=True)
+    try:
+        return libbpf.load_object(object_path, pins.maps_dir, skip), reused
+    except libbpf.IncompatiblePinnedMap:
+        pass
+    _retire(pins.maps_dir)
+    pins.maps_dir.mkdir(mode=0o700)
+    return libbpf.load_object(object_path, pins.maps_dir, skip), False
+
+
+class _Transaction:
+    """One apply, under the pin directory's lock."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        pins: Pins,
+        object_path: Path,
+        denial: str,
+        cgroup_root: Path,
+        attach_dir: Path,
+        can_contain: bool,
+    ):
+        self.plan, self.pins, self.object_path = plan, pins, object_path
+        self.denial, self.cgroup_root, self.attach_dir = denial, cgroup_root, attach_dir
+        self.can_contain = can_contain
+        self.contain = bool(plan.contained)
+        self.programs = program_names(denial)
+        self.cookie = host.netns_cookie()
+        self.cfg = slots.config_value(plan, self.cookie, denial)
+        # The denial style depends on the kernel only: it cannot change under pinned links.
+        self.digest = object_path.stem.encode()
+
+    def run(self) -> ApplyResult:
+        pins = self.pins
+        links = _open_links(pins)
+        maps = Maps.open_pinned(pins.maps_dir)
+        loaded = None
+        wanted_links = CORE_LINKS + (PACKET_LINKS if self.contain else ())
+        try:
+            # bind and packet links: what enforces, and which maps it reads
+            bind_links = [links[n] for n in CGROUP_ATTACH_TYPES if links[n] is not None]
+            readers = [fd for fd in bind_links if maps is not None and _reads_maps(fd, maps)]
+            takeover = len(readers) < len(bind_links)  # some link enforces maps we do not trust
+            stale_program = maps is None or maps.meta.lookup(0).object != self.digest
+            need_load = stale_program or takeover or any(links[n] is None for n in wanted_links)
+            if need_load:
+                if maps is None:
+                    _retire(pins.maps_dir)
+                skip = not_loaded(self.denial, self.can_contain)
+                loaded, reused = _load(self.object_path, pins, maps is not None, skip)
+                if not reused:
+                    if maps is not None:
+                        maps.close()
+                    maps = Maps({name: os.dup(loaded.maps[name]) for name in layout.MAPS})
+                    readers, takeover = [], bool(bind_links)
+                _carry_sysctl_records(pins, maps)
+                if not readers:
+                    # No link reads these maps: start from an empty active slot whatever was left.
+                    slots.clear_slot(maps, 0)
+                    slots.clear_slot(maps, 1)
+                    for counters in (maps.denied, maps.contained):  # counts of a guard that is gone
+                        for key in list(counters.keys()):
+                            counters.delete(key)
+                    maps.config.update(0, self.cfg)
+                    slots.flip(maps, 0)
+                staged = self._stage_trackers(loaded)
+                if takeover:
+                    # Complete the new guard before any link reads it; the old one enforces
+                    # meanwhile (so its ports stay in the sysctl until the final apply_maps).
+                    apply_maps(maps, self.plan, self.cfg, self.cgroup_root, drop_stale=False)
+                self._attach_cgroup_links(links, loaded)
+                for name in staged:
+                    libbpf.rename_pin(pins.staged_link(name), pins.link(name))
+                maps.meta.update(0, layout.Meta(self.digest))
+            self._reattach_if_moved(links)
+            dropped = _drop_other_maps(pins, maps)
+            changed = apply_maps(maps, self.plan, self.cfg, self.cgroup_root)
+            if not self.contain:
+                # After the flip: no active reservation contains any more, the programs are idle.
+                for name in PACKET_LINKS:
+                    if links[name] is not None:
+                        libbpf.close(links[name])
+                        links[name] = None
+                        libbpf.unpin(pins.link(name))
+                        changed = True
+            return ApplyResult(changed or need_load or dropped, need_load, self.denial, [])
+        finally:
+            for fd in links.values():
+                libbpf.close(fd)
+            if maps is not None:
+                maps.close()
+            if loaded is not None:
+                loaded.close()
+
+    def _stage_trackers(self, loaded: libbpf.LoadedObject) -> list[str]:
+        """Attach the new cgroup trackers beside the old ones (both keep their maps current
+        until the bind links switch); pinned as link_<name>_new until then."""
+        staged = []
+        for name in TRACKER_LINKS:
+            libbpf.unpin(self.pins.staged_link(name))  # a killed run's, never switched to
+            fd = libbpf.attach_tracing(loaded.programs[self.programs[name]])
+            try:
+                libbpf.pin(fd, self.pins.staged_link(name))
+            finally:
+                os.close(fd)
+            staged.append(name)
+        return staged
+
+    def _attach_cgroup_links(
+        self, links: dict[str, int | None], loaded: libbpf.LoadedObject
+    ) -> None:
+        for name, attach_type in CGROUP_ATTACH_TYPES.items():
+            prog = loaded.programs.get(self.programs[name])
+            if links[name] is None:
+                # Packet programs are attached before the flip that turns containment on;
+                # while the active slot has no contained port they pass everything.
+                if name in PACKET_LINKS and not self.contain:
+                    continue
+                links[name] = libbpf.attach_cgroup(prog, self.attach_dir, attach_type)
+                libbpf.pin(links[name], self.pins.link(name))
+            elif prog is not None:
+                libbpf.update_link(links[name], prog)
+
+    def _reattach_if_moved(self, links: dict[str, int | None]) -> None:
+        """The attach cgroup changed in the config (or was removed): attach there, then let
+        go of the old one."""
+        want = os.stat(self.attach_dir).st_ino
+        for name, attach_type in CGROUP_ATTACH_TYPES.items():
+            fd = links[name]
+            if fd is None:
+                continue
+            info = libbpf.link_info(fd)
+            if info.cgroup.cgroup_id == want:
+                continue
+            prog_fd = libbpf.reopen_program(info.prog_id)
+            try:
+                new = libbpf.attach_cgroup(prog_fd, self.attach_dir, attach_type)
+            finally:
+                os.close(prog_fd)
+            _pin_replace(new, self.pins.link(name))
+            libbpf.close(fd)
+            links[name] = new
+
+
+def _carry_sysctl_records(pins: Pins, maps: Maps) -> None:
+    for other in pins.other_maps_dirs():
+        records = sysctl.records(other)
+        if records is None:
+            continue
+        try:
+            for key in list(records.keys()):
+                maps.sysctl_added.update(key.value, 1)
+        finally:
+            os.close(records.fd)
+
+
+def _drop_other_maps(pins: Pins, maps: Maps) -> bool:
+    """Maps no link reads any more (older layouts, retired sets, a killed run's): their sysctl
+    records are carried over (again: a run killed after loading may not have), the rest is
+    dead."""
+    others = pins.other_maps_dirs()
+    _carry_sysctl_records(pins, maps)
+    for other in others:
+        for entry in other.iterdir():
+            libbpf.unpin(entry)
+        other.rmdir()
+        libbpf.step()
+    return bool(others)
+
+
+def _pin_replace(fd: int, path: Path) -> None:
+    tmp = path.with_name(path.name + "_new")  # bpffs refuses names with a dot
+    libbpf.unpin(tmp)
+    libbpf.pin(fd, tmp)
+    libbpf.rename_pin(tmp, path)
+
+
+def apply_maps(
+    maps: Maps, plan: Plan, cfg: layout.Config, cgroup_root: Path, drop_stale: bool = True
+) -> bool:
+    """Make the active slot say what the plan says: fill the inactive slot, flip, wait until
+    no program reads the old slot, clear it. False when it said so already."""
+    active = maps.active
+    wanted_ports = {port for _, port in plan.ports}
+    unchanged = slots.read_slot(maps, active) == slots.desired(plan) and slots.same_config(
+        maps.config.lookup(active), cfg
+    )
+    if unchanged:
+        # A killed run may have left a half-filled inactive slot and sysctl entries behind,
+        # or someone edited the sysctl: settle both.
+        slots.clear_slot(maps, 1 - active, libbpf.wait_for_programs)
+        added = sysctl.add(maps.sysctl_added, wanted_ports)
+        return sysctl.drop(maps.sysctl_added, wanted_ports) or added
+    inactive = 1 - active
+    slots.clear_slot(maps, inactive, libbpf.wait_for_programs)  # leftovers of a killed run
+    slots.fill_slot(maps, inactive, plan, cfg, cgroup_root)
+    sysctl.add(maps.sysctl_added, wanted_ports)
+    slots.flip(maps, inactive)
+    # A program that read state.active just before the flip may still be looking up the old
+    # slot: clearing it under that program would let a stranger in (its port gone) or keep
+    # an owner out (its set or owner gone). Wait until every such program has finished (one
+    # RCU grace period; nothing to wait for when the old slot was empty, as at boot).
+    slots.clear_slot(maps, active, libbpf.wait_for_programs)
+    reserved = set(plan.ports)
+    for counters in (maps.denied, maps.contained):
+        counters.delete_many([k for k in counters.keys() if (k.proto, k.port) not in reserved])
+    if drop_stale:
+        sysctl.drop(maps.sysctl_added, wanted_ports)
+    return True
+
+
+def remove(settings: Settings) -> bool:
+    """Detach and unpin everything, restore the sysctl. False when nothing was there."""
+    host.require_root("portguard")
+    pins = Pins(Path(settings.pin_dir))
+    if not pins.root.is_dir():
+        return False
+    with host.locked(pins.root):
+        try:
+            _remove_locked(pins)
+        except libbpf.BpfError as exc:
+            raise GuardError(str(exc)) from None
+        except OSError as exc:
+            raise GuardError(f"{exc.filename or pins.root}: {exc.strerror}") from None
+        leftovers = sorted(p.name for p in pins.root.iterdir())
+        if leftovers:
+            raise GuardError(
+                f"removed the guard, but {pins.root} holds foreign pins: {', '.join(leftovers)}"
+            )
+        pins.root.rmdir()
+    return True
+
+
+def _remove_locked(pins: Pins) -> None:
+    maps = Maps.open_pinned(pins.maps_dir)
+    if maps is not None:
+        try:
+            empty = 1 - maps.active
+            slots.clear_slot(maps, empty, libbpf.wait_for_programs)
+            current = maps.config.lookup(maps.active)
+            if current is not None:
+                maps.config.update(empty, current)
+            slots.flip(maps, empty)  # no reservation from here on
+        finally:
+            maps.close()
+    maps_dirs = sorted(pins.root.glob("maps-*"))
+    for maps_dir in maps_dirs:  # older layouts' records too
+        records = sysctl.records(maps_dir)
+        if records is not None:
+            try:
+                sysctl.drop(records, set())
+            finally:
+                os.close(records.fd)
+    for name in LINK_NAMES:
+        libbpf.unpin(pins.link(name))
+        libbpf.unpin(pins.staged_link(name))
+    for maps_dir in maps_dirs:
+        for entry in maps_dir.iterdir():
+            libbpf.unpin(entry)
+        maps_dir.rmdir()
+        libbpf.step()

@@ -1,0 +1,161 @@
+"""What the host must offer before anything is loaded: root, the initial cgroup namespace,
+cgroup2, bpffs (mounted when missing), the attach cgroup, the kernel features the guard
+needs, and the lock files that keep one apply (or monitor) at a time.
+
+The load-time choices a kernel forces (how a refused bind is denied) are made here too.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from guard.errors import GuardError
+from guard.kernel import cgroups, libbpf
+from guard.kernel.sources import sha256
+from guard.policy.config import Settings
+
+SO_NETNS_COOKIE = 71
+LOCK_DIR = Path("/run/portguard")
+DENY_SET_RETVAL = "retval"  # bpf_set_retval: the binder sees the configured errno (5.18)
+DENY_EPERM = "eperm"  # older kernels: the binder sees EPERM
+
+NO_NETNS_COOKIE = (
+    "this kernel cannot tell userspace its network namespace cookie (SO_NETNS_COOKIE, Linux >= "
+    "5.14): the guard applies in every network namespace, containers with their own included"
+)
+
+
+def require_root(command: str, why: str = "it loads BPF programs into the kernel") -> None:
+    if os.geteuid() != 0:
+        raise GuardError(f"{command} must run as root: {why}")
+
+
+def _on_bpffs(path: Path, mounts: Path = cgroups.MOUNTS) -> bool:
+    try:
+        found = cgroups.mount_points("bpf", mounts)
+    except cgroups.CgroupError:
+        return False
+    return any(path == m or m in path.parents for m in found)
+
+
+def _mount(source: str, target: str, fstype: str, data: str) -> None:
+    libc = C.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, data.encode()) != 0:
+        err = C.get_errno()
+        raise GuardError(f"cannot mount {fstype} at {target}: {os.strerror(err)}")
+
+
+def preflight(
+    settings: Settings, *, mount_bpffs: bool, mounts: Path = cgroups.MOUNTS
+) -> tuple[Path, Path]:
+    """Root, cgroup2, bpffs, the attach cgroup: (cgroup2 mount, attach dir) or GuardError."""
+    require_root("portguard")
+    try:
+        cgroups.require_initial_namespace()
+        root = cgroups.cgroup2_mount(mounts)
+    except cgroups.CgroupError as exc:
+        raise GuardError(str(exc)) from None
+    attach_dir = cgroups.directory(settings.cgroup, root)
+    if not attach_dir.is_dir():
+        raise GuardError(f"the attach cgroup {settings.cgroup} does not exist under {root}")
+    pin_dir = Path(settings.pin_dir)
+    if not _on_bpffs(pin_dir, mounts):
+        default = Path("/sys/fs/bpf")
+        if mount_bpffs and (pin_dir == default or default in pin_dir.parents) and default.is_dir():
+            _mount("bpf", str(default), "bpf", "mode=0700")
+        else:
+            raise GuardError(
+                f"{pin_dir} is not on a BPF file system (mount -t bpf bpf /sys/fs/bpf)"
+            )
+    return root, attach_dir
+
+
+def netns_cookie() -> int:
+    """This network namespace's cookie, or 0 (guard every namespace) on kernels that cannot
+    report it to userspace (SO_NETNS_COOKIE: Linux >= 5.14)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError as exc:
+            if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+                return 0
+            raise
+    return int.from_bytes(raw, "little")
+
+
+def lock_path(pin_dir: Path, role: str = "") -> Path:
+    """The lock file of one role (apply/remove, monitor, ...) for one pin directory."""
+    try:
+        LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+        lock_dir = LOCK_DIR
+    except OSError:
+        lock_dir = Path("/tmp")
+    name = sha256(str(pin_dir).encode()).hexdigest()[:16]
+    return lock_dir / f"portguard-{role + '-' if role else ''}{name}.lock"
+
+
+@contextmanager
+def locked(pin_dir: Path, role: str = "", *, wait: bool = True, busy: str = "") -> Iterator[None]:
+    """Hold the lock of one role for one pin directory; without wait, GuardError(busy) when
+    another process holds it."""
+    with open(lock_path(pin_dir, role), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GuardError(busy) from None
+        yield
+
+
+def check_features(features: libbpf.Features) -> None:
+    """Refuse, naming what is missing, when the guard cannot hold on this kernel."""
+    missing = []
+    if not features.btf:
+        missing.append(
+            f"kernel BTF ({libbpf.VMLINUX_BTF}, CONFIG_DEBUG_INFO_BTF): without it the "
+            "owner-cgroup trackers cannot load, and a restarted owner would be refused"
+        )
+    if not features.bpf_link:
+        missing.append(
+            "BPF links for cgroup programs (Linux >= 5.7): without them the guard could "
+            "not be swapped atomically nor outlive apply safely"
+        )
+    if not features.ancestor_cgroup:
+        missing.append(
+            "bpf_get_current_ancestor_cgroup_id in bind programs (Linux >= 5.7): "
+            "without it owners (and their sub-cgroups) cannot be recognised"
+        )
+    if not features.netns_cookie:
+        missing.append(
+            "bpf_get_netns_cookie in bind programs (Linux >= 5.7): without it the guard "
+            "would also refuse binds inside every container's own network namespace"
+        )
+    if missing:
+        raise GuardError(
+            "this kernel cannot run portguard, nothing was loaded; it lacks "
+            + "; and ".join(missing)
+        )
+
+
+def choose_denial(
+    settings: Settings, features: libbpf.Features | None = None
+) -> tuple[str, list[str]]:
+    """How the bind programs deny on this kernel (DENY_SET_RETVAL or DENY_EPERM), and the
+    warnings that choice implies."""
+    features = features or libbpf.probe_features()
+    check_features(features)
+    if features.set_retval:
+        return DENY_SET_RETVAL, []
+    notes = []
+    if settings.deny_errno != "EPERM":
+        notes.append(
+            f"this kernel lacks bpf_set_retval (Linux < 5.18): refused binds fail with EPERM, "
+            f"not {settings.deny_errno}"
+        )
+    return DENY_EPERM, notes

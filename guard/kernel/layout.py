@@ -1,0 +1,179 @@
+"""Python mirror of bpf/guard.h: the constants, the map keys and values, the maps.
+
+bpf/guard.h is the contract; tests/unit/test_contract.py checks everything here against
+the BTF of the compiled object (every struct member's offset and size, every constant,
+each map's type, key, value and max entries, the event record the monitor unpacks).
+LAYOUT, the digest of guard.h, names the pin sub-directory, so maps of another layout
+are never reused.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+from dataclasses import dataclass
+
+from guard.kernel.sources import bpf_source_dir, sha256
+from guard.policy.plan import Limits
+from guard.policy.ports import PROTOCOL_NUMBERS as PROTOCOLS
+
+# enum pg_limits
+SLOTS = 2
+MAX_OWNERS = 64
+MAX_OWNER_PATHS = 4096
+MAX_SETS = 4096
+MAX_PORTS = 65535 * 2
+PATH_MAX = 256  # including the terminating NUL
+EVENT_BYTES = 256 * 1024
+SYSCTL_PORTS = 65536
+# enum pg_mode
+MODE_ENFORCE = 0
+MODE_AUDIT = 1
+# enum pg_verdict
+VERDICT_DENIED = 0
+VERDICT_AUDIT = 1
+# enum pg_port_flags
+PORT_CONTAIN = 1
+
+LIMITS = Limits(owners_per_port=MAX_OWNERS, owner_paths=MAX_OWNER_PATHS, owner_sets=MAX_SETS)
+
+# C enum name -> {constant: value}, as the BTF of the object must say
+ENUMS: dict[str, dict[str, int]] = {
+    "pg_limits": {
+        "PG_SLOTS": SLOTS,
+        "PG_MAX_OWNERS": MAX_OWNERS,
+        "PG_MAX_OWNER_PATHS": MAX_OWNER_PATHS,
+        "PG_MAX_SETS": MAX_SETS,
+        "PG_MAX_PORTS": MAX_PORTS,
+        "PG_PATH_MAX": PATH_MAX,
+        "PG_EVENT_BYTES": EVENT_BYTES,
+        "PG_SYSCTL_PORTS": SYSCTL_PORTS,
+    },
+    "pg_mode": {"PG_MODE_ENFORCE": MODE_ENFORCE, "PG_MODE_AUDIT": MODE_AUDIT},
+    "pg_verdict": {"PG_VERDICT_DENIED": VERDICT_DENIED, "PG_VERDICT_AUDIT": VERDICT_AUDIT},
+    "pg_port_flags": {"PG_PORT_CONTAIN": PORT_CONTAIN},
+}
+
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+
+
+class PortKey(C.Structure):
+    _fields_ = [("slot", C.c_uint8), ("proto", C.c_uint8), ("port", C.c_uint16)]
+
+
+class PortVal(C.Structure):
+    _fields_ = [("set", C.c_uint32), ("flags", C.c_uint32)]
+
+
+class SetKey(C.Structure):
+    _fields_ = [("slot", C.c_uint32), ("set", C.c_uint32)]
+
+
+class SetVal(C.Structure):
+    _fields_ = [("count", C.c_uint32), ("owner", C.c_uint16 * MAX_OWNERS)]
+
+
+class PathKey(C.Structure):
+    _fields_ = [("slot", C.c_uint32), ("path", C.c_char * PATH_MAX)]
+
+
+class OwnerKey(C.Structure):
+    _fields_ = [("slot", C.c_uint32), ("idx", C.c_uint32)]
+
+
+class OwnerVal(C.Structure):
+    _fields_ = [("id", C.c_uint64), ("level", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class Config(C.Structure):
+    _fields_ = [("netns_cookie", C.c_uint64), ("deny_errno", C.c_uint32), ("mode", C.c_uint32)]
+
+
+class State(C.Structure):
+    _fields_ = [("active", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class CountKey(C.Structure):
+    _fields_ = [("proto", C.c_uint8), ("pad", C.c_uint8), ("port", C.c_uint16)]
+
+
+class Event(C.Structure):
+    _fields_ = [
+        ("ts_ns", C.c_uint64),
+        ("cgroup_id", C.c_uint64),
+        ("pid", C.c_uint32),
+        ("uid", C.c_uint32),
+        ("port", C.c_uint16),
+        ("proto", C.c_uint8),
+        ("family", C.c_uint8),
+        ("verdict", C.c_uint8),
+        ("pad", C.c_uint8 * 3),
+        ("set", C.c_uint32),
+        ("comm", C.c_char * 16),
+        ("addr", C.c_uint8 * 16),
+    ]
+
+
+class Meta(C.Structure):
+    _fields_ = [("object", C.c_char * 64)]
+
+
+# C struct name -> its mirror
+STRUCTS: dict[str, type[C.Structure]] = {
+    "pg_port_key": PortKey,
+    "pg_port_val": PortVal,
+    "pg_set_key": SetKey,
+    "pg_set_val": SetVal,
+    "pg_path_key": PathKey,
+    "pg_owner_key": OwnerKey,
+    "pg_owner_val": OwnerVal,
+    "pg_config": Config,
+    "pg_state": State,
+    "pg_count_key": CountKey,
+    "pg_event": Event,
+    "pg_meta": Meta,
+}
+
+U8, U16, U32, U64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
+
+# bpf_map_type numbers (UAPI)
+HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, RINGBUF = 1, 2, 5, 6, 27
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    type: int
+    key: type
+    value: type
+    max_entries: int
+
+    @property
+    def percpu(self) -> bool:
+        """Per-CPU maps hold one value per possible CPU."""
+        return self.type in (PERCPU_HASH, PERCPU_ARRAY)
+
+
+# The maps the controller reads and writes (events and scratch are the programs' own).
+MAPS: dict[str, MapSpec] = {
+    "ports": MapSpec(HASH, PortKey, PortVal, SLOTS * MAX_PORTS),
+    "sets": MapSpec(HASH, SetKey, SetVal, SLOTS * MAX_SETS),
+    "paths": MapSpec(HASH, PathKey, U32, SLOTS * MAX_OWNER_PATHS),
+    "owners": MapSpec(HASH, OwnerKey, OwnerVal, SLOTS * MAX_OWNER_PATHS),
+    "config": MapSpec(ARRAY, U32, Config, SLOTS),
+    "state": MapSpec(ARRAY, U32, State, 1),
+    "denied": MapSpec(PERCPU_HASH, CountKey, U64, MAX_PORTS),
+    "contained": MapSpec(PERCPU_HASH, CountKey, U64, MAX_PORTS),
+    "lost": MapSpec(PERCPU_ARRAY, U32, U64, 1),
+    "meta": MapSpec(ARRAY, U32, Meta, 1),
+    "sysctl_added": MapSpec(HASH, U16, U8, SYSCTL_PORTS),
+}
+# The programs' own maps: events (pg_event records the monitor reads raw) and scratch.
+EVENTS = MapSpec(RINGBUF, type(None), type(None), EVENT_BYTES)
+SCRATCH = MapSpec(PERCPU_ARRAY, U32, PathKey, 1)
+
+
+def _layout_digest() -> str:
+    header = (bpf_source_dir() / "guard.h").read_bytes()
+    return sha256(header).hexdigest()[:12]
+
+
+LAYOUT = _layout_digest()

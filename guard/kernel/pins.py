@@ -1,0 +1,100 @@
+"""Where the guard lives in bpffs, and its pinned maps opened with their layout types.
+
+Everything that reads the guard (apply, remove, status, monitor) opens it from here, so
+reading never needs the apply transaction.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from guard.kernel import layout, libbpf
+
+
+@dataclass
+class Pins:
+    """Where everything lives in bpffs."""
+
+    root: Path
+
+    @property
+    def maps_dir(self) -> Path:
+        return self.root / f"maps-{layout.LAYOUT}"
+
+    def link(self, name: str) -> Path:
+        return self.root / f"link_{name}"
+
+    def staged_link(self, name: str) -> Path:
+        return self.root / f"link_{name}_new"  # bpffs refuses names with a dot
+
+    def other_maps_dirs(self) -> list[Path]:
+        """Maps of other layouts or retired ones: not what this version reads."""
+        return sorted(d for d in self.root.glob("maps-*") if d != self.maps_dir)
+
+
+class Maps:
+    """The pinned maps, opened with their layout types. Owns the fds."""
+
+    def __init__(self, fds: dict[str, int]):
+        self.fds = fds
+        self.by_name = {
+            name: libbpf.Map(fds[name], spec.key, spec.value, percpu=spec.percpu)
+            for name, spec in layout.MAPS.items()
+        }
+
+    def __getattr__(self, name: str) -> libbpf.Map:
+        try:
+            return self.__dict__["by_name"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @classmethod
+    def open_pinned(cls, maps_dir: Path) -> Maps | None:
+        """The complete set of maps of this layout, or None when any is missing or is not
+        what the layout says (a half-created set, a foreign or damaged pin)."""
+        fds: dict[str, int] = {}
+        try:
+            for name in layout.MAPS:
+                fd = open_map(maps_dir / name, name)
+                if fd is None:
+                    return None
+                fds[name] = fd
+        finally:
+            if len(fds) < len(layout.MAPS):
+                for other in fds.values():
+                    os.close(other)
+        return cls(fds)
+
+    def ids(self) -> set[int]:
+        return {libbpf.map_info(fd).id for fd in self.fds.values()}
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+    @property
+    def active(self) -> int:
+        st = self.state.lookup(0)
+        return st.active & 1 if st else 0
+
+
+def open_map(path: Path, name: str) -> int | None:
+    """fd of the map pinned at path when it has the layout's key and value sizes for the
+    map called name."""
+    spec = layout.MAPS[name]
+    try:
+        fd = libbpf.get_pinned(path)
+    except libbpf.BpfError:
+        return None
+    if fd is None:
+        return None
+    kind, _ = libbpf.object_kind(fd)
+    if kind == "map":
+        info = libbpf.map_info(fd)
+        if (info.key_size, info.value_size) == (C.sizeof(spec.key), C.sizeof(spec.value)):
+            return fd
+    os.close(fd)
+    return None

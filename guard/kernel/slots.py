@@ -1,0 +1,132 @@
+"""The two slots of every configuration-dependent map: encode a plan into one, decode one
+into plain contents, clear one, flip which one the programs read.
+
+The programs read only the slot state.active names. Apply fills the inactive slot
+completely, flips, waits until no program still runs on the old slot, and only then
+clears it. The contents are decoded here and nowhere else (apply, status, monitor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from guard.kernel import cgroups, layout, libbpf
+from guard.kernel.pins import Maps
+from guard.policy.plan import Plan
+
+
+@dataclass(frozen=True)
+class SlotContents:
+    ports: dict[tuple[int, int], int]  # (proto, port) -> set id
+    sets: dict[int, tuple[int, ...]]  # set id -> owner indices
+    paths: dict[str, int]  # owner cgroup path -> owner index
+    contained: frozenset[tuple[int, int]] = frozenset()
+
+    def path_of(self) -> dict[int, str]:
+        return {idx: path for path, idx in self.paths.items()}
+
+    def owners_of(self, proto: int, port: int) -> tuple[str, ...]:
+        """The owner cgroup paths of a reserved port ("?" for an index without a path)."""
+        set_id = self.ports.get((proto, port))
+        if set_id is None:
+            return ()
+        path_of = self.path_of()
+        return tuple(path_of.get(i, "?") for i in self.sets.get(set_id, ()))
+
+
+def desired(plan: Plan) -> SlotContents:
+    return SlotContents(
+        dict(plan.ports), dict(plan.sets), {p: i for i, p in enumerate(plan.paths)}, plan.contained
+    )
+
+
+def read_slot(
+    maps: Maps,
+    slot: int,
+    only: Iterable[tuple[int, int]] | None = None,
+    paths: dict[str, int] | None = None,
+) -> SlotContents:
+    """The slot's contents; with `only` (protocol, port) pairs, just those ports (and the
+    sets they use), looked up one by one instead of walking every reservation; with `paths`
+    (as an earlier read of this slot returned them), without walking the owner paths again."""
+    if only is None:
+        entries = [(k, v) for k, v in maps.ports.items() if k.slot == slot]
+        sets = {k.set: tuple(v.owner[: v.count]) for k, v in maps.sets.items() if k.slot == slot}
+    else:
+        keys = [layout.PortKey(slot, *pair) for pair in only]
+        entries = [(key, value) for key in keys if (value := maps.ports.lookup(key)) is not None]
+        sets = {}
+        for set_id in {v.set for _, v in entries}:
+            members = maps.sets.lookup(layout.SetKey(slot, set_id))
+            if members is not None:
+                sets[set_id] = tuple(members.owner[: members.count])
+    ports = {(k.proto, k.port): v.set for k, v in entries}
+    contained = frozenset((k.proto, k.port) for k, v in entries if v.flags & layout.PORT_CONTAIN)
+    if paths is None:
+        paths = {k.path.decode(): v for k, v in maps.paths.items() if k.slot == slot}
+    return SlotContents(ports, sets, paths, contained)
+
+
+def owner_ids(maps: Maps, slot: int) -> dict[int, int]:
+    """owner index -> the cgroup id the kernel knows for it now (absent: no such cgroup)."""
+    return {k.idx: v.id for k, v in maps.owners.items() if k.slot == slot and v.id}
+
+
+def config_value(plan: Plan, cookie: int, denial: str) -> layout.Config:
+    """The slot's config; deny_errno 0 means the programs deny with plain EPERM."""
+    deny = plan.settings.deny_errno_number if denial == "retval" else 0
+    mode = layout.MODE_AUDIT if plan.settings.mode == "audit" else layout.MODE_ENFORCE
+    return layout.Config(cookie, deny, mode)
+
+
+def same_config(a: layout.Config | None, b: layout.Config) -> bool:
+    return a is not None and (a.netns_cookie, a.deny_errno, a.mode) == (
+        b.netns_cookie,
+        b.deny_errno,
+        b.mode,
+    )
+
+
+def clear_slot(maps: Maps, slot: int, readers_gone: Callable[[], None] | None = None) -> None:
+    """Empty the slot. Paths first: once they are gone the cgroup trackers write no more
+    owners of the slot. readers_gone (libbpf.wait_for_programs) is called before the first
+    deletion, when there is anything to delete, for a slot programs may still be reading."""
+    for m in (maps.paths, maps.owners, maps.sets, maps.ports):
+        keys = [k for k in m.keys() if k.slot == slot]
+        if keys and readers_gone is not None:
+            readers_gone()
+            readers_gone = None
+        m.delete_many(keys)
+
+
+def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root: Path) -> None:
+    maps.config.update(slot, cfg)
+    for idx, path in enumerate(plan.paths):
+        key = layout.PathKey(slot, path.encode())
+        maps.paths.update(key, idx)
+    # After the paths: a cgroup made from here on is recorded by the mkdir tracker; one that
+    # exists already is seeded here. NOEXIST: never overwrite a newer id the tracker wrote.
+    for idx, path in enumerate(plan.paths):
+        cg_id = cgroups.cgroup_id(path, cgroup_root)
+        if cg_id is not None:
+            maps.owners.update(
+                layout.OwnerKey(slot, idx),
+                layout.OwnerVal(cg_id, cgroups.level(path), 0),
+                libbpf.BPF_NOEXIST,
+            )
+    for set_id, members in plan.sets.items():
+        value = layout.SetVal(len(members))
+        for i, member in enumerate(members):
+            value.owner[i] = member
+        maps.sets.update(layout.SetKey(slot, set_id), value)
+    flags = {pair: layout.PORT_CONTAIN for pair in plan.contained}
+    maps.ports.update_many(
+        [(slot, proto, port) for proto, port in plan.ports],
+        [(set_id, flags.get(pair, 0)) for pair, set_id in plan.ports.items()],
+    )
+
+
+def flip(maps: Maps, slot: int) -> None:
+    maps.state.update(0, layout.State(slot, 0))

@@ -1,0 +1,167 @@
+"""The guard as the kernel holds it, read from the pins alone (any fresh process, after apply
+has exited): links, the active slot's reservations and owners, counters."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from pathlib import Path
+
+from guard.errors import GuardError
+from guard.kernel import cgroups, layout, libbpf, slots
+from guard.kernel.host import require_root
+from guard.kernel.pins import Maps, Pins
+from guard.kernel.programs import BIND_AND_PACKET_LINKS, LINK_NAMES, PACKET_LINKS
+from guard.policy.config import Settings
+
+
+@dataclass(frozen=True)
+class LinkState:
+    name: str
+    link_id: int
+    prog_id: int
+    cgroup_id: int | None
+
+
+@dataclass(frozen=True)
+class OwnerState:
+    cgroup: str
+    id: int | None  # as the kernel knows it right now; None: the cgroup does not exist
+    unit: str | None = None  # the systemd unit the cgroup belongs to, if any
+
+
+@dataclass(frozen=True)
+class ReservationState:
+    port: int
+    protocol: str
+    owners: tuple[OwnerState, ...]
+    denied: int
+    contain: bool = False
+    contained_drops: int = 0  # packets of non-owner sockets on the port dropped (or, audit, seen)
+    holders: tuple = ()  # holders.HolderState, filled by holders.with_holders
+
+
+@dataclass(frozen=True)
+class GuardState:
+    loaded: bool
+    pin_dir: str
+    links: tuple[LinkState, ...] = ()
+    program: str | None = None
+    mode: str | None = None
+    deny_errno: int | None = None
+    netns_cookie: int | None = None
+    reservations: tuple[ReservationState, ...] = ()
+    lost_events: int = 0
+    containment: bool = False  # packet programs attached (some reservation has contain on)
+    holders_checked: bool = False  # holders are only seen from the guarded network namespace
+    # An apply or remove was interrupted: the bind links may still enforce other maps than
+    # these (shown here), or leftovers wait to be dropped. The next apply settles it.
+    interrupted: bool = False
+
+
+def read_state(settings: Settings, only: list[tuple[str, int]] | None = None) -> GuardState:
+    """What the kernel holds now, from the pins alone (works from any fresh process);
+    with `only` (protocol name, port) pairs, just the reservations of those ports."""
+    require_root("portguard status", "the pinned maps are root-only")
+    pins = Pins(Path(settings.pin_dir))
+    if not pins.root.is_dir():
+        return GuardState(False, settings.pin_dir)
+    try:
+        return _read_state(pins, settings, only)
+    except libbpf.BpfError as exc:
+        raise GuardError(str(exc)) from None
+
+
+def _links(pins: Pins) -> list[LinkState]:
+    found = []
+    for name in LINK_NAMES:
+        fd = libbpf.get_pinned(pins.link(name))
+        if fd is None:
+            continue
+        try:
+            info = libbpf.link_info(fd)
+        finally:
+            libbpf.close(fd)
+        cgroup_id = info.cgroup.cgroup_id if info.type == libbpf.LINK_TYPE_CGROUP else None
+        found.append(LinkState(name, info.id, info.prog_id, cgroup_id))
+    return found
+
+
+def _counts(counters: libbpf.Map, wanted: list[tuple[int, int]] | None) -> dict:
+    if wanted is None:
+        return {(k.proto, k.port): sum(v) for k, v in counters.items()}
+    found = {}
+    for proto, port in wanted:
+        count = counters.lookup(layout.CountKey(proto, 0, port))
+        if count is not None:
+            found[(proto, port)] = sum(count)
+    return found
+
+
+def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | None) -> GuardState:
+    link_states = _links(pins)
+    leftovers = bool(pins.other_maps_dirs()) or any(
+        pins.staged_link(n).exists() for n in LINK_NAMES
+    )
+    maps = Maps.open_pinned(pins.maps_dir)
+    if maps is None:
+        return GuardState(
+            bool(link_states),
+            settings.pin_dir,
+            tuple(link_states),
+            interrupted=bool(link_states) or leftovers,
+        )
+    try:
+        state_id = libbpf.map_info(maps.fds["state"]).id
+        elsewhere = any(
+            state_id not in libbpf.prog_map_ids(ls.prog_id)
+            for ls in link_states
+            if ls.name in BIND_AND_PACKET_LINKS
+        )
+        active = maps.active
+        wanted = None if only is None else [(layout.PROTOCOLS[proto], port) for proto, port in only]
+        slot = slots.read_slot(maps, active, wanted)
+        cfg = maps.config.lookup(active)
+        ids = slots.owner_ids(maps, active)
+        path_of = slot.path_of()
+        denied, drops = _counts(maps.denied, wanted), _counts(maps.contained, wanted)
+        reservations = []
+        for (proto, port), set_id in sorted(
+            slot.ports.items(), key=lambda kv: (kv[0][1], kv[0][0])
+        ):
+            owners = tuple(
+                OwnerState(
+                    path_of.get(i, "?"),
+                    ids.get(i),
+                    cgroups.unit_of_cgroup(path_of.get(i, "")),
+                )
+                for i in slot.sets.get(set_id, ())
+            )
+            reservations.append(
+                ReservationState(
+                    port,
+                    layout.PROTOCOL_NAMES.get(proto, str(proto)),
+                    owners,
+                    denied.get((proto, port), 0),
+                    (proto, port) in slot.contained,
+                    drops.get((proto, port), 0),
+                )
+            )
+        meta = maps.meta.lookup(0)
+        lost = maps.lost.lookup(0)
+        return GuardState(
+            loaded=any(ls.name in ("bind4", "bind6") for ls in link_states),
+            pin_dir=settings.pin_dir,
+            links=tuple(link_states),
+            program=meta.object.decode() if meta else None,
+            mode="audit" if cfg and cfg.mode == layout.MODE_AUDIT else "enforce",
+            # 0 means a program without bpf_set_retval: the binder sees plain EPERM
+            deny_errno=(cfg.deny_errno or errno.EPERM) if cfg else None,
+            netns_cookie=cfg.netns_cookie if cfg else None,
+            reservations=tuple(reservations),
+            lost_events=sum(lost) if lost else 0,
+            containment=all(name in {ls.name for ls in link_states} for name in PACKET_LINKS),
+            interrupted=leftovers or elsewhere,
+        )
+    finally:
+        maps.close()

@@ -1,0 +1,48 @@
+"""The import rules each package's docstring states, checked on the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+GUARD = Path(__file__).resolve().parents[2] / "guard"
+
+
+def imports(path: Path) -> set[str]:
+    """Every guard module a file imports, at any depth of the file (lazy imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("guard"):
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("guard")}
+    return found
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((GUARD / package).glob("*.py"))
+
+
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        ("policy", ("guard.kernel", "guard.observe", "guard.cli", "guard.demo")),
+        ("kernel", ("guard.observe", "guard.cli", "guard.demo")),
+        ("observe", ("guard.kernel.apply", "guard.cli", "guard.demo")),
+    ],
+)
+def test_each_package_keeps_its_import_rule(package, forbidden):
+    assert modules(package)
+    for path in modules(package):
+        wrong = {m for m in imports(path) if m.startswith(forbidden)}
+        assert not wrong, f"{path.relative_to(GUARD.parent)} imports {sorted(wrong)}"
+
+
+def test_only_the_binding_calls_libbpf():
+    callers = [p for p in GUARD.rglob("*.py") if "libbpf.so" in p.read_text()]
+    assert callers == [GUARD / "kernel" / "libbpf.py"]
+    for path in GUARD.rglob("*.py"):
+        if path.name != "libbpf.py":
+            assert ".lib()" not in path.read_text(), path
