@@ -1,12 +1,20 @@
 """Command line: portguard apply|status|check|remove|build, and the portrelease shim.
 
-Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration; `status` exits 3 when a
-reserved port is held by a non-owner (a squatter) and 4 when no guard is loaded, so monitoring
-can alert on both.
+Exit codes (README, portguard(8) EXIT STATUS):
+  0  ok: the guard is loaded, as the files say, and no reserved port is held by a non-owner
+  1  runtime failure (one sentence, no traceback)
+  2  bad usage or configuration (nothing applied)
+  3  `status`: a reserved port is held by a non-owner (a squatter)
+  4  `status`: no guard is loaded (also when the last apply failed: it says why)
+  5  `status`: a guard is loaded, but not the one the configuration files ask for (it says what
+     differs: an edit without a reload, or files that cannot be applied)
+When several hold, `status` exits with the first of 4, 3, 5; `status --json` carries them all.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +26,7 @@ EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 EXIT_SQUATTER = 3
 EXIT_NOT_LOADED = 4
+EXIT_CONFIG_DIFFERS = 5
 
 
 class ConfigProblem(click.ClickException):
@@ -28,11 +37,23 @@ class RuntimeProblem(click.ClickException):
     exit_code = EXIT_RUNTIME
 
 
-def _load_config(path: str | None) -> config_mod.Config:
+def _config_files(path: str | None) -> list[Path]:
+    """The files to read; one that cannot be read is exit 2 with its name, never skipped."""
     main = Path(path) if path else config_mod.DEFAULT_CONFIG
-    if path and not main.exists():
-        raise ConfigProblem(f"{main}: no such configuration file")
-    files = config_mod.config_files(main)
+    try:
+        if path:
+            main.lstat()
+        return config_mod.config_files(main)
+    except FileNotFoundError:
+        raise ConfigProblem(f"{main}: no such configuration file") from None
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"cannot read the configuration: {exc}") from None
+    except OSError as exc:
+        raise ConfigProblem(f"cannot read the configuration: {main}: {exc.strerror}") from None
+
+
+def _load_config(path: str | None) -> config_mod.Config:
+    files = _config_files(path)
     try:
         return config_mod.load(files)
     except config_mod.ConfigError as exc:
@@ -41,16 +62,21 @@ def _load_config(path: str | None) -> config_mod.Config:
 
 def _load_settings(path: str | None) -> config_mod.Settings:
     """Settings for commands that only read or tear down: a reservation error elsewhere in
-    the files is reported as a warning, not a reason to be blind."""
+    the files is reported as a warning, not a reason to be blind (unreadable files are)."""
+    _config_files(path)
     try:
         return _load_config(path).settings
     except ConfigProblem as exc:
         from guard.observe.display import warning_line
 
         click.echo(warning_line(exc.message), err=True)
-    main = Path(path) if path else config_mod.DEFAULT_CONFIG
+    return _settings_only(path)
+
+
+def _settings_only(path: str | None) -> config_mod.Settings:
+    files = _config_files(path)
     try:
-        return config_mod.load_settings(config_mod.config_files(main))
+        return config_mod.load_settings(files)
     except config_mod.ConfigError as exc:
         raise ConfigProblem(f"invalid [guard] settings:\n{exc}") from None
 
@@ -83,6 +109,9 @@ def _runtime(fn, *args):
     help=f"Main configuration file (default {config_mod.DEFAULT_CONFIG}); "
     "drop-ins are read from conf.d/*.toml beside it.",
 )
+@click.version_option(
+    None, "--version", "-V", package_name="portguard", message="portguard %(version)s"
+)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Race-free port reservations: binds to a reserved port fail (EADDRINUSE) unless the
@@ -91,11 +120,23 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 
 
 @main.command()
+@click.option(
+    "--dry-run",
+    "-n",
+    "dry_run",
+    is_flag=True,
+    help="Check the configuration and show what apply would load and change; change nothing.",
+)
 @click.pass_obj
-def apply(config_path: str | None) -> None:
-    """Load or update the guard to match the configuration, then exit (the guard stays)."""
+def apply(config_path: str | None, dry_run: bool) -> None:
+    """Load or update the guard to match the configuration, then exit (the guard stays).
+    With --dry-run: validate the files (exit 2 when invalid), resolve the owners, print the
+    reservations and what apply would change against the loaded guard; nothing is changed."""
     from guard.observe import outcome
 
+    if dry_run:
+        _dry_run(config_path)
+        return
     try:
         pin_dir = _apply(config_path)
     except click.ClickException as exc:
@@ -116,19 +157,47 @@ def _pin_dir_for_record(config_path: str | None) -> str:
 def _apply(config_path: str | None) -> str:
     """Apply; the pin directory applied to."""
     from guard.kernel.apply import apply as apply_plan
+    from guard.kernel.host import DENY_EPERM
     from guard.observe import display
+    from guard.policy import resvport
 
     cfg = _load_config(config_path)
     plan = _plan(cfg)
     result = _runtime(apply_plan, plan)
     for note in result.warnings:
         click.echo(display.warning_line(note), err=True)
+    seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number
+    exposed = resvport.exposed((port for _, port in plan.ports), seen)
+    if exposed:
+        click.echo(display.warning_line(resvport.warning(exposed, errno.errorcode[seen])), err=True)
     for squatter in _squatters_of_plan(plan):
         click.echo(display.warning_line(display.squatter_text(squatter)), err=True)
     click.echo(
         display.apply_line(result.changed, len(plan.ports), len(plan.paths), plan.settings.mode)
     )
     return plan.settings.pin_dir
+
+
+def _dry_run(config_path: str | None) -> None:
+    """`nginx -t` for portguard: the files as apply would read them, and the change."""
+    from guard.observe import display, drift
+    from guard.observe.state import read_state
+    from guard.policy import owners
+
+    cfg = _load_config(config_path)
+    the_plan = _plan(cfg)
+    skipped = [block for block in cfg.blocks if not owners.block_applies(block)]
+    for line in display.plan_lines(cfg, the_plan, skipped):
+        click.echo(line)
+    if os.geteuid() != 0:
+        click.echo("portguard: not compared with the loaded guard: that needs root")
+        return
+    state = _runtime(read_state, the_plan.settings)
+    if not state.loaded:
+        click.echo("portguard: apply would load the guard: none is loaded")
+        return
+    for line in display.dry_run_changes(drift.differences(the_plan, state)):
+        click.echo(line)
 
 
 def _squatters_of_plan(plan) -> list:
@@ -160,37 +229,132 @@ def remove(config_path: str | None) -> None:
     click.echo(remove_line(_runtime(remove_guard, _load_settings(config_path))))
 
 
+FORMATS = ("text", "json", "prometheus")
+
+
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="text for people, json for scripts, prometheus for metrics scrapers.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (--format json).")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="One line per owner, also those whose cgroup does not exist here.",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write to FILE (a new file renamed over it, so readers never see half of it), "
+    "e.g. for node_exporter's textfile collector.",
+)
 @click.pass_obj
-def status(config_path: str | None, as_json: bool) -> None:
+def status(
+    config_path: str | None,
+    output_format: str,
+    as_json: bool,
+    verbose: bool,
+    output: Path | None,
+) -> None:
     """Show the guard as the kernel holds it: links, every reservation, its owners, the
-    denied binds, and who holds the port now. Exits 3 when a non-owner holds a reserved port,
-    4 when no guard is loaded (saying why, when the last apply failed).
+    denied binds, and who holds the port now. Exits 4 when no guard is loaded (saying why,
+    when the last apply failed), 3 when a non-owner holds a reserved port, 5 when the loaded
+    guard is not what the configuration files ask for (saying what differs).
 
     Run it in the guarded network namespace: holders are read there."""
     from guard.kernel.host import netns_cookie
     from guard.observe import display, holders, outcome
     from guard.observe.state import read_state
+    from guard.policy import resvport
 
-    settings = _load_settings(config_path)
+    output_format = "json" if as_json else output_format
+    _config_files(config_path)  # unreadable: exit 2 at once
+    cfg, problem = _config_or_problem(config_path)
+    settings = cfg.settings if cfg else _settings_only(config_path)
     state = _runtime(read_state, settings)
     state = holders.with_holders(state, netns_cookie())
     failure = outcome.last_failure(settings.pin_dir)
-    if as_json:
-        click.echo(display.status_json(state, failure))
+    differences = _differences(cfg, problem, state) if state.loaded else []
+    found = holders.of_state(state)
+    exposed = resvport.exposed((r.port for r in state.reservations), state.deny_errno)
+    if output_format == "json":
+        lines = display.status_json(
+            state,
+            failure,
+            config_matches=state.loaded and not differences,
+            config_differences=differences,
+            squatters=len(found),
+            bindresvport_exposed=exposed,
+        ).splitlines()
+    elif output_format == "prometheus":
+        lines = display.prometheus_lines(
+            state,
+            config_matches=state.loaded and not differences,
+            squatter_keys={(s.port, s.protocol) for s in found},
+            bindresvport_exposed=exposed,
+            apply_failed=failure is not None,
+        )
     else:
-        for line in display.status_lines(state, settings.cgroup):
-            click.echo(line)
+        lines = display.status_lines(state, settings.cgroup, verbose)
         if failure:
             click.echo(display.failure_line(failure, state.loaded), err=True)
+        for line in display.drift_lines(differences):
+            click.echo(line, err=True)
+        if exposed:
+            warning = resvport.warning(exposed, display.errno_name(state.deny_errno))
+            click.echo(display.warning_line(warning), err=True)
+        if found:
+            click.echo(display.squatters_line(len(found)), err=True)
+    _write_lines(lines, output)
     if not state.loaded:
         sys.exit(EXIT_NOT_LOADED)
-    found = holders.of_state(state)
     if found:
-        if not as_json:
-            click.echo(display.squatters_line(len(found)), err=True)
         sys.exit(EXIT_SQUATTER)
+    if differences:
+        sys.exit(EXIT_CONFIG_DIFFERS)
+
+
+def _write_lines(lines: list[str], output: Path | None) -> None:
+    if output is None:
+        for line in lines:
+            click.echo(line)
+        return
+    tmp = output.with_name(f".{output.name}.{os.getpid()}")
+    try:
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeProblem(f"cannot write {output}: {exc.strerror}") from None
+
+
+def _config_or_problem(config_path: str | None) -> tuple[config_mod.Config | None, str | None]:
+    """The configuration, or why it cannot be loaded (status reports that, it does not stop)."""
+    try:
+        return _load_config(config_path), None
+    except ConfigProblem as exc:
+        return None, exc.message
+
+
+def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> list[str]:
+    """How the loaded guard differs from what `apply` would load now (empty: the same)."""
+    from guard.observe import drift
+
+    if cfg is not None:
+        try:
+            return drift.differences(_plan(cfg), state)
+        except ConfigProblem as exc:
+            problem = exc.message
+    return [f"the files cannot be applied: {problem}"]
 
 
 @main.command()
@@ -257,7 +421,7 @@ def monitor(
     settings = _load_settings(config_path)
     if to_journal:
         try:
-            sink = display.JournalSink(journal.Journal())
+            sink = display.JournalSink(journal.Journal(), settings.journal_interval)
         except journal.JournalError as exc:
             raise RuntimeProblem(str(exc)) from None
     elif as_json:
@@ -278,7 +442,17 @@ def monitor(
             on_ready=ready,
         )
     )
-    click.echo(display.monitor_summary_line(summary.received, summary.lost), err=True)
+    if summary.stopped_by == "output closed":
+        _detach_stdout()
+    click.echo(display.monitor_summary(summary), err=True)
+
+
+def _detach_stdout() -> None:
+    """Whoever read stdout is gone (`portguard monitor | head`): point it at /dev/null, so
+    that flushing it at exit raises no second BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 @main.command()

@@ -21,6 +21,7 @@ from guard.kernel import cgroups
 from guard.kernel.apply import apply, remove
 from guard.kernel.host import require_root
 from guard.kernel.layout import LIMITS
+from guard.observe import display
 from guard.observe.state import read_state
 from guard.policy import config, owners, plan
 
@@ -98,29 +99,38 @@ def run(echo=print) -> int:
     try:
         result = apply(the_plan)
         for note in result.warnings:
-            echo(f"warning: {note}")
-        echo(
-            f"portguard demo: default policy applied to cgroup {top} in a private network namespace"
-        )
-        echo(f"  {len(the_plan.ports)} reserved port/protocol pairs, denial {result.denial}")
+            echo(f"portguard demo: warning: {note}")
+        for line in display.wrap(
+            "portguard demo: the default policy, applied for real",
+            [f"to the cgroup subtree {top} in a private network namespace", "where"],
+            indent="  ",
+        ):
+            echo(line)
+        echo("  this machine's own services are not touched.")
+        echo("\nThe guard, as `portguard status` shows it:")
         state = read_state(settings)
-        echo(f"\n{'PORT':>5} {'PROTO':5}  OWNERS")
-        for res in state.reservations:
-            names = ", ".join(o.unit or o.cgroup for o in res.owners)
-            echo(f"{res.port:>5} {res.protocol:5}  {names}")
+        for line in display.status_lines(state, top):
+            echo(line)
         cups = cgroups.directory(top + "/system.slice/cups.service", root)
         stranger = cgroups.directory(top + "/system.slice/rpcbind.service", root)
-        echo("\nWho may bind 631 (IPP)?")
-        echo(f"  cups.service    -> {_child(cups, 'bind', 631)}")
-        echo(f"  rpcbind.service -> {_child(stranger, 'bind', 631)}")
-        echo("bindresvport() from rpcbind.service walks past reserved ports:")
-        echo(f"  -> {_child(stranger, 'bindresvport', 0)}")
+        echo("\nWho may bind 631 (IPP, reserved for CUPS)?")
+        outcomes = {
+            "cups.service": _child(cups, "bind", 631),
+            "rpcbind.service": _child(stranger, "bind", 631),
+        }
+        for line in display.demo_bind_table(outcomes):
+            echo(line)
+        echo("\nbindresvport() in rpcbind.service, the way RPC daemons pick a port in 512-1023:")
+        for line in display.demo_resvport_lines(_child(stranger, "bindresvport", 0)):
+            echo(line)
         denied = sum(r.denied for r in read_state(settings).reservations)
-        echo(f"refused binds counted by the kernel: {denied}")
+        echo(
+            f"\nThe kernel counted {denied} refused binds (`portguard status` shows them per port)."
+        )
     finally:
         try:
             remove(settings)
         finally:
             _remove_tree(top_dir)
-    echo("\nportguard demo: removed the guard and the sandbox; the machine is as before")
+    echo("\nportguard demo: removed the guard and the sandbox; the machine is as before.")
     return 0

@@ -156,7 +156,6 @@ def choose_denial(
     if settings.deny_errno != "EPERM":
         notes.append(
             f"this kernel lacks bpf_set_retval (Linux < 5.18): refused binds fail with EPERM, "
-            f"not {settings.deny_errno}, so bindresvport() callers give up instead of "
-            "moving to the next port"
+            f"not {settings.deny_errno}"
         )
     return DENY_EPERM, notes

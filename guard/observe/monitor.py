@@ -9,6 +9,12 @@ A ring buffer has one consumer position, so one monitor runs at a time per pin d
 second one is refused). Records still in the buffer when the monitor starts (denials made while
 no monitor ran) are delivered first, with the time they happened; losses from before the start
 are not reported here (`status` shows the total since the guard was loaded).
+
+SIGINT and SIGTERM only raise a flag, checked after every record and every poll: an exception
+raised by a signal handler can land inside the ring buffer's ctypes callback, where ctypes
+prints and swallows it and polling goes on. On the way out the records still in the buffer are
+counted, not read: the denied counters say how many binds were refused since the start, so
+"shown + lost + left in the buffer = refused since start" always holds.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,7 +43,7 @@ _CACHE_LIMIT = 4096
 @dataclass(slots=True)
 class Denial:
     time: float  # seconds since the epoch
-    pid: int
+    pid: int | None  # as the monitor's pid namespace numbers it; None: not known there
     uid: int
     comm: str
     cgroup_id: int
@@ -47,6 +55,7 @@ class Denial:
     port: int
     owners: tuple[str, ...]
     verdict: str  # "denied" | "audit"
+    host_pid: int | None = None  # as the initial pid namespace numbers it (the kernel's)
 
 
 class Sink(Protocol):
@@ -54,12 +63,45 @@ class Sink(Protocol):
     def denial(self, denial: Denial) -> None: ...
     def lost(self, count: int) -> None: ...
     def flush(self) -> None: ...
+    def finish(self) -> None: ...  # the monitor stops: write what is pending
 
 
 @dataclass
 class Summary:
-    received: int = 0
-    lost: int = 0
+    received: int = 0  # records shown (from before the start too)
+    lost: int = 0  # records the full buffer dropped since the start
+    received_before_start: int = 0  # of received: refused before the monitor started
+    refused: int = 0  # binds refused since the start, by the kernel's exact counters
+    stopped_by: str | None = None  # "SIGTERM", "SIGINT", "output closed"; None: count/duration
+
+    @property
+    def left(self) -> int:
+        """Refused since the start but neither shown nor lost: still in the buffer at exit."""
+        shown = self.received - self.received_before_start
+        return max(0, self.refused - shown - self.lost)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the monitor looks at it between records and polls."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __call__(self, signum: int, _frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+@contextmanager
+def _signals_stop(flag: StopFlag) -> Iterator[None]:
+    previous = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class CgroupNames:
@@ -82,6 +124,59 @@ class CgroupNames:
             path = cgroup_paths({cgroup_id}, self.root).get(cgroup_id)
         known = self._names[cgroup_id] = (path, unit_of_cgroup(path) if path else None)
         return known
+
+
+PROC_PID_INIT_INO = 0xEFFFFFFC  # the initial pid namespace's inode number (include/linux/proc_ns.h)
+
+
+class LocalPids:
+    """The kernel records pids as the initial pid namespace numbers them. A monitor in another
+    pid namespace (a container's) shows the caller's pid as that namespace numbers it, as
+    status does: the caller's cgroup.procs lists its processes in the reader's numbering, and
+    the one with the event's command is the caller. None when that is not unique (several
+    processes with the same command) or the caller is gone or not visible from here; the
+    kernel's pid stays in the event as host_pid."""
+
+    def __init__(self, cgroup_root: Path, proc_root: Path = Path("/proc")):
+        self.cgroup_root = cgroup_root
+        self.proc_root = proc_root
+        try:
+            own = (proc_root / "self" / "ns" / "pid").stat().st_ino
+        except OSError:
+            own = PROC_PID_INIT_INO
+        self.translate = own != PROC_PID_INIT_INO
+        self._known: dict[tuple[int, int], int | None] = {}
+
+    def local(self, host_pid: int, cgroup_id: int, cgroup: str | None, comm: str) -> int | None:
+        if not self.translate:
+            return host_pid
+        key = (host_pid, cgroup_id)
+        if key in self._known:
+            return self._known[key]
+        if len(self._known) >= _CACHE_LIMIT:
+            self._known.clear()
+        found = None if cgroup is None else self._find(cgroup, comm)
+        if found is not None:  # not cached when unknown: the next event may find it
+            self._known[key] = found
+        return found
+
+    def _find(self, cgroup: str, comm: str) -> int | None:
+        try:
+            directory = cgroups.directory(cgroup, self.cgroup_root)
+            procs = [int(x) for x in (directory / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError, cgroups.CgroupError):
+            return None
+        matches = []
+        for pid in procs:
+            if pid == 0:  # a process of an outer pid namespace
+                continue
+            try:
+                name = (self.proc_root / str(pid) / "comm").read_text().rstrip("\n")
+            except OSError:
+                continue
+            if name == comm:
+                matches.append(pid)
+        return matches[0] if len(matches) == 1 else None
 
 
 class OwnerNames:
@@ -117,26 +212,38 @@ EVENT = struct.Struct("=QQIIHBBB3xI16s16s")  # native order: the object is built
 class Decoder:
     """Raw ring buffer records -> Denial."""
 
-    def __init__(self, cgroup_names: CgroupNames, owner_names: OwnerNames):
+    def __init__(
+        self,
+        cgroup_names: CgroupNames,
+        owner_names: OwnerNames,
+        local_pids: LocalPids | None = None,
+    ):
         self.cgroup_names = cgroup_names
         self.owner_names = owner_names
+        self.local_pids = local_pids
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC, as is time.monotonic() on Linux
         self.epoch_offset = time.time() - time.monotonic()
+        self.last_ts_ns = 0  # of the record decoded last
 
     def decode(self, raw: bytes) -> Denial:
         (ts_ns, cgroup_id, pid, uid, port, proto, family, verdict, _set, comm, addr) = (
             EVENT.unpack_from(raw)
         )
+        self.last_ts_ns = ts_ns
         if family == socket.AF_INET:
             address = socket.inet_ntop(socket.AF_INET, addr[:4])
         else:
             address = socket.inet_ntop(socket.AF_INET6, addr)
         cgroup, unit = self.cgroup_names.names(cgroup_id, pid)
+        name = comm.split(b"\0", 1)[0].decode(errors="replace")
         return Denial(
             time=ts_ns / 1e9 + self.epoch_offset,
-            pid=pid,
+            pid=pid
+            if self.local_pids is None
+            else self.local_pids.local(pid, cgroup_id, cgroup, name),
+            host_pid=pid,
             uid=uid,
-            comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+            comm=name,
             cgroup_id=cgroup_id,
             cgroup=cgroup,
             unit=unit,
@@ -154,11 +261,8 @@ def lost_total(maps: Maps) -> int:
     return sum(values) if values else 0
 
 
-def _stop_on_sigterm() -> None:
-    def stop(_signum, _frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+def denied_total(maps: Maps) -> int:
+    return sum(sum(values) for _, values in maps.denied.items())
 
 
 def run(
@@ -171,16 +275,18 @@ def run(
     on_ready=lambda: None,
 ) -> Summary:
     """Report denials to sink until count events (delivered + lost) or duration seconds or
-    SIGINT/SIGTERM. stall_until (for tests): consume nothing until that file exists."""
+    SIGINT/SIGTERM or until the output is closed (BrokenPipeError). stall_until (for tests):
+    consume nothing until that file exists."""
     require_root("portguard monitor", "the pinned maps are root-only")
     pins = Pins(pin_dir)
     summary = Summary()
+    stop = StopFlag()
     # One consumer per ring buffer: a second monitor would split the events with the first.
     busy = (
         f"another portguard monitor is reading the events of {pin_dir}: "
         "the event buffer has a single reader"
     )
-    with locked(pins.root, "monitor", wait=False, busy=busy):
+    with _signals_stop(stop), locked(pins.root, "monitor", wait=False, busy=busy):
         try:
             maps = Maps.open_pinned(pins.maps_dir)
             events_fd = libbpf.get_pinned(pins.maps_dir / "events")
@@ -192,14 +298,20 @@ def run(
                 f"the guard is not loaded (nothing pinned in {pin_dir}): run portguard apply first"
             )
         try:
-            _stop_on_sigterm()
-            _consume(maps, events_fd, sink, summary, count, duration, stall_until, on_ready)
-        except KeyboardInterrupt:
-            pass
+            denied_at_start = denied_total(maps)
+            _consume(maps, events_fd, sink, summary, stop, count, duration, stall_until, on_ready)
+        except BrokenPipeError:
+            summary.stopped_by = "output closed"
         except libbpf.BpfError as exc:
             raise GuardError(str(exc)) from None
         finally:
-            sink.flush()
+            try:
+                sink.finish()
+            except BrokenPipeError:
+                summary.stopped_by = "output closed"
+            summary.refused = denied_total(maps) - denied_at_start
+            if summary.stopped_by is None:
+                summary.stopped_by = stop.signal
             libbpf.close(events_fd)
             maps.close()
     return summary
@@ -210,6 +322,7 @@ def _consume(
     events_fd: int,
     sink: Sink,
     summary: Summary,
+    stop: StopFlag,
     count: int | None,
     duration: float | None,
     stall_until: Path | None,
@@ -221,11 +334,17 @@ def _consume(
         raise GuardError(str(exc)) from None
     owner_names = OwnerNames(maps)
     owner_names.refresh()
-    decoder = Decoder(CgroupNames(cgroup_root), owner_names)
+    decoder = Decoder(CgroupNames(cgroup_root), owner_names, LocalPids(cgroup_root))
+    start_ns = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC too
 
     def on_record(raw: bytes) -> bool:
-        sink.denial(decoder.decode(raw))
+        denial = decoder.decode(raw)
         summary.received += 1
+        if decoder.last_ts_ns < start_ns:
+            summary.received_before_start += 1
+        sink.denial(denial)
+        if stop:
+            return False  # this record is shown; the rest of the buffer is counted on the way out
         return count is None or summary.received + summary.lost < count
 
     lost_seen = lost_total(maps)
@@ -233,10 +352,10 @@ def _consume(
     try:
         sink.start()
         on_ready()
-        while stall_until is not None and not stall_until.exists():
+        while stall_until is not None and not stall_until.exists() and not stop:
             time.sleep(0.05)
         deadline = None if duration is None else time.monotonic() + duration
-        while True:
+        while not stop:
             owner_names.refresh()
             ring.poll(POLL_MS)
             lost_now = lost_total(maps)

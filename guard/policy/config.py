@@ -109,6 +109,16 @@ def _attach_cgroup(key: str, value: str, where: Origin, problems: list[str]) -> 
     return _check_cgroup_path(value, where, problems)
 
 
+def _seconds(most: int):
+    def check(key: str, value: object, where: Origin, problems: list[str]) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= most:
+            problems.append(f"{where}: {key} must be a number of seconds, 0 to {most}")
+            return None
+        return float(value)
+
+    return check
+
+
 def _setting(default: object, check) -> object:
     return field(default=default, metadata={"check": check})
 
@@ -127,6 +137,9 @@ class Settings:
     # "" turns reading portreserve's files off
     portreserve_dir: str = _setting(PORTRESERVE_DIR, _absolute(empty_allowed=True))
     contain: bool = _setting(False, _boolean)  # contain = true for every reservation
+    # monitor --journal: at most one entry per (caller cgroup, port, protocol) per this many
+    # seconds, with the count of the refusals it stands for; 0: one entry per refusal
+    journal_interval: float = _setting(30.0, _seconds(86400))
 
     @property
     def deny_errno_number(self) -> int:
@@ -148,6 +161,7 @@ class ConfigError(ValueError):
     """One or more problems, each "file:line: message"; nothing was applied."""
 
     def __init__(self, problems: list[str]):
+        problems = list(dict.fromkeys(problems))  # e.g. one port's problem for tcp and udp
         super().__init__("\n".join(problems))
         self.problems = problems
 
@@ -385,12 +399,30 @@ def _parse_block(
 
 
 def config_files(main: Path) -> list[Path]:
-    """The main file (if present) then its drop-ins conf.d/*.toml in lexical order."""
-    files = [main] if main.exists() else []
+    """The main file (if present) then its drop-ins conf.d/*.toml in lexical order. A path
+    that cannot be looked at raises ConfigError; what is there but not a plain file (a
+    directory named x.toml, a FIFO) is listed, and reading it reports it with file:line.
+    Dangling drop-in symlinks are skipped (a package's file removed, its link left)."""
+    files: list[Path] = []
+    try:
+        main.stat()
+        files.append(main)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # e.g. a directory the caller may not search: conf.d neither
+        raise ConfigError([f"{main}: {exc.strerror}"]) from None
     dropins = main.parent / "conf.d"
-    if dropins.is_dir():
-        files += sorted(p for p in dropins.glob("*.toml") if p.is_file())
-    return files
+    try:
+        names = sorted(
+            entry.name
+            for entry in os.scandir(dropins)
+            if entry.name.endswith(".toml") and not entry.name.startswith(".")
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    except OSError as exc:
+        raise ConfigError([f"{dropins}: {exc.strerror}"]) from None
+    return files + [dropins / name for name in names if os.path.exists(dropins / name)]
 
 
 def load(paths: list[Path], services_file: Path | None = None) -> Config:

@@ -31,6 +31,8 @@ class Owner:
     path: str  # relative to the cgroup2 root
     name: str | None  # the unit or slice it was named as; None for a cgroup path
     origin: Origin
+    # trusted only for these (protocol name, port) pairs; None: for the block's every port
+    only: frozenset[tuple[str, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,16 +53,29 @@ def resolve_owner(owner: OwnerRef) -> list[Owner]:
         if owner.kind == "slice":
             return [Owner(units.slice_cgroup_path(owner.name), owner.name, owner.origin)]
         if owner.name.endswith(".socket"):
-            # Socket units are bound by PID 1 in /init.scope; the service may bind it too.
-            dirs = unit_dirs()
-            paths = units.socket_unit_owner_paths(
-                owner.name, unit_dirs=dirs, resolve=lambda s: units.resolve_unit(s, unit_dirs=dirs)
-            )
-            return [Owner(path, owner.name, owner.origin) for path in paths]
+            return _socket_owners(owner)
         path = units.resolve_unit(owner.name, unit_dirs=unit_dirs())
         return [Owner(path, owner.name, owner.origin)]
     except units.UnitError as exc:
         raise ConfigError([f"{owner.origin}: {exc}"]) from None
+
+
+def _socket_owners(owner: OwnerRef) -> list[Owner]:
+    """systemd binds a socket unit's ports itself, from the socket unit's cgroup or PID 1's
+    /init.scope: those two are trusted only for the ports the unit's ListenStream= (tcp) and
+    ListenDatagram= (udp) lines name (none where it is not installed or listens on a Unix
+    socket, as Debian's cups.socket). The service it activates may bind the block's ports
+    itself (cupsd does) and is trusted for all of them."""
+    dirs = unit_dirs()
+    paths = units.socket_unit_owner_paths(
+        owner.name, unit_dirs=dirs, resolve=lambda s: units.resolve_unit(s, unit_dirs=dirs)
+    )
+    listens = units.socket_listen_ports(owner.name, unit_dirs=dirs)
+    # socket_unit_owner_paths: /init.scope, the socket unit, then (unless Accept=yes) the service
+    return [
+        Owner(path, owner.name, owner.origin, None if i == 2 else listens)
+        for i, path in enumerate(paths)
+    ]
 
 
 def block_applies(block: ReserveBlock) -> bool:

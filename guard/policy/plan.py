@@ -51,6 +51,7 @@ def build(
     # costs one frozenset); a port named by several blocks gets the union.
     owners_by_port: dict[tuple[int, int], frozenset[str]] = {}
     contained: set[tuple[int, int]] = set()
+    problems: list[str] = []
     first_origin: dict[tuple[int, int], Origin] = {}
     path_origin: dict[str, Origin] = {}  # where each owner cgroup was first named
     names: dict[str, set[str]] = {}
@@ -64,19 +65,31 @@ def build(
             path_origin.setdefault(owner.path, owner.origin)
             if owner.name:
                 names.setdefault(owner.path, set()).add(owner.name)
-        block_owners = frozenset(o.path for o in block.owners) | extra
+        unlimited = frozenset(o.path for o in block.owners if o.only is None)
+        block_owners = unlimited | extra
+        limited = _limited(block.owners, unlimited)
         for port_range, origin in block.ports:
             for proto_name, port in port_range.pairs():
                 key = (PROTOCOL_NUMBERS[proto_name], port)
+                port_owners = (
+                    _owners_for(block_owners, limited, (proto_name, port))
+                    if limited
+                    else block_owners
+                )
+                if not port_owners:
+                    problems.append(
+                        f"{origin}: none of the owners binds {port}/{proto_name}: a socket "
+                        "unit owns only the ports its ListenStream=/ListenDatagram= name"
+                    )
+                    continue
                 known = owners_by_port.get(key)
                 if known is None:
-                    owners_by_port[key] = block_owners
+                    owners_by_port[key] = port_owners
                     first_origin[key] = origin
-                elif not block_owners <= known:
-                    owners_by_port[key] = known | block_owners
+                elif not port_owners <= known:
+                    owners_by_port[key] = known | port_owners
                 if block.contain:
                     contained.add(key)
-    problems = []
     for key, owners in owners_by_port.items():
         if len(owners) > limits.owners_per_port:
             problems.append(
@@ -130,3 +143,22 @@ def build(
         {p: tuple(sorted(n)) for p, n in names.items()},
         frozenset(contained),
     )
+
+
+def _limited(owners: Sequence[Owner], unlimited: frozenset[str]) -> dict[str, frozenset]:
+    """Owner paths trusted only for some ports (a socket unit's, see owners.resolve_owner);
+    a path the block also names without a limit is not limited."""
+    limited: dict[str, frozenset] = {}
+    for owner in owners:
+        if owner.only is not None and owner.path not in unlimited:
+            limited[owner.path] = limited.get(owner.path, frozenset()) | owner.only
+    return limited
+
+
+def _owners_for(
+    unlimited: frozenset[str], limited: dict[str, frozenset], pair: tuple[str, int]
+) -> frozenset[str]:
+    """The block's owners of one port: a limited path only where it listens (usually not at
+    all, so most ports share the one unlimited set)."""
+    extra = {path for path, pairs in limited.items() if pair in pairs}
+    return unlimited | extra if extra else unlimited

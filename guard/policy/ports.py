@@ -20,6 +20,10 @@ class PortRange:
     last: int
     protocols: tuple[str, ...]
 
+    def __str__(self) -> str:
+        ports = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+        return ports if len(self.protocols) > 1 else f"{ports}/{self.protocols[0]}"
+
     def pairs(self) -> list[tuple[str, int]]:
         return [
             (proto, port) for port in range(self.first, self.last + 1) for proto in self.protocols

@@ -734,6 +734,43 @@ def socket_service(unit: str, *, unit_dirs: Sequence[Path] | None = None) -> tup
     return service, accept
 
 
+_LISTEN_PROTOCOLS = {"ListenStream": "tcp", "ListenDatagram": "udp"}
+
+
+def _listen_port(value: str) -> int | None:
+    """The port of a ListenStream=/ListenDatagram= value: "631", "0.0.0.0:631", "[::]:631",
+    "127.0.0.1:631%lo"; None for a Unix socket path, an abstract name or a vsock address."""
+    if value.startswith(("/", "@", "vsock:")):
+        return None
+    tail = value.rsplit("]", 1)[-1] if value.startswith("[") else value
+    tail = tail.rsplit(":", 1)[-1].split("%", 1)[0]
+    return int(tail) if tail.isdigit() and 0 < int(tail) < 65536 else None
+
+
+def socket_listen_ports(
+    unit: str, *, unit_dirs: Sequence[Path] | None = None
+) -> frozenset[tuple[str, int]]:
+    """The (protocol, port) pairs a socket unit's ListenStream= (tcp) and ListenDatagram=
+    (udp) lines name, drop-ins included (an empty assignment clears the list, as in systemd).
+    A socket unit with no unit file here listens on nothing."""
+    dirs = list(unit_dirs) if unit_dirs is not None else list(SYSTEM_UNIT_DIRS)
+    info = load_unit(unit, unit_dirs=dirs)
+    if info.fragment is None or info.masked:
+        return frozenset()
+    files = [info.fragment, *dropin_files([unit, info.name], dirs)]
+    found: set[tuple[str, int]] = set()
+    for key, protocol in _LISTEN_PROTOCOLS.items():
+        ports: list[int] = []
+        for path in files:
+            for value in _assignments(path, "Socket", key):
+                if not value:
+                    ports.clear()
+                elif (port := _listen_port(value)) is not None:
+                    ports.append(port)
+        found.update((protocol, port) for port in ports)
+    return frozenset(found)
+
+
 def socket_unit_owner_paths(
     unit: str,
     *,

@@ -236,6 +236,10 @@ def test_bad_config_exits_2_naming_file_and_line_and_leaves_the_guard_as_it_was(
     after = sandbox.status()
     assert "port 70000 is out of range" in after.pop("last_apply_failure")["message"]
     before.pop("last_apply_failure")
+    # the guard is as it was; status now says the files are not what is loaded
+    assert (after.pop("config_matches"), before.pop("config_matches")) == (False, True)
+    assert "port 70000 is out of range" in after.pop("config_differences")[0]
+    before.pop("config_differences")
     assert after == before
     assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
 

@@ -9,6 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
+
 from guard.kernel import cgroups
 
 PORT = 7641
@@ -366,6 +368,122 @@ def test_status_says_the_previous_guard_stays_when_a_broken_config_was_applied(s
     assert sandbox.cli("apply", check=False).returncode == 2
     assert set(sandbox.bind("stranger", [("v4", "tcp", PORT)]).values()) == {errno.EADDRINUSE}
     status = sandbox.cli("status", check=False)
-    assert status.returncode == 0
+    assert status.returncode == 5  # loaded, but not what the files ask for
     assert "the guard loaded before it is still in place" in status.stderr
+    assert "the files cannot be applied" in status.stderr
     assert "port 99999 is out of range" in status.stderr
+
+
+def test_status_has_one_exit_code_per_state_an_operator_alerts_on(sandbox):
+    def status() -> tuple[int, dict, str]:
+        text = sandbox.cli("status", check=False)
+        data = json.loads(sandbox.cli("status", "--json", check=False).stdout)
+        assert sandbox.cli("status", "--json", check=False).returncode == text.returncode
+        return text.returncode, data, text.stderr
+
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp"], "owner"))
+    code, data, _ = status()
+    assert (code, data["loaded"], data["config_matches"]) == (4, False, False)
+    sandbox.cli("apply")
+    code, data, err = status()
+    assert (code, data["config_matches"], data["config_differences"], err) == (0, True, [], "")
+    # edited, not reloaded: 5, and what differs
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp", f"{FREE}/udp"], "owner"), mode="audit")
+    code, data, err = status()
+    assert code == 5 and data["config_matches"] is False
+    assert data["config_differences"] == [
+        f"{FREE}/udp is in the files but not guarded",
+        "mode: the files say audit, the guard runs enforce",
+    ]
+    assert f"{FREE}/udp is in the files but not guarded" in err and "reload" in err
+    # a stranger holds the port the files add: a squatter once applied (3)
+    hold(sandbox, "stranger", "v4", "udp", FREE)
+    sandbox.cli("apply")
+    code, data, _ = status()
+    assert (code, data["squatters"], data["config_matches"]) == (3, 1, True)
+    # a squatter comes before other files (3); the JSON says both
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp", f"{FREE}/udp"], "owner"))
+    code, data, _ = status()
+    assert (code, data["squatters"], data["config_matches"]) == (3, 1, False)
+    sandbox.cli("remove")
+    assert status()[0] == 4
+
+
+def test_apply_dry_run_names_what_would_change_and_changes_nothing(sandbox):
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp"], "owner"))
+    sandbox.cli("apply")
+    same = sandbox.cli("apply", "--dry-run")
+    assert "apply would change nothing" in same.stdout
+    sandbox.write_config(sandbox.owner_block([f"{FREE}/tcp"], "owner"))
+    dry = sandbox.cli("apply", "--dry-run")
+    assert dry.returncode == 0
+    assert f"{PORT}/tcp is guarded but no longer in the files" in dry.stdout
+    assert f"{FREE}/tcp is in the files but not guarded" in dry.stdout
+    # nothing changed: the old port is still refused, the new one is free
+    assert sandbox.bind("stranger", [("v4", "tcp", PORT), ("v4", "tcp", FREE)]) == {
+        f"v4/tcp/{PORT}": errno.EADDRINUSE,
+        f"v4/tcp/{FREE}": 0,
+    }
+    assert sandbox.cli("status", check=False).returncode == 5
+
+
+def test_with_eperm_refusals_apply_and_status_name_the_ports_missing_from_the_blacklist(
+    sandbox, tmp_path
+):
+    blacklist = tmp_path / "bindresvport.blacklist"
+    blacklist.write_text("631\n636\n655\n774\n783\n873\n921\n993\n995\n")
+    env = {"PORTGUARD_BINDRESVPORT_BLACKLIST": str(blacklist)}
+    sandbox.write_config(sandbox.owner_block(["631/tcp", "749/tcp", "7000"], "owner"))
+    applied = sandbox.cli("apply", env=env)
+    assert "bindresvport" not in applied.stderr  # EADDRINUSE: bindresvport() moves on
+    sandbox.write_config(
+        sandbox.owner_block(["631/tcp", "749/tcp", "7000"], "owner"), deny_errno="EPERM"
+    )
+    applied = sandbox.cli("apply", env=env)
+    assert "add the reserved port(s) 749 to it" in applied.stderr
+    status = sandbox.cli("status", env=env)
+    assert "refused binds see EPERM" in status.stderr and "port(s) 749 to it" in status.stderr
+    data = json.loads(sandbox.cli("status", "--json", env=env).stdout)
+    assert data["bindresvport_exposed"] == [749]
+    blacklist.write_text(blacklist.read_text() + "749\n")
+    assert "bindresvport" not in sandbox.cli("status", env=env).stderr
+
+
+def metrics_of(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample, parsed by Prometheus' own client library."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    samples = {}
+    for family in parser.text_string_to_metric_families(text):
+        assert family.name.startswith("portguard_") and family.documentation
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_status_metrics_parse_as_prometheus_text_and_tell_the_state(sandbox):
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp", f"{FREE}/udp"], "owner"))
+    proc = sandbox.cli("status", "--format", "prometheus", check=False)
+    assert proc.returncode == 4
+    assert metrics_of(proc.stdout)[("portguard_guard_loaded", ())] == 0
+    hold(sandbox, "stranger", "v4", "udp", FREE)
+    sandbox.cli("apply")
+    repeat_in_parallel(sandbox, [("stranger", "v6", "tcp", 7)])
+    textfile = sandbox.work / "portguard.prom"
+    proc = sandbox.cli("status", "--format", "prometheus", "--output", str(textfile), check=False)
+    assert proc.returncode == 3 and proc.stdout == ""
+    metrics = metrics_of(textfile.read_text())
+    tcp = (("port", str(PORT)), ("protocol", "tcp"))
+    udp = (("port", str(FREE)), ("protocol", "udp"))
+    assert metrics[("portguard_guard_loaded", ())] == 1
+    assert metrics[("portguard_config_matches", ())] == 1
+    assert metrics[("portguard_refused_binds_total", tcp)] == 7
+    assert metrics[("portguard_refused_binds_total", udp)] == 0
+    assert metrics[("portguard_holders", udp)] == 1 and metrics[("portguard_holders", tcp)] == 0
+    assert metrics[("portguard_squatter_present", udp)] == 1
+    assert metrics[("portguard_squatter_present", tcp)] == 0
+    assert metrics[("portguard_events_lost_total", ())] == 0
+    info = [k for k in metrics if k[0] == "portguard_guard_info"]
+    assert dict(info[0][1])["mode"] == "enforce" and dict(info[0][1])["deny_errno"] == "EADDRINUSE"
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp"], "owner"))
+    proc = sandbox.cli("status", "--format", "prometheus", check=False)
+    assert metrics_of(proc.stdout)[("portguard_config_matches", ())] == 0

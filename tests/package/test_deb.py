@@ -47,6 +47,8 @@ def test_installs_commands_units_config_docs_and_the_compiled_object(deb):
         "/usr/bin/portrelease",
         "/lib/systemd/system/portguard.service",
         "/lib/systemd/system/portguard-monitor.service",
+        "/lib/systemd/system/portguard-metrics.service",
+        "/lib/systemd/system/portguard-metrics.timer",
         "/etc/portguard/portguard.toml",
         "/etc/portguard/conf.d/",
         "/usr/share/man/man8/portguard.8.gz",

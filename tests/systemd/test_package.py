@@ -190,6 +190,8 @@ def test_apt_install_on_the_running_system_guards_at_once_and_enables_the_unit(g
     assert guest.systemctl("is-enabled", "portguard.service").stdout.strip() == "enabled"
     monitor = guest.systemctl("is-enabled", "portguard-monitor.service", check=False)
     assert monitor.stdout.strip() == "disabled"
+    metrics = guest.systemctl("is-enabled", "portguard-metrics.timer", check=False)
+    assert metrics.stdout.strip() == "disabled"
     assert guest.show("portguard.service", "ActiveState")["ActiveState"] == "active"
     assert sysctl(guest) != guest.sysctl_before_install  # autobind kept off the reserved ports
 
@@ -210,6 +212,7 @@ def test_broken_dropin_at_upgrade_completes_the_upgrade_and_keeps_the_running_gu
         assert f"invalid configuration, nothing applied:\n{broken}:" in done.stderr
         assert installed_version(guest) == debs.version_of(debs.upgrade_package())
         assert guard_as_loaded(guest) == before
+        assert guest.run("portguard", "status").returncode == 5  # loaded, not the files' guard
         assert stranger_tries(guest, OWNER_PORT) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
     finally:
         guest.run("rm", "-f", broken, check=True)

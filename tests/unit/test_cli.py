@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from guard import cli
@@ -58,3 +60,99 @@ def test_help_lists_the_commands():
     out = run("--help").output
     for command in ("apply", "status", "check", "remove", "build", "demo", "import-portreserve"):
         assert command in out
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    for flag in ("--version", "-V"):
+        result = run(flag)
+        assert result.exit_code == 0 and result.output == f"portguard {version('portguard')}\n"
+
+
+def _dry_config(tmp_path, reserve: str) -> str:
+    path = tmp_path / "portguard.toml"
+    path.write_text(f'[guard]\nportreserve_dir = ""\npin_dir = "{tmp_path}/pins"\n\n{reserve}')
+    return str(path)
+
+
+def test_apply_dry_run_prints_the_plan_changes_nothing_and_exits_0(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTGUARD_RUN_DIR", str(tmp_path / "run"))
+    path = _dry_config(
+        tmp_path,
+        '[[reserve]]\nports = ["8000-8099/tcp", "631"]\ncgroups = ["/app", "/other"]\n',
+    )
+    result = run("--config", path, "apply", "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("portguard: the configuration is valid; read:")
+    assert path in result.output
+    table = lines[lines.index(next(x for x in lines if "PORTS" in x)) + 1 :]
+    assert [line.split() for line in table[:6]] == [
+        ["631", "tcp", "/app"],
+        ["/other"],
+        ["631", "udp", "/app"],
+        ["/other"],
+        ["8000-8099", "tcp", "/app"],
+        ["/other"],
+    ]
+    assert all(len(line) <= 100 for line in lines)
+    assert not (tmp_path / "pins").exists() and not (tmp_path / "run").exists()
+
+
+def test_apply_dry_run_of_a_broken_file_exits_2_and_records_no_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("PORTGUARD_RUN_DIR", str(tmp_path / "run"))
+    path = _dry_config(tmp_path, '[[reserve]]\nports = ["70000"]\ncgroup = "/a"\n')
+    result = run("--config", path, "apply", "-n")
+    assert result.exit_code == 2 and "port 70000 is out of range" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def _as_nobody(args: list[str]) -> subprocess.CompletedProcess:
+    """The command line as an unprivileged user (root reads any file)."""
+    import os
+    import shutil
+
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("setpriv (util-linux) is needed to drop root")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "guard", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+@pytest.mark.parametrize("command", ["status", "apply", "remove"])
+def test_a_configuration_directory_nobody_may_read_is_one_sentence_and_exit_2(tmp_path, command):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "portguard.toml").write_text("[guard]\n")
+    tmp_path.chmod(0o755)
+    etc.chmod(0o700)
+    proc = _as_nobody(["--config", str(etc / "portguard.toml"), command])
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr == (
+        f"Error: cannot read the configuration: {etc}/portguard.toml: Permission denied\n"
+    )
+
+
+def test_a_directory_among_the_dropins_is_an_error_not_skipped(tmp_path):
+    (tmp_path / "conf.d" / "x.toml").mkdir(parents=True)
+    main = tmp_path / "portguard.toml"
+    main.write_text('[guard]\nportreserve_dir = ""\n')
+    result = run("--config", str(main), "apply", "--dry-run")
+    assert result.exit_code == 2
+    assert f"{tmp_path}/conf.d/x.toml:1: cannot read: not a regular file" in result.output
+
+
+def test_a_problem_of_a_port_for_tcp_and_udp_is_said_once(tmp_path):
+    owners = ", ".join(f'"/a{i}"' for i in range(70))
+    path = _dry_config(tmp_path, f'[[reserve]]\nports = ["7000"]\ncgroups = [{owners}]\n')
+    result = run("--config", path, "apply", "--dry-run")
+    assert result.exit_code == 2
+    assert result.output.count("port 7000 has 70 owners") == 1

@@ -117,3 +117,74 @@ def test_installed_units_lists_those_with_unit_files_in_order(tmp_path):
 
 def test_installed_units_of_an_empty_system_is_empty(tmp_path: Path):
     assert installed_units(["cups.service", "slapd.service"], unit_dirs=[tmp_path]) == []
+
+
+def _plan_with(tmp_path, monkeypatch, unit_files: dict[str, str], text: str):
+    from guard.kernel.layout import LIMITS
+    from guard.policy import config, owners, plan
+
+    units = tmp_path / "units"
+    units.mkdir()
+    for name, content in unit_files.items():
+        (units / name).write_text(content)
+    monkeypatch.setenv(owners.UNIT_DIRS_ENV, str(units))
+    monkeypatch.setattr(config, "PORTRESERVE_DIR", "")
+    cfg = config.loads(text)
+    return plan.build(cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS)
+
+
+def _owners(built, port, proto="tcp"):
+    from guard.policy.ports import PROTOCOL_NUMBERS
+
+    return set(built.owners_of(PROTOCOL_NUMBERS[proto], port))
+
+
+SERVICE = "[Service]\nExecStart=/bin/true\n"
+
+
+def test_a_socket_unit_and_pid_1_are_trusted_only_for_the_ports_it_listens_on(
+    tmp_path, monkeypatch
+):
+    built = _plan_with(
+        tmp_path,
+        monkeypatch,
+        {
+            "cups.service": SERVICE,
+            "cups.socket": "[Socket]\nListenStream=/run/cups/cups.sock\n",  # Debian's
+            "dovecot.service": SERVICE,
+            "dovecot.socket": "[Socket]\nListenStream=143\nListenStream=993\n",
+        },
+        '[[reserve]]\nports = ["631"]\nunits = ["cups.service", "cups.socket"]\n'
+        '[[reserve]]\nports = ["993/tcp", "995/tcp"]\n'
+        'units = ["dovecot.service", "dovecot.socket"]\n',
+    )
+    assert _owners(built, 631) == _owners(built, 631, "udp") == {"/system.slice/cups.service"}
+    assert _owners(built, 993) == {
+        "/init.scope",
+        "/system.slice/dovecot.socket",
+        "/system.slice/dovecot.service",
+    }
+    assert _owners(built, 995) == {"/system.slice/dovecot.service"}
+
+
+def test_pid_1_named_as_an_owner_itself_is_not_limited(tmp_path, monkeypatch):
+    files = {"x.service": SERVICE, "x.socket": "[Socket]\nListenDatagram=700\n"}
+    text = '[[reserve]]\nports = ["700"]\nunits = ["x.socket", "init.scope"]\n'
+    built = _plan_with(tmp_path, monkeypatch, files, text)
+    assert "/init.scope" in _owners(built, 700, "tcp")
+    assert _owners(built, 700, "tcp") - {"/init.scope"} == {"/system.slice/x.service"}
+    assert "/system.slice/x.socket" in _owners(built, 700, "udp")
+
+
+def test_a_block_whose_only_owner_is_a_socket_not_listening_on_the_port_is_an_error(
+    tmp_path, monkeypatch
+):
+    from guard.policy import config
+
+    with pytest.raises(config.ConfigError, match="none of the owners binds 701/tcp"):
+        _plan_with(
+            tmp_path,
+            monkeypatch,
+            {"y.socket": "[Socket]\nListenStream=702\nAccept=yes\n"},
+            '[[reserve]]\nports = ["701/tcp"]\nunit = "y.socket"\n',
+        )

@@ -13,6 +13,7 @@ from guard.observe import display, journal
 from guard.observe.holders import Holder, HolderState, classify, of_state, within
 from guard.observe.monitor import Denial
 from guard.observe.state import GuardState, LinkState, OwnerState, ReservationState
+from guard.policy import config
 
 LONG = "/system.slice/" + "very-long-name-" * 10 + ".service"
 
@@ -108,9 +109,41 @@ def test_status_table_fits_100_columns_with_long_paths_and_marks_squatters():
     table = lines[lines.index(next(line for line in lines if line.lstrip().startswith("PORT"))) :]
     assert table[1].split()[:4] == ["631", "tcp", "12345678", "87654321"]
     assert table[1].endswith("(id 1234)")
-    assert table[2].endswith("cups-browsed.service (absent)")
-    assert table[3].split()[:3] == ["holder", "812", "cupsd"] and table[3].endswith(" owner")
-    assert "4000000 a-fifteen-chars …xxxx" in table[4] and table[4].endswith("SQUATTER")
+    assert table[2].endswith("owner  absent: /system.slice/cups-browsed.service")
+    assert table[3].split()[:4] == ["holder", "812", "cupsd", "0.0.0.0"]
+    assert table[3].endswith(" owner")
+    assert "4000000 a-fifteen-ch 0.0.0.0" in table[4] and "…xxxx" in table[4]
+    assert table[4].endswith("SQUATTER")
+
+
+def test_status_folds_owners_that_do_not_exist_here_into_one_line_unless_verbose():
+    absent = [
+        OwnerState(f"/system.slice/{name}", None, name)
+        for name in ("dovecot.service", "cyrus-imapd.service", "dovecot.socket")
+    ]
+    res = ReservationState(
+        993,
+        "tcp",
+        (OwnerState("/system.slice/dovecot.service", 42, "dovecot.service"), *absent[1:]),
+        0,
+        holders=(
+            holder_state(family="ipv6", address="::", unit="dovecot.service"),
+            holder_state(family="ipv4", address="0.0.0.0", unit="dovecot.service"),
+        ),
+    )
+    table = display.status_lines(state(res), "/")[-4:]
+    assert [line.split("  ")[-1].strip() for line in table[:2]] == [
+        "dovecot.service (id 42)",
+        "absent: cyrus-imapd.service, dovecot.socket",
+    ]
+    assert table[2].split()[:4] == ["holder", "812", "cupsd", "[::]"]
+    assert table[3].split()[:4] == ["holder", "812", "cupsd", "0.0.0.0"]
+    verbose = display.status_lines(state(res), "/", verbose=True)
+    assert any(line.endswith("cyrus-imapd.service (absent)") for line in verbose)
+    assert any(line.endswith("dovecot.socket (absent)") for line in verbose)
+    many = tuple(OwnerState(f"/x/u{i}.service", None, f"u{i}.service") for i in range(40))
+    lines = display.status_lines(state(ReservationState(1, "tcp", many, 0)), "/")
+    assert lines[-1].endswith("more") and len(lines[-1]) <= display.WIDTH
 
 
 def test_status_without_holders_says_where_to_run_it():
@@ -387,3 +420,83 @@ def test_a_pin_dir_no_file_can_be_named_after_is_never_recorded(tmp_path, monkey
     outcome.record_failure("/sys/fs/bpf/a\0b", "x")
     outcome.clear("/sys/fs/bpf/a\0b")
     assert outcome.last_failure("/sys/fs/bpf/a\0b") is None
+
+
+# ---- the journal's rate limit -------------------------------------------------------------------
+
+
+class FakeJournal:
+    def __init__(self):
+        self.entries: list[dict] = []
+
+    def send(self, fields):
+        self.entries.append(dict(fields))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def limited(interval=30.0):
+    target, clock = FakeJournal(), FakeClock()
+    return display.JournalSink(target, interval, clock), target, clock
+
+
+def test_a_flood_of_refusals_is_one_entry_per_interval_and_the_counts_add_up():
+    sink, target, clock = limited()
+    for _ in range(120):  # 1,000 refusals a second for 120 s
+        for _ in range(1000):
+            sink.denial(denial())
+        clock.now += 1
+        sink.flush()
+    sink.finish()
+    assert len(target.entries) == 1 + 4  # the first at once, then one per 30 s
+    assert "PORTGUARD_SUPPRESSED" not in target.entries[0]
+    assert sum(int(e.get("PORTGUARD_SUPPRESSED", 1)) for e in target.entries) == 120_000
+    summary = target.entries[1]
+    assert summary["MESSAGE"].startswith("refused 29999 more binds of 127.0.0.1:631/tcp in ")
+    assert summary["PORTGUARD_PORT"] == 631 and summary["PORTGUARD_INTERVAL"] == "30"
+
+
+def test_the_first_refusal_of_each_caller_port_and_protocol_is_logged_at_once():
+    sink, target, _ = limited()
+    sink.denial(denial())
+    sink.denial(denial(cgroup_id=78))
+    sink.denial(denial(port=636))
+    sink.denial(denial(protocol="udp"))
+    sink.denial(denial(pid=1))  # same caller cgroup, port and protocol: suppressed
+    assert len(target.entries) == 4
+    sink.finish()
+    assert (
+        target.entries[4]["PORTGUARD_SUPPRESSED"] == 1 and target.entries[4]["PORTGUARD_PID"] == 1
+    )
+
+
+def test_after_a_quiet_interval_the_next_refusal_is_logged_at_once():
+    sink, target, clock = limited()
+    sink.denial(denial())
+    clock.now += 31
+    sink.flush()  # nothing was suppressed: nothing to say
+    assert len(target.entries) == 1
+    sink.denial(denial())
+    assert len(target.entries) == 2 and "PORTGUARD_SUPPRESSED" not in target.entries[1]
+
+
+def test_interval_0_logs_every_refusal():
+    sink, target, _ = limited(0)
+    for _ in range(50):
+        sink.denial(denial())
+    sink.finish()
+    assert len(target.entries) == 50
+
+
+def test_journal_interval_is_a_setting_of_seconds():
+    assert config.loads("[guard]\njournal_interval = 5\n").settings.journal_interval == 5.0
+    assert config.Settings().journal_interval == 30.0
+    for bad in ('"30"', "-1", "true", "100000"):
+        with pytest.raises(config.ConfigError, match="journal_interval must be a number"):
+            config.loads(f"[guard]\njournal_interval = {bad}\n")

@@ -51,8 +51,7 @@ def test_without_set_retval_the_guard_degrades_to_eperm_and_says_what_is_lost():
     assert notes == [
         (
             "this kernel lacks bpf_set_retval (Linux < 5.18): refused binds fail with EPERM, "
-            "not EADDRINUSE, so bindresvport() callers give up instead of moving to the "
-            "next port"
+            "not EADDRINUSE"
         )
     ]
 

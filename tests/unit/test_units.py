@@ -606,3 +606,27 @@ def test_resolving_a_config_asks_systemd_once(tmp_path, monkeypatch):
         "/system.slice/dovecot.service",
         "/system.slice/dovecot.service",
     ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "ports"),
+    [
+        ("ListenStream=/run/cups/cups.sock\n", set()),  # Debian's cups.socket
+        ("ListenStream=631\n", {("tcp", 631)}),
+        ("ListenStream=0.0.0.0:873\nListenStream=[::]:873\n", {("tcp", 873)}),
+        ("ListenStream=143\nListenStream=993\n", {("tcp", 143), ("tcp", 993)}),
+        ("ListenDatagram=127.0.0.1:631%lo\n", {("udp", 631)}),
+        ("ListenStream=@abstract\nListenStream=vsock:2:873\n", set()),
+        ("ListenStream=631\nListenStream=\nListenStream=632\n", {("tcp", 632)}),  # reset
+    ],
+)
+def test_socket_listen_ports_are_what_listen_lines_name(dirs, lines, ports):
+    write(dirs[2] / "x.socket", "[Socket]\n" + lines)
+    assert units.socket_listen_ports("x.socket", unit_dirs=dirs) == ports
+
+
+def test_socket_listen_ports_follow_dropins_and_a_missing_unit_listens_on_nothing(dirs):
+    write(dirs[2] / "x.socket", "[Socket]\nListenStream=/run/x.sock\n")
+    write(dirs[0] / "x.socket.d" / "port.conf", "[Socket]\nListenStream=873\n")
+    assert units.socket_listen_ports("x.socket", unit_dirs=dirs) == {("tcp", 873)}
+    assert units.socket_listen_ports("none.socket", unit_dirs=dirs) == frozenset()
