@@ -636,11 +636,9 @@ def old_route_size():
     out = sh("apt-get", "install", "-s", "--no-install-recommends",
              "clang", "libbpf-dev", "python3-venv", "python3-pip").stdout
     names = [line.split()[1] for line in out.splitlines() if line.startswith("Inst ")]
-    total = 0
-    for name in names:
-        fields = sh("apt-cache", "show", "--no-all-versions", name).stdout
-        match = re.search(r"^Installed-Size: (\d+)", fields, re.M)
-        total += int(match.group(1)) if match else 0
+    # one apt-cache call: each one loads apt's cache, ~10 s under software emulation
+    fields = sh("apt-cache", "show", "--no-all-versions", *names).stdout if names else ""
+    total = sum(int(kib) for kib in re.findall(r"^Installed-Size: (\d+)", fields, re.M))
     return {"packages": len(names), "installed_kib": total}
 
 
