@@ -21,7 +21,8 @@ case $release in bullseye|bookworm|trixie) ;; *) echo "unknown release: $release
 here=$(cd "$(dirname "$0")" && pwd)
 out=$here/.cache/boxes/$release
 box_name=portguard-$release
-inputs_hash=$( { cat "$0"; echo "$release"; } | sha256sum | cut -c1-16)
+control=$here/../debian/control   # the package's Depends go into the box
+inputs_hash=$( { cat "$0" "$control"; echo "$release"; } | sha256sum | cut -c1-16)
 
 log() { printf '[build-box %s %s] %s\n' "$release" "$(date +%T)" "$*" >&2; }
 
@@ -55,6 +56,18 @@ debian_mirror() {
   echo "${url%/}"
 }
 
+# The binary package's Depends in debian/control, without versions and substitution variables
+# (python3 itself is in the base system).
+package_depends() {
+  python3 - "$control" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+stanza = text[text.index("\nPackage: portguard\n"):]
+depends = re.search(r"^Depends:(.*?)(?=^\S|\Z)", stanza, re.S | re.M).group(1)
+print(" ".join(d.split()[0] for d in depends.split(",") if d.strip() and "${" not in d))
+EOF
+}
+
 vagrant_pubkey() {
   local f
   for f in /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub \
@@ -85,7 +98,7 @@ trap cleanup EXIT
 #    package missing in one release (bpftool, systemd-networkd) can be skipped instead of failing.
 log "debootstrap"
 debootstrap --variant=minbase \
-  --include=systemd-sysv,udev,dbus,kmod,iproute2,procps,openssh-server,sudo,python3,python3-venv,initramfs-tools,zstd \
+  --include=systemd-sysv,udev,dbus,kmod,iproute2,procps,openssh-server,sudo,python3,initramfs-tools,zstd \
   "$userland" "$rootfs" "$mirror" > "$work/debootstrap.log" 2>&1 \
   || { tail -30 "$work/debootstrap.log" >&2; exit 1; }
 
@@ -102,10 +115,14 @@ mkdir -p "$rootfs/etc/initramfs-tools/conf.d"
 echo MODULES=list > "$rootfs/etc/initramfs-tools/conf.d/portguard-small.conf"
 printf '%s\n' virtio_pci virtio_blk virtio_net ext4 9p 9pnet_virtio > "$rootfs/etc/initramfs-tools/modules"
 
-# 2. The rest: kernel, portguard's build deps (clang + libbpf), bindresvport callers at boot
-#    (rpcbind, rpc.statd from nfs-common), networking.
+# 2. The rest: kernel, what the portguard package depends on (no compiler: the package ships
+#    its BPF object), bindresvport callers at boot (rpcbind, rpc.statd from nfs-common),
+#    networking. The VMs install the .deb offline, so its Depends must already be here; portguard
+#    itself is not: the package scenario installs it on the running system first.
 log "apt-get install"
-wanted=(clang libbpf-dev rpcbind nfs-common python3-pip bpftool systemd-networkd)
+# shellcheck disable=SC2207  # package names: no spaces, no globs
+package_depends=($(package_depends))
+wanted=("${package_depends[@]}" rpcbind nfs-common bpftool systemd-networkd)
 [[ $kernel_suite == "$userland" ]] && wanted=(linux-image-amd64 "${wanted[@]}")
 in_root apt-get update -qq > /dev/null
 available=()

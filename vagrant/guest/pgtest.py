@@ -14,10 +14,14 @@ Scenarios (run as root over ssh; each prints one JSON object on its last line):
   features          apply/status output against what this kernel can do; the monitor's journal
                     entries (portguard-monitor.service) for the refusals
   analyze           systemd-analyze: portguard.service before rpcbind, and its duration
+  package DIR N     on a system without portguard: install DIR/install/*.deb with apt (guarded
+                    at once?), upgrade to DIR/upgrade/*.deb while a stranger hammers 631 and the
+                    owner restarts in a loop (at least N times), purge (nothing of the guard left)
 """
 
 import ctypes
 import errno
+import glob
 import json
 import os
 import platform
@@ -26,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 STATE = "/var/lib/pg-tests"
@@ -33,7 +38,9 @@ RUN = "/run/pg-tests"
 PORT = 631
 OWNER_UNIT = "pg-owner.service"
 MONITOR_UNIT = "portguard-monitor.service"
-PORTGUARD = "/opt/portguard/bin/portguard"
+PORTGUARD = "/usr/bin/portguard"
+PIN_DIR = "/sys/fs/bpf/portguard"
+RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 
 
 def errname(code):
@@ -265,33 +272,47 @@ def scenario_results():
     return 0
 
 
-def scenario_storm(restarts, seconds):
-    without_squatter()
+def start_stranger(seconds):
+    """pg-stranger.service: a unit of its own (not the owner's cgroup) hammering 631."""
     sh("systemctl", "stop", "pg-stranger.service")
-    sh("systemctl", "reset-failed")
-    sh("systemctl", "start", OWNER_UNIT, check=False)
     if os.path.exists(f"{RUN}/stranger.json"):
         os.unlink(f"{RUN}/stranger.json")
     sh("systemd-run", "--unit=pg-stranger", "--collect", "/usr/bin/python3", os.path.abspath(__file__),
        "stranger", str(PORT), str(seconds), check=True)
     time.sleep(1)
-    failures, started = [], time.monotonic()
-    for i in range(restarts):
-        proc = sh("systemctl", "restart", OWNER_UNIT)
-        if proc.returncode != 0:
-            failures.append(i)
-            sh("systemctl", "reset-failed", OWNER_UNIT)
-    elapsed = time.monotonic() - started
+
+
+def stop_stranger():
+    """Stop the stranger; its tally {attempts, successes, errors}, {} if it never wrote one."""
     sh("systemctl", "stop", "pg-stranger.service")
     for _ in range(50):
         stranger = read_json(f"{RUN}/stranger.json")
         if stranger:
-            break
+            return stranger
         time.sleep(0.2)
-    else:
-        stranger = {}
+    return {}
+
+
+def restart_owner(failures, index):
+    proc = sh("systemctl", "restart", OWNER_UNIT)
+    if proc.returncode != 0:
+        failures.append({"restart": index, "stderr": proc.stderr.strip()[-200:],
+                         "bind": (read_json(f"{RUN}/owner.json") or {}).get("bind")})
+        sh("systemctl", "reset-failed", OWNER_UNIT)
+
+
+def scenario_storm(restarts, seconds):
+    without_squatter()
+    sh("systemctl", "reset-failed")
+    sh("systemctl", "start", OWNER_UNIT, check=False)
+    start_stranger(seconds)
+    failures, started = [], time.monotonic()
+    for i in range(restarts):
+        restart_owner(failures, i)
+    elapsed = time.monotonic() - started
+    stranger = stop_stranger()
     print(json.dumps({"restarts": restarts, "owner_failures": len(failures),
-                      "first_failures": failures[:5], "seconds": round(elapsed, 1),
+                      "first_failures": failures[:3], "seconds": round(elapsed, 1),
                       "stranger": stranger, "kernel": platform.release()}))
     return 0
 
@@ -413,6 +434,248 @@ def scenario_analyze():
                       "boot_time": total[0] if total else "", "ok": before}))
     return 0
 
+# ---- the package scenario -------------------------------------------------------------------
+
+def package_state():
+    """dpkg's view of portguard: 'installed VERSION', 'config-files', or 'not installed'."""
+    out = sh("dpkg-query", "-W", "-f=${db:Status-Abbrev} ${Version}", "portguard").stdout.split()
+    if out[:1] == ["ii"]:
+        return "installed " + out[1]
+    return "config-files" if out[:1] == ["rc"] else "not installed"
+
+
+def guard_programs():
+    """{prog id: name} of the loaded BPF programs named portguard_* (names cut at 15 bytes)."""
+    try:
+        progs = json.loads(sh("bpftool", "-j", "prog", "show").stdout or "[]")
+    except ValueError:
+        return {}
+    return {p["id"]: p.get("name", "") for p in progs if p.get("name", "").startswith("portguard")}
+
+
+def links_of(prog_ids):
+    """Ids of the BPF links (attachments) that run one of these programs."""
+    try:
+        links = json.loads(sh("bpftool", "-j", "link", "show").stdout or "[]")
+    except ValueError:
+        return []
+    return sorted(link["id"] for link in links if link.get("prog_id") in prog_ids)
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def guard_status():
+    """`portguard status --json`: (exit code, loaded)."""
+    proc = sh(PORTGUARD, "status", "--json")
+    try:
+        return proc.returncode, bool(json.loads(proc.stdout).get("loaded"))
+    except ValueError:
+        return proc.returncode, False
+
+
+def apt(*args):
+    """apt-get as an administrator runs it; (exit code, seconds, last lines of its output)."""
+    started = time.monotonic()
+    proc = subprocess.run(["apt-get", "-y", "-q", "--no-install-recommends", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    return proc.returncode, round(time.monotonic() - started, 2), proc.stdout.strip()[-600:]
+
+
+class BindProbe(threading.Thread):
+    """Tries to bind PORT (tcp) every millisecond from this session (not the owner's cgroup) and
+    notes when it is first refused, and whether a bind got through after that."""
+
+    def __init__(self, port, t0):
+        super().__init__(daemon=True)
+        self.port, self.t0 = port, t0
+        self.first_refused, self.refusal, self.won_after_refusal, self.attempts = None, None, 0, 0
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.attempts += 1
+            try:
+                sock.bind(("0.0.0.0", self.port))
+                if self.first_refused is not None:
+                    self.won_after_refusal += 1
+            except OSError as exc:
+                if self.first_refused is None:
+                    self.first_refused = time.monotonic() - self.t0
+                    self.refusal = errname(exc.errno)
+            finally:
+                sock.close()
+            time.sleep(0.001)
+
+
+def install_phase(deb):
+    """apt-get install ./portguard.deb with 631 free: how soon is a stranger refused?"""
+    t0 = time.monotonic()
+    probe = BindProbe(PORT, t0)
+    probe.start()
+    rc, seconds, output = apt("install", deb)
+    time.sleep(0.5)  # still refused after the installation?
+    probe.halt.set()
+    probe.join()
+    socks, after = bind_both(PORT)
+    for sock in socks:
+        sock.close()
+    status_rc, loaded = guard_status()
+    pg_start = monotonic_us("portguard.service", "InactiveExitTimestampMonotonic")
+    pg_done = monotonic_us("portguard.service", "ActiveEnterTimestampMonotonic")
+    expected = "EADDRINUSE" if kernel_has_set_retval() else "EPERM"
+    figures = {
+        "apt_rc": rc, "apt_s": seconds, "apt_output": output if rc else output[-200:],
+        "first_refusal_s": probe.first_refused and round(probe.first_refused, 2),
+        "refusal": probe.refusal, "probe_attempts": probe.attempts,
+        "won_after_refusal": probe.won_after_refusal, "bind_after": after,
+        "apply_s": round((pg_done - pg_start) / 1e6, 2) if pg_done and pg_start else None,
+        "version": package_state(), "status_rc": status_rc, "status_loaded": loaded,
+        "unit": unit_state("portguard.service").get("ActiveState"),
+        "enabled": sh("systemctl", "is-enabled", "portguard.service").stdout.strip(),
+    }
+    checks = {
+        "install_ok": rc == 0 and figures["version"].startswith("installed"),
+        "guarded_when_apt_returned": probe.first_refused is not None
+        and probe.first_refused <= seconds and probe.won_after_refusal == 0,
+        "stranger_refused_after": after == {"tcp": expected, "udp": expected},
+        "status_ok": status_rc == 0 and loaded,
+        "unit_active_enabled": figures["unit"] == "active" and figures["enabled"] == "enabled",
+    }
+    return figures, checks
+
+
+def upgrade_phase(deb, min_restarts):
+    """apt-get install ./portguard-higher.deb while pg-stranger hammers 631 and the owner is
+    restarted in a loop (before, during and after the upgrade)."""
+    sh("systemctl", "reset-failed")
+    sh("systemctl", "start", OWNER_UNIT, check=False)
+    progs_before = guard_programs()
+    start_stranger(900)
+    failures, count, halt = [], [0], threading.Event()
+
+    def restart_loop():
+        while not halt.is_set() or count[0] < min_restarts:
+            restart_owner(failures, count[0])
+            count[0] += 1
+
+    looper = threading.Thread(target=restart_loop, daemon=True)
+    looper.start()
+    time.sleep(2)
+    during_from = count[0]
+    rc, seconds, output = apt("install", deb)
+    during = count[0] - during_from
+    time.sleep(2)
+    halt.set()
+    looper.join(timeout=600)
+    stranger = stop_stranger()
+    status_rc, loaded = guard_status()
+    progs_after = guard_programs()
+    figures = {
+        "apt_rc": rc, "apt_s": seconds, "apt_output": output if rc else output[-200:],
+        "version": package_state(), "restarts": count[0], "restarts_during_upgrade": during,
+        "owner_failures": len(failures), "first_failures": failures[:3], "stranger": stranger,
+        "status_rc": status_rc, "status_loaded": loaded,
+        "programs_replaced": sorted(progs_after) != sorted(progs_before),
+        "unit": unit_state("portguard.service").get("ActiveState"),
+    }
+    checks = {
+        "upgrade_ok": rc == 0 and figures["version"].endswith(deb_version(deb)),
+        "owner_never_failed": not failures and count[0] >= min_restarts and during > 0,
+        "stranger_never_won": stranger.get("successes") == 0 and stranger.get("attempts", 0) > 0,
+        "status_ok_after": status_rc == 0 and loaded and figures["unit"] == "active",
+    }
+    return figures, checks
+
+
+def purge_phase(sysctl_before, prog_ids):
+    """apt-get purge portguard: no program, link, pin, file or sysctl entry of it is left."""
+    sh("systemctl", "stop", OWNER_UNIT)
+    rc, seconds, output = apt("purge", "portguard")
+    progs = guard_programs()
+    socks, bind = bind_both(PORT)
+    for sock in socks:
+        sock.close()
+    leftovers = [p for p in ("/usr/bin/portguard", "/usr/bin/portrelease",
+                             "/etc/portguard/portguard.toml", "/lib/systemd/system/portguard.service",
+                             "/var/cache/portguard", PIN_DIR)
+                 if os.path.lexists(p)]
+    figures = {
+        "apt_rc": rc, "apt_s": seconds, "apt_output": output if rc else output[-200:],
+        "package": package_state(), "programs": progs,
+        "links": links_of(set(prog_ids) | set(progs)),
+        "pins": os.path.exists(PIN_DIR), "leftovers": leftovers,
+        "sysctl": read_text(RESERVED_PORTS), "sysctl_before": sysctl_before, "bind_631": bind,
+        "unit_load": sh("systemctl", "show", "portguard.service", "-p", "LoadState",
+                        "--value").stdout.strip(),
+    }
+    checks = {
+        "purge_ok": rc == 0 and figures["package"] == "not installed",
+        "no_programs_no_links": not progs and not figures["links"],
+        "no_pins_no_files": not figures["pins"] and not leftovers,
+        "sysctl_as_before": figures["sysctl"] == sysctl_before,
+        "port_free_again": bind == {"tcp": "ok", "udp": "ok"},
+    }
+    return figures, checks
+
+
+def deb_version(deb):
+    return sh("dpkg-deb", "--field", deb, "Version").stdout.strip()
+
+
+def old_route_size():
+    """What the boxes no longer carry: the installed size (KiB) apt reports for clang, libbpf-dev
+    and a venv with pip, which the former provisioning needed on top of the package's Depends."""
+    out = sh("apt-get", "install", "-s", "--no-install-recommends",
+             "clang", "libbpf-dev", "python3-venv", "python3-pip").stdout
+    names = [line.split()[1] for line in out.splitlines() if line.startswith("Inst ")]
+    # one apt-cache call: each one loads apt's cache, ~10 s under software emulation
+    fields = sh("apt-cache", "show", "--no-all-versions", *names).stdout if names else ""
+    total = sum(int(kib) for kib in re.findall(r"^Installed-Size: (\d+)", fields, re.M))
+    return {"packages": len(names), "installed_kib": total}
+
+
+def scenario_package(debs_dir, min_restarts):
+    install_deb = sorted(glob.glob(f"{debs_dir}/install/portguard_*_all.deb"))[-1]
+    upgrade_deb = sorted(glob.glob(f"{debs_dir}/upgrade/portguard_*_all.deb"))[-1]
+    without_squatter()
+    sh("systemctl", "stop", OWNER_UNIT, "pg-stranger.service")
+    sysctl_before = read_text(RESERVED_PORTS)
+    fresh = {"package": package_state(), "programs": guard_programs(),
+             "pins": os.path.exists(PIN_DIR), "holders_631": port_holders(PORT)}
+    result = {"kernel": platform.release(), "before": fresh, "sysctl_before": sysctl_before,
+              "installed_size_kib": None, "old_route": old_route_size()}
+    checks = {"starts_without_portguard": fresh["package"] == "not installed"
+              and not fresh["programs"] and not fresh["pins"] and not fresh["holders_631"]}
+    phases = (("install", lambda: install_phase(install_deb)),
+              ("upgrade", lambda: upgrade_phase(upgrade_deb, min_restarts)))
+    progs, links = {}, []
+    if checks["starts_without_portguard"]:
+        for name, phase in phases:
+            figures, phase_checks = phase()
+            result[name] = figures
+            checks.update(phase_checks)
+            if name == "install":
+                result["sysctl_installed"] = read_text(RESERVED_PORTS)
+                result["installed_size_kib"] = int(sh("dpkg-query", "-W", "-f=${Installed-Size}",
+                                                      "portguard").stdout or 0)
+            progs.update(guard_programs())
+            links = sorted(set(links) | set(links_of(set(progs))))
+        result["guard_programs"], result["guard_links"] = progs, links
+        result["purge"], purge_checks = purge_phase(sysctl_before, progs)
+        checks.update(purge_checks)
+    result["checks"] = checks
+    result["ok"] = all(checks.values())
+    print(json.dumps(result))
+    return 0
+
 
 def main(argv):
     if not argv:
@@ -437,6 +700,8 @@ def main(argv):
         return scenario_features()
     if cmd == "analyze":
         return scenario_analyze()
+    if cmd == "package":
+        return scenario_package(args[0], int(args[1]))
     print(__doc__)
     return 2
 
