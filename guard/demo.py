@@ -69,6 +69,10 @@ def _child(cgroup_dir: Path, action: str, port: int) -> dict:
     return json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr.strip()}
 
 
+def _denied(settings: config.Settings) -> int:
+    return sum(r.denied for r in read_state(settings).reservations)
+
+
 def _remove_tree(top: Path) -> None:
     if not top.exists():
         return
@@ -120,10 +124,12 @@ def run(echo=print) -> int:
         }
         for line in display.demo_bind_table(outcomes):
             echo(line)
+        before = _denied(settings)
         echo("\nbindresvport() in rpcbind.service, the way RPC daemons pick a port in 512-1023:")
-        for line in display.demo_resvport_lines(_child(stranger, "bindresvport", 0)):
+        resvport = _child(stranger, "bindresvport", 0)
+        denied = _denied(settings)
+        for line in display.demo_resvport_lines(resvport, denied - before):
             echo(line)
-        denied = sum(r.denied for r in read_state(settings).reservations)
         echo(
             f"\nThe kernel counted {denied} refused binds (`portguard status` shows them per port)."
         )

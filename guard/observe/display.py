@@ -644,14 +644,17 @@ def demo_bind_table(outcomes: dict[str, dict[str, str]]) -> list[str]:
     return lines
 
 
-def demo_resvport_lines(result: dict) -> list[str]:
+def demo_resvport_lines(result: dict, refused: int) -> list[str]:
     got = result.get("bindresvport")
-    if isinstance(got, int):
+    if isinstance(got, int) and refused:
+        met = "1 reserved port" if refused == 1 else f"{refused} reserved ports"
         return wrap(
             f"  it got port {got}:",
-            ["the reserved ports it met were refused with EADDRINUSE", "so it moved on."],
+            [f"it met {met} on the way, refused with EADDRINUSE", "so it moved on."],
             indent="  ",
         )
+    if isinstance(got, int):
+        return [f"  it got port {got}: no reserved port was in its way this time."]
     return wrap(
         f"  it failed with {got or result.get('error')}:",
         ["a refusal other than EADDRINUSE stops it"],

@@ -151,6 +151,19 @@ def test_status_without_holders_says_where_to_run_it():
     assert any("guarded network namespace" in line for line in lines)
 
 
+def test_demo_says_how_many_reserved_ports_bindresvport_met_on_its_way():
+    assert display.demo_resvport_lines({"bindresvport": 757}, 0) == [
+        "  it got port 757: no reserved port was in its way this time."
+    ]
+    two = " ".join(display.demo_resvport_lines({"bindresvport": 992}, 2))
+    assert "it got port 992" in two and "it met 2 reserved ports on the way" in two
+    assert "it met 1 reserved port on" in " ".join(
+        display.demo_resvport_lines({"bindresvport": 994}, 1)
+    )
+    failed = " ".join(display.demo_resvport_lines({"bindresvport": "EACCES"}, 0))
+    assert "it failed with EACCES" in failed
+
+
 def test_status_not_loaded_is_one_line():
     assert display.status_lines(GuardState(False, "/sys/fs/bpf/portguard"), "/") == [
         "portguard: not loaded (pin directory /sys/fs/bpf/portguard)"
