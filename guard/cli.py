@@ -163,6 +163,8 @@ def _apply(config_path: str | None) -> str:
 
     cfg = _load_config(config_path)
     plan = _plan(cfg)
+    for line in display.unit_file_lines(cfg.unit_problems, cfg.unit_notes):
+        click.echo(line, err=True)
     result = _runtime(apply_plan, plan)
     for note in result.warnings:
         click.echo(display.warning_line(note), err=True)
@@ -188,6 +190,8 @@ def _dry_run(config_path: str | None) -> None:
     the_plan = _plan(cfg)
     skipped = [block for block in cfg.blocks if not owners.block_applies(block)]
     for line in display.plan_lines(cfg, the_plan, skipped):
+        click.echo(line)
+    for line in display.unit_file_lines(cfg.unit_problems, cfg.unit_notes):
         click.echo(line)
     if os.geteuid() != 0:
         click.echo("portguard: not compared with the loaded guard: that needs root")
@@ -224,9 +228,11 @@ def _squatters_of_plan(plan) -> list:
 def remove(config_path: str | None) -> None:
     """Detach and unpin the guard and restore the sysctl: the machine is as before."""
     from guard.kernel.apply import remove as remove_guard
+    from guard.observe import outcome
     from guard.observe.display import remove_line
 
     click.echo(remove_line(_runtime(remove_guard, _load_settings(config_path))))
+    outcome.removed()
 
 
 FORMATS = ("text", "json", "prometheus")
@@ -272,7 +278,7 @@ def status(
     Run it in the guarded network namespace: holders are read there."""
     from guard.kernel.host import netns_cookie
     from guard.observe import display, holders, outcome
-    from guard.observe.state import read_state
+    from guard.observe.state import read_state, with_origins
     from guard.policy import resvport
 
     output_format = "json" if as_json else output_format
@@ -282,7 +288,8 @@ def status(
     state = _runtime(read_state, settings)
     state = holders.with_holders(state, netns_cookie())
     failure = outcome.last_failure(settings.pin_dir)
-    differences = _differences(cfg, problem, state) if state.loaded else []
+    differences, origins = _differences(cfg, problem, state) if state.loaded else ([], {})
+    state = with_origins(state, origins)
     found = holders.of_state(state)
     exposed = resvport.exposed((r.port for r in state.reservations), state.deny_errno)
     if output_format == "json":
@@ -345,16 +352,20 @@ def _config_or_problem(config_path: str | None) -> tuple[config_mod.Config | Non
         return None, exc.message
 
 
-def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> list[str]:
-    """How the loaded guard differs from what `apply` would load now (empty: the same)."""
+def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> tuple[list, dict]:
+    """How the loaded guard differs from what the files ask for (empty: the same), and where
+    each reservation comes from in the files ((protocol, port) -> origins)."""
     from guard.observe import drift
 
     if cfg is not None:
         try:
-            return drift.differences(_plan(cfg), state)
+            plan = _plan(cfg)
         except ConfigProblem as exc:
             problem = exc.message
-    return [f"the files cannot be applied: {problem}"]
+        else:
+            left_out = [f"not guarded as the unit files ask: {p}" for p in cfg.unit_problems]
+            return drift.differences(plan, state) + left_out, plan.origins
+    return [f"the files cannot be applied: {problem}"], {}
 
 
 @main.command()
@@ -364,14 +375,20 @@ def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> l
 def check(config_path: str | None, port: str, as_json: bool) -> None:
     """Say who owns PORT[/tcp|/udp] (a number or an /etc/services name)."""
     from guard.observe import display
-    from guard.observe.state import read_state
+    from guard.observe.state import read_state, with_origins
+    from guard.policy import owners, plan
     from guard.policy.ports import PortSpecError, parse_check_target
 
     try:
         pairs = parse_check_target(port)
     except PortSpecError as exc:
         raise click.UsageError(str(exc)) from None
-    state = _runtime(read_state, _load_settings(config_path), pairs)
+    cfg, _ = _config_or_problem(config_path)
+    settings = cfg.settings if cfg else _load_settings(config_path)
+    state = _runtime(read_state, settings, pairs)
+    if cfg is not None:
+        applying = (block for block in cfg.blocks if owners.block_applies(block))
+        state = with_origins(state, plan.port_origins(applying))
     results = display.check_results(pairs, state.reservations)
     if as_json:
         click.echo(display.check_json(results))

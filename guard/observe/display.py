@@ -197,12 +197,29 @@ def plan_lines(cfg, plan, skipped=()) -> list[str]:
                     owner=shorten(owner, _PLAN_OWNER),
                 ).rstrip()
             )
+        first, _, last = ports.partition("-")
+        origins = {
+            str(origin): None
+            for port in range(int(first), int(last or first) + 1)
+            for origin in plan.origins.get((proto, port), ())
+        }
+        if origins:
+            from_text = _fit_origins("from ", list(origins), _PLAN_OWNER)
+            lines.append(_PLAN.format(ports="", proto="", owner=from_text).rstrip())
     if not plan.ports:
         lines.append(_PLAN.format(ports="-", proto="", owner="nothing is reserved"))
     if skipped:
         ports = [str(port_range) for block in skipped for port_range, _ in block.ports]
         lines += wrap("  not reserved here, none of their units is installed:", ports)
     return lines
+
+
+def unit_file_lines(problems: Sequence[str], notes: Sequence[str]) -> list[str]:
+    """X-PortGuard-Reserve= declarations left out: problems (a unit's ports are not guarded)
+    as warnings, notes (what systemd would not load either) as notes."""
+    return [warning_line(problem) for problem in problems] + [
+        f"portguard: note: {note}" for note in notes
+    ]
 
 
 def dry_run_changes(differences: list[str]) -> list[str]:
@@ -246,6 +263,15 @@ def _owner_rows(owners, verbose: bool) -> list[tuple[str, str]]:
     if absent:
         rows.append(("owner", _fit_names("absent: ", absent, _WHAT)))
     return rows
+
+
+def _fit_origins(head: str, origins: list[str], width: int) -> str:
+    """head + as many file:line as fit, then "+N more"; a long path keeps its end."""
+    text = _fit_names(head, origins, width)
+    if origins[0] in text:
+        return text
+    more = f" +{len(origins) - 1} more" if len(origins) > 1 else ""
+    return head + shorten(origins[0], width - len(head) - len(more)) + more
 
 
 def _fit_names(head: str, names: list[str], width: int) -> str:
@@ -301,6 +327,8 @@ def status_lines(state: GuardState, attach_cgroup: str, verbose: bool = False) -
                     f"{pid:>7} {comm:{_COMM}} {address:{_ADDRESS}} {where:{_HOLDER_WHERE}} {mark}",
                 )
             )
+        if res.origins:
+            rows.append(("from", _fit_origins("", list(res.origins), _WHAT)))
         rows = rows or [("", "")]
         for i, (role, what) in enumerate(rows):
             first = i == 0
@@ -334,6 +362,7 @@ def check_results(
                 "protocol": proto,
                 "reserved": res is not None,
                 "owners": [asdict(o) for o in res.owners] if res else [],
+                "origins": list(res.origins) if res else [],
             }
         )
     return results
@@ -351,6 +380,8 @@ def check_lines(results: list[dict]) -> list[str]:
         if item["reserved"]:
             owners = ", ".join(o["cgroup"] for o in item["owners"])
             lines.append(f"{item['port']}/{item['protocol']}: reserved for {owners}")
+            if item["origins"]:
+                lines += wrap("  reserved by", item["origins"], indent="    ")
         else:
             lines.append(f"{item['port']}/{item['protocol']}: not reserved")
     return lines

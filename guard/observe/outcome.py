@@ -40,10 +40,29 @@ def record_failure(pin_dir: str, message: str) -> None:
 
 
 def clear(pin_dir: str) -> None:
+    """A successful apply: no failure to report, and a guard this boot (``applied``, which
+    portguard-generator reads at a daemon-reload to ask for a re-apply)."""
     try:
         _path(pin_dir).unlink(missing_ok=True)
     except (OSError, ValueError):
         pass
+    try:
+        _applied().parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _applied().touch()
+    except OSError:
+        pass
+
+
+def removed() -> None:
+    """After `portguard remove`: a daemon-reload must not bring the guard back."""
+    try:
+        _applied().unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _applied() -> Path:
+    return Path(os.environ.get("PORTGUARD_RUN_DIR", DEFAULT_RUN_DIR)) / "applied"
 
 
 def last_failure(pin_dir: str) -> Failure | None:

@@ -4,7 +4,7 @@ has exited): links, the active slot's reservations and owners, counters."""
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from guard.errors import GuardError
@@ -39,6 +39,7 @@ class ReservationState:
     contain: bool = False
     contained_drops: int = 0  # packets of non-owner sockets on the port dropped (or, audit, seen)
     holders: tuple = ()  # holders.HolderState, filled by holders.with_holders
+    origins: tuple[str, ...] = ()  # file:line that reserve it in the files now (with_origins)
 
 
 @dataclass(frozen=True)
@@ -165,3 +166,15 @@ def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | No
         )
     finally:
         maps.close()
+
+
+def with_origins(state: GuardState, origins: dict[tuple[str, int], tuple]) -> GuardState:
+    """The state with each reservation's origins in the configuration files (plan.origins):
+    the pins hold no file names, so they come from the files as they are now."""
+    return replace(
+        state,
+        reservations=tuple(
+            replace(res, origins=tuple(str(o) for o in origins.get((res.protocol, res.port), ())))
+            for res in state.reservations
+        ),
+    )

@@ -11,7 +11,7 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_spec
@@ -140,6 +140,8 @@ class Settings:
     # monitor --journal: at most one entry per (caller cgroup, port, protocol) per this many
     # seconds, with the count of the refusals it stands for; 0: one entry per refusal
     journal_interval: float = _setting(30.0, _seconds(86400))
+    # read X-PortGuard-Reserve= from systemd unit files and drop-ins (guard/policy/declared.py)
+    unit_files: bool = _setting(True, _boolean)
 
     @property
     def deny_errno_number(self) -> int:
@@ -155,6 +157,10 @@ class Config:
     blocks: tuple[ReserveBlock, ...] = ()
     files: tuple[str, ...] = ()
     origins: dict[str, Origin] = field(default_factory=dict)  # [guard] key -> where it was set
+    # X-PortGuard-Reserve= in unit files: units whose declarations are not applied (and why),
+    # and declarations systemd itself would not load; apply goes on without them, loudly
+    unit_problems: tuple[str, ...] = ()
+    unit_notes: tuple[str, ...] = ()
 
 
 class ConfigError(ValueError):
@@ -425,11 +431,15 @@ def config_files(main: Path) -> list[Path]:
     return files + [dropins / name for name in names if os.path.exists(dropins / name)]
 
 
-def load(paths: list[Path], services_file: Path | None = None) -> Config:
+def load(
+    paths: list[Path], services_file: Path | None = None, unit_dirs: list[Path] | None = None
+) -> Config:
     """Parse and validate files in order; [guard] keys of later files override earlier ones,
     reservations accumulate. The embedded default policy joins when no file exists (or
-    use_defaults = true), and portreserve's files are read as they are (portreserve_dir).
-    Raises ConfigError listing every problem."""
+    use_defaults = true), portreserve's files are read as they are (portreserve_dir), and
+    X-PortGuard-Reserve= from the unit files in unit_dirs (default: systemd's search path;
+    unit_files = false: none). Raises ConfigError listing every problem of the TOML and
+    portreserve files; a unit file's problem leaves that unit out (Config.unit_problems)."""
     services = Services(services_file) if services_file else Services()
     problems: list[str] = []
     guard: dict = {}
@@ -453,7 +463,18 @@ def load(paths: list[Path], services_file: Path | None = None) -> Config:
         blocks.extend(_portreserve_blocks(Path(portreserve_dir), services, problems))
     if problems:
         raise ConfigError(problems)
-    return _config(guard, blocks, names)
+    cfg = _config(guard, blocks, names)
+    if not cfg.settings.unit_files:
+        return cfg
+    from guard.policy import declared, units
+
+    found = declared.read(unit_dirs if unit_dirs is not None else units.search_dirs(), services)
+    return replace(
+        cfg,
+        blocks=cfg.blocks + found.blocks,
+        unit_problems=found.problems,
+        unit_notes=found.notes,
+    )
 
 
 def _config(guard: dict[str, tuple[object, Origin]], blocks: list, names: list[str]) -> Config:

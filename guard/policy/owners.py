@@ -16,12 +16,13 @@ from guard.policy import units
 from guard.policy.config import Config, ConfigError, Origin, OwnerRef, ReserveBlock
 from guard.policy.ports import PortRange
 
-UNIT_DIRS_ENV = "PORTGUARD_UNIT_DIRS"  # colon-separated unit directories (chroots, tests)
+UNIT_DIRS_ENV = units.UNIT_DIRS_ENV
 
 
 def unit_dirs() -> list[Path] | None:
-    value = os.environ.get(UNIT_DIRS_ENV)
-    return [Path(p) for p in value.split(":") if p] if value else None
+    """The unit directories to derive from (PORTGUARD_UNIT_DIRS), None: systemd's, asking
+    systemd when it runs."""
+    return units.search_dirs() if os.environ.get(UNIT_DIRS_ENV) else None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ service costs one set however many ports it spans.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from guard.policy.config import MAX_PATH_BYTES, ConfigError, Origin, Settings
@@ -33,6 +33,8 @@ class Plan:
     paths: tuple[str, ...] = ()  # owner index -> cgroup path
     owner_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # path -> units/slices
     contained: frozenset[tuple[int, int]] = frozenset()  # (proto, port) with contain on
+    # (protocol name, port) -> every file:line that reserves it, in reading order
+    origins: dict[tuple[str, int], tuple[Origin, ...]] = field(default_factory=dict)
 
     def owners_of(self, proto: int, port: int) -> tuple[str, ...]:
         set_id = self.ports.get((proto, port))
@@ -142,7 +144,18 @@ def build(
         paths,
         {p: tuple(sorted(n)) for p, n in names.items()},
         frozenset(contained),
+        port_origins(block for block in blocks if block.owners),
     )
+
+
+def port_origins(blocks: Iterable) -> dict[tuple[str, int], tuple[Origin, ...]]:
+    """(protocol name, port) -> the file:line of every block that reserves it, in order."""
+    found: dict[tuple[str, int], dict[Origin, None]] = {}
+    for block in blocks:
+        for port_range, origin in block.ports:
+            for pair in port_range.pairs():
+                found.setdefault(pair, {})[origin] = None
+    return {pair: tuple(origins) for pair, origins in found.items()}
 
 
 def _limited(owners: Sequence[Owner], unlimited: frozenset[str]) -> dict[str, frozenset]:

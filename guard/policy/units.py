@@ -61,6 +61,18 @@ SYSTEM_UNIT_DIRS: tuple[Path, ...] = (
     Path("/run/systemd/generator.late"),
 )
 
+#: Replaces SYSTEM_UNIT_DIRS (colon-separated, highest priority first): chroots, tests.
+UNIT_DIRS_ENV = "PORTGUARD_UNIT_DIRS"
+
+
+def search_dirs() -> list[Path]:
+    """The system unit search path: PORTGUARD_UNIT_DIRS when set, else systemd's."""
+    value = os.environ.get(UNIT_DIRS_ENV)
+    if value:
+        return [Path(p) for p in value.split(":") if p]
+    return list(SYSTEM_UNIT_DIRS)
+
+
 #: System-wide user unit directories; home directories are left out on purpose (module docstring).
 USER_UNIT_DIRS: tuple[Path, ...] = (
     Path("/etc/systemd/user"),
@@ -143,6 +155,7 @@ class UnitInfo:
     masked: bool
     slice: str  # the slice unit it is placed in
     cgroup_path: str  # relative to the cgroup2 root
+    files: tuple[Path, ...] = ()  # the unit file then its drop-ins, in the order systemd reads
 
 
 def parse_unit_name(unit: str) -> UnitName:
@@ -255,21 +268,29 @@ def _join(parent: str, name: str) -> str:
 # --- unit files ---------------------------------------------------------------------------------
 
 
-def _assignments(path: Path, section: str, key: str) -> list[str]:
-    """Every value of ``key`` in ``[section]`` of a systemd unit file, in file order.
+def assignments(path: Path, key: str, text: str | None = None) -> list[tuple[str | None, int, str]]:
+    """Every assignment of ``key`` in a systemd unit file as (section, line, value), in file
+    order; ``line`` is where the assignment starts.
 
     A small reader for systemd's ini dialect: ``#``/``;`` comments, trailing-backslash
-    continuations, and repeated keys (the caller decides that the last one wins). configparser
+    continuations, and repeated keys (the caller decides what repetition means). configparser
     gets continuations and repeated keys wrong for this format.
     """
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    values: list[str] = []
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return []
+    found: list[tuple[str | None, int, str]] = []
     current = None
-    pending = ""
-    for raw in text.splitlines():
+    pending, pending_line = "", 0
+
+    def take(line: str, number: int) -> None:
+        name, eq, value = line.partition("=")
+        if eq and name.strip() == key:
+            found.append((current, number, value.strip()))
+
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if pending:
             if line.startswith(("#", ";")):
@@ -278,20 +299,23 @@ def _assignments(path: Path, section: str, key: str) -> list[str]:
             pending = ""
         elif not line or line.startswith(("#", ";")):
             continue
+        else:
+            pending_line = number
         if line.endswith("\\"):
             pending = line[:-1].rstrip()
             continue
         if line.startswith("[") and line.endswith("]"):
             current = line[1:-1]
             continue
-        name, eq, value = line.partition("=")
-        if eq and current == section and name.strip() == key:
-            values.append(value.strip())
+        take(line, pending_line)
     if pending:
-        name, eq, value = pending.partition("=")
-        if eq and current == section and name.strip() == key:
-            values.append(value.strip())
-    return values
+        take(pending, pending_line)
+    return found
+
+
+def _assignments(path: Path, section: str, key: str) -> list[str]:
+    """Every value of ``key`` in ``[section]`` of a unit file, in file order."""
+    return [value for where, _, value in assignments(path, key) if where == section]
 
 
 def _is_masked(path: Path) -> bool:
@@ -462,13 +486,18 @@ def load_unit(
     )
     if parsed.type == "slice":
         fragment = _find_fragment(parsed, dirs)
+        masked = fragment is not None and _is_masked(fragment)
+        files = (
+            () if masked else ((fragment,) if fragment else ()) + tuple(dropin_files([unit], dirs))
+        )
         return UnitInfo(
             requested=unit,
             name=unit,
             fragment=fragment,
-            masked=fragment is not None and _is_masked(fragment),
+            masked=masked,
             slice=unit,
             cgroup_path=slice_cgroup_path(unit),
+            files=files,
         )
 
     names = [parsed]
@@ -510,6 +539,42 @@ def load_unit(
         masked=False,
         slice=slice_name,
         cgroup_path=_join(_slice_path(slice_name, user), primary.name),
+        files=tuple(files),
+    )
+
+
+def load_template(template: str, *, unit_dirs: Sequence[Path] | None = None) -> UnitInfo:
+    """What the unit files say about every instance of ``template`` (``foo@.service``): its
+    files (the template's own and its drop-ins) and the slice all its instances are placed in,
+    whose cgroup is ``cgroup_path``. A ``Slice=`` that depends on the instance (``%i``) has no
+    single answer and raises UnitError."""
+    parsed = parse_unit_name(template)
+    if parsed.instance != "" or parsed.type not in CGROUP_UNIT_SECTIONS:
+        raise UnitError(f"{template!r} is not a template of a unit type with a cgroup")
+    dirs = list(unit_dirs) if unit_dirs is not None else list(SYSTEM_UNIT_DIRS)
+    fragment = _find_fragment(parsed, dirs)
+    masked = fragment is not None and _is_masked(fragment)
+    files = (
+        () if masked else ((fragment,) if fragment else ()) + tuple(dropin_files([template], dirs))
+    )
+    section = CGROUP_UNIT_SECTIONS[parsed.type]
+    chosen = None
+    for path in files:
+        for value in _assignments(path, section, "Slice") if section else ():
+            if re.search(r"%[iInNjJ]", value):
+                raise UnitError(
+                    f"{path}: Slice={value} differs per instance of {template}; "
+                    "declare the ports in each instance's drop-in (NAME@INSTANCE.service.d)"
+                )
+            expanded = _expand_specifiers(value, parsed)
+            try:
+                slice_cgroup_path(expanded)
+            except UnitError:
+                continue
+            chosen = expanded
+    slice_name = chosen or f"system-{unit_name_escape(parsed.prefix)}.slice"
+    return UnitInfo(
+        template, template, fragment, masked, slice_name, slice_cgroup_path(slice_name), files
     )
 
 

@@ -88,14 +88,21 @@ def test_apply_dry_run_prints_the_plan_changes_nothing_and_exits_0(tmp_path, mon
     assert lines[0].startswith("portguard: the configuration is valid; read:")
     assert path in result.output
     table = lines[lines.index(next(x for x in lines if "PORTS" in x)) + 1 :]
-    assert [line.split() for line in table[:6]] == [
+    text = Path(path).read_text().splitlines()
+    ports_line = text.index('ports = ["8000-8099/tcp", "631"]') + 1
+    origin = f"portguard.toml:{ports_line}"
+    assert [line.split()[:3] for line in table[:9]] == [
         ["631", "tcp", "/app"],
         ["/other"],
+        ["from", table[2].split()[1]],
         ["631", "udp", "/app"],
         ["/other"],
+        ["from", table[5].split()[1]],
         ["8000-8099", "tcp", "/app"],
         ["/other"],
+        ["from", table[8].split()[1]],
     ]
+    assert all(table[i].endswith(origin) for i in (2, 5, 8)), table
     assert all(len(line) <= 100 for line in lines)
     assert not (tmp_path / "pins").exists() and not (tmp_path / "run").exists()
 

@@ -1,0 +1,165 @@
+"""Reservations declared in systemd unit files: ``X-PortGuard-Reserve=`` in ``[Unit]``. Pure
+given the unit directories.
+
+A unit file or drop-in in systemd's unit search path may carry::
+
+    [Unit]
+    X-PortGuard-Reserve=ipp 631/udp
+
+Values use the TOML ``ports`` syntax (number, range, /etc/services name, optional /tcp or /udp),
+space-separated; the key may repeat, and an empty assignment drops what came before it (unit
+file first, then drop-ins in systemd's order), as systemd's own list settings do. systemd
+ignores every key that starts with ``X-``, so such a unit needs no change to systemd and
+``systemd-analyze verify`` stays quiet. ``[Unit]`` because every unit type has it: a drop-in
+reads the same for a service, a socket or a slice.
+
+The declaring unit owns the ports, resolved exactly as a TOML ``unit =`` owner: aliases are
+followed, a socket unit owns them with its service, a template's declaration (``foo@.service``
+or ``foo@.service.d/*.conf``) is owned by the slice of all its instances, an instance's own
+drop-in (``foo@bar.service.d/``) by that instance.
+
+What is applied when a unit's declarations are wrong: nothing of that unit (never half of
+it), everything else; the problem is returned for apply to print, and ``status`` exits 5
+saying which unit's ports are not guarded. A masked unit loads no file, so its declarations
+are not applied either (a note says so). User units and home directories are not read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from guard.policy import units
+from guard.policy.config import Origin, OwnerRef, ReserveBlock
+from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_spec
+
+KEY = "X-PortGuard-Reserve"
+SECTION = "Unit"
+_MARK = KEY.encode()
+MAX_UNIT_FILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Declarations:
+    blocks: tuple[ReserveBlock, ...] = ()
+    problems: tuple[str, ...] = ()  # a unit whose declarations are not applied, and why
+    notes: tuple[str, ...] = ()  # declarations systemd itself would not load (masked, ...)
+
+
+def _has_key(path: Path) -> bool:
+    """Whether the file mentions the key at all: most unit files are passed over on this."""
+    try:
+        with open(path, "rb") as handle:
+            return _MARK in handle.read(MAX_UNIT_FILE_BYTES)
+    except OSError:
+        return False
+
+
+def _candidates(dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
+    """The units that a file carrying the key may apply to, and notes about such files that
+    systemd applies to many units at once (``service.d/``, ``foo-.service.d/``)."""
+    names: dict[str, None] = {}
+    notes: list[str] = []
+    for directory in dirs:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in sorted(entries, key=lambda e: e.name):
+            name = entry.name
+            if name.endswith(".d"):
+                stem = name[:-2]
+                confs = _dropin_confs(Path(entry.path))
+                if not any(_has_key(conf) for conf in confs):
+                    continue
+                if _is_unit_name(stem) and not units.parse_unit_name(stem).prefix.endswith("-"):
+                    names[stem] = None
+                else:
+                    notes.append(
+                        f"{entry.path}: {KEY}= is not read from a drop-in directory shared by "
+                        "several units; put it in the owner unit's own NAME.d/"
+                    )
+            elif _is_unit_name(name) and not entry.is_dir() and _has_key(Path(entry.path)):
+                names[name] = None
+    return list(names), notes
+
+
+def _dropin_confs(directory: Path) -> list[Path]:
+    try:
+        return sorted(p for p in directory.iterdir() if p.name.endswith(".conf"))
+    except OSError:
+        return []
+
+
+def _is_unit_name(name: str) -> bool:
+    try:
+        parsed = units.parse_unit_name(name)
+    except units.UnitError:
+        return False
+    return parsed.type in units.CGROUP_UNIT_SECTIONS
+
+
+def _fold(
+    files: Sequence[Path], services: Services
+) -> tuple[list[tuple[PortRange, Origin]], list[str], list[str]]:
+    """The ports the files declare, in systemd's reading order (an empty assignment
+    drops the ones before it); problems (bad values) and notes (the key in another section)."""
+    ports: list[tuple[PortRange, Origin]] = []
+    problems: list[str] = []
+    notes: list[str] = []
+    for path in files:
+        for section, line, value in units.assignments(path, KEY):
+            where = Origin(str(path), line)
+            if section != SECTION:
+                notes.append(f"{where}: {KEY}= is read in [{SECTION}] only, not in [{section}]")
+                continue
+            if not value:
+                ports.clear()
+                continue
+            for spec in value.split():
+                try:
+                    ports.append((parse_port_spec(spec, services), where))
+                except PortSpecError as exc:
+                    problems.append(f"{where}: {KEY}={spec}: {exc}")
+    return ports, problems, notes
+
+
+def read(dirs: Sequence[Path], services: Services) -> Declarations:
+    """Every unit's declared reservations; see the module docstring."""
+    names, notes = _candidates(dirs)
+    blocks: list[ReserveBlock] = []
+    problems: list[str] = []
+    done: set[str] = set()
+    for name in names:
+        try:
+            parsed = units.parse_unit_name(name)
+            if parsed.instance == "":
+                info = units.load_template(name, unit_dirs=dirs)
+                owner_kind, owner = "slice", info.slice
+            else:
+                info = units.load_unit(name, unit_dirs=dirs)
+                owner_kind, owner = "unit", info.name
+        except units.UnitError as exc:
+            problems.append(f"{name}: {exc}; its {KEY}= ports are not reserved")
+            continue
+        if info.name in done:
+            continue  # an alias of a unit already read
+        done.add(info.name)
+        if info.masked:
+            notes.append(f"{name} is masked: systemd loads none of its files, nor does portguard")
+            continue
+        ports, bad, unit_notes = _fold(info.files, services)
+        notes.extend(unit_notes)
+        if bad:
+            problems.extend(
+                f"{problem}; nothing of {info.name}'s {KEY}= is reserved" for problem in bad
+            )
+            continue
+        if ports:
+            origin = ports[0][1]
+            blocks.append(
+                ReserveBlock(tuple(ports), (OwnerRef(owner_kind, owner, origin),), origin)
+            )
+    return Declarations(tuple(blocks), tuple(problems), tuple(dict.fromkeys(notes)))
