@@ -495,15 +495,65 @@ def demo() -> None:
 
 @main.command("import-portreserve")
 @click.argument("directory", default="/etc/portreserve", type=click.Path(file_okay=False))
-def import_portreserve(directory: str) -> None:
+@click.option(
+    "--drop-ins",
+    "dropin_dir",
+    metavar="UNIT_DIR",
+    is_flag=False,
+    flag_value="/etc/systemd/system",
+    default=None,
+    help="Instead of printing TOML, write UNIT_DIR/NAME.service.d/portguard.conf declaring "
+    "X-PortGuard-Reserve= for each service (UNIT_DIR defaults to /etc/systemd/system).",
+)
+def import_portreserve(directory: str, dropin_dir: str | None) -> None:
     """Print portreserve's configuration (DIRECTORY, default /etc/portreserve) as portguard
-    TOML. portguard reads those files as they are anyway; this is for migrating."""
+    TOML, or with --drop-ins write it as unit drop-ins. portguard reads those files as they
+    are anyway; this is for migrating."""
     from guard.policy.portreserve import PortreserveError, read_portreserve, to_toml
 
     try:
-        click.echo(to_toml(read_portreserve(Path(directory))), nl=False)
+        entries = read_portreserve(Path(directory))
     except PortreserveError as exc:
         raise ConfigProblem(str(exc)) from None
+    if dropin_dir is None:
+        click.echo(to_toml(entries), nl=False)
+        return
+    _write_dropins(entries, Path(dropin_dir), directory)
+
+
+def _write_dropins(entries, unit_dir: Path, directory: str) -> None:
+    """Write every drop-in, or none: an existing different file is never overwritten."""
+    from guard.observe.display import dropins_written_lines
+    from guard.policy.portreserve import DROPIN_NAME, to_dropins
+
+    wanted = {
+        unit_dir / f"{unit}.d" / DROPIN_NAME: text for unit, text in to_dropins(entries).items()
+    }
+    clashes = []
+    for path, text in wanted.items():
+        try:
+            if path.read_text() != text:
+                clashes.append(str(path))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise RuntimeProblem(f"cannot read {path}: {exc.strerror}") from None
+    if clashes:
+        raise ConfigProblem(
+            "not written, these files exist and differ (move them away first): "
+            + ", ".join(clashes)
+        )
+    for path, text in wanted.items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise RuntimeProblem(f"cannot write {path}: {exc.strerror}") from None
+    for line in dropins_written_lines([str(p) for p in wanted], directory):
+        click.echo(line)
 
 
 def portrelease() -> None:

@@ -222,6 +222,18 @@ def unit_file_lines(problems: Sequence[str], notes: Sequence[str]) -> list[str]:
     ]
 
 
+def dropins_written_lines(paths: Sequence[str], portreserve_dir: str) -> list[str]:
+    """import-portreserve --drop-ins: what was written and what is left to do."""
+    if not paths:
+        return [f"portguard: {portreserve_dir} reserves nothing; no drop-in written"]
+    return [
+        *(f"wrote {path}" for path in paths),
+        "portguard: run `systemctl daemon-reload` to apply them (portguard re-applies with it).",
+        f"  {portreserve_dir} is still read too (the same ports, the same owners); remove its",
+        '  files or set portreserve_dir = "" in [guard] once the drop-ins are in place.',
+    ]
+
+
 def dry_run_changes(differences: list[str]) -> list[str]:
     if not differences:
         return ["portguard: apply would change nothing: the loaded guard is this configuration"]

@@ -125,28 +125,52 @@ def _comment(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", "?", text)
 
 
+def _by_unit(entries: Iterable[PortreserveEntry]) -> dict[str, tuple[list[str], list[str]]]:
+    """unit -> (its specs, the files they come from), in first-seen order, each once."""
+    found: dict[str, tuple[list[str], list[str]]] = {}
+    for entry in entries:
+        specs, files = found.setdefault(entry.unit, ([], []))
+        if entry.spec not in specs:
+            specs.append(entry.spec)
+        if entry.file not in files:
+            files.append(entry.file)
+    return found
+
+
+#: The drop-in file name `import-portreserve --drop-ins` writes below UNIT.d/.
+DROPIN_NAME = "portguard.conf"
+
+
+def to_dropins(entries: Iterable[PortreserveEntry]) -> dict[str, str]:
+    """unit -> the text of a drop-in declaring its ports (X-PortGuard-Reserve=, see
+    guard/policy/declared.py), equivalent to ``entries``."""
+    return {
+        unit: "\n".join(
+            [
+                f"# Converted from portreserve ({', '.join(_comment(f) for f in files)}) by",
+                "# portguard import-portreserve. portguard reserves these for IPv4 and IPv6.",
+                "[Unit]",
+                f"X-PortGuard-Reserve={' '.join(specs)}",
+            ]
+        )
+        + "\n"
+        for unit, (specs, files) in _by_unit(entries).items()
+    }
+
+
 def to_toml(entries: Iterable[PortreserveEntry]) -> str:
     """portguard configuration equivalent to ``entries``: one [[reserve]] block per owning unit.
 
     Blocks appear in the order their units first appear; repeated specs are written once.
     """
-    ports: dict[str, list[str]] = {}
-    files: dict[str, list[str]] = {}
-    for entry in entries:
-        unit_ports = ports.setdefault(entry.unit, [])
-        if entry.spec not in unit_ports:
-            unit_ports.append(entry.spec)
-        unit_files = files.setdefault(entry.unit, [])
-        if entry.file not in unit_files:
-            unit_files.append(entry.file)
     lines = [
         "# Converted from portreserve. portreserve only reserved IPv4;",
         "# portguard reserves each port for both IPv4 and IPv6.",
     ]
-    for unit, specs in ports.items():
+    for unit, (specs, files) in _by_unit(entries).items():
         lines += [
             "",
-            f"# from {', '.join(_comment(f) for f in files[unit])}",
+            f"# from {', '.join(_comment(f) for f in files)}",
             "[[reserve]]",
             f"ports = [{', '.join(_toml_string(s) for s in specs)}]",
             f"unit = {_toml_string(unit)}",

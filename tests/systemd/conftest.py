@@ -54,11 +54,13 @@ def booted(
     carry: tuple[Path, ...] = (),
     cgroup_namespace: bool = False,
     bpf: bool = True,
+    extra: dict | None = None,
 ) -> Iterator[Machine]:
     """Debian booted with systemd-nspawn; everything removed afterwards. installed: the built
     .deb installed before boot (portguard.service enabled by its postinst); carry: packages
     copied into the guest (GUEST_DEBS) for the tests to install; bpf: False boots with
-    nspawn's default system call filter and capabilities, where bpf() is refused."""
+    nspawn's default system call filter and capabilities, where bpf() is refused; extra:
+    more guest files (path -> text or Symlink) written before boot."""
     cgroup_root = _prerequisites()
     try:
         tree = rootfs.ensure_rootfs(log=print)
@@ -78,6 +80,7 @@ def booted(
     # Inside a cgroup namespace the guest's root cgroup is "/" to it (and the container's
     # subtree to the kernel); without one the guest sees the host's paths.
     box.files = guest_files("/" if cgroup_namespace else box.cgroup, carry)
+    box.files.update(extra or {})
     try:
         try:
             box.start()

@@ -56,6 +56,33 @@ def test_import_portreserve_prints_equivalent_toml(tmp_path):
     }
 
 
+def test_import_portreserve_drop_ins_declare_the_same_ports_and_never_overwrite(tmp_path):
+    from guard.policy import declared
+    from guard.policy.ports import Services
+
+    portreserve, units = tmp_path / "portreserve", tmp_path / "units"
+    portreserve.mkdir()
+    (portreserve / "cups").write_text("ipp\n631/udp\n")
+    (portreserve / "rsync").write_text("873/tcp\n")
+    result = run("import-portreserve", "--drop-ins", str(units), str(portreserve))
+    assert result.exit_code == 0, result.output
+    assert f"wrote {units}/cups.service.d/portguard.conf" in result.output
+    services = tmp_path / "services"
+    services.write_text("ipp\t631/tcp\n")
+    found = declared.read([units], Services(services))
+    assert {b.owners[0].name: [str(p) for p, _ in b.ports] for b in found.blocks} == {
+        "cups.service": ["631", "631/udp"],
+        "rsync.service": ["873/tcp"],
+    }
+    again = run("import-portreserve", "--drop-ins", str(units), str(portreserve))
+    assert again.exit_code == 0  # the same text: nothing to refuse
+    (units / "rsync.service.d" / "portguard.conf").write_text("[Unit]\n# mine\n")
+    (portreserve / "cups").write_text("ipp\n")
+    clash = run("import-portreserve", "--drop-ins", str(units), str(portreserve))
+    assert clash.exit_code == 2 and "exist and differ" in clash.output
+    assert "631/udp" in (units / "cups.service.d" / "portguard.conf").read_text()  # none written
+
+
 def test_help_lists_the_commands():
     out = run("--help").output
     for command in ("apply", "status", "check", "remove", "build", "demo", "import-portreserve"):

@@ -63,9 +63,7 @@ def test_drop_ins_apply_after_the_unit_file_and_an_empty_assignment_resets(tree)
     (etc, run, lib), services = tree
     write(lib / "rsync.service", "[Unit]\nX-PortGuard-Reserve=rsync 874\n")
     write(lib / "rsync.service.d" / "10-more.conf", "[Unit]\nX-PortGuard-Reserve=875\n")
-    assert ports_of(declared.read(tree[0], services)) == {
-        "rsync.service": ["873", "874", "875"]
-    }
+    assert ports_of(declared.read(tree[0], services)) == {"rsync.service": ["873", "874", "875"]}
     write(
         etc / "rsync.service.d" / "20-only.conf",
         "[Unit]\nX-PortGuard-Reserve=\nX-PortGuard-Reserve=876\n",
