@@ -51,6 +51,10 @@ def main() -> int:
         time.process_time() - begin
     ) * 1000 - spent["import guard.cli (click, config)"]
     wrap(cli, "_load_config", "read configuration")
+    from guard.policy import declared
+
+    # inside "read configuration": every unit file scanned for X-PortGuard-Reserve=
+    wrap(declared, "read", "of which: unit files (X-PortGuard-Reserve=)")
     wrap(cli, "_plan", "resolve owners, build plan")
     wrap(host, "preflight", "preflight (mounts, cgroup)")
     wrap(host, "choose_denial", "feature probes (set_retval, netns cookie)")

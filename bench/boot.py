@@ -64,6 +64,22 @@ COUNT_SUBPROCESSES = (
 )
 
 
+UNIT_FILE_SCAN = (
+    "import time\n"
+    "from guard.policy import declared, units\n"
+    "from guard.policy.ports import Services\n"
+    "begin = time.perf_counter()\n"
+    "declared.read(units.search_dirs(), Services())\n"
+    "print((time.perf_counter() - begin) * 1000)\n"
+)
+
+
+def _unit_file_scan(box) -> float:
+    """What apply spends reading every unit file for X-PortGuard-Reserve= in the booted
+    guest (its own unit directories; the boot path pays the same in portguard.service)."""
+    return float(box.run("python3", "-c", UNIT_FILE_SCAN, check=True).stdout)
+
+
 def _subprocesses(box) -> int:
     """Programs an `apply` starts in the booted guest (systemctl and the usual suspects,
     counted through wrappers first on PATH)."""
@@ -95,6 +111,9 @@ def boot(w, s) -> str:
                     figures = _figures(box)
                     if guarded:
                         figures["subprocesses per apply (systemd running)"] = _subprocesses(box)
+                        figures["of apply: unit files read for X-PortGuard-Reserve= (ms)"] = (
+                            _unit_file_scan(box)
+                        )
                     results[guarded].append(figures)
     except (pytest.skip.Exception, pytest.fail.Exception) as exc:
         raise Unavailable(f"boot benchmark: {exc}") from None

@@ -89,7 +89,7 @@ def run(echo=print) -> int:
     top = f"/{name}"
     top_dir = root / name
     settings = config.Settings(cgroup=top, pin_dir=f"/sys/fs/bpf/{name}", portreserve_dir="")
-    defaults = config.load([], None)
+    defaults = config.load([], None, unit_dirs=[])  # the default policy only, no unit file
     # Every default block, installed or not, with its owners moved below the demo subtree.
     blocks = tuple(replace(b, if_installed=False) for b in defaults.blocks)
     cfg = config.Config(settings, blocks, defaults.files)

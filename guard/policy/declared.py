@@ -48,13 +48,22 @@ class Declarations:
     notes: tuple[str, ...] = ()  # declarations systemd itself would not load (masked, ...)
 
 
-def _has_key(path: Path) -> bool:
-    """Whether the file mentions the key at all: most unit files are passed over on this."""
+def _has_key(path: str) -> bool:
+    """Whether the file mentions the key at all: most unit files are passed over on this.
+    os.open/os.read on the path string: this runs for every unit file at every apply."""
     try:
-        with open(path, "rb") as handle:
-            return _MARK in handle.read(MAX_UNIT_FILE_BYTES)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        return _MARK in os.read(fd, MAX_UNIT_FILE_BYTES)
+    except OSError:  # a directory, say
+        return False
+    finally:
+        os.close(fd)
+
+
+_SUFFIXES = tuple(f".{t}" for t in units.CGROUP_UNIT_SECTIONS)
 
 
 def _candidates(dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
@@ -64,31 +73,31 @@ def _candidates(dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     for directory in dirs:
         try:
-            entries = list(os.scandir(directory))
+            entries = sorted((e.name, e.path) for e in os.scandir(directory))
         except OSError:
             continue
-        for entry in sorted(entries, key=lambda e: e.name):
-            name = entry.name
+        for name, path in entries:
             if name.endswith(".d"):
                 stem = name[:-2]
-                confs = _dropin_confs(Path(entry.path))
-                if not any(_has_key(conf) for conf in confs):
+                if not stem.endswith(_SUFFIXES) and stem not in units.CGROUP_UNIT_SECTIONS:
+                    continue  # e.g. a target's .d: not an owner, systemd reads no port from it
+                if not any(_has_key(conf) for conf in _dropin_confs(path)):
                     continue
                 if _is_unit_name(stem) and not units.parse_unit_name(stem).prefix.endswith("-"):
                     names[stem] = None
                 else:
                     notes.append(
-                        f"{entry.path}: {KEY}= is not read from a drop-in directory shared by "
+                        f"{path}: {KEY}= is not read from a drop-in directory shared by "
                         "several units; put it in the owner unit's own NAME.d/"
                     )
-            elif _is_unit_name(name) and not entry.is_dir() and _has_key(Path(entry.path)):
+            elif name.endswith(_SUFFIXES) and _has_key(path) and _is_unit_name(name):
                 names[name] = None
     return list(names), notes
 
 
-def _dropin_confs(directory: Path) -> list[Path]:
+def _dropin_confs(directory: str) -> list[str]:
     try:
-        return sorted(p for p in directory.iterdir() if p.name.endswith(".conf"))
+        return sorted(e.path for e in os.scandir(directory) if e.name.endswith(".conf"))
     except OSError:
         return []
 
