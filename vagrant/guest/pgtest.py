@@ -14,6 +14,9 @@ Scenarios (run as root over ssh; each prints one JSON object on its last line):
   features          apply/status output against what this kernel can do; the monitor's journal
                     entries (portguard-monitor.service) for the refusals
   analyze           systemd-analyze: portguard.service before rpcbind, and its duration
+  declare           X-PortGuard-Reserve= in a drop-in of pg-owner.service: daemon-reload guards
+                    its port (delay measured), a stranger is refused, systemd-analyze verify is
+                    quiet, removing the drop-in + daemon-reload frees the port
   package DIR N     on a system without portguard: install DIR/install/*.deb with apt (guarded
                     at once?), upgrade to DIR/upgrade/*.deb while a stranger hammers 631 and the
                     owner restarts in a loop (at least N times), purge (nothing of the guard left)
@@ -379,6 +382,66 @@ def scenario_features():
     return 0
 
 
+DECLARED_PORT = 7001
+DECLARED_DROPIN = f"/etc/systemd/system/{OWNER_UNIT}.d/pg-declare.conf"
+
+
+def declared_reserved():
+    """Whether `portguard check` says DECLARED_PORT/tcp is reserved, and its origins."""
+    shown = sh(PORTGUARD, "check", f"{DECLARED_PORT}/tcp", "--json")
+    try:
+        item = json.loads(shown.stdout)[0]
+    except (ValueError, IndexError):
+        return False, []
+    return item.get("reserved", False), item.get("origins", [])
+
+
+def wait_declared(reserved, timeout=120):
+    """Seconds until the reservation is (or is no longer) there; None after timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if declared_reserved()[0] == reserved:
+            return round(time.monotonic() - start, 2)
+        time.sleep(0.1)
+    return None
+
+
+def stranger_errno(port):
+    socks, result = bind_both(port)
+    for sock in socks:
+        sock.close()
+    return result
+
+
+def scenario_declare():
+    without_squatter()
+    os.makedirs(os.path.dirname(DECLARED_DROPIN), exist_ok=True)
+    with open(DECLARED_DROPIN, "w") as handle:
+        handle.write(f"[Unit]\nX-PortGuard-Reserve={DECLARED_PORT}\n")
+    try:
+        sh("systemctl", "daemon-reload", check=True)
+        added = wait_declared(True)
+        _, origins = declared_reserved()
+        refused = stranger_errno(DECLARED_PORT)
+        verify = sh("systemd-analyze", "verify", f"/etc/systemd/system/{OWNER_UNIT}")
+    finally:
+        os.unlink(DECLARED_DROPIN)
+    sh("systemctl", "daemon-reload", check=True)
+    removed = wait_declared(False)
+    expected_errno = "EADDRINUSE" if kernel_has_set_retval() else "EPERM"
+    checks = {
+        "reserved_after_daemon_reload": added is not None,
+        "origin_is_the_dropin": origins == [f"{DECLARED_DROPIN}:2"],
+        "stranger_refused": refused == {"tcp": expected_errno, "udp": expected_errno},
+        "verify_quiet": "X-PortGuard" not in verify.stdout + verify.stderr,
+        "freed_after_removal": removed is not None,
+    }
+    print(json.dumps({"delay_s": added, "removed_s": removed, "origins": origins,
+                      "stranger_bind": refused, "verify": (verify.stdout + verify.stderr)[-300:],
+                      "checks": checks, "ok": all(checks.values())}))
+    return 0
+
+
 def start_monitor(timeout=180):
     """Start portguard-monitor.service (monitor --journal); True once it says it is monitoring."""
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 1))
@@ -700,6 +763,8 @@ def main(argv):
         return scenario_features()
     if cmd == "analyze":
         return scenario_analyze()
+    if cmd == "declare":
+        return scenario_declare()
     if cmd == "package":
         return scenario_package(args[0], int(args[1]))
     print(__doc__)
