@@ -143,8 +143,15 @@ def test_status_from_a_fresh_process_shows_links_and_reservations(sandbox):
             ],
             "contain": False,
             "contained_drops": 0,
+            "origins": [f"{sandbox.config_path}:{_ports_line(sandbox)}"],
         }
     ]
+
+
+def _ports_line(sandbox) -> int:
+    """The line of the configuration that names the reserved ports (their origin)."""
+    lines = sandbox.config_path.read_text().splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if line.startswith("ports"))
 
 
 def test_check_names_the_owner(sandbox):
@@ -158,8 +165,9 @@ def test_check_names_the_owner(sandbox):
             "owners": [
                 {"cgroup": f"{sandbox.top}/owner", "id": sandbox.cgroup_id("owner"), "unit": None}
             ],
+            "origins": [f"{sandbox.config_path}:{_ports_line(sandbox)}"],
         },
-        {"port": PORT, "protocol": "udp", "reserved": False, "owners": []},
+        {"port": PORT, "protocol": "udp", "reserved": False, "owners": [], "origins": []},
     ]
 
 
@@ -240,6 +248,9 @@ def test_bad_config_exits_2_naming_file_and_line_and_leaves_the_guard_as_it_was(
     assert (after.pop("config_matches"), before.pop("config_matches")) == (False, True)
     assert "port 70000 is out of range" in after.pop("config_differences")[0]
     before.pop("config_differences")
+    # origins come from the files, which cannot be read as a whole now: none is shown
+    assert all(r.pop("origins") == [] for r in after["reservations"])
+    assert all(r.pop("origins") for r in before["reservations"])
     assert after == before
     assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
 
