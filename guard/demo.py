@@ -22,7 +22,7 @@ from guard.kernel.apply import apply, remove
 from guard.kernel.host import require_root
 from guard.kernel.layout import LIMITS
 from guard.observe import display
-from guard.observe.state import read_state
+from guard.observe.state import read_state, with_origins
 from guard.policy import config, owners, plan
 
 CLONE_NEWNET = 0x40000000
@@ -112,7 +112,7 @@ def run(echo=print) -> int:
             echo(line)
         echo("  this machine's own services are not touched.")
         echo("\nThe guard, as `portguard status` shows it:")
-        state = read_state(settings)
+        state = with_origins(read_state(settings), the_plan.origins)
         for line in display.status_lines(state, top):
             echo(line)
         cups = cgroups.directory(top + "/system.slice/cups.service", root)
