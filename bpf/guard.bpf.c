@@ -51,13 +51,22 @@ static __always_inline int reserved(void *ctx, __u32 protocol, __u16 port, __u32
 				    struct guarded *g)
 {
 	__u32 zero = 0;
-	struct pg_state *st = bpf_map_lookup_elem(&state, &zero);
 
-	if (!st || !port)  /* port 0: autobind, kept off reserved ports by the sysctl */
+	if (!port)  /* port 0: autobind, kept off reserved ports by the sysctl */
 		return 0;
 	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
 		return 0;
+	struct pg_state *st = bpf_map_lookup_elem(&state, &zero);
+
+	if (!st)
+		return 0;
 	g->slot = st->active & 1;
+	/* the bitmap first: array lookups only, inlined by the verifier */
+	__u32 word = (g->slot * 2 + (protocol == IPPROTO_UDP)) * PG_PORT_WORDS + port / 64;
+	__u64 *bits_word = bpf_map_lookup_elem(&bits, &word);
+
+	if (!bits_word || !((*bits_word >> (port % 64)) & 1))
+		return 0;
 	struct pg_port_key pk = { .slot = g->slot, .proto = protocol, .port = port };
 
 	g->reservation = bpf_map_lookup_elem(&ports, &pk);

@@ -32,6 +32,7 @@ enum pg_limits {
 	PG_SYSCTL_PORTS = 65536,     /* one record per port number */
 	PG_SET_LEVELS = 4,           /* distinct depths of the owners of one port */
 	PG_MEMBER_WORDS = 4096 / 64, /* the owner bitmap of a set: PG_MAX_OWNER_PATHS bits */
+	PG_PORT_WORDS = 65536 / 64,  /* the reserved-port bitmap of one slot and protocol */
 };
 
 enum pg_mode {
@@ -149,6 +150,18 @@ struct pg_meta {
 };
 
 /* ---- the maps ---------------------------------------------------------------------- */
+
+/* bits: the ports reserved in each slot, one bit per (protocol, port), read before ports:
+ * an array lookup, which the verifier inlines, so a bind to a port that is not reserved
+ * (nearly every bind) costs no helper call and no hashing. Word
+ * (slot * 2 + (proto == IPPROTO_UDP)) * PG_PORT_WORDS + port / 64, bit port % 64. A set bit
+ * only sends the lookup on to ports, so a stale 1 costs time, never a wrong verdict. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PG_SLOTS * 2 * PG_PORT_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} bits SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -27,6 +27,7 @@ EVENT_BYTES = 256 * 1024
 SYSCTL_PORTS = 65536
 SET_LEVELS = 4
 MEMBER_WORDS = 4096 // 64
+PORT_WORDS = 65536 // 64
 # enum pg_mode
 MODE_ENFORCE = 0
 MODE_AUDIT = 1
@@ -56,6 +57,7 @@ ENUMS: dict[str, dict[str, int]] = {
         "PG_SYSCTL_PORTS": SYSCTL_PORTS,
         "PG_SET_LEVELS": SET_LEVELS,
         "PG_MEMBER_WORDS": MEMBER_WORDS,
+        "PG_PORT_WORDS": PORT_WORDS,
     },
     "pg_mode": {"PG_MODE_ENFORCE": MODE_ENFORCE, "PG_MODE_AUDIT": MODE_AUDIT},
     "pg_verdict": {"PG_VERDICT_DENIED": VERDICT_DENIED, "PG_VERDICT_AUDIT": VERDICT_AUDIT},
@@ -174,6 +176,7 @@ class MapSpec:
 
 # The maps the controller reads and writes (events and scratch are the programs' own).
 MAPS: dict[str, MapSpec] = {
+    "bits": MapSpec(ARRAY, U32, U64, SLOTS * 2 * PORT_WORDS),
     "ports": MapSpec(HASH, PortKey, PortVal, SLOTS * MAX_PORTS),
     "sets": MapSpec(HASH, SetKey, SetVal, SLOTS * MAX_SETS),
     "paths": MapSpec(HASH, PathKey, U32, SLOTS * MAX_OWNER_PATHS),
@@ -239,3 +242,9 @@ def _layout_digest() -> str:
 
 
 LAYOUT = _layout_digest()
+
+
+def bit_word(slot: int, proto: int, port: int) -> tuple[int, int]:
+    """(index in bits, bit in that word) of a (slot, protocol, port), as guard.bpf.c reads it."""
+    udp = 1 if proto == PROTOCOLS["udp"] else 0
+    return (slot * 2 + udp) * PORT_WORDS + port // 64, port % 64

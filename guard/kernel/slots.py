@@ -98,6 +98,11 @@ def clear_slot(maps: Maps, slot: int, readers_gone: Callable[[], None] | None = 
         if keys and readers_gone is not None:
             readers_gone()
             readers_gone = None
+        if m is maps.ports:
+            # the bitmap words of these ports before the ports: a bit left set by an
+            # interruption only costs a lookup, a port without its bit would go unguarded
+            words = {layout.bit_word(slot, k.proto, k.port)[0] for k in keys}
+            maps.bits.update_many(sorted(words), [0] * len(words))
         m.delete_many(keys)
 
 
@@ -126,6 +131,18 @@ def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root
         [(slot, proto, port) for proto, port in plan.ports],
         [(set_id, flags.get(pair, 0)) for pair, set_id in plan.ports.items()],
     )
+    # after the ports: a set bit sends the programs to an entry that is already there
+    words = bit_words(slot, plan.ports)
+    maps.bits.update_many(list(words), list(words.values()))
+
+
+def bit_words(slot: int, pairs) -> dict[int, int]:
+    """The nonzero words of the reserved-port bitmap of one slot (see bits in guard.h)."""
+    words: dict[int, int] = {}
+    for proto, port in pairs:
+        index, bit = layout.bit_word(slot, proto, port)
+        words[index] = words.get(index, 0) | (1 << bit)
+    return words
 
 
 def set_value(members: tuple[int, ...], paths: tuple[str, ...]) -> layout.SetVal:
