@@ -44,10 +44,9 @@ def differences(plan: Plan, state: GuardState) -> list[str]:
     if state.mode is not None and state.mode != settings.mode:
         found.append(f"mode: the files say {settings.mode}, the guard runs {state.mode}")
     # a program without bpf_set_retval always refuses with EPERM, whatever the files say
-    eperm_only = bool(state.program and "eperm" in state.program)
     if (
         state.deny_errno is not None
-        and not eperm_only
+        and not state.eperm_only
         and state.deny_errno != settings.deny_errno_number
     ):
         found.append(

@@ -50,6 +50,9 @@ class GuardState:
     program: str | None = None
     mode: str | None = None
     deny_errno: int | None = None
+    # the programs cannot choose the errno (a kernel without bpf_set_retval, Linux < 5.18):
+    # refused binds see EPERM, whatever deny_errno says
+    eperm_only: bool = False
     netns_cookie: int | None = None
     reservations: tuple[ReservationState, ...] = ()
     lost_events: int = 0
@@ -158,6 +161,7 @@ def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | No
             mode="audit" if cfg and cfg.mode == layout.MODE_AUDIT else "enforce",
             # 0 means a program without bpf_set_retval: the binder sees plain EPERM
             deny_errno=(cfg.deny_errno or errno.EPERM) if cfg else None,
+            eperm_only=bool(cfg) and not cfg.deny_errno,
             netns_cookie=cfg.netns_cookie if cfg else None,
             reservations=tuple(reservations),
             lost_events=sum(lost) if lost else 0,

@@ -344,3 +344,29 @@ def test_an_owner_recreated_is_found_by_its_new_id_and_the_old_one_is_forgotten(
         assert {k.id for k in ids.keys()} == {sandbox.cgroup_id("svc")} != {old}
     finally:
         kernel.close(fd)
+
+
+# portguard as a kernel without bpf_set_retval (Linux < 5.18) runs it: the feature probe says
+# so, and everything else (the EPERM programs, the config, status) is the real thing here.
+WITHOUT_SET_RETVAL = [
+    sys.executable,
+    "-c",
+    "import dataclasses\n"
+    "from guard.kernel import libbpf\n"
+    "real = libbpf.probe_features\n"
+    "libbpf.probe_features = lambda: dataclasses.replace(real(), set_retval=False)\n"
+    "from guard.cli import main\n"
+    "main(prog_name='portguard')\n",
+]
+
+
+def test_without_set_retval_strangers_see_eperm_and_status_says_all_is_as_the_files_ask(sandbox):
+    sandbox.write_config(sandbox.owner_block([f"{PORT}"], "owner"))
+    applied = sandbox.cli("apply", program=WITHOUT_SET_RETVAL)
+    assert "lacks bpf_set_retval" in applied.stderr
+    assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EPERM}
+    assert set(sandbox.bind("owner", ALL_CASES).values()) == {0}
+    status = sandbox.cli("status", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr  # not 5: EPERM is all it has
+    state = sandbox.status()
+    assert (state["deny_errno"], state["eperm_only"], state["config_matches"]) == (1, True, True)

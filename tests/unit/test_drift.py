@@ -63,5 +63,5 @@ def test_mode_and_errno_are_compared_but_an_eperm_only_program_is_not_a_differen
         "mode: the files say audit, the guard runs enforce",
         "deny_errno: the files say EACCES, the guard answers EADDRINUSE",
     ]
-    eperm = loaded(CUPS, program="guard-eperm-0123", deny_errno=1)
+    eperm = loaded(CUPS, eperm_only=True, deny_errno=1)
     assert drift.differences(planned(FILES), eperm) == []
