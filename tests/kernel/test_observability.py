@@ -273,8 +273,8 @@ def test_owner_holding_its_port_is_no_squatter_until_moved_out(sandbox):
 
 
 def test_squatter_moved_into_the_owner_cgroup_stays_a_squatter(sandbox):
-    # Its socket was created outside the owner: only INET_DIAG_CGROUP_ID tells (pyroute2 0.7.2
-    # leaves it undecoded; portguard reads it from the raw reply).
+    # Its socket was created outside the owner: only INET_DIAG_CGROUP_ID tells (read from the
+    # raw sock_diag reply).
     squatter = hold(sandbox, "stranger")
     applied(sandbox, ports=(f"{PORT}/tcp",))
     procs = cgroups.directory(sandbox.cgroup("owner"), sandbox.cgroup_root) / "cgroup.procs"

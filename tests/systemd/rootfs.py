@@ -31,7 +31,7 @@ SUITE = "bookworm"
 BOOT_PACKAGES = ("systemd-sysv", "dbus", "iproute2", "rpcbind")
 # The package's Depends (debian/control, ${python3:Depends} included), so that `dpkg -i` of the
 # .deb needs no network; tests check this list against the built .deb.
-PACKAGE_DEPENDS = ("python3", "python3-click", "python3-pyroute2", "libbpf1", "netbase")
+PACKAGE_DEPENDS = ("python3", "python3-click", "libbpf1", "netbase")
 PACKAGES = BOOT_PACKAGES + PACKAGE_DEPENDS
 HOST_PACKAGES = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container"}
 # Bumped whenever customise() changes in a way the hash of the lists above does not see.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -11,10 +12,11 @@ import pytest
 
 from guard.kernel.cgroups import unescape_mount_path
 from guard.observe.holders import (
-    _cgroup_id,
     cgroup_id_attribute,
     cgroup_paths,
+    diag_request,
     holders,
+    parse_diag_replies,
     socket_owners,
     unit_of_cgroup,
 )
@@ -195,16 +197,34 @@ def test_reply_without_the_attribute_has_cgroup_id_zero():
     assert cgroup_id_attribute(buffer) == 0
 
 
-def test_installed_pyroute2_parse_yields_the_cgroup_id():
-    # Whatever pyroute2 runs the tests (0.7.2 leaves attribute 21 unnamed, 0.8+ decodes it),
-    # the messages its marshal makes of a real reply give the same cgroup ids.
-    from pyroute2.netlink.diag import MarshalDiag
-
+def test_a_dump_is_parsed_into_sockets_until_done_with_their_cgroup_ids():
+    found: list = []
     buffer = _reply_with_cgroup(631, 7, 4242) + _reply_with_cgroup(636, 8, 2**40 + 5)
-    messages = list(MarshalDiag().parse(buffer))
-
-    assert [(m["idiag_sport"], m["idiag_inode"], _cgroup_id(m)) for m in messages] == [
-        (631, 7, 4242),
-        (636, 8, 2**40 + 5),
+    assert parse_diag_replies(buffer, "tcp", 1, found) is False  # more may follow
+    done = struct.pack("=IHHIIi", 20, 3, _NLM_F_MULTI, 1, 0, 0)  # NLMSG_DONE
+    assert parse_diag_replies(done, "tcp", 1, found) is True
+    assert [(s.port, s.protocol, s.address, s.inode, s.cgroup_id) for s in found] == [
+        (631, "tcp", "127.0.0.1", 7, 4242),
+        (636, "tcp", "127.0.0.1", 8, 2**40 + 5),
     ]
-    assert [cgroup_id_attribute(m.data, m.offset) for m in messages] == [4242, 2**40 + 5]
+
+
+def test_a_netlink_error_in_a_dump_is_an_oserror():
+    error = struct.pack("=IHHIIi", 36, 2, 0, 1, 0, -errno.EPROTONOSUPPORT) + bytes(16)
+    with pytest.raises(OSError) as raised:
+        parse_diag_replies(error, "udp", 1, [])
+    assert raised.value.errno == errno.EPROTONOSUPPORT
+
+
+def test_the_dump_request_is_an_inet_diag_req_v2_for_every_socket_in_the_states():
+    request = diag_request(socket.AF_INET6, socket.IPPROTO_UDP, 0x82, 5)
+    length, msg_type, flags, seq, _ = struct.unpack_from("=IHHII", request)
+    assert (length, msg_type, flags, seq) == (len(request), 20, 0x301, 5)
+    assert struct.unpack_from("=BBBBI", request, 16) == (
+        socket.AF_INET6,
+        socket.IPPROTO_UDP,
+        0,
+        0,
+        0x82,
+    )
+    assert request[24:] == bytes(48) and len(request) == 16 + 56
