@@ -95,6 +95,18 @@ def _candidates(dirs: Sequence[Path]) -> tuple[list[str], list[str]]:
     return list(names), notes
 
 
+def _shared(path: Path) -> bool:
+    """A drop-in of a directory systemd applies to many units (``service.d/``,
+    ``foo-.service.d/``): not read for the key (_candidates notes it)."""
+    directory = path.parent.name
+    if not directory.endswith(".d"):
+        return False
+    stem = directory[:-2]
+    return stem in units.CGROUP_UNIT_SECTIONS or (
+        _is_unit_name(stem) and units.parse_unit_name(stem).prefix.endswith("-")
+    )
+
+
 def _dropin_confs(directory: str) -> list[str]:
     try:
         return sorted(e.path for e in os.scandir(directory) if e.name.endswith(".conf"))
@@ -159,7 +171,7 @@ def read(dirs: Sequence[Path], services: Services) -> Declarations:
         if info.masked:
             notes.append(f"{name} is masked: systemd loads none of its files, nor does portguard")
             continue
-        ports, bad, unit_notes = _fold(info.files, services)
+        ports, bad, unit_notes = _fold([f for f in info.files if not _shared(f)], services)
         notes.extend(unit_notes)
         if bad:
             problems.extend(

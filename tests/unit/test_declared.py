@@ -154,12 +154,15 @@ def test_the_key_outside_unit_is_a_note_and_not_applied(tree):
 
 
 def test_drop_in_directories_shared_by_many_units_are_not_read(tree):
-    (etc, _, _), services = tree
+    (etc, _, lib), services = tree
     write(etc / "service.d" / "all.conf", "[Unit]\nX-PortGuard-Reserve=631\n")
     write(etc / "foo-.service.d" / "all.conf", "[Unit]\nX-PortGuard-Reserve=632\n")
     found = declared.read(tree[0], services)
     assert found.blocks == () and len(found.notes) == 2
     assert all("shared by several units" in note for note in found.notes)
+    # nor for a unit that declares ports of its own and would get them from systemd
+    write(lib / "foo-bar.service", "[Unit]\nX-PortGuard-Reserve=700\n")
+    assert ports_of(declared.read(tree[0], services)) == {"foo-bar.service": ["700"]}
 
 
 def test_continuation_lines_and_comments_are_read_as_systemd_reads_them(tree):
