@@ -487,9 +487,7 @@ def load_unit(
     if parsed.type == "slice":
         fragment = _find_fragment(parsed, dirs)
         masked = fragment is not None and _is_masked(fragment)
-        files = (
-            () if masked else ((fragment,) if fragment else ()) + tuple(dropin_files([unit], dirs))
-        )
+        files = _unit_files(fragment, masked, [unit], dirs)
         return UnitInfo(
             requested=unit,
             name=unit,
@@ -528,9 +526,7 @@ def load_unit(
             _join(_slice_path(slice_name, user), parsed.name),
         )
 
-    files = ([fragment] if fragment is not None else []) + dropin_files(
-        [n.name for n in reversed(names)], dirs
-    )
+    files = _unit_files(fragment, False, [n.name for n in reversed(names)], dirs)
     slice_name = _slice_setting(primary, files) or _default_slice(primary, user=user)
     return UnitInfo(
         requested=unit,
@@ -539,7 +535,7 @@ def load_unit(
         masked=False,
         slice=slice_name,
         cgroup_path=_join(_slice_path(slice_name, user), primary.name),
-        files=tuple(files),
+        files=files,
     )
 
 
@@ -554,11 +550,8 @@ def load_template(template: str, *, unit_dirs: Sequence[Path] | None = None) -> 
     dirs = list(unit_dirs) if unit_dirs is not None else list(SYSTEM_UNIT_DIRS)
     fragment = _find_fragment(parsed, dirs)
     masked = fragment is not None and _is_masked(fragment)
-    files = (
-        () if masked else ((fragment,) if fragment else ()) + tuple(dropin_files([template], dirs))
-    )
+    files = _unit_files(fragment, masked, [template], dirs)
     section = CGROUP_UNIT_SECTIONS[parsed.type]
-    chosen = None
     for path in files:
         for value in _assignments(path, section, "Slice") if section else ():
             if re.search(r"%[iInNjJ]", value):
@@ -566,16 +559,20 @@ def load_template(template: str, *, unit_dirs: Sequence[Path] | None = None) -> 
                     f"{path}: Slice={value} differs per instance of {template}; "
                     "declare the ports in each instance's drop-in (NAME@INSTANCE.service.d)"
                 )
-            expanded = _expand_specifiers(value, parsed)
-            try:
-                slice_cgroup_path(expanded)
-            except UnitError:
-                continue
-            chosen = expanded
-    slice_name = chosen or f"system-{unit_name_escape(parsed.prefix)}.slice"
+    slice_name = _slice_setting(parsed, files) or f"system-{unit_name_escape(parsed.prefix)}.slice"
     return UnitInfo(
         template, template, fragment, masked, slice_name, slice_cgroup_path(slice_name), files
     )
+
+
+def _unit_files(
+    fragment: Path | None, masked: bool, names: Sequence[str], dirs: Sequence[Path]
+) -> tuple[Path, ...]:
+    """The unit file, then the drop-ins of a unit known by ``names``, in the order systemd
+    reads them; nothing for a masked unit (systemd loads neither)."""
+    if masked:
+        return ()
+    return ((fragment,) if fragment is not None else ()) + tuple(dropin_files(names, dirs))
 
 
 def _slice_path(slice_name: str, user: bool) -> str:
