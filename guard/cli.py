@@ -388,7 +388,7 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
     state = _runtime(read_state, settings, pairs)
     if cfg is not None:
         applying = (block for block in cfg.blocks if owners.block_applies(block))
-        state = with_origins(state, plan.port_origins(applying))
+        state = with_origins(state, plan.port_origins(applying, pairs))
     results = display.check_results(pairs, state.reservations)
     if as_json:
         click.echo(display.check_json(results))

@@ -148,12 +148,25 @@ def build(
     )
 
 
-def port_origins(blocks: Iterable) -> dict[tuple[str, int], tuple[Origin, ...]]:
-    """(protocol name, port) -> the file:line of every block that reserves it, in order."""
+def port_origins(
+    blocks: Iterable, only: Iterable[tuple[str, int]] | None = None
+) -> dict[tuple[str, int], tuple[Origin, ...]]:
+    """(protocol name, port) -> the file:line of every block that reserves it, in order;
+    with `only`, just those pairs (a range is then tested, not walked)."""
+    wanted = None if only is None else list(only)
     found: dict[tuple[str, int], dict[Origin, None]] = {}
     for block in blocks:
         for port_range, origin in block.ports:
-            for pair in port_range.pairs():
+            pairs = (
+                port_range.pairs()
+                if wanted is None
+                else [
+                    (proto, port)
+                    for proto, port in wanted
+                    if proto in port_range.protocols and port_range.first <= port <= port_range.last
+                ]
+            )
+            for pair in pairs:
                 found.setdefault(pair, {})[origin] = None
     return {pair: tuple(origins) for pair, origins in found.items()}
 

@@ -134,3 +134,16 @@ def test_a_set_lists_its_owners_depths_once_ascending_and_its_members_as_bits():
     value = slots.set_value((0, 2, 65), ("/a/b", "/x", "/a", *[f"/p{i}" for i in range(63)]))
     assert list(value.level[: value.nlevels]) == [1, 2]
     assert (value.members[0], value.members[1]) == (0b101, 0b10)
+
+
+def test_origins_of_some_ports_are_those_of_the_whole_map_without_walking_ranges():
+    cfg = config.loads(
+        '[[reserve]]\nports = ["1000-60000"]\ncgroup = "/a"\n\n'
+        '[[reserve]]\nports = ["631/udp", "2000"]\ncgroup = "/b"\n',
+        "p.toml",
+    )
+    every = plan.port_origins(cfg.blocks)
+    asked = [("udp", 631), ("tcp", 2000), ("tcp", 631), ("udp", 65000)]
+    some = plan.port_origins(cfg.blocks, asked)
+    assert some == {pair: every[pair] for pair in asked if pair in every}
+    assert [str(o) for o in some[("tcp", 2000)]] == ["p.toml:2", "p.toml:6"]
