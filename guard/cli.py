@@ -383,8 +383,10 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
         pairs = parse_check_target(port)
     except PortSpecError as exc:
         raise click.UsageError(str(exc)) from None
-    cfg, _ = _config_or_problem(config_path)
-    settings = cfg.settings if cfg else _load_settings(config_path)
+    cfg, problem = _config_or_problem(config_path)
+    if cfg is None:  # as _load_settings, without reading the files a second time
+        click.echo(display.warning_line(problem), err=True)
+    settings = cfg.settings if cfg else _settings_only(config_path)
     state = _runtime(read_state, settings, pairs)
     if cfg is not None:
         applying = (block for block in cfg.blocks if owners.block_applies(block))
