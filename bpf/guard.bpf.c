@@ -32,7 +32,7 @@ char LICENSE[] SEC("license") = "GPL";
  * names (the enums, the event record) into the object's BTF, where
  * tests/unit/test_contract.py reads them. */
 __attribute__((used)) int pg_contract(enum pg_limits limits, enum pg_mode mode,
-				       enum pg_verdict verdict, enum pg_port_flags flags,
+				       enum pg_verdict verdict, enum pg_port_entry entry,
 				       const struct pg_event *event)
 {
 	return 0;
@@ -41,7 +41,7 @@ __attribute__((used)) int pg_contract(enum pg_limits limits, enum pg_mode mode,
 /* What a bind or a packet on (protocol, port) is checked against. */
 struct guarded {
 	__u32 slot;
-	struct pg_port_val *reservation;
+	__u32 set;  /* the port's owner set */
 	struct pg_config *cfg;
 };
 
@@ -61,17 +61,18 @@ static __always_inline int reserved(void *ctx, __u32 protocol, __u16 port, __u32
 	if (!st)
 		return 0;
 	g->slot = st->active & 1;
-	/* the bitmap first: array lookups only, inlined by the verifier */
-	__u32 word = (g->slot * 2 + (protocol == IPPROTO_UDP)) * PG_PORT_WORDS + port / 64;
-	__u64 *bits_word = bpf_map_lookup_elem(&bits, &word);
+	/* array lookups only, inlined by the verifier: nothing is hashed, no helper is called */
+	__u32 index = (g->slot * 2 + (protocol == IPPROTO_UDP)) * PG_PORT_VALUES +
+		      port / PG_PORTS_PER_VALUE;
+	struct pg_port_entries *entries = bpf_map_lookup_elem(&ports, &index);
 
-	if (!bits_word || !((*bits_word >> (port % 64)) & 1))
+	if (!entries)
 		return 0;
-	struct pg_port_key pk = { .slot = g->slot, .proto = protocol, .port = port };
+	__u16 entry = entries->entry[port % PG_PORTS_PER_VALUE];
 
-	g->reservation = bpf_map_lookup_elem(&ports, &pk);
-	if (!g->reservation || (g->reservation->flags & flags) != flags)
+	if (!(entry & PG_PORT_RESERVED) || (entry & flags) != flags)
 		return 0;
+	g->set = entry & PG_PORT_SET;
 	g->cfg = bpf_map_lookup_elem(&config, &g->slot);
 	if (!g->cfg)
 		return 0;
@@ -181,13 +182,13 @@ static __always_inline int guard_bind(struct bpf_sock_addr *ctx, __u8 family, in
 
 	if (!reserved(ctx, protocol, port, 0, &g))
 		return ALLOW;
-	if (is_owner(g.slot, g.reservation->set, NULL))
+	if (is_owner(g.slot, g.set, NULL))
 		return ALLOW;
 	count(&denied, protocol, port);
 	int audit = g.cfg->mode == PG_MODE_AUDIT;
 
 	/* one report for both verdicts: the verifier walks its code once */
-	report(ctx, family, protocol, port, g.reservation->set,
+	report(ctx, family, protocol, port, g.set,
 	       audit ? PG_VERDICT_AUDIT : PG_VERDICT_DENIED);
 	if (audit)
 		return ALLOW;
@@ -240,7 +241,7 @@ static __always_inline int contain(struct __sk_buff *skb)
 
 	if (!reserved(skb, protocol, port, PG_PORT_CONTAIN, &g))
 		return PASS;
-	if (is_owner(g.slot, g.reservation->set, sk))
+	if (is_owner(g.slot, g.set, sk))
 		return PASS;
 	count(&contained, protocol, port);
 	return g.cfg->mode == PG_MODE_AUDIT ? PASS : DROP;

@@ -29,10 +29,11 @@ enum pg_limits {
 	PG_MAX_PORTS = 65535 * 2,    /* every port, tcp and udp */
 	PG_PATH_MAX = 256,           /* cgroup path incl. NUL; longer paths are refused */
 	PG_EVENT_BYTES = 256 * 1024, /* the event ring buffer */
-	PG_SYSCTL_PORTS = 65536,     /* one record per port number */
 	PG_SET_LEVELS = 4,           /* distinct depths of the owners of one port */
 	PG_MEMBER_WORDS = 4096 / 64, /* the owner bitmap of a set: PG_MAX_OWNER_PATHS bits */
-	PG_PORT_WORDS = 65536 / 64,  /* the reserved-port bitmap of one slot and protocol */
+	PG_PORTS_PER_VALUE = 32,     /* port entries in one value of the ports array */
+	PG_PORT_VALUES = 65536 / 32, /* values of the ports array per slot and protocol */
+	PG_SYSCTL_WORDS = 65536 / 64, /* the sysctl_added bitmap */
 };
 
 enum pg_mode {
@@ -45,21 +46,19 @@ enum pg_verdict {
 	PG_VERDICT_AUDIT = 1,
 };
 
-/* pg_port_val.flags */
-enum pg_port_flags {
-	PG_PORT_CONTAIN = 1,  /* drop packets of sockets on the port that are not an owner's */
+/* a port's entry in the ports array: 0 when the port is not reserved */
+enum pg_port_entry {
+	PG_PORT_SET = 0x0fff,       /* mask: the owner set id (< PG_MAX_SETS) */
+	PG_PORT_RESERVED = 0x4000,  /* the port is reserved for that set */
+	PG_PORT_CONTAIN = 0x8000,   /* drop packets of sockets on the port that are not an owner's */
 };
 
-/* ports: which (slot, protocol, port) is reserved, and for which owner set */
-struct pg_port_key {
-	__u8 slot;
-	__u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
-	__u16 port;  /* host byte order */
-};
-
-struct pg_port_val {
-	__u32 set;    /* owner set id */
-	__u32 flags;  /* enum pg_port_flags */
+/* ports: one 16-bit entry (enum pg_port_entry) per slot, protocol and port number, in an
+ * array: value (slot * 2 + (proto == IPPROTO_UDP)) * PG_PORT_VALUES + port / 32, entry
+ * port % 32. An array lookup is inlined by the verifier (no helper call, no hashing), and
+ * its size does not depend on the policy: 2 x 2 x 65,536 x 2 bytes = 512 KiB. */
+struct pg_port_entries {
+	__u16 entry[PG_PORTS_PER_VALUE];
 };
 
 /* sets: the owners allowed to bind a port. The owner test visits only the depths where
@@ -151,24 +150,11 @@ struct pg_meta {
 
 /* ---- the maps ---------------------------------------------------------------------- */
 
-/* bits: the ports reserved in each slot, one bit per (protocol, port), read before ports:
- * an array lookup, which the verifier inlines, so a bind to a port that is not reserved
- * (nearly every bind) costs no helper call and no hashing. Word
- * (slot * 2 + (proto == IPPROTO_UDP)) * PG_PORT_WORDS + port / 64, bit port % 64. A set bit
- * only sends the lookup on to ports, so a stale 1 costs time, never a wrong verdict. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, PG_SLOTS * 2 * PG_PORT_WORDS);
+	__uint(max_entries, PG_SLOTS * 2 * PG_PORT_VALUES);
 	__type(key, __u32);
-	__type(value, __u64);
-} bits SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PG_SLOTS * PG_MAX_PORTS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct pg_port_key);
-	__type(value, struct pg_port_val);
+	__type(value, struct pg_port_entries);
 } ports SEC(".maps");
 
 struct {
@@ -253,14 +239,14 @@ struct {
 	__type(value, struct pg_meta);
 } meta SEC(".maps");
 
-/* ports portguard added to net.ipv4.ip_local_reserved_ports (key: port, value: 1),
- * so remove takes away only those */
+/* ports portguard added to net.ipv4.ip_local_reserved_ports, so remove takes away only
+ * those: a bitmap, word port / 64, bit port % 64 (8 KiB). Layouts before it kept a hash
+ * (key: __u16 port, value: __u8 1), which apply still reads when it takes their maps over. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PG_SYSCTL_PORTS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u16);
-	__type(value, __u8);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PG_SYSCTL_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
 } sysctl_added SEC(".maps");
 
 /* per-CPU scratch for the cgroup path key: too large for the 512-byte stack */

@@ -145,21 +145,7 @@ def _sizes(plan: Plan, pins: Pins, maps: Maps | None) -> tuple[dict[str, int], b
     """max_entries for the maps (layout.map_sizes), and whether the pinned maps are too
     small for the plan. Pinned maps never shrink: a size they have and the plan fits in is
     kept, so they stay reusable."""
-    carried = 0
-    for other in pins.other_maps_dirs():
-        records = sysctl.records(other)
-        if records is not None:
-            try:
-                carried += len(list(records.keys()))
-            finally:
-                os.close(records.fd)
-    wanted = layout.map_sizes(
-        len(plan.ports),
-        len({port for _, port in plan.ports}),
-        len(plan.sets),
-        len(plan.paths),
-        carried,
-    )
+    wanted = layout.map_sizes(len(plan.ports), len(plan.contained), len(plan.sets), len(plan.paths))
     if maps is None:
         return wanted, False
     pinned = {name: libbpf.map_info(maps.fds[name]).max_entries for name in wanted}
@@ -311,15 +297,12 @@ class _Transaction:
 
 
 def _carry_sysctl_records(pins: Pins, maps: Maps) -> None:
+    carried: set[int] = set()
     for other in pins.other_maps_dirs():
-        records = sysctl.records(other)
-        if records is None:
-            continue
-        try:
-            for key in list(records.keys()):
-                maps.sysctl_added.update(key.value, 1)
-        finally:
-            os.close(records.fd)
+        carried |= sysctl.records(other) or set()
+    known = sysctl.recorded(maps.sysctl_added)
+    if carried - known:
+        sysctl.record(maps.sysctl_added, known, known | carried)
 
 
 def _drop_other_maps(pins: Pins, maps: Maps) -> bool:
@@ -438,13 +421,10 @@ def _remove_locked(pins: Pins) -> None:
         finally:
             maps.close()
     maps_dirs = sorted(pins.root.glob("maps-*"))
+    added: set[int] = set()
     for maps_dir in maps_dirs:  # older layouts' records too
-        records = sysctl.records(maps_dir)
-        if records is not None:
-            try:
-                sysctl.drop(records, set())
-            finally:
-                os.close(records.fd)
+        added |= sysctl.records(maps_dir) or set()
+    sysctl.release(added)  # the records go with their maps below
     for name in LINK_NAMES:
         libbpf.unpin(pins.link(name))
         libbpf.unpin(pins.staged_link(name))

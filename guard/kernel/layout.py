@@ -24,18 +24,21 @@ MAX_SETS = 4096
 MAX_PORTS = 65535 * 2
 PATH_MAX = 256  # including the terminating NUL
 EVENT_BYTES = 256 * 1024
-SYSCTL_PORTS = 65536
 SET_LEVELS = 4
 MEMBER_WORDS = 4096 // 64
-PORT_WORDS = 65536 // 64
+PORTS_PER_VALUE = 32
+PORT_VALUES = 65536 // 32
+SYSCTL_WORDS = 65536 // 64
 # enum pg_mode
 MODE_ENFORCE = 0
 MODE_AUDIT = 1
 # enum pg_verdict
 VERDICT_DENIED = 0
 VERDICT_AUDIT = 1
-# enum pg_port_flags
-PORT_CONTAIN = 1
+# enum pg_port_entry
+PORT_SET = 0x0FFF
+PORT_RESERVED = 0x4000
+PORT_CONTAIN = 0x8000
 
 LIMITS = Limits(
     owners_per_port=MAX_OWNERS,
@@ -54,25 +57,26 @@ ENUMS: dict[str, dict[str, int]] = {
         "PG_MAX_PORTS": MAX_PORTS,
         "PG_PATH_MAX": PATH_MAX,
         "PG_EVENT_BYTES": EVENT_BYTES,
-        "PG_SYSCTL_PORTS": SYSCTL_PORTS,
         "PG_SET_LEVELS": SET_LEVELS,
         "PG_MEMBER_WORDS": MEMBER_WORDS,
-        "PG_PORT_WORDS": PORT_WORDS,
+        "PG_PORTS_PER_VALUE": PORTS_PER_VALUE,
+        "PG_PORT_VALUES": PORT_VALUES,
+        "PG_SYSCTL_WORDS": SYSCTL_WORDS,
     },
     "pg_mode": {"PG_MODE_ENFORCE": MODE_ENFORCE, "PG_MODE_AUDIT": MODE_AUDIT},
     "pg_verdict": {"PG_VERDICT_DENIED": VERDICT_DENIED, "PG_VERDICT_AUDIT": VERDICT_AUDIT},
-    "pg_port_flags": {"PG_PORT_CONTAIN": PORT_CONTAIN},
+    "pg_port_entry": {
+        "PG_PORT_SET": PORT_SET,
+        "PG_PORT_RESERVED": PORT_RESERVED,
+        "PG_PORT_CONTAIN": PORT_CONTAIN,
+    },
 }
 
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 
 
-class PortKey(C.Structure):
-    _fields_ = [("slot", C.c_uint8), ("proto", C.c_uint8), ("port", C.c_uint16)]
-
-
-class PortVal(C.Structure):
-    _fields_ = [("set", C.c_uint32), ("flags", C.c_uint32)]
+class PortEntries(C.Structure):
+    _fields_ = [("entry", C.c_uint16 * PORTS_PER_VALUE)]
 
 
 class SetKey(C.Structure):
@@ -140,8 +144,7 @@ class Meta(C.Structure):
 
 # C struct name -> its mirror
 STRUCTS: dict[str, type[C.Structure]] = {
-    "pg_port_key": PortKey,
-    "pg_port_val": PortVal,
+    "pg_port_entries": PortEntries,
     "pg_set_key": SetKey,
     "pg_set_val": SetVal,
     "pg_path_key": PathKey,
@@ -176,8 +179,7 @@ class MapSpec:
 
 # The maps the controller reads and writes (events and scratch are the programs' own).
 MAPS: dict[str, MapSpec] = {
-    "bits": MapSpec(ARRAY, U32, U64, SLOTS * 2 * PORT_WORDS),
-    "ports": MapSpec(HASH, PortKey, PortVal, SLOTS * MAX_PORTS),
+    "ports": MapSpec(ARRAY, U32, PortEntries, SLOTS * 2 * PORT_VALUES),
     "sets": MapSpec(HASH, SetKey, SetVal, SLOTS * MAX_SETS),
     "paths": MapSpec(HASH, PathKey, U32, SLOTS * MAX_OWNER_PATHS),
     "owners": MapSpec(HASH, OwnerKey, OwnerVal, SLOTS * MAX_OWNER_PATHS),
@@ -188,46 +190,36 @@ MAPS: dict[str, MapSpec] = {
     "contained": MapSpec(PERCPU_HASH, CountKey, U64, MAX_PORTS),
     "lost": MapSpec(PERCPU_ARRAY, U32, U64, 1),
     "meta": MapSpec(ARRAY, U32, Meta, 1),
-    "sysctl_added": MapSpec(HASH, U16, U8, SYSCTL_PORTS),
+    "sysctl_added": MapSpec(ARRAY, U32, U64, SYSCTL_WORDS),
 }
+#: sysctl_added as layouts before the bitmap kept it (port -> 1), read when apply takes
+#: their maps over so that no upgrade forgets a port portguard added to the sysctl.
+SYSCTL_ADDED_HASH = MapSpec(HASH, U16, U8, 65536)
 #: The maps sized to the policy when they are created (the object's max_entries is the
 #: ceiling): their hash buckets are allocated by max_entries, so a worst-case size costs
 #: megabytes a small policy never uses.
-SIZED_MAPS = (
-    "ports",
-    "sets",
-    "paths",
-    "owners",
-    "owner_ids",
-    "denied",
-    "contained",
-    "sysctl_added",
-)
+SIZED_MAPS = ("sets", "paths", "owners", "owner_ids", "denied", "contained")
 MIN_ENTRIES = 64
 
 
-def map_sizes(
-    pairs: int, port_numbers: int, sets: int, paths: int, carried: int = 0
-) -> dict[str, int]:
-    """max_entries for a policy of `pairs` (protocol, port) reservations on `port_numbers`
-    ports, with `sets` owner sets and `paths` owner cgroups. Both slots are full at once
-    during an apply (the old one and the new one), and counters and sysctl records of the
-    old policy live until the new one is in force: so twice the policy, rounded up to a
-    power of two. `carried`: sysctl records carried over from older maps."""
+def map_sizes(pairs: int, contained: int, sets: int, paths: int) -> dict[str, int]:
+    """max_entries for a policy of `pairs` (protocol, port) reservations, `contained` of
+    them with containment, `sets` owner sets and `paths` owner cgroups (the ports array and
+    the sysctl bitmap have one fixed size). Both slots are full at once during an apply (the
+    old one and the new one), and counters of the old policy live until the new one is in
+    force: so twice the policy, rounded up to a power of two."""
 
     def fit(name: str, entries: int) -> int:
         rounded = 1 << max(entries - 1, 0).bit_length()
         return min(MAPS[name].max_entries, max(MIN_ENTRIES, rounded))
 
     return {
-        "ports": fit("ports", SLOTS * pairs),
         "sets": fit("sets", SLOTS * sets),
         "paths": fit("paths", SLOTS * paths),
         "owners": fit("owners", SLOTS * paths),
         "owner_ids": fit("owner_ids", 2 * SLOTS * paths),
         "denied": fit("denied", 2 * pairs),
-        "contained": fit("contained", 2 * pairs),
-        "sysctl_added": fit("sysctl_added", 2 * port_numbers + carried),
+        "contained": fit("contained", 2 * contained),
     }
 
 
@@ -244,7 +236,12 @@ def _layout_digest() -> str:
 LAYOUT = _layout_digest()
 
 
-def bit_word(slot: int, proto: int, port: int) -> tuple[int, int]:
-    """(index in bits, bit in that word) of a (slot, protocol, port), as guard.bpf.c reads it."""
+def port_index(slot: int, proto: int, port: int) -> tuple[int, int]:
+    """(index in ports, entry in that value) of a (slot, protocol, port), as guard.bpf.c
+    reads it."""
     udp = 1 if proto == PROTOCOLS["udp"] else 0
-    return (slot * 2 + udp) * PORT_WORDS + port // 64, port % 64
+    return (slot * 2 + udp) * PORT_VALUES + port // PORTS_PER_VALUE, port % PORTS_PER_VALUE
+
+
+def slot_of_port_index(index: int) -> int:
+    return index // (2 * PORT_VALUES)

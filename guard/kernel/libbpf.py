@@ -834,6 +834,26 @@ class Map:
                 pairs.append((key, value))
         return pairs
 
+    def read_range(self, start: int, count: int):
+        """Values start .. start + count - 1 of an array map, as one ctypes array, read in one
+        batched syscall where the kernel can (Linux >= 5.6), else one element at a time."""
+        values = (self.value_type * count)()
+        keys = (self.key_type * count)()
+        prev = (self.key_type * 1)(start - 1) if start else None  # the batch starts after it
+        out = (self.key_type * 1)()
+        n = C.c_uint32(count)
+        if lib().bpf_map_lookup_batch(self.fd, prev, out, keys, values, C.byref(n), None) < 0:
+            err = C.get_errno()
+            if err in NO_BATCH and n.value == 0:
+                for i in range(count):
+                    found = self.lookup(start + i)
+                    if found is not None:
+                        values[i] = found
+                return values
+            if err != errno.ENOENT or n.value != count:
+                raise BpfError(err, f"map batch read: {os.strerror(err)}")
+        return values
+
     def update_many(self, keys: list, values: list) -> None:
         """Write many elements (BPF_ANY), BATCH per syscall where the kernel can. Keys and
         values as ctypes instances, ints or field tuples (PortKey fields: (slot, proto, port))."""

@@ -81,10 +81,10 @@ class Maps:
         return st.active & 1 if st else 0
 
 
-def open_map(path: Path, name: str) -> int | None:
+def open_map(path: Path, name: str, spec: layout.MapSpec | None = None) -> int | None:
     """fd of the map pinned at path when it has the layout's key and value sizes for the
-    map called name."""
-    spec = layout.MAPS[name]
+    map called name (or those of `spec`)."""
+    spec = spec or layout.MAPS[name]
     try:
         fd = libbpf.get_pinned(path)
     except libbpf.BpfError:

@@ -8,6 +8,8 @@ clears it. The contents are decoded here and nowhere else (apply, status, monito
 
 from __future__ import annotations
 
+import ctypes as C
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,24 +51,62 @@ def read_slot(
     paths: dict[str, int] | None = None,
 ) -> SlotContents:
     """The slot's contents; with `only` (protocol, port) pairs, just those ports (and the
-    sets they use), looked up one by one instead of walking every reservation; with `paths`
+    sets they use), looked up one by one instead of reading every port entry; with `paths`
     (as an earlier read of this slot returned them), without walking the owner paths again."""
     if only is None:
-        entries = [(k, v) for k, v in maps.ports.items() if k.slot == slot]
+        entries = read_port_entries(maps, slot)
         sets = {k.set: tuple(v.owner[: v.count]) for k, v in maps.sets.items() if k.slot == slot}
     else:
-        keys = [layout.PortKey(slot, *pair) for pair in only]
-        entries = [(key, value) for key in keys if (value := maps.ports.lookup(key)) is not None]
+        entries = {}
+        values: dict[int, layout.PortEntries | None] = {}
+        for proto, port in only:
+            index, position = layout.port_index(slot, proto, port)
+            if index not in values:
+                values[index] = maps.ports.lookup(index)
+            value = values[index]
+            if value is not None and value.entry[position] & layout.PORT_RESERVED:
+                entries[(proto, port)] = value.entry[position]
         sets = {}
-        for set_id in {v.set for _, v in entries}:
+        for set_id in {entry & layout.PORT_SET for entry in entries.values()}:
             members = maps.sets.lookup(layout.SetKey(slot, set_id))
             if members is not None:
                 sets[set_id] = tuple(members.owner[: members.count])
-    ports = {(k.proto, k.port): v.set for k, v in entries}
-    contained = frozenset((k.proto, k.port) for k, v in entries if v.flags & layout.PORT_CONTAIN)
+    ports = {pair: entry & layout.PORT_SET for pair, entry in entries.items()}
+    contained = frozenset(pair for pair, entry in entries.items() if entry & layout.PORT_CONTAIN)
     if paths is None:
         paths = {k.path.decode(): v for k, v in maps.paths.items() if k.slot == slot}
     return SlotContents(ports, sets, paths, contained)
+
+
+_PROTOCOL_OF = (layout.PROTOCOLS["tcp"], layout.PROTOCOLS["udp"])
+_VALUE_BYTES = C.sizeof(layout.PortEntries)
+_EMPTY_VALUE = bytes(_VALUE_BYTES)
+_ENTRIES = struct.Struct(f"={layout.PORTS_PER_VALUE}H")
+
+
+def _port_values(maps: Maps, slot: int) -> dict[int, bytes]:
+    """index -> raw value, for the nonzero values of the slot's part of the ports array."""
+    first = slot * 2 * layout.PORT_VALUES
+    raw = bytes(maps.ports.read_range(first, 2 * layout.PORT_VALUES))
+    found = {}
+    for i in range(2 * layout.PORT_VALUES):
+        value = raw[i * _VALUE_BYTES : (i + 1) * _VALUE_BYTES]
+        if value != _EMPTY_VALUE:
+            found[first + i] = value
+    return found
+
+
+def read_port_entries(maps: Maps, slot: int) -> dict[tuple[int, int], int]:
+    """(protocol, port) -> entry (enum pg_port_entry) of every port reserved in the slot."""
+    entries = {}
+    for index, value in _port_values(maps, slot).items():
+        within = index - slot * 2 * layout.PORT_VALUES
+        proto = _PROTOCOL_OF[within // layout.PORT_VALUES]
+        base = (within % layout.PORT_VALUES) * layout.PORTS_PER_VALUE
+        for position, entry in enumerate(_ENTRIES.unpack(value)):
+            if entry & layout.PORT_RESERVED:
+                entries[(proto, base + position)] = entry
+    return entries
 
 
 def owner_ids(maps: Maps, slot: int) -> dict[int, int]:
@@ -91,22 +131,23 @@ def same_config(a: layout.Config | None, b: layout.Config) -> bool:
 
 def clear_slot(maps: Maps, slot: int, readers_gone: Callable[[], None] | None = None) -> None:
     """Empty the slot. Paths first: once they are gone the cgroup trackers write no more
-    owners of the slot. readers_gone (libbpf.wait_for_programs) is called before the first
-    deletion, when there is anything to delete, for a slot programs may still be reading."""
-    for m in (maps.paths, maps.owners, maps.owner_ids, maps.sets, maps.ports):
+    owners of the slot; the port entries last. readers_gone (libbpf.wait_for_programs) is
+    called before the first deletion, when there is anything to delete, for a slot programs
+    may still be reading."""
+    for m in (maps.paths, maps.owners, maps.owner_ids, maps.sets):
         keys = [k for k in m.keys() if k.slot == slot]
         if keys and readers_gone is not None:
             readers_gone()
             readers_gone = None
-        if m is maps.ports:
-            # the bitmap words of these ports before the ports: a bit left set by an
-            # interruption only costs a lookup, a port without its bit would go unguarded
-            words = {layout.bit_word(slot, k.proto, k.port)[0] for k in keys}
-            maps.bits.update_many(sorted(words), [0] * len(words))
         m.delete_many(keys)
+    indices = sorted(_port_values(maps, slot))
+    if indices and readers_gone is not None:
+        readers_gone()
+    maps.ports.update_many(indices, [layout.PortEntries()] * len(indices))
 
 
 def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root: Path) -> None:
+    """Write the plan into a slot that clear_slot emptied."""
     maps.config.update(slot, cfg)
     for idx, path in enumerate(plan.paths):
         key = layout.PathKey(slot, path.encode())
@@ -126,23 +167,26 @@ def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root
             )
     for set_id, members in plan.sets.items():
         maps.sets.update(layout.SetKey(slot, set_id), set_value(members, plan.paths))
-    flags = {pair: layout.PORT_CONTAIN for pair in plan.contained}
-    maps.ports.update_many(
-        [(slot, proto, port) for proto, port in plan.ports],
-        [(set_id, flags.get(pair, 0)) for pair, set_id in plan.ports.items()],
-    )
-    # after the ports: a set bit sends the programs to an entry that is already there
-    words = bit_words(slot, plan.ports)
-    maps.bits.update_many(list(words), list(words.values()))
+    # last, after the sets they name
+    values = port_values(slot, plan.ports, plan.contained)
+    maps.ports.update_many(list(values), list(values.values()))
 
 
-def bit_words(slot: int, pairs) -> dict[int, int]:
-    """The nonzero words of the reserved-port bitmap of one slot (see bits in guard.h)."""
-    words: dict[int, int] = {}
-    for proto, port in pairs:
-        index, bit = layout.bit_word(slot, proto, port)
-        words[index] = words.get(index, 0) | (1 << bit)
-    return words
+def port_values(
+    slot: int, ports: dict[tuple[int, int], int], contained: frozenset[tuple[int, int]]
+) -> dict[int, layout.PortEntries]:
+    """The nonzero values of the slot's part of the ports array (see ports in guard.h)."""
+    values: dict[int, layout.PortEntries] = {}
+    for (proto, port), set_id in ports.items():
+        index, position = layout.port_index(slot, proto, port)
+        value = values.get(index)
+        if value is None:
+            value = values[index] = layout.PortEntries()
+        entry = layout.PORT_RESERVED | set_id
+        if (proto, port) in contained:
+            entry |= layout.PORT_CONTAIN
+        value.entry[position] = entry
+    return values
 
 
 def set_value(members: tuple[int, ...], paths: tuple[str, ...]) -> layout.SetVal:

@@ -3,6 +3,7 @@ never picks a port listed there. Per network namespace; it covers IPv6 too."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from guard.kernel import layout, libbpf
@@ -45,38 +46,77 @@ def write(ports: set[int], path: Path = RESERVED_PORTS) -> None:
     path.write_text(format_ports(ports) + "\n")
 
 
-# ---- the ports portguard added, recorded in the pinned sysctl_added map --------------------
+# ---- the ports portguard added, recorded in the pinned sysctl_added bitmap ------------------
 # Recorded before the write and forgotten after the drop: a killed run never forgets a port
 # it added, and remove takes away only those.
+
+
+def recorded(added: libbpf.Map) -> set[int]:
+    """The ports the bitmap records."""
+    words = added.read_range(0, layout.SYSCTL_WORDS)
+    return {
+        index * 64 + bit
+        for index, word in enumerate(words)
+        if word
+        for bit in range(64)
+        if word >> bit & 1
+    }
+
+
+def record(added: libbpf.Map, before: set[int], after: set[int]) -> None:
+    """Write the words in which `before` and `after` differ."""
+    words: dict[int, int] = {}
+    for port in after:
+        words[port // 64] = words.get(port // 64, 0) | 1 << port % 64
+    changed = sorted({port // 64 for port in before ^ after})
+    added.update_many(changed, [words.get(index, 0) for index in changed])
 
 
 def add(added: libbpf.Map, ports: set[int]) -> bool:
     current = read()
     missing = ports - current
-    added.update_many(sorted(missing), [1] * len(missing))  # first: a crash never forgets them
     if missing:
+        known = recorded(added)
+        record(added, known, known | missing)  # first: a crash never forgets them
         write(current | missing)
         libbpf.step()
     return bool(missing)
 
 
 def drop(added: libbpf.Map, keep: set[int]) -> bool:
-    stale = {k.value for k in added.keys()} - keep
+    known = recorded(added)
+    stale = known - keep
     if not stale:
         return False
-    current = read()
-    if current & stale:
-        write(current - stale)
-        libbpf.step()
-    added.delete_many(list(stale))  # forgotten last: a crash before this only repeats the drop
+    release(stale)
+    record(added, known, known - stale)  # forgotten last: a crash only repeats the drop
     return True
 
 
-def records(maps_dir: Path) -> libbpf.Map | None:
-    """The sysctl_added map of any maps directory (this layout's or an older one) whose map
-    still has that name and shape, so no layout change forgets what portguard added."""
+def release(ports: set[int]) -> None:
+    """Take these ports out of the sysctl (those still in it)."""
+    current = read()
+    if current & ports:
+        write(current - ports)
+        libbpf.step()
+
+
+def records(maps_dir: Path) -> set[int] | None:
+    """The ports recorded in the sysctl_added map of any maps directory (this layout's or an
+    older one, whose map may still be the hash of earlier layouts), so no layout change
+    forgets what portguard added; None when there is no such map."""
     fd = open_map(maps_dir / "sysctl_added", "sysctl_added")
+    if fd is not None:
+        spec = layout.MAPS["sysctl_added"]
+        try:
+            return recorded(libbpf.Map(fd, spec.key, spec.value))
+        finally:
+            os.close(fd)
+    legacy = layout.SYSCTL_ADDED_HASH
+    fd = open_map(maps_dir / "sysctl_added", "sysctl_added", legacy)
     if fd is None:
         return None
-    spec = layout.MAPS["sysctl_added"]
-    return libbpf.Map(fd, spec.key, spec.value)
+    try:
+        return {key.value for key in libbpf.Map(fd, legacy.key, legacy.value).keys()}
+    finally:
+        os.close(fd)

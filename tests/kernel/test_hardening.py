@@ -126,6 +126,42 @@ def test_maps_of_an_older_layout_are_taken_over_and_removed_keeping_the_sysctl_r
     assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == ""
 
 
+def _older_layout_with_hash_records(sandbox, ports: list[int]) -> None:
+    """maps-0123456789ab as layouts before the sysctl bitmap left it: sysctl_added a hash
+    (u16 port -> u8 1), and those ports in the sysctl."""
+    legacy = layout.SYSCTL_ADDED_HASH
+    fd = kernel.lib().bpf_map_create(legacy.type, b"sysctl_added", 2, 1, 1024, None)
+    assert fd >= 0
+    try:
+        records = kernel.Map(fd, legacy.key, legacy.value)
+        records.update_many(ports, [1] * len(ports))
+        older = Pins(sandbox.pin_dir).root / "maps-0123456789ab"
+        older.mkdir(mode=0o700)
+        kernel.pin(fd, older / "sysctl_added")
+    finally:
+        os.close(fd)
+    now = sandbox.sysctl("net.ipv4.ip_local_reserved_ports")
+    sandbox.sysctl("net.ipv4.ip_local_reserved_ports", ",".join([now, *map(str, ports)]).strip(","))
+
+
+def test_an_older_layouts_hash_of_sysctl_records_is_carried_over_and_dropped(sandbox):
+    applied(sandbox)
+    _older_layout_with_hash_records(sandbox, [FREE])
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == f"{PORT}-{FREE}"
+    applied(sandbox, ports=(str(PORT), str(FREE)))
+    assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
+    applied(sandbox)  # FREE leaves the policy: the record carried over takes it away
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == str(PORT)
+
+
+def test_remove_takes_away_what_an_older_layouts_hash_recorded(sandbox):
+    applied(sandbox)
+    _older_layout_with_hash_records(sandbox, [FREE])
+    sandbox.cli("remove")
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == ""
+    assert not sandbox.pin_dir.exists()
+
+
 def test_a_pin_dir_that_is_not_a_directory_is_one_clear_sentence(sandbox):
     applied(sandbox)
     occupied = sandbox.pin_dir / "link_bind4"  # a pinned object where the directory should be

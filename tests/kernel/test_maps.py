@@ -13,39 +13,57 @@ from guard.kernel import libbpf as kernel
 pytestmark = pytest.mark.kernel
 
 
-def applied_ports_map(sandbox, spec: str) -> kernel.Map:
-    sandbox.write_config(sandbox.owner_block([spec], "owner"))
+def hash_map(entries: int) -> kernel.Map:
+    """A fresh hash map (u32 -> u64), filled with `entries` elements one at a time."""
+    fd = kernel.lib().bpf_map_create(layout.HASH, b"pg_test_hash", 4, 8, 8192, None)
+    assert fd >= 0
+    m = kernel.Map(fd, layout.U32, layout.U64)
+    for i in range(entries):
+        m.update(i, i * 3)
+    return m
+
+
+def test_batched_reads_return_what_the_element_walk_returns():
+    m = hash_map(5000)  # more than one batch
+    try:
+        batched = {(k.value, v) for k, v in m.items()}
+        assert batched == {(i, i * 3) for i in range(5000)}
+        assert batched == {(k.value, v) for k, v in m._walk()}
+    finally:
+        os.close(m.fd)
+
+
+def test_batched_writes_and_deletes_skip_keys_already_gone():
+    m = hash_map(0)
+    try:
+        m.update_many(list(range(1, 10)), [7] * 9)
+        assert {k.value: v for k, v in m.items()} == dict.fromkeys(range(1, 10), 7)
+        assert m.delete_many([1, 2, 99, 3, *range(4, 10)]) == 9  # 99 was never there
+        assert m.items() == []
+    finally:
+        os.close(m.fd)
+
+
+def test_a_range_of_the_ports_array_reads_as_its_elements_do(sandbox):
+    sandbox.write_config(sandbox.owner_block(["20000-22499/tcp", "53/udp"], "owner"))
     sandbox.cli("apply")
     fd = kernel.get_pinned(sandbox.pin_dir / f"maps-{layout.LAYOUT}" / "ports")
     assert fd is not None
-    return kernel.Map(fd, layout.PortKey, layout.PortVal)
-
-
-def fields(pairs) -> set[tuple]:
-    return {(k.slot, k.proto, k.port, v.set) for k, v in pairs}
-
-
-def test_batched_reads_return_what_the_element_walk_returns(sandbox):
-    ports = applied_ports_map(sandbox, "20000-22499")  # 5,000 entries: more than one batch
+    ports = kernel.Map(fd, layout.U32, layout.PortEntries)
     try:
-        batched = fields(ports.items())
-        assert len(batched) == 5000
-        assert batched == fields(ports._walk())
+        total = layout.MAPS["ports"].max_entries
+        whole = ports.read_range(0, total)
+        part = ports.read_range(1000, 3000)
+        for i in (0, 999, 1000, 1001, 3999, 4000, total - 1):
+            assert bytes(whole[i]) == bytes(ports.lookup(i))
+        assert [bytes(v) for v in part] == [bytes(v) for v in whole[1000:4000]]
+        slot = _active(sandbox)
+        index, position = layout.port_index(slot, layout.PROTOCOLS["udp"], 53)
+        assert whole[index].entry[position] & layout.PORT_RESERVED
+        reserved = {(i, p) for i, v in enumerate(whole) for p, e in enumerate(v.entry) if e}
+        assert len(reserved) == 2501
     finally:
-        os.close(ports.fd)
-
-
-def test_batched_writes_and_deletes_skip_keys_already_gone(sandbox):
-    ports = applied_ports_map(sandbox, "7000")
-    spare = 1 - _active(sandbox)  # the slot no program reads
-    try:
-        ports.update_many([(spare, 6, p) for p in range(1, 10)], [(0, 0)] * 9)
-        assert {k.port for k, _ in ports.items() if k.slot == spare} == set(range(1, 10))
-        keys = [layout.PortKey(spare, 6, p) for p in (1, 2, 99, 3, *range(4, 10))]
-        assert ports.delete_many(keys) == 9  # 99 was never there
-        assert not [k for k, _ in ports.items() if k.slot == spare]
-    finally:
-        os.close(ports.fd)
+        os.close(fd)
 
 
 def _active(sandbox) -> int:

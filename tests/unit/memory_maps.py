@@ -11,9 +11,11 @@ from guard.kernel import layout
 class MemoryMap:
     """A map of ctypes keys and values kept in a dict; every write is logged."""
 
-    def __init__(self, name: str, key_type: type, value_type: type, log: list, percpu: bool):
-        self.name, self.key_type, self.value_type = name, key_type, value_type
-        self.log, self.percpu = log, percpu
+    def __init__(self, name: str, spec: layout.MapSpec, log: list):
+        self.name, self.key_type, self.value_type = name, spec.key, spec.value
+        self.log, self.percpu = log, spec.percpu
+        self.array = spec.type in (layout.ARRAY, layout.PERCPU_ARRAY)
+        self.max_entries = spec.max_entries
         self.data: dict[bytes, tuple[object, object]] = {}
         self.fd = -1
 
@@ -34,8 +36,12 @@ class MemoryMap:
         return copy
 
     def slot_of(self, key) -> int | None:
-        """The slot a key belongs to (the config map is indexed by slot)."""
-        return key.value if self.name == "config" else getattr(key, "slot", None)
+        """The slot a key belongs to (config is indexed by slot, ports by slot and port)."""
+        if self.name == "config":
+            return key.value
+        if self.name == "ports":
+            return layout.slot_of_port_index(key.value)
+        return getattr(key, "slot", None)
 
     def _out(self, value):
         """As libbpf.Map returns values: plain ints for scalar types, one per CPU per-CPU."""
@@ -43,8 +49,17 @@ class MemoryMap:
         return [value] if self.percpu else value
 
     def lookup(self, key):
-        found = self.data.get(bytes(self._key(key)))
+        key = self._key(key)
+        found = self.data.get(bytes(key))
+        if found is None and self.array and 0 <= key.value < self.max_entries:
+            return self._out(self.value_type())  # an array has every element, zero at first
         return None if found is None else self._out(found[1])
+
+    def read_range(self, start: int, count: int):
+        values = (self.value_type * count)()
+        for i in range(count):
+            values[i] = self.lookup(start + i)
+        return values
 
     def update(self, key, value, flags: int = 0) -> bool:
         key, value = self._key(key), self._value(value)
@@ -81,7 +96,7 @@ class MemoryMaps:
     def __init__(self):
         self.log: list[tuple[str, str, int | None]] = []
         self.by_name = {
-            name: MemoryMap(name, spec.key, spec.value, self.log, spec.percpu)
+            name: MemoryMap(name, spec, self.log)
             for name, spec in layout.MAPS.items()
         }
         self.fds = {name: -1 for name in layout.MAPS}
