@@ -19,9 +19,9 @@ from pathlib import Path
 from guard.errors import GuardError
 from guard.kernel import cgroups
 from guard.kernel.apply import apply, remove
-from guard.kernel.host import require_root
+from guard.kernel.host import netns_cookie, require_root
 from guard.kernel.layout import LIMITS
-from guard.observe import display
+from guard.observe import display, holders
 from guard.observe.state import read_state, with_origins
 from guard.policy import config, owners, plan
 
@@ -111,12 +111,16 @@ def run(echo=print) -> int:
         ):
             echo(line)
         echo("  this machine's own services are not touched.")
-        echo("\nThe guard, as `portguard status` shows it:")
-        state = with_origins(read_state(settings), the_plan.origins)
-        for line in display.status_lines(state, top):
-            echo(line)
+        # the two units the demo runs exist before status reads the owners (not "absent")
         cups = cgroups.directory(top + "/system.slice/cups.service", root)
         stranger = cgroups.directory(top + "/system.slice/rpcbind.service", root)
+        for directory in (cups, stranger):
+            directory.mkdir(parents=True, exist_ok=True)
+        echo("\nThe guard, as `portguard status` shows it:")
+        state = with_origins(read_state(settings), the_plan.origins)
+        state = holders.with_holders(state, netns_cookie())  # the demo is in the guarded netns
+        for line in display.status_lines(state, top):
+            echo(line)
         echo("\nWho may bind 631 (IPP, reserved for CUPS)?")
         outcomes = {
             "cups.service": _child(cups, "bind", 631),
