@@ -88,8 +88,8 @@ static __always_inline int reserved(void *ctx, __u32 protocol, __u16 port, __u32
  * ancestor id and one owner_ids lookup, however many owners the set has. */
 static __always_inline int is_owner(__u32 slot, __u32 set_id, struct bpf_sock *sk)
 {
-	struct pg_set_key key = { .slot = slot, .set = set_id };
-	struct pg_set_val *set = bpf_map_lookup_elem(&sets, &key);
+	__u32 index = set_id * PG_SLOTS + slot;
+	struct pg_set_val *set = bpf_map_lookup_elem(&sets, &index);
 
 	if (!set)
 		return 0;

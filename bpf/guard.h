@@ -61,15 +61,12 @@ struct pg_port_entries {
 	__u16 entry[PG_PORTS_PER_VALUE];
 };
 
-/* sets: the owners allowed to bind a port. The owner test visits only the depths where
- * the set has owners: at each, the caller's ancestor cgroup id is looked up in owner_ids
- * and its owner index tested in members. The cost is one lookup per such depth, whatever
- * the number of owners. */
-struct pg_set_key {
-	__u32 slot;
-	__u32 set;
-};
-
+/* sets: the owners allowed to bind a port, an array indexed by set * PG_SLOTS + slot (an
+ * inlined lookup; sized to the policy when created, a set beyond its end is no owner's);
+ * count 0: no such set. The owner test visits only the depths where the set has owners: at
+ * each, the caller's ancestor cgroup id is looked up in owner_ids and its owner index
+ * tested in members. The cost is one lookup per such depth, whatever the number of
+ * owners. */
 struct pg_set_val {
 	__u32 count;
 	__u16 owner[PG_MAX_OWNERS];  /* owner indices, see owners */
@@ -158,10 +155,9 @@ struct {
 } ports SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, PG_SLOTS * PG_MAX_SETS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct pg_set_key);
+	__type(key, __u32);
 	__type(value, struct pg_set_val);
 } sets SEC(".maps");
 

@@ -79,10 +79,6 @@ class PortEntries(C.Structure):
     _fields_ = [("entry", C.c_uint16 * PORTS_PER_VALUE)]
 
 
-class SetKey(C.Structure):
-    _fields_ = [("slot", C.c_uint32), ("set", C.c_uint32)]
-
-
 class SetVal(C.Structure):
     _fields_ = [
         ("count", C.c_uint32),
@@ -145,7 +141,6 @@ class Meta(C.Structure):
 # C struct name -> its mirror
 STRUCTS: dict[str, type[C.Structure]] = {
     "pg_port_entries": PortEntries,
-    "pg_set_key": SetKey,
     "pg_set_val": SetVal,
     "pg_path_key": PathKey,
     "pg_owner_key": OwnerKey,
@@ -180,7 +175,7 @@ class MapSpec:
 # The maps the controller reads and writes (events and scratch are the programs' own).
 MAPS: dict[str, MapSpec] = {
     "ports": MapSpec(ARRAY, U32, PortEntries, SLOTS * 2 * PORT_VALUES),
-    "sets": MapSpec(HASH, SetKey, SetVal, SLOTS * MAX_SETS),
+    "sets": MapSpec(ARRAY, U32, SetVal, SLOTS * MAX_SETS),
     "paths": MapSpec(HASH, PathKey, U32, SLOTS * MAX_OWNER_PATHS),
     "owners": MapSpec(HASH, OwnerKey, OwnerVal, SLOTS * MAX_OWNER_PATHS),
     "owner_ids": MapSpec(HASH, IdKey, U32, SLOTS * MAX_OWNER_PATHS),
@@ -245,3 +240,8 @@ def port_index(slot: int, proto: int, port: int) -> tuple[int, int]:
 
 def slot_of_port_index(index: int) -> int:
     return index // (2 * PORT_VALUES)
+
+
+def set_index(slot: int, set_id: int) -> int:
+    """The index of a slot's owner set in sets, as guard.bpf.c reads it."""
+    return set_id * SLOTS + slot

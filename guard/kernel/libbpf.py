@@ -723,6 +723,7 @@ class Map:
         self.value_type = value_type
         self.percpu = percpu
         self.ncpu = possible_cpus() if percpu else 1
+        self._max_entries: int | None = None
 
     def lookup(self, key) -> object | None:
         """The value (a list of per-CPU values for per-CPU maps), or None."""
@@ -833,6 +834,12 @@ class Map:
             if value is not None:
                 pairs.append((key, value))
         return pairs
+
+    @property
+    def max_entries(self) -> int:
+        if self._max_entries is None:
+            self._max_entries = map_info(self.fd).max_entries
+        return self._max_entries
 
     def read_range(self, start: int, count: int):
         """Values start .. start + count - 1 of an array map, as one ctypes array, read in one

@@ -55,7 +55,10 @@ def read_slot(
     (as an earlier read of this slot returned them), without walking the owner paths again."""
     if only is None:
         entries = read_port_entries(maps, slot)
-        sets = {k.set: tuple(v.owner[: v.count]) for k, v in maps.sets.items() if k.slot == slot}
+        sets = {
+            index // layout.SLOTS: tuple(value.owner[: value.count])
+            for index, value in _set_values(maps, slot).items()
+        }
     else:
         entries = {}
         values: dict[int, layout.PortEntries | None] = {}
@@ -68,8 +71,8 @@ def read_slot(
                 entries[(proto, port)] = value.entry[position]
         sets = {}
         for set_id in {entry & layout.PORT_SET for entry in entries.values()}:
-            members = maps.sets.lookup(layout.SetKey(slot, set_id))
-            if members is not None:
+            members = maps.sets.lookup(layout.set_index(slot, set_id))
+            if members is not None and members.count:
                 sets[set_id] = tuple(members.owner[: members.count])
     ports = {pair: entry & layout.PORT_SET for pair, entry in entries.items()}
     contained = frozenset(pair for pair, entry in entries.items() if entry & layout.PORT_CONTAIN)
@@ -94,6 +97,16 @@ def _port_values(maps: Maps, slot: int) -> dict[int, bytes]:
         if value != _EMPTY_VALUE:
             found[first + i] = value
     return found
+
+
+def _set_values(maps: Maps, slot: int) -> dict[int, layout.SetVal]:
+    """index -> value, for the sets of the slot (count > 0)."""
+    values = maps.sets.read_range(0, maps.sets.max_entries)
+    return {
+        index: value
+        for index in range(slot, len(values), layout.SLOTS)
+        if (value := values[index]).count
+    }
 
 
 def read_port_entries(maps: Maps, slot: int) -> dict[tuple[int, int], int]:
@@ -134,16 +147,20 @@ def clear_slot(maps: Maps, slot: int, readers_gone: Callable[[], None] | None = 
     owners of the slot; the port entries last. readers_gone (libbpf.wait_for_programs) is
     called before the first deletion, when there is anything to delete, for a slot programs
     may still be reading."""
-    for m in (maps.paths, maps.owners, maps.owner_ids, maps.sets):
+    for m in (maps.paths, maps.owners, maps.owner_ids):
         keys = [k for k in m.keys() if k.slot == slot]
         if keys and readers_gone is not None:
             readers_gone()
             readers_gone = None
         m.delete_many(keys)
-    indices = sorted(_port_values(maps, slot))
-    if indices and readers_gone is not None:
-        readers_gone()
-    maps.ports.update_many(indices, [layout.PortEntries()] * len(indices))
+    for m, indices, empty in (
+        (maps.sets, sorted(_set_values(maps, slot)), layout.SetVal()),
+        (maps.ports, sorted(_port_values(maps, slot)), layout.PortEntries()),
+    ):
+        if indices and readers_gone is not None:
+            readers_gone()
+            readers_gone = None
+        m.update_many(indices, [empty] * len(indices))
 
 
 def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root: Path) -> None:
@@ -166,7 +183,7 @@ def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root
                 libbpf.BPF_NOEXIST,
             )
     for set_id, members in plan.sets.items():
-        maps.sets.update(layout.SetKey(slot, set_id), set_value(members, plan.paths))
+        maps.sets.update(layout.set_index(slot, set_id), set_value(members, plan.paths))
     # last, after the sets they name
     values = port_values(slot, plan.ports, plan.contained)
     maps.ports.update_many(list(values), list(values.values()))

@@ -55,3 +55,22 @@ def test_a_policy_that_outgrows_its_maps_gets_new_ones_and_keeps_its_counts(sand
     sandbox.cli("apply")
     assert max_entries(sandbox) == grown
     assert denied(sandbox) == 2  # the first refusal and the one after growing
+
+
+def test_more_owner_sets_than_the_sets_array_holds_get_new_maps_and_each_owner_its_port(sandbox):
+    """sets is an array indexed by set id: a policy with more sets than it was made for gets
+    a larger one, and every set is read where the programs look for it."""
+    sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp"], "owner"))
+    sandbox.cli("apply")
+    small = max_entries(sandbox)["sets"]
+    count = small  # with both slots, twice as many entries as the array has
+    sandbox.write_config(
+        "".join(sandbox.owner_block([f"{PORT + i}/tcp"], f"o{i}") for i in range(count))
+    )
+    sandbox.cli("apply")
+    assert max_entries(sandbox)["sets"] >= 2 * count
+    for i in (0, count // 2, count - 1):
+        case = [("v4", "tcp", PORT + i)]
+        assert sandbox.bind(f"o{i}", case) == {f"v4/tcp/{PORT + i}": 0}
+        other = f"o{(i + 1) % count}"
+        assert sandbox.bind(other, case) == {f"v4/tcp/{PORT + i}": errno.EADDRINUSE}

@@ -15,7 +15,8 @@ class MemoryMap:
         self.name, self.key_type, self.value_type = name, spec.key, spec.value
         self.log, self.percpu = log, spec.percpu
         self.array = spec.type in (layout.ARRAY, layout.PERCPU_ARRAY)
-        self.max_entries = spec.max_entries
+        # maps sized to the policy: as small as a small policy makes them
+        self.max_entries = 256 if name in layout.SIZED_MAPS else spec.max_entries
         self.data: dict[bytes, tuple[object, object]] = {}
         self.fd = -1
 
@@ -36,9 +37,12 @@ class MemoryMap:
         return copy
 
     def slot_of(self, key) -> int | None:
-        """The slot a key belongs to (config is indexed by slot, ports by slot and port)."""
+        """The slot a key belongs to (config is indexed by slot, sets by set and slot, ports
+        by slot and port)."""
         if self.name == "config":
             return key.value
+        if self.name == "sets":
+            return key.value % layout.SLOTS
         if self.name == "ports":
             return layout.slot_of_port_index(key.value)
         return getattr(key, "slot", None)
@@ -95,10 +99,7 @@ class MemoryMaps:
 
     def __init__(self):
         self.log: list[tuple[str, str, int | None]] = []
-        self.by_name = {
-            name: MemoryMap(name, spec, self.log)
-            for name, spec in layout.MAPS.items()
-        }
+        self.by_name = {name: MemoryMap(name, spec, self.log) for name, spec in layout.MAPS.items()}
         self.fds = {name: -1 for name in layout.MAPS}
 
     def __getattr__(self, name: str) -> MemoryMap:
