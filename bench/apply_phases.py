@@ -1,6 +1,7 @@
 """Where the CPU time of one `portguard apply` goes, per phase (run as its own process).
 
-python -m bench.apply_phases --config PATH [apply args]: runs the CLI's apply in this process
+python -m bench.apply_phases --config PATH apply: runs `portguard apply` (guard/entry.py's path,
+without click) in this process
 with the functions of each phase wrapped in CPU-time (user+sys of this process) counters, and
 prints one line `PHASES {json}` on stderr: {"phase": ms, ...}, plus "subprocesses" (children
 started). The interpreter's own start is not in it (measure `python -c pass` beside it).
@@ -41,33 +42,35 @@ def main() -> int:
     subprocess.Popen.__init__ = counting_init  # type: ignore[method-assign]
 
     begin = time.process_time()
-    import guard.cli as cli
+    import guard.commands as commands
+    import guard.entry as entry
 
-    spent["import guard.cli (click, config)"] = (time.process_time() - begin) * 1000
+    spent["import guard.entry, guard.commands (config)"] = (time.process_time() - begin) * 1000
     from guard.kernel import apply as apply_mod
     from guard.kernel import host, libbpf, objects
 
     spent["import guard.kernel.apply (libbpf binding, layout)"] = (
         time.process_time() - begin
-    ) * 1000 - spent["import guard.cli (click, config)"]
-    wrap(cli, "_load_config", "read configuration")
+    ) * 1000 - spent["import guard.entry, guard.commands (config)"]
+    wrap(commands, "load_config", "read configuration")
     from guard.policy import declared
 
     # inside "read configuration": every unit file scanned for X-PortGuard-Reserve=
     wrap(declared, "read", "of which: unit files (X-PortGuard-Reserve=)")
-    wrap(cli, "_plan", "resolve owners, build plan")
+    wrap(commands, "plan_of", "resolve owners, build plan")
     wrap(host, "preflight", "preflight (mounts, cgroup)")
     wrap(host, "choose_denial", "feature probes (set_retval, netns cookie)")
     wrap(libbpf, "has_packet_netns_cookie", "feature probes (set_retval, netns cookie)")
     wrap(objects, "ensure_object", "find the object")
     wrap(libbpf, "load_object", "libbpf: open, load (verifier), pin maps")
     wrap(apply_mod._Transaction, "run", "transaction (load, attach, fill, flip)")
-    wrap(cli, "_squatters_of_plan", "squatter scan")
-    try:
-        cli.main(sys.argv[1:] or ["apply"], standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code:
-            raise
+    wrap(commands, "squatters_of_plan", "squatter scan")
+    plain, config_path = entry.plain_apply(sys.argv[1:] or ["apply"])
+    if not plain:
+        raise SystemExit(f"not a plain apply: {sys.argv[1:]}")
+    code = entry.run_apply(config_path)
+    if code:
+        raise SystemExit(code)
     total = (time.process_time() - T0) * 1000
     transaction = spent.get("transaction (load, attach, fill, flip)", 0.0)
     spent["transaction (load, attach, fill, flip)"] = transaction - spent.get(

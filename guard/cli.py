@@ -1,4 +1,7 @@
-"""Command line: portguard apply|status|check|remove|build, and the portrelease shim.
+"""Command line: portguard apply|status|check|remove|build|monitor|demo|import-portreserve.
+
+A plain `portguard apply` (the boot path) does not come here: guard/entry.py runs it without
+click, through the same guard/commands.py as the apply command below.
 
 Exit codes (README, portguard(8) EXIT STATUS):
   0  ok: the guard is loaded, as the files say, and no reserved port is held by a non-owner
@@ -13,94 +16,60 @@ When several hold, `status` exits with the first of 4, 3, 5; `status --json` car
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
 
 import click
 
+from guard.commands import (
+    CommandError,
+    ConfigProblem,
+    RuntimeProblem,
+    config_files,
+    load_config,
+    plan_of,
+    runtime,
+    settings_only,
+)
+from guard.commands import apply as apply_guard
 from guard.policy import config as config_mod
 
-EXIT_RUNTIME = 1
-EXIT_CONFIG = 2
 EXIT_SQUATTER = 3
 EXIT_NOT_LOADED = 4
 EXIT_CONFIG_DIFFERS = 5
 
 
-class ConfigProblem(click.ClickException):
-    exit_code = EXIT_CONFIG
+class _Problem(click.ClickException):
+    """A CommandError as click shows it: "Error: ..." on stderr, its exit code."""
+
+    def __init__(self, error: CommandError) -> None:
+        super().__init__(error.message)
+        self.exit_code = error.exit_code
 
 
-class RuntimeProblem(click.ClickException):
-    exit_code = EXIT_RUNTIME
-
-
-def _config_files(path: str | None) -> list[Path]:
-    """The files to read; one that cannot be read is exit 2 with its name, never skipped."""
-    main = Path(path) if path else config_mod.DEFAULT_CONFIG
-    try:
-        if path:
-            main.lstat()
-        return config_mod.config_files(main)
-    except FileNotFoundError:
-        raise ConfigProblem(f"{main}: no such configuration file") from None
-    except config_mod.ConfigError as exc:
-        raise ConfigProblem(f"cannot read the configuration: {exc}") from None
-    except OSError as exc:
-        raise ConfigProblem(f"cannot read the configuration: {main}: {exc.strerror}") from None
-
-
-def _load_config(path: str | None) -> config_mod.Config:
-    files = _config_files(path)
-    try:
-        return config_mod.load(files)
-    except config_mod.ConfigError as exc:
-        raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CommandError as exc:
+            raise _Problem(exc) from None
 
 
 def _load_settings(path: str | None) -> config_mod.Settings:
     """Settings for commands that only read or tear down: a reservation error elsewhere in
     the files is reported as a warning, not a reason to be blind (unreadable files are)."""
-    _config_files(path)
+    config_files(path)
     try:
-        return _load_config(path).settings
+        return load_config(path).settings
     except ConfigProblem as exc:
         from guard.observe.display import warning_line
 
         click.echo(warning_line(exc.message), err=True)
-    return _settings_only(path)
+    return settings_only(path)
 
 
-def _settings_only(path: str | None) -> config_mod.Settings:
-    files = _config_files(path)
-    try:
-        return config_mod.load_settings(files)
-    except config_mod.ConfigError as exc:
-        raise ConfigProblem(f"invalid [guard] settings:\n{exc}") from None
-
-
-def _plan(cfg: config_mod.Config):
-    from guard.kernel.layout import LIMITS
-    from guard.policy import owners, plan
-
-    try:
-        return plan.build(cfg.settings, *owners.resolve_all(cfg), LIMITS)
-    except config_mod.ConfigError as exc:
-        raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
-
-
-def _runtime(fn, *args):
-    from guard.errors import GuardError
-
-    try:
-        return fn(*args)
-    except GuardError as exc:
-        raise RuntimeProblem(str(exc)) from None
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -132,52 +101,10 @@ def apply(config_path: str | None, dry_run: bool) -> None:
     """Load or update the guard to match the configuration, then exit (the guard stays).
     With --dry-run: validate the files (exit 2 when invalid), resolve the owners, print the
     reservations and what apply would change against the loaded guard; nothing is changed."""
-    from guard.observe import outcome
-
     if dry_run:
         _dry_run(config_path)
         return
-    try:
-        pin_dir = _apply(config_path)
-    except click.ClickException as exc:
-        outcome.record_failure(_pin_dir_for_record(config_path), exc.format_message())
-        raise
-    outcome.clear(pin_dir)
-
-
-def _pin_dir_for_record(config_path: str | None) -> str:
-    """The pin directory the configuration names, as far as it can be read at all."""
-    main = Path(config_path) if config_path else config_mod.DEFAULT_CONFIG
-    try:
-        return config_mod.load_settings(config_mod.config_files(main)).pin_dir
-    except (config_mod.ConfigError, OSError):
-        return config_mod.Settings().pin_dir
-
-
-def _apply(config_path: str | None) -> str:
-    """Apply; the pin directory applied to."""
-    from guard.kernel.apply import apply as apply_plan
-    from guard.kernel.host import DENY_EPERM
-    from guard.observe import display
-    from guard.policy import resvport
-
-    cfg = _load_config(config_path)
-    plan = _plan(cfg)
-    for line in display.unit_file_lines(cfg.unit_problems, cfg.unit_notes):
-        click.echo(line, err=True)
-    result = _runtime(apply_plan, plan)
-    for note in result.warnings:
-        click.echo(display.warning_line(note), err=True)
-    seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number
-    exposed = resvport.exposed((port for _, port in plan.ports), seen)
-    if exposed:
-        click.echo(display.warning_line(resvport.warning(exposed, errno.errorcode[seen])), err=True)
-    for squatter in _squatters_of_plan(plan):
-        click.echo(display.warning_line(display.squatter_text(squatter)), err=True)
-    click.echo(
-        display.apply_line(result.changed, len(plan.ports), len(plan.paths), plan.settings.mode)
-    )
-    return plan.settings.pin_dir
+    apply_guard(config_path)
 
 
 def _dry_run(config_path: str | None) -> None:
@@ -186,8 +113,8 @@ def _dry_run(config_path: str | None) -> None:
     from guard.observe.state import read_state
     from guard.policy import owners
 
-    cfg = _load_config(config_path)
-    the_plan = _plan(cfg)
+    cfg = load_config(config_path)
+    the_plan = plan_of(cfg)
     skipped = [block for block in cfg.blocks if not owners.block_applies(block)]
     for line in display.plan_lines(cfg, the_plan, skipped):
         click.echo(line)
@@ -196,31 +123,12 @@ def _dry_run(config_path: str | None) -> None:
     if os.geteuid() != 0:
         click.echo("portguard: not compared with the loaded guard: that needs root")
         return
-    state = _runtime(read_state, the_plan.settings)
+    state = runtime(read_state, the_plan.settings)
     if not state.loaded:
         click.echo("portguard: apply would load the guard: none is loaded")
         return
     for line in display.dry_run_changes(drift.differences(the_plan, state)):
         click.echo(line)
-
-
-def _squatters_of_plan(plan) -> list:
-    """Holders of the planned ports that are not owners (apply runs in the guarded netns).
-    /proc/net is read first: only when a reserved port is held does sock_diag run."""
-    from guard.kernel.layout import PROTOCOL_NAMES
-    from guard.observe.procnet import bound_ports
-
-    bound = bound_ports()
-    reservations = [
-        (port, PROTOCOL_NAMES[proto], [plan.paths[i] for i in plan.sets[set_id]])
-        for (proto, port), set_id in plan.ports.items()
-        if (port, PROTOCOL_NAMES[proto]) in bound
-    ]
-    if not reservations:
-        return []
-    from guard.observe.holders import find  # sock_diag, processes, units: only when held
-
-    return find(reservations)
 
 
 @main.command()
@@ -231,7 +139,7 @@ def remove(config_path: str | None) -> None:
     from guard.observe import outcome
     from guard.observe.display import remove_line
 
-    click.echo(remove_line(_runtime(remove_guard, _load_settings(config_path))))
+    click.echo(remove_line(runtime(remove_guard, _load_settings(config_path))))
     outcome.removed()
 
 
@@ -282,10 +190,10 @@ def status(
     from guard.policy import resvport
 
     output_format = "json" if as_json else output_format
-    _config_files(config_path)  # unreadable: exit 2 at once
+    config_files(config_path)  # unreadable: exit 2 at once
     cfg, problem = _config_or_problem(config_path)
-    settings = cfg.settings if cfg else _settings_only(config_path)
-    state = _runtime(read_state, settings)
+    settings = cfg.settings if cfg else settings_only(config_path)
+    state = runtime(read_state, settings)
     state = holders.with_holders(state, netns_cookie())
     failure = outcome.last_failure(settings.pin_dir)
     differences, origins = _differences(cfg, problem, state) if state.loaded else ([], {})
@@ -347,7 +255,7 @@ def _write_lines(lines: list[str], output: Path | None) -> None:
 def _config_or_problem(config_path: str | None) -> tuple[config_mod.Config | None, str | None]:
     """The configuration, or why it cannot be loaded (status reports that, it does not stop)."""
     try:
-        return _load_config(config_path), None
+        return load_config(config_path), None
     except ConfigProblem as exc:
         return None, exc.message
 
@@ -359,7 +267,7 @@ def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> t
 
     if cfg is not None:
         try:
-            plan = _plan(cfg)
+            plan = plan_of(cfg)
         except ConfigProblem as exc:
             problem = exc.message
         else:
@@ -386,8 +294,8 @@ def check(config_path: str | None, port: str, as_json: bool) -> None:
     cfg, problem = _config_or_problem(config_path)
     if cfg is None:  # as _load_settings, without reading the files a second time
         click.echo(display.warning_line(problem), err=True)
-    settings = cfg.settings if cfg else _settings_only(config_path)
-    state = _runtime(read_state, settings, pairs)
+    settings = cfg.settings if cfg else settings_only(config_path)
+    state = runtime(read_state, settings, pairs)
     if cfg is not None:
         applying = (block for block in cfg.blocks if owners.block_applies(block))
         state = with_origins(state, plan.port_origins(applying, pairs))
@@ -451,7 +359,7 @@ def monitor(
     def ready() -> None:
         click.echo(display.monitor_ready_line(settings.pin_dir), err=True)
 
-    summary = _runtime(
+    summary = runtime(
         lambda: monitor_mod.run(
             Path(settings.pin_dir),
             sink,
@@ -492,7 +400,7 @@ def demo() -> None:
     show refusals and bindresvport() moving on, then remove everything."""
     from guard import demo as demo_mod
 
-    _runtime(demo_mod.run, click.echo)
+    runtime(demo_mod.run, click.echo)
 
 
 @main.command("import-portreserve")
@@ -556,8 +464,3 @@ def _write_dropins(entries, unit_dir: Path, directory: str) -> None:
             raise RuntimeProblem(f"cannot write {path}: {exc.strerror}") from None
     for line in dropins_written_lines([str(p) for p in wanted], directory):
         click.echo(line)
-
-
-def portrelease() -> None:
-    """portreserve's portrelease: with portguard there is nothing to release, ever."""
-    sys.exit(0)

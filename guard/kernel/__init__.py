@@ -5,7 +5,7 @@ contract in bpf/guard.h), objects (the compiled object), pins and slots (what is
 how a slot is encoded), host (preflight, features, locks), sysctl, programs, apply (the
 apply/remove transaction).
 
-Import rule: kernel imports guard.policy (plans and settings) and never guard.observe,
-guard.cli or guard.demo. Nothing outside kernel imports guard.kernel.apply except the
-commands on top (cli, demo).
+Import rule: kernel imports guard.policy (plans and settings) and never guard.observe or the
+commands on top (guard.commands, guard.entry, guard.cli, guard.demo). Nothing outside kernel
+imports guard.kernel.apply except those commands.
 """

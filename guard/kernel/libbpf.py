@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,8 @@ def step() -> None:
     global _steps
     _steps += 1
     if _FAULT_AFTER and _steps >= _FAULT_AFTER:
+        import signal
+
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -32,28 +32,26 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from guard.kernel.cgroups import CgroupError, cgroup2_mount, unit_of_cgroup
+from guard.observe.procnet import (
+    INET_DIAG_MSG_LEN,
+    NETLINK_SOCK_DIAG,
+    NLMSG_HDRLEN,
+    RECV_BYTES,
+    SS_LISTEN,
+    diag_replies,
+    diag_request,
+)
 from guard.observe.state import GuardState
 
 PROC = Path("/proc")
 
-# include/uapi/linux/inet_diag.h: the attribute's type (a u64) and the fixed part of a reply,
-# struct nlmsghdr then struct inet_diag_msg, after which the attributes start.
+# include/uapi/linux/inet_diag.h: the attribute's type (a u64); a reply is struct nlmsghdr then
+# struct inet_diag_msg, after which the attributes start (the request: procnet.py).
 INET_DIAG_CGROUP_ID = 21
-_NLMSG_HDRLEN = 16
-_INET_DIAG_MSG_LEN = 72
-_INET_DIAG_SOCKID_LEN = 48  # ports, addresses, interface, cookie
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_NLM_F_REQUEST = 0x1
-_NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
-_RECV_BYTES = 1 << 16
 _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 _SS_ESTABLISHED = 1
 _SS_CLOSE = 7
-_SS_LISTEN = 10
 # TCP_BOUND_INACTIVE (Linux 6.3+): a pseudo-state that must be asked for explicitly and makes
 # the kernel also dump TCP sockets that are bound but neither listening nor connected (they are
 # reported with state CLOSE). Older kernels ignore the bit, so such sockets are then not seen.
@@ -63,7 +61,7 @@ _SS_BOUND_INACTIVE = 13
 # sockets also sit on their local port, but nearly all of them are accepted children of a
 # listener (already reported) or clients on ephemeral ports, so listing them would bury the
 # answer.
-_TCP_HOLDING_STATES = (1 << _SS_LISTEN) | (1 << _SS_BOUND_INACTIVE)
+_TCP_HOLDING_STATES = (1 << SS_LISTEN) | (1 << _SS_BOUND_INACTIVE)
 # Every UDP socket in the table is bound: unconnected ones are CLOSE, connected ones ESTABLISHED.
 _UDP_HOLDING_STATES = (1 << _SS_CLOSE) | (1 << _SS_ESTABLISHED)
 
@@ -165,7 +163,7 @@ def _dump_sockets(protocols: Iterable[str]) -> list[_Socket]:
     """
     found: list[_Socket] = []
     with socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
     ) as nl:
         nl.bind((0, 0))
         seq = 0
@@ -176,43 +174,21 @@ def _dump_sockets(protocols: Iterable[str]) -> list[_Socket]:
                 nl.sendall(diag_request(family, ipproto, states, seq))
                 done = False
                 while not done:
-                    done = parse_diag_replies(nl.recv(_RECV_BYTES), protocol, seq, found)
+                    done = parse_diag_replies(nl.recv(RECV_BYTES), protocol, seq, found)
     return found
-
-
-def diag_request(family: int, ipproto: int, states: int, seq: int) -> bytes:
-    """A SOCK_DIAG_BY_FAMILY dump request: nlmsghdr + struct inet_diag_req_v2 (every socket of
-    the family and protocol in the given states; the socket id left empty)."""
-    request = struct.pack("=BBBBI", family, ipproto, 0, 0, states) + bytes(_INET_DIAG_SOCKID_LEN)
-    flags = _NLM_F_REQUEST | _NLM_F_DUMP
-    return struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, flags, seq, 0) + request
 
 
 def parse_diag_replies(data: bytes, protocol: str, seq: int, found: list[_Socket]) -> bool:
     """Append the sockets of one receive buffer of a dump to found; True once the dump is
     done. A netlink error (e.g. a kernel without inet_diag for this family) raises OSError."""
-    offset = 0
-    while offset + _NLMSG_HDRLEN <= len(data):
-        length, msg_type, _, msg_seq, _ = struct.unpack_from("=IHHII", data, offset)
-        if length < _NLMSG_HDRLEN:
-            break
-        if msg_seq == seq:
-            if msg_type == _NLMSG_DONE:
-                return True
-            if msg_type == _NLMSG_ERROR:
-                (error,) = struct.unpack_from("=i", data, offset + _NLMSG_HDRLEN)
-                if error:
-                    raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
-                return True
-            if msg_type == _SOCK_DIAG_BY_FAMILY and length >= _NLMSG_HDRLEN + _INET_DIAG_MSG_LEN:
-                found.append(_diag_socket(data, offset, protocol))
-        offset += (length + 3) & ~3
-    return False
+    offsets, done = diag_replies(data, seq)
+    found.extend(_diag_socket(data, offset, protocol) for offset in offsets)
+    return done
 
 
 def _diag_socket(data: bytes, offset: int, protocol: str) -> _Socket:
     """One struct inet_diag_msg (after its nlmsghdr at offset) as a _Socket."""
-    body = offset + _NLMSG_HDRLEN
+    body = offset + NLMSG_HDRLEN
     family = data[body]
     (port,) = struct.unpack_from(">H", data, body + 4)
     source = data[body + 8 : body + 8 + (4 if family == socket.AF_INET else 16)]
@@ -232,7 +208,7 @@ def cgroup_id_attribute(data: bytes, offset: int = 0) -> int:
     buffer may hold several), read from its attribute list; 0 when it has none."""
     (length,) = struct.unpack_from("=I", data, offset)
     end = min(offset + length, len(data))
-    position = offset + _NLMSG_HDRLEN + _INET_DIAG_MSG_LEN
+    position = offset + NLMSG_HDRLEN + INET_DIAG_MSG_LEN
     while position + 4 <= end:
         attr_length, attr_type = struct.unpack_from("=HH", data, position)
         if attr_length < 4:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -647,6 +646,8 @@ def _run_systemctl_show(
     for prop in properties:
         command += ["-p", prop]
     command += ["--", *names]
+    import subprocess  # here: apply at boot, before systemd answers, never needs it
+
     try:
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT, check=False

@@ -37,7 +37,7 @@ def test_check_rejects_a_range_as_usage_error():
 
 def test_portrelease_succeeds_and_does_nothing(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", "from guard.cli import portrelease; portrelease()", "cups"],
+        [sys.executable, "-c", "from guard.entry import portrelease; portrelease()", "cups"],
         capture_output=True,
         text=True,
     )

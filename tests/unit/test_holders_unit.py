@@ -128,8 +128,8 @@ def test_empty_port_filter_asks_nothing():
     assert holders([]) == []
 
 
-def test_bound_ports_reads_listening_tcp_and_bound_udp(tmp_path):
-    from guard.observe.procnet import bound_ports
+def test_proc_net_ports_reads_listening_tcp_and_bound_udp(tmp_path):
+    from guard.observe.procnet import proc_net_ports
 
     header = "  sl  local_address rem_address   st tx_queue rx_queue\n"
     (tmp_path / "tcp").write_text(
@@ -140,7 +140,29 @@ def test_bound_ports_reads_listening_tcp_and_bound_udp(tmp_path):
         "00000000000000000000000000000000:0000 0A 0\n"
     )
     (tmp_path / "udp").write_text(header + "   0: 00000000:0277 00000000:0000 07 0\n")
-    assert bound_ports(tmp_path) == {(631, "tcp"), (873, "tcp"), (631, "udp")}
+    names = ("tcp", "tcp6", "udp", "udp6")
+    assert proc_net_ports(tmp_path, names) == {(631, "tcp"), (873, "tcp"), (631, "udp")}
+
+
+def test_sock_diag_sees_the_listening_tcp_ports_that_proc_net_lists():
+    from guard.observe.procnet import PROC_NET, bound_ports, listening_tcp_ports, proc_net_ports
+
+    with (
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listening,
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bound_only,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+    ):
+        listening.bind(("::1", 0))
+        listening.listen()
+        bound_only.bind(("127.0.0.1", 0))
+        udp.bind(("127.0.0.1", 0))
+        port, unlistened = listening.getsockname()[1], bound_only.getsockname()[1]
+        from_kernel = listening_tcp_ports()
+        from_proc = {p for p, _ in proc_net_ports(PROC_NET, ("tcp", "tcp6"))}
+        both = bound_ports()
+        assert (udp.getsockname()[1], "udp") in both
+    assert port in from_kernel and unlistened not in from_kernel
+    assert from_kernel == from_proc and (port, "tcp") in both
 
 
 # ---- INET_DIAG_CGROUP_ID from a raw sock_diag reply -------------------------------------------

@@ -16,6 +16,7 @@ import click
 import pytest
 
 from guard import cli
+from guard import commands as command_core
 from guard.kernel.layout import LIMITS
 from guard.policy import config, owners, plan
 from guard.policy.defaults import default_policy_text
@@ -191,7 +192,12 @@ def test_portguard_8_describes_every_command_and_option():
 
 def test_portguard_8_documents_every_exit_code():
     exit_section = roff_text(PORTGUARD_8).split(".SH EXIT STATUS", 1)[1].split("\n.SH ", 1)[0]
-    codes = {0} | {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
+    codes = {0} | {
+        value
+        for module in (cli, command_core)
+        for name, value in vars(module).items()
+        if name.startswith("EXIT_")
+    }
     assert set(map(int, re.findall(r"^\.B (\d+)$", exit_section, re.MULTILINE))) == codes
 
 

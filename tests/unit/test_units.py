@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -406,9 +407,9 @@ def test_ask_systemd_survives_a_missing_or_hung_systemctl(monkeypatch):
     monkeypatch.setattr(units, "systemd_running", lambda: True)
 
     def hang(*args, **kwargs):
-        raise units.subprocess.TimeoutExpired(args[0], units.SYSTEMCTL_TIMEOUT)
+        raise subprocess.TimeoutExpired(args[0], units.SYSTEMCTL_TIMEOUT)
 
-    monkeypatch.setattr(units.subprocess, "run", hang)
+    monkeypatch.setattr(subprocess, "run", hang)
     assert units.ask_systemd("db.service") is None
 
 
@@ -513,9 +514,9 @@ def _fake_systemctl_process(monkeypatch, answers: dict[str, dict[str, str]]):
             "\n".join(f"{k}={v}" for k, v in answers.get(n, {"Id": n, **unknown}).items())
             for n in names
         ]
-        return units.subprocess.CompletedProcess(command, 0, "\n\n".join(blocks) + "\n", "")
+        return subprocess.CompletedProcess(command, 0, "\n\n".join(blocks) + "\n", "")
 
-    monkeypatch.setattr(units.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)
     return calls
 
 
@@ -554,9 +555,9 @@ def test_a_hung_systemctl_is_waited_for_once_per_batch(monkeypatch):
 
     def hang(command, **kwargs):
         calls.append(command)
-        raise units.subprocess.TimeoutExpired(command, units.SYSTEMCTL_TIMEOUT)
+        raise subprocess.TimeoutExpired(command, units.SYSTEMCTL_TIMEOUT)
 
-    monkeypatch.setattr(units.subprocess, "run", hang)
+    monkeypatch.setattr(subprocess, "run", hang)
     with units.systemd_batch(["a.service", "b.service"]):
         assert resolve_unit("a.service") == "/system.slice/a.service"
         assert resolve_unit("b.service") == "/system.slice/b.service"
@@ -569,11 +570,11 @@ def test_a_batch_answer_that_does_not_split_per_unit_falls_back_to_one_question_
 
     def run(command, **kwargs):
         calls.append(command)
-        return units.subprocess.CompletedProcess(
+        return subprocess.CompletedProcess(
             command, 0, "Id=db.service\nSlice=data.slice\nLoadState=loaded\nControlGroup=\n", ""
         )
 
-    monkeypatch.setattr(units.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)
     with units.systemd_batch(["db.service", "other.service"]):
         assert resolve_unit("db.service") == "/data.slice/db.service"
     assert len(calls) == 3  # the batch, db.service, -.slice (for a not-started unit's root)

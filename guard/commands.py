@@ -1,0 +1,160 @@
+"""What the commands do, without click: read the configuration, plan, apply.
+
+`portguard apply` runs early at every boot (systemd/portguard.service), so its path is kept off
+click: guard/entry.py runs it from here directly, and the click CLI (guard/cli.py) runs the very
+same functions for every other command line. A failure is a CommandError (a sentence and an exit
+code); entry.py prints it as click would ("Error: ..." on stderr), cli.py hands it to click.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from pathlib import Path
+
+from guard.policy import config as config_mod
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+class CommandError(Exception):
+    """A failure stated as one sentence for the user, and the exit code it ends with."""
+
+    exit_code = EXIT_RUNTIME
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigProblem(CommandError):
+    exit_code = EXIT_CONFIG
+
+
+class RuntimeProblem(CommandError):
+    exit_code = EXIT_RUNTIME
+
+
+def echo(line: str, err: bool = False) -> None:
+    """One line to stdout (or stderr), flushed, as click.echo writes it: the two streams stay
+    in order when they share a pipe (the journal)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def config_files(path: str | None) -> list[Path]:
+    """The files to read; one that cannot be read is exit 2 with its name, never skipped."""
+    main = Path(path) if path else config_mod.DEFAULT_CONFIG
+    try:
+        if path:
+            main.lstat()
+        return config_mod.config_files(main)
+    except FileNotFoundError:
+        raise ConfigProblem(f"{main}: no such configuration file") from None
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"cannot read the configuration: {exc}") from None
+    except OSError as exc:
+        raise ConfigProblem(f"cannot read the configuration: {main}: {exc.strerror}") from None
+
+
+def load_config(path: str | None) -> config_mod.Config:
+    files = config_files(path)
+    try:
+        return config_mod.load(files)
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
+
+
+def settings_only(path: str | None) -> config_mod.Settings:
+    files = config_files(path)
+    try:
+        return config_mod.load_settings(files)
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"invalid [guard] settings:\n{exc}") from None
+
+
+def plan_of(cfg: config_mod.Config):
+    from guard.kernel.layout import LIMITS
+    from guard.policy import owners, plan
+
+    try:
+        return plan.build(cfg.settings, *owners.resolve_all(cfg), LIMITS)
+    except config_mod.ConfigError as exc:
+        raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
+
+
+def runtime(fn, *args):
+    """fn(*args), its GuardError a RuntimeProblem (exit 1)."""
+    from guard.errors import GuardError
+
+    try:
+        return fn(*args)
+    except GuardError as exc:
+        raise RuntimeProblem(str(exc)) from None
+
+
+def apply(config_path: str | None) -> None:
+    """`portguard apply`: load or update the guard, and record the outcome for `status` (a
+    failure's sentence, or none)."""
+    from guard.observe import outcome
+
+    try:
+        pin_dir = _apply(config_path)
+    except CommandError as exc:
+        outcome.record_failure(_pin_dir_for_record(config_path), exc.message)
+        raise
+    outcome.clear(pin_dir)
+
+
+def _pin_dir_for_record(config_path: str | None) -> str:
+    """The pin directory the configuration names, as far as it can be read at all."""
+    main = Path(config_path) if config_path else config_mod.DEFAULT_CONFIG
+    try:
+        return config_mod.load_settings(config_mod.config_files(main)).pin_dir
+    except (config_mod.ConfigError, OSError):
+        return config_mod.Settings().pin_dir
+
+
+def _apply(config_path: str | None) -> str:
+    """Apply; the pin directory applied to."""
+    from guard.kernel.apply import apply as apply_plan
+    from guard.kernel.host import DENY_EPERM
+    from guard.observe import display
+    from guard.policy import resvport
+
+    cfg = load_config(config_path)
+    plan = plan_of(cfg)
+    for line in display.unit_file_lines(cfg.unit_problems, cfg.unit_notes):
+        echo(line, err=True)
+    result = runtime(apply_plan, plan)
+    for note in result.warnings:
+        echo(display.warning_line(note), err=True)
+    seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number
+    exposed = resvport.exposed((port for _, port in plan.ports), seen)
+    if exposed:
+        echo(display.warning_line(resvport.warning(exposed, errno.errorcode[seen])), err=True)
+    for squatter in squatters_of_plan(plan):
+        echo(display.warning_line(display.squatter_text(squatter)), err=True)
+    echo(display.apply_line(result.changed, len(plan.ports), len(plan.paths), plan.settings.mode))
+    return plan.settings.pin_dir
+
+
+def squatters_of_plan(plan) -> list:
+    """Holders of the planned ports that are not owners (apply runs in the guarded netns).
+    /proc/net is read first: only when a reserved port is held does sock_diag run."""
+    from guard.kernel.layout import PROTOCOL_NAMES
+    from guard.observe.procnet import bound_ports
+
+    bound = bound_ports()
+    reservations = [
+        (port, PROTOCOL_NAMES[proto], [plan.paths[i] for i in plan.sets[set_id]])
+        for (proto, port), set_id in plan.ports.items()
+        if (port, PROTOCOL_NAMES[proto]) in bound
+    ]
+    if not reservations:
+        return []
+    from guard.observe.holders import find  # sock_diag, processes, units: only when held
+
+    return find(reservations)
