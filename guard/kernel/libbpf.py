@@ -76,10 +76,16 @@ def _collect_libbpf_log(level: int, fmt: bytes, args: int) -> int:
     return 0
 
 
+_LIBC: C.CDLL | None = None
+
+
 def _libc() -> C.CDLL:
-    libc = C.CDLL(None, use_errno=True)
-    libc.vsnprintf.argtypes = [C.c_char_p, C.c_size_t, C.c_char_p, C.c_void_p]
-    return libc
+    """The C library, loaded once (libbpf calls the log callback hundreds of times a load)."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = C.CDLL(None, use_errno=True)
+        _LIBC.vsnprintf.argtypes = [C.c_char_p, C.c_size_t, C.c_char_p, C.c_void_p]
+    return _LIBC
 
 
 def lib() -> C.CDLL:
