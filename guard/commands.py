@@ -4,6 +4,11 @@
 click: guard/entry.py runs it from here directly, and the click CLI (guard/cli.py) runs the very
 same functions for every other command line. A failure is a CommandError (a sentence and an exit
 code); entry.py prints it as click would ("Error: ..." on stderr), cli.py hands it to click.
+
+For the same reason the modules apply imports keep their plain data in typing.NamedTuples or
+small classes with __slots__, not dataclasses: the dataclasses module (inspect, ast, dis) and
+the exec of each class's generated methods cost ~30 ms at every boot. The read side (status,
+check, monitor, holders) keeps its dataclasses. tests/unit/test_entry.py holds the line.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from guard.errors import GuardError
@@ -91,10 +90,10 @@ def run(echo=print) -> int:
     settings = config.Settings(cgroup=top, pin_dir=f"/sys/fs/bpf/{name}", portreserve_dir="")
     defaults = config.load([], None, unit_dirs=[])  # the default policy only, no unit file
     # Every default block, installed or not, with its owners moved below the demo subtree.
-    blocks = tuple(replace(b, if_installed=False) for b in defaults.blocks)
+    blocks = tuple(b._replace(if_installed=False) for b in defaults.blocks)
     cfg = config.Config(settings, blocks, defaults.files)
     resolved = [
-        replace(block, owners=tuple(replace(o, path=top + o.path) for o in block.owners))
+        block._replace(owners=tuple(o._replace(path=top + o.path) for o in block.owners))
         for block in owners.resolve(cfg)
     ]
     the_plan = plan.build(settings, resolved, (), LIMITS)

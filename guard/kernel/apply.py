@@ -19,7 +19,6 @@ is stale the next apply redoes the whole load.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from guard.errors import GuardError
@@ -38,12 +37,14 @@ from guard.policy.config import Settings
 from guard.policy.plan import Plan
 
 
-@dataclass
 class ApplyResult:
-    changed: bool
-    loaded_program: bool
-    denial: str  # host.DENY_SET_RETVAL or host.DENY_EPERM
-    warnings: list[str]
+    __slots__ = ("changed", "loaded_program", "denial", "warnings")
+
+    def __init__(self, changed: bool, loaded_program: bool, denial: str, warnings: list[str]):
+        self.changed = changed
+        self.loaded_program = loaded_program
+        self.denial = denial  # host.DENY_SET_RETVAL or host.DENY_EPERM
+        self.warnings = warnings
 
 
 def apply(plan: Plan) -> ApplyResult:

@@ -10,7 +10,7 @@ are never reused.
 from __future__ import annotations
 
 import ctypes as C
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from guard.kernel.sources import bpf_source_dir, sha256
 from guard.policy.plan import Limits
@@ -159,8 +159,7 @@ U8, U16, U32, U64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
 HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, RINGBUF = 1, 2, 5, 6, 27
 
 
-@dataclass(frozen=True)
-class MapSpec:
+class MapSpec(NamedTuple):
     type: int
     key: type
     value: type

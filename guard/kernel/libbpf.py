@@ -11,8 +11,8 @@ import ctypes as C
 import errno
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
@@ -191,8 +191,7 @@ def has_set_retval() -> bool:
     )
 
 
-@dataclass(frozen=True)
-class Features:
+class Features(NamedTuple):
     """What the running kernel offers the guard (see lifecycle.check_features)."""
 
     set_retval: bool = True  # bpf_set_retval in bind programs (5.18)
@@ -254,13 +253,15 @@ class IncompatiblePinnedMap(BpfError):
         self.path = path
 
 
-@dataclass
 class LoadedObject:
     """A loaded (verified) object: program fds by name, map fds by name. Owns the fds."""
 
-    handle: int
-    programs: dict[str, int]
-    maps: dict[str, int]
+    __slots__ = ("handle", "programs", "maps")
+
+    def __init__(self, handle: int, programs: dict[str, int], maps: dict[str, int]) -> None:
+        self.handle = handle
+        self.programs = programs
+        self.maps = maps
 
     def close(self) -> None:
         lib().bpf_object__close(self.handle)
@@ -589,14 +590,12 @@ class _BtfEnum(C.Structure):
     _fields_ = [("name_off", C.c_uint32), ("val", C.c_int32)]
 
 
-@dataclass(frozen=True)
-class StructLayout:
+class StructLayout(NamedTuple):
     size: int
     members: tuple[tuple[str, int, int], ...]  # (name, byte offset, byte size)
 
 
-@dataclass(frozen=True)
-class MapDefinition:
+class MapDefinition(NamedTuple):
     type: int
     key: str  # BTF type name: "pg_port_key", "__u32"; "" when the map has no key type
     value: str
@@ -606,8 +605,7 @@ class MapDefinition:
     map_flags: int
 
 
-@dataclass(frozen=True)
-class ObjectDescription:
+class ObjectDescription(NamedTuple):
     """An object's programs (name -> ELF section), maps, structs and enums, from its BTF."""
 
     programs: dict[str, str]

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import ctypes as C
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from guard.kernel import layout, libbpf
 
 
-@dataclass
 class Pins:
     """Where everything lives in bpffs."""
 
-    root: Path
+    __slots__ = ("root",)
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
 
     @property
     def maps_dir(self) -> Path:

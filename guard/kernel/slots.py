@@ -11,16 +11,15 @@ from __future__ import annotations
 import ctypes as C
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from guard.kernel import cgroups, layout, libbpf
 from guard.kernel.pins import Maps
 from guard.policy.plan import Plan
 
 
-@dataclass(frozen=True)
-class SlotContents:
+class SlotContents(NamedTuple):
     ports: dict[tuple[int, int], int]  # (proto, port) -> set id
     sets: dict[int, tuple[int, ...]]  # set id -> owner indices
     paths: dict[str, int]  # owner cgroup path -> owner index

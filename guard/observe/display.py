@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from guard.observe import journal
@@ -106,12 +105,13 @@ def built_line(path: object) -> str:
 def status_json(state: GuardState, failure: Failure | None, **facts: object) -> str:
     """state, the last apply's failure and the facts status adds (config_matches, ...)."""
     import json  # only for JSON output: plain status, check and apply do without it
+    from dataclasses import asdict  # the read model's dataclasses; apply does without it
 
     data = asdict(state)
     data["links"] = {
         link["name"]: {k: v for k, v in link.items() if k != "name"} for link in data["links"]
     }
-    data["last_apply_failure"] = asdict(failure) if failure else None
+    data["last_apply_failure"] = failure._asdict() if failure else None
     data.update(facts)
     return json.dumps(data, indent=2)
 
@@ -364,6 +364,8 @@ def check_results(
     pairs: Sequence[tuple[str, int]], reservations: Sequence[ReservationState]
 ) -> list[dict]:
     """One entry per asked (protocol, port): reserved or not, and for whom."""
+    from dataclasses import asdict  # OwnerState: the read model's dataclass
+
     by_key = {(r.protocol, r.port): r for r in reservations}
     results = []
     for proto, number in pairs:
@@ -562,13 +564,15 @@ class JsonSink:
         self.out.flush()
 
 
-@dataclass
 class _Window:
     """One (caller cgroup, port, protocol)'s current rate-limit interval."""
 
-    start: float
-    suppressed: int = 0
-    last: Denial | None = None  # the last suppressed refusal, named in the summary entry
+    __slots__ = ("start", "suppressed", "last")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.suppressed = 0
+        self.last: Denial | None = None  # the last suppressed refusal, named in the summary
 
 
 def suppressed_fields(last: Denial, count: int, interval: float) -> list[tuple[str, object]]:

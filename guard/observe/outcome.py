@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 DEFAULT_RUN_DIR = Path("/run/portguard")
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(NamedTuple):
     when: str  # local time, as a log line would give it
     message: str
 

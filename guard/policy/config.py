@@ -11,8 +11,10 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
 
 from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_spec
 
@@ -34,8 +36,7 @@ OWNER_KEYS = {
 RESERVE_KEYS = {"ports", "if_installed", "comment", "contain", *OWNER_KEYS}
 
 
-@dataclass(frozen=True)
-class Origin:
+class Origin(NamedTuple):
     file: str
     line: int
 
@@ -43,8 +44,7 @@ class Origin:
         return f"{self.file}:{self.line}"
 
 
-@dataclass(frozen=True)
-class OwnerRef:
+class OwnerRef(NamedTuple):
     """An owner as written: a cgroup path, a systemd unit or a slice."""
 
     kind: str
@@ -52,8 +52,7 @@ class OwnerRef:
     origin: Origin
 
 
-@dataclass(frozen=True)
-class ReserveBlock:
+class ReserveBlock(NamedTuple):
     ports: tuple[tuple[PortRange, Origin], ...]
     owners: tuple[OwnerRef, ...]
     origin: Origin
@@ -61,7 +60,7 @@ class ReserveBlock:
     contain: bool = False  # drop traffic of non-owner sockets on these ports
 
 
-# ---- [guard]: each key declared once, with its default and its check -------------------------
+# ---- [guard]: each key with its default (Settings) and its check (GUARD_KEYS) ----------------
 # A check takes (key, value, where, problems) and returns the value to keep, or None after
 # recording a problem.
 
@@ -119,44 +118,52 @@ def _seconds(most: int):
     return check
 
 
-def _setting(default: object, check) -> object:
-    return field(default=default, metadata={"check": check})
+class Settings(NamedTuple):
+    """The [guard] table: one field per key and its default; GUARD_KEYS, right below, says how
+    each key's value is checked."""
 
-
-@dataclass(frozen=True)
-class Settings:
-    """The [guard] table: one field per key, its default, and how its value is checked."""
-
-    cgroup: str = _setting("/", _text(_attach_cgroup))  # attach point
-    pin_dir: str = _setting("/sys/fs/bpf/portguard", _absolute(empty_allowed=False))
-    deny_errno: str = _setting("EADDRINUSE", _one_of(DENY_ERRNOS, upper=True))
-    mode: str = _setting("enforce", _one_of(MODES))
-    trust_init: bool = _setting(False, _boolean)
+    cgroup: str = "/"  # attach point
+    pin_dir: str = "/sys/fs/bpf/portguard"
+    deny_errno: str = "EADDRINUSE"
+    mode: str = "enforce"
+    trust_init: bool = False
     # None: the default policy applies when no file exists
-    use_defaults: bool | None = _setting(None, _boolean)
+    use_defaults: bool | None = None
     # "" turns reading portreserve's files off
-    portreserve_dir: str = _setting(PORTRESERVE_DIR, _absolute(empty_allowed=True))
-    contain: bool = _setting(False, _boolean)  # contain = true for every reservation
+    portreserve_dir: str = PORTRESERVE_DIR
+    contain: bool = False  # contain = true for every reservation
     # monitor --journal: at most one entry per (caller cgroup, port, protocol) per this many
     # seconds, with the count of the refusals it stands for; 0: one entry per refusal
-    journal_interval: float = _setting(30.0, _seconds(86400))
+    journal_interval: float = 30.0
     # read X-PortGuard-Reserve= from systemd unit files and drop-ins (guard/policy/declared.py)
-    unit_files: bool = _setting(True, _boolean)
+    unit_files: bool = True
 
     @property
     def deny_errno_number(self) -> int:
         return getattr(errno_mod, self.deny_errno)
 
 
-GUARD_KEYS = {f.name: f.metadata["check"] for f in fields(Settings)}
+# [guard] key -> its check, in Settings' order (a unit test holds the two to the same keys)
+GUARD_KEYS = {
+    "cgroup": _text(_attach_cgroup),
+    "pin_dir": _absolute(empty_allowed=False),
+    "deny_errno": _one_of(DENY_ERRNOS, upper=True),
+    "mode": _one_of(MODES),
+    "trust_init": _boolean,
+    "use_defaults": _boolean,
+    "portreserve_dir": _absolute(empty_allowed=True),
+    "contain": _boolean,
+    "journal_interval": _seconds(86400),
+    "unit_files": _boolean,
+}
 
 
-@dataclass(frozen=True)
-class Config:
-    settings: Settings = field(default_factory=Settings)
+class Config(NamedTuple):
+    settings: Settings = Settings()
     blocks: tuple[ReserveBlock, ...] = ()
     files: tuple[str, ...] = ()
-    origins: dict[str, Origin] = field(default_factory=dict)  # [guard] key -> where it was set
+    # [guard] key -> where it was set (read-only: a NamedTuple's default is shared)
+    origins: Mapping[str, Origin] = MappingProxyType({})
     # X-PortGuard-Reserve= in unit files: units whose declarations are not applied (and why),
     # and declarations systemd itself would not load; apply goes on without them, loudly
     unit_problems: tuple[str, ...] = ()
@@ -469,8 +476,7 @@ def load(
     from guard.policy import declared, units
 
     found = declared.read(unit_dirs if unit_dirs is not None else units.search_dirs(), services)
-    return replace(
-        cfg,
+    return cfg._replace(
         blocks=cfg.blocks + found.blocks,
         unit_problems=found.problems,
         unit_notes=found.notes,

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from guard.policy import units
 from guard.policy.config import Origin, OwnerRef, ReserveBlock
@@ -41,8 +41,7 @@ _MARK = KEY.encode()
 MAX_UNIT_FILE_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class Declarations:
+class Declarations(NamedTuple):
     blocks: tuple[ReserveBlock, ...] = ()
     problems: tuple[str, ...] = ()  # a unit whose declarations are not applied, and why
     notes: tuple[str, ...] = ()  # declarations systemd itself would not load (masked, ...)

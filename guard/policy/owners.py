@@ -9,8 +9,8 @@ still has a path; the kernel's cgroup tracker makes it the owner the moment it a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from guard.policy import units
 from guard.policy.config import Config, ConfigError, Origin, OwnerRef, ReserveBlock
@@ -25,8 +25,7 @@ def unit_dirs() -> list[Path] | None:
     return units.search_dirs() if os.environ.get(UNIT_DIRS_ENV) else None
 
 
-@dataclass(frozen=True)
-class Owner:
+class Owner(NamedTuple):
     """One owner cgroup, and where the configuration named it."""
 
     path: str  # relative to the cgroup2 root
@@ -36,8 +35,7 @@ class Owner:
     only: frozenset[tuple[str, int]] | None = None
 
 
-@dataclass(frozen=True)
-class Block:
+class Block(NamedTuple):
     """A reservation block with its owners resolved to cgroup paths."""
 
     ports: tuple[tuple[PortRange, Origin], ...]

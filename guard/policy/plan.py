@@ -8,15 +8,14 @@ service costs one set however many ports it spans.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from guard.policy.config import MAX_PATH_BYTES, ConfigError, Origin, Settings
 from guard.policy.owners import Block, Owner
 from guard.policy.ports import PROTOCOL_NUMBERS
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """What one slot of the kernel's maps can hold (guard.kernel.layout.LIMITS)."""
 
     owners_per_port: int
@@ -25,16 +24,15 @@ class Limits:
     set_levels: int = 4  # distinct depths (below the cgroup2 root) of one port's owners
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     settings: Settings
-    ports: dict[tuple[int, int], int] = field(default_factory=dict)  # (proto, port) -> set id
-    sets: dict[int, tuple[int, ...]] = field(default_factory=dict)  # set id -> owner indices
-    paths: tuple[str, ...] = ()  # owner index -> cgroup path
-    owner_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # path -> units/slices
-    contained: frozenset[tuple[int, int]] = frozenset()  # (proto, port) with contain on
+    ports: dict[tuple[int, int], int]  # (proto, port) -> set id
+    sets: dict[int, tuple[int, ...]]  # set id -> owner indices
+    paths: tuple[str, ...]  # owner index -> cgroup path
+    owner_names: dict[str, tuple[str, ...]]  # path -> units/slices
+    contained: frozenset[tuple[int, int]]  # (proto, port) with contain on
     # (protocol name, port) -> every file:line that reserves it, in reading order
-    origins: dict[tuple[str, int], tuple[Origin, ...]] = field(default_factory=dict)
+    origins: dict[tuple[str, int], tuple[Origin, ...]]
 
     def owners_of(self, proto: int, port: int) -> tuple[str, ...]:
         set_id = self.ports.get((proto, port))

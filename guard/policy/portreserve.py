@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from guard.policy.units import UnitError, parse_unit_name
 
@@ -36,8 +36,7 @@ class PortreserveError(ValueError):
     """A portreserve file that cannot be read or understood; the message starts "file:line:"."""
 
 
-@dataclass(frozen=True)
-class PortreserveEntry:
+class PortreserveEntry(NamedTuple):
     """One reserved port as portreserve's config states it.
 
     ``spec`` is kept as written (``ipp``, ``873/tcp``) because portguard's port syntax accepts the

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SERVICES = Path("/etc/services")
 PROTOCOLS = ("tcp", "udp")
@@ -14,8 +14,7 @@ class PortSpecError(ValueError):
     """A port specification that cannot be reserved; the message says why."""
 
 
-@dataclass(frozen=True)
-class PortRange:
+class PortRange(NamedTuple):
     first: int
     last: int
     protocols: tuple[str, ...]

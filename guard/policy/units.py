@@ -39,8 +39,8 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 #: systemd's search path for system units, highest priority first (systemd.unit(5)).
 #: /lib/systemd/system is kept for distributions that have not merged /usr.
@@ -122,8 +122,7 @@ class UnitError(ValueError):
     """A unit or slice name that systemd would reject, or that cannot own a port."""
 
 
-@dataclass(frozen=True)
-class UnitName:
+class UnitName(NamedTuple):
     """A unit name split the way systemd splits it: ``prefix@instance.type``.
 
     ``instance`` is None for a plain unit and ``""`` for a template (``foo@.service``).
@@ -144,8 +143,7 @@ class UnitName:
         return None if self.instance is None else f"{self.prefix}@.{self.type}"
 
 
-@dataclass(frozen=True)
-class UnitInfo:
+class UnitInfo(NamedTuple):
     """What the unit files say about one unit: enough to place it and to explain the placement."""
 
     requested: str  # the name as given

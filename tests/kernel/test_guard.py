@@ -351,10 +351,9 @@ def test_an_owner_recreated_is_found_by_its_new_id_and_the_old_one_is_forgotten(
 WITHOUT_SET_RETVAL = [
     sys.executable,
     "-c",
-    "import dataclasses\n"
     "from guard.kernel import libbpf\n"
     "real = libbpf.probe_features\n"
-    "libbpf.probe_features = lambda: dataclasses.replace(real(), set_retval=False)\n"
+    "libbpf.probe_features = lambda: real()._replace(set_retval=False)\n"
     "from guard.cli import main\n"
     "main(prog_name='portguard')\n",
 ]

@@ -112,6 +112,10 @@ def test_bad_guard_setting_names_its_line(tmp_path, setting, message):
     assert any(":3: " in p and message in p for p in found), found
 
 
+def test_every_guard_setting_has_a_check_and_every_check_a_setting():
+    assert list(config.GUARD_KEYS) == list(config.Settings._fields)
+
+
 def test_toml_syntax_error_names_the_line(tmp_path):
     found = problems(tmp_path, '[guard]\nportreserve_dir = ""\n[[reserve]]\nports = ["1"\n')
     assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'portguard.toml'}:")

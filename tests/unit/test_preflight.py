@@ -5,7 +5,6 @@ The probes are faked (kernel.Features); real old kernels are the VM matrix's job
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ ALL = kernel.Features()
     ],
 )
 def test_a_missing_essential_feature_refuses_naming_it_and_what_it_costs(feature, says):
-    features = dataclasses.replace(ALL, **{feature: False})
+    features = ALL._replace(**{feature: False})
     with pytest.raises(GuardError) as exc:
         host.choose_denial(Settings(), features)
     assert str(exc.value).startswith(
@@ -46,7 +45,7 @@ def test_every_missing_feature_is_named_at_once():
 
 
 def test_without_set_retval_the_guard_degrades_to_eperm_and_says_what_is_lost():
-    variant, notes = host.choose_denial(Settings(), dataclasses.replace(ALL, set_retval=False))
+    variant, notes = host.choose_denial(Settings(), ALL._replace(set_retval=False))
     assert variant == "eperm"
     assert notes == [
         (
@@ -57,9 +56,10 @@ def test_without_set_retval_the_guard_degrades_to_eperm_and_says_what_is_lost():
 
 
 def test_without_set_retval_and_eperm_configured_nothing_is_lost():
-    assert host.choose_denial(
-        Settings(deny_errno="EPERM"), dataclasses.replace(ALL, set_retval=False)
-    ) == ("eperm", [])
+    assert host.choose_denial(Settings(deny_errno="EPERM"), ALL._replace(set_retval=False)) == (
+        "eperm",
+        [],
+    )
 
 
 def test_with_every_feature_the_full_guard_loads():

@@ -6,7 +6,6 @@ option or key added there without its documentation fails here.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 import subprocess
@@ -88,10 +87,10 @@ def test_shipped_conffile_gives_exactly_the_default_policy(hermetic):
 
     assert shipped.blocks == without_files.blocks
     assert shipped.blocks, "the default policy reserves something"
-    assert dataclasses.replace(shipped.settings, use_defaults=None) == without_files.settings
+    assert shipped.settings._replace(use_defaults=None) == without_files.settings
     shipped_plan, default_plan = planned(shipped), planned(without_files)
     assert shipped_plan.ports, "cups and rsync are installed here: their ports are reserved"
-    assert dataclasses.replace(shipped_plan, settings=default_plan.settings) == default_plan
+    assert shipped_plan._replace(settings=default_plan.settings) == default_plan
 
 
 def test_shipped_conffile_keeps_the_default_policy_under_a_dropin(hermetic, tmp_path):
@@ -226,7 +225,7 @@ def test_portguard_toml_5_lists_the_default_policy_and_its_defaults():
             assert str(port_range.first) in table
         for owner in block.owners:
             assert owner.name in table
-    for key, value in dataclasses.asdict(config.Settings()).items():
+    for key, value in config.Settings()._asdict().items():
         if isinstance(value, float):
             assert f'.BR {key} " = {value:g}"' in text, key
         elif value is not None and not isinstance(value, bool):
