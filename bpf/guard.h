@@ -150,6 +150,7 @@ struct pg_meta {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, PG_SLOTS * 2 * PG_PORT_VALUES);
+	__uint(map_flags, BPF_F_MMAPABLE);  /* read by the controller as memory, no syscalls */
 	__type(key, __u32);
 	__type(value, struct pg_port_entries);
 } ports SEC(".maps");
@@ -157,6 +158,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, PG_SLOTS * PG_MAX_SETS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct pg_set_val);
 } sets SEC(".maps");
@@ -241,6 +243,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, PG_SYSCTL_WORDS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u64);
 } sysctl_added SEC(".maps");

@@ -27,6 +27,7 @@ BPF_ANY = 0
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_NOEXIST = 1
+BPF_F_MMAPABLE = 1 << 10  # an array whose values user space may mmap
 LINK_TYPE_RAW_TRACEPOINT = 1  # tp_btf programs attached with bpf_raw_tracepoint_open
 LINK_TYPE_TRACING = 2
 LINK_TYPE_CGROUP = 3
@@ -729,6 +730,7 @@ class Map:
         self.percpu = percpu
         self.ncpu = possible_cpus() if percpu else 1
         self._max_entries: int | None = None
+        self._mapped = None  # mmap.mmap, False (cannot be), None (not tried)
 
     def lookup(self, key) -> object | None:
         """The value (a list of per-CPU values for per-CPU maps), or None."""
@@ -847,8 +849,43 @@ class Map:
         return self._max_entries
 
     def read_range(self, start: int, count: int):
-        """Values start .. start + count - 1 of an array map, as one ctypes array, read in one
-        batched syscall where the kernel can (Linux >= 5.6), else one element at a time."""
+        """Values start .. start + count - 1 of an array map, as one ctypes array: copied from
+        the map's memory when it is BPF_F_MMAPABLE (no syscall), else read in one batched
+        syscall where the kernel can (Linux >= 5.6), else one element at a time."""
+        memory = self._memory()
+        if memory is not None:
+            size = C.sizeof(self.value_type)  # elements are 8-byte aligned: see _memory
+            return (
+                (self.value_type * count).from_buffer_copy(memory, start * size)
+                if (start + count) * size <= len(memory)
+                else self._read_range(start, count)
+            )
+        return self._read_range(start, count)
+
+    def _memory(self):
+        """The array's values mapped read-only (mmap), or None when the map cannot be."""
+        if self._mapped is None:
+            self._mapped = False
+            info = map_info(self.fd)
+            size = C.sizeof(self.value_type)
+            if info.map_flags & BPF_F_MMAPABLE and size % 8 == 0 and not self.percpu:
+                import mmap
+
+                try:
+                    self._mapped = mmap.mmap(
+                        self.fd, info.max_entries * size, mmap.MAP_SHARED, mmap.PROT_READ
+                    )
+                except OSError:
+                    pass
+        return self._mapped or None
+
+    def release(self) -> None:
+        """Unmap the values, if mapped (the fd is the owner's to close)."""
+        if self._mapped:
+            self._mapped.close()
+        self._mapped = None
+
+    def _read_range(self, start: int, count: int):
         values = (self.value_type * count)()
         keys = (self.key_type * count)()
         prev = (self.key_type * 1)(start - 1) if start else None  # the batch starts after it

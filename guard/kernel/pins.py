@@ -73,6 +73,8 @@ class Maps:
         return {libbpf.map_info(fd).id for fd in self.fds.values()}
 
     def close(self) -> None:
+        for m in self.by_name.values():
+            m.release()
         for fd in self.fds.values():
             os.close(fd)
 

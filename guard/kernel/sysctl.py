@@ -108,9 +108,11 @@ def records(maps_dir: Path) -> set[int] | None:
     fd = open_map(maps_dir / "sysctl_added", "sysctl_added")
     if fd is not None:
         spec = layout.MAPS["sysctl_added"]
+        bitmap = libbpf.Map(fd, spec.key, spec.value)
         try:
-            return recorded(libbpf.Map(fd, spec.key, spec.value))
+            return recorded(bitmap)
         finally:
+            bitmap.release()
             os.close(fd)
     legacy = layout.SYSCTL_ADDED_HASH
     fd = open_map(maps_dir / "sysctl_added", "sysctl_added", legacy)

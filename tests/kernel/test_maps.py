@@ -44,7 +44,7 @@ def test_batched_writes_and_deletes_skip_keys_already_gone():
         os.close(m.fd)
 
 
-def test_a_range_of_the_ports_array_reads_as_its_elements_do(sandbox):
+def test_a_range_of_the_ports_array_reads_as_its_elements_do_mapped_or_batched(sandbox):
     sandbox.write_config(sandbox.owner_block(["20000-22499/tcp", "53/udp"], "owner"))
     sandbox.cli("apply")
     fd = kernel.get_pinned(sandbox.pin_dir / f"maps-{layout.LAYOUT}" / "ports")
@@ -54,6 +54,8 @@ def test_a_range_of_the_ports_array_reads_as_its_elements_do(sandbox):
         total = layout.MAPS["ports"].max_entries
         whole = ports.read_range(0, total)
         part = ports.read_range(1000, 3000)
+        assert ports._memory() is not None  # BPF_F_MMAPABLE: read as memory
+        assert bytes(ports._read_range(1000, 3000)) == bytes(part)  # as the batched read
         for i in (0, 999, 1000, 1001, 3999, 4000, total - 1):
             assert bytes(whole[i]) == bytes(ports.lookup(i))
         assert [bytes(v) for v in part] == [bytes(v) for v in whole[1000:4000]]
@@ -63,6 +65,7 @@ def test_a_range_of_the_ports_array_reads_as_its_elements_do(sandbox):
         reserved = {(i, p) for i, v in enumerate(whole) for p, e in enumerate(v.entry) if e}
         assert len(reserved) == 2501
     finally:
+        ports.release()
         os.close(fd)
 
 
