@@ -111,11 +111,12 @@ def _dry_run(config_path: str | None) -> None:
     """`nginx -t` for portguard: the files as apply would read them, and the change."""
     from guard.observe import display, drift
     from guard.observe.state import read_state
-    from guard.policy import owners
+    from guard.policy import owners, units
 
-    cfg = load_config(config_path)
-    the_plan = plan_of(cfg)
-    skipped = [block for block in cfg.blocks if not owners.block_applies(block)]
+    with units.listing_cache():  # as apply reads them
+        cfg = load_config(config_path)
+        the_plan = plan_of(cfg)
+        skipped = [block for block in cfg.blocks if not owners.block_applies(block)]
     for line in display.plan_lines(cfg, the_plan, skipped):
         click.echo(line)
     for line in display.unit_file_lines(cfg.unit_problems, cfg.unit_notes):

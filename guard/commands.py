@@ -127,10 +127,11 @@ def _apply(config_path: str | None) -> str:
     from guard.kernel.apply import apply as apply_plan
     from guard.kernel.host import DENY_EPERM
     from guard.observe import display
-    from guard.policy import resvport
+    from guard.policy import resvport, units
 
-    cfg = load_config(config_path)
-    plan = plan_of(cfg)
+    with units.listing_cache():  # the unit files as they are now: each directory listed once
+        cfg = load_config(config_path)
+        plan = plan_of(cfg)
     for line in display.unit_file_lines(cfg.unit_problems, cfg.unit_notes):
         echo(line, err=True)
     result = runtime(apply_plan, plan)

@@ -631,3 +631,49 @@ def test_socket_listen_ports_follow_dropins_and_a_missing_unit_listens_on_nothin
     write(dirs[0] / "x.socket.d" / "port.conf", "[Socket]\nListenStream=873\n")
     assert units.socket_listen_ports("x.socket", unit_dirs=dirs) == {("tcp", 873)}
     assert units.socket_listen_ports("none.socket", unit_dirs=dirs) == frozenset()
+
+
+def test_a_listing_cache_answers_as_the_files_do_and_lists_each_directory_once(dirs, monkeypatch):
+    write(dirs[2] / "ssh.service", "[Service]\nExecStart=/usr/sbin/sshd -D\n")
+    os.symlink(dirs[2] / "ssh.service", dirs[0] / "sshd.service")
+    write(dirs[0] / "sshd.service.d" / "slice.conf", "[Service]\nSlice=remote.slice\n")
+    write(dirs[2] / "foo-.service.d" / "slice.conf", "[Service]\nSlice=foo.slice\n")
+    write(dirs[1] / "service.d" / "all.conf", "[Service]\nNice=1\n")
+    write(dirs[2] / "vpn@.service", "[Service]\nExecStart=/bin/true\n")
+    write(dirs[0] / "vpn@office.service.d" / "s.conf", "[Service]\nSlice=office.slice\n")
+    write(dirs[0] / "masked.service", "")
+    names = [
+        "sshd.service",
+        "foo-bar.service",
+        "vpn@office.service",
+        "vpn@home.service",
+        "masked.service",
+        "absent.service",
+    ]
+
+    def answers():
+        return [
+            (
+                unit_cgroup_path(name, unit_dirs=dirs),
+                load_unit(name, unit_dirs=dirs),
+                units.dropin_files([name], dirs),
+            )
+            for name in names
+        ]
+
+    plain = answers()
+    listed: list[Path] = []
+    real_listdir = os.listdir
+
+    def counting_listdir(path):
+        listed.append(Path(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(units.os, "listdir", counting_listdir)
+    with units.listing_cache():
+        assert answers() == plain
+    # each unit directory listed once (the others listed are the drop-in directories read)
+    assert sorted(p for p in listed if p in dirs) == sorted(dirs)
+    # outside the block nothing is remembered: a file written now is seen at once
+    write(dirs[0] / "absent.service", "[Service]\nSlice=new.slice\n")
+    assert unit_cgroup_path("absent.service", unit_dirs=dirs) == "/new.slice/absent.service"
