@@ -1,7 +1,8 @@
 """Command line: portguard apply|status|check|remove|build|monitor|demo|import-portreserve.
 
-A plain `portguard apply` (the boot path) does not come here: guard/entry.py runs it without
-click, through the same guard/commands.py as the apply command below.
+A plain `portguard apply` (the boot path) and the common forms of `status` and `check` do not
+come here: guard/entry.py runs them without click, through the same guard/commands.py and
+guard/reports.py as the commands below.
 
 Exit codes (README, portguard(8) EXIT STATUS):
   0  ok: the guard is loaded, as the files say, and no reserved port is held by a non-owner
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import click
 
+from guard import reports
 from guard.commands import (
     CommandError,
     ConfigProblem,
@@ -34,10 +36,6 @@ from guard.commands import (
 )
 from guard.commands import apply as apply_guard
 from guard.policy import config as config_mod
-
-EXIT_SQUATTER = 3
-EXIT_NOT_LOADED = 4
-EXIT_CONFIG_DIFFERS = 5
 
 
 class _Problem(click.ClickException):
@@ -144,14 +142,11 @@ def remove(config_path: str | None) -> None:
     outcome.removed()
 
 
-FORMATS = ("text", "json", "prometheus")
-
-
 @main.command()
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(FORMATS),
+    type=click.Choice(reports.FORMATS),
     default="text",
     show_default=True,
     help="text for people, json for scripts, prometheus for metrics scrapers.",
@@ -185,96 +180,10 @@ def status(
     guard is not what the configuration files ask for (saying what differs).
 
     Run it in the guarded network namespace: holders are read there."""
-    from guard.kernel.host import netns_cookie
-    from guard.observe import display, holders, outcome
-    from guard.observe.state import read_state, with_origins
-    from guard.policy import resvport
-
     output_format = "json" if as_json else output_format
-    config_files(config_path)  # unreadable: exit 2 at once
-    cfg, problem = _config_or_problem(config_path)
-    settings = cfg.settings if cfg else settings_only(config_path)
-    state = runtime(read_state, settings)
-    state = holders.with_holders(state, netns_cookie())
-    failure = outcome.last_failure(settings.pin_dir)
-    differences, origins = _differences(cfg, problem, state) if state.loaded else ([], {})
-    state = with_origins(state, origins)
-    found = holders.of_state(state)
-    exposed = resvport.exposed((r.port for r in state.reservations), state.deny_errno)
-    if output_format == "json":
-        lines = display.status_json(
-            state,
-            failure,
-            config_matches=state.loaded and not differences,
-            config_differences=differences,
-            squatters=len(found),
-            bindresvport_exposed=exposed,
-        ).splitlines()
-    elif output_format == "prometheus":
-        lines = display.prometheus_lines(
-            state,
-            config_matches=state.loaded and not differences,
-            squatter_keys={(s.port, s.protocol) for s in found},
-            bindresvport_exposed=exposed,
-            apply_failed=failure is not None,
-        )
-    else:
-        lines = display.status_lines(state, settings.cgroup, verbose)
-        if failure:
-            click.echo(display.failure_line(failure, state.loaded), err=True)
-        for line in display.drift_lines(differences):
-            click.echo(line, err=True)
-        if exposed:
-            warning = resvport.warning(exposed, display.errno_name(state.deny_errno))
-            click.echo(display.warning_line(warning), err=True)
-        if found:
-            click.echo(display.squatters_line(len(found)), err=True)
-    _write_lines(lines, output)
-    if not state.loaded:
-        sys.exit(EXIT_NOT_LOADED)
-    if found:
-        sys.exit(EXIT_SQUATTER)
-    if differences:
-        sys.exit(EXIT_CONFIG_DIFFERS)
-
-
-def _write_lines(lines: list[str], output: Path | None) -> None:
-    if output is None:
-        for line in lines:
-            click.echo(line)
-        return
-    tmp = output.with_name(f".{output.name}.{os.getpid()}")
-    try:
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeProblem(f"cannot write {output}: {exc.strerror}") from None
-
-
-def _config_or_problem(config_path: str | None) -> tuple[config_mod.Config | None, str | None]:
-    """The configuration, or why it cannot be loaded (status reports that, it does not stop)."""
-    try:
-        return load_config(config_path), None
-    except ConfigProblem as exc:
-        return None, exc.message
-
-
-def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> tuple[list, dict]:
-    """How the loaded guard differs from what the files ask for (empty: the same), and where
-    each reservation comes from in the files ((protocol, port) -> origins)."""
-    from guard.observe import drift
-
-    if cfg is not None:
-        try:
-            plan = plan_of(cfg)
-        except ConfigProblem as exc:
-            problem = exc.message
-        else:
-            left_out = [f"not guarded as the unit files ask: {p}" for p in cfg.unit_problems]
-            return drift.differences(plan, state) + left_out, plan.origins
-    return [f"the files cannot be applied: {problem}"], {}
+    code = reports.status(config_path, output_format, verbose, output)
+    if code:
+        sys.exit(code)
 
 
 @main.command()
@@ -283,29 +192,13 @@ def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> t
 @click.pass_obj
 def check(config_path: str | None, port: str, as_json: bool) -> None:
     """Say who owns PORT[/tcp|/udp] (a number or an /etc/services name)."""
-    from guard.observe import display
-    from guard.observe.state import read_state, with_origins
-    from guard.policy import owners, plan
-    from guard.policy.ports import PortSpecError, parse_check_target
+    from guard.policy.ports import PortSpecError
 
     try:
-        pairs = parse_check_target(port)
+        pairs = reports.check_target(port)
     except PortSpecError as exc:
         raise click.UsageError(str(exc)) from None
-    cfg, problem = _config_or_problem(config_path)
-    if cfg is None:  # as _load_settings, without reading the files a second time
-        click.echo(display.warning_line(problem), err=True)
-    settings = cfg.settings if cfg else settings_only(config_path)
-    state = runtime(read_state, settings, pairs)
-    if cfg is not None:
-        applying = (block for block in cfg.blocks if owners.block_applies(block))
-        state = with_origins(state, plan.port_origins(applying, pairs))
-    results = display.check_results(pairs, state.reservations)
-    if as_json:
-        click.echo(display.check_json(results))
-        return
-    for line in display.check_lines(results):
-        click.echo(line)
+    reports.check(config_path, pairs, as_json)
 
 
 @main.command()

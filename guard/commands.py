@@ -7,8 +7,9 @@ code); entry.py prints it as click would ("Error: ..." on stderr), cli.py hands 
 
 For the same reason the modules apply imports keep their plain data in typing.NamedTuples or
 small classes with __slots__, not dataclasses: the dataclasses module (inspect, ast, dis) and
-the exec of each class's generated methods cost ~30 ms at every boot. The read side (status,
-check, monitor, holders) keeps its dataclasses. tests/unit/test_entry.py holds the line.
+the exec of each class's generated methods cost ~30 ms at every boot; status and check
+(guard/reports.py) are kept off both the same way, the monitor keeps its dataclasses.
+tests/unit/test_entry.py holds the line.
 """
 
 from __future__ import annotations

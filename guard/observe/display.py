@@ -102,12 +102,24 @@ def built_line(path: object) -> str:
 # ---- status ---------------------------------------------------------------------------------
 
 
+def plain(value: object) -> object:
+    """The read model (NamedTuples) as JSON takes it, as dataclasses.asdict gave it when it was
+    dataclasses: each record a dict, recursively, also inside tuples, lists and dicts (which
+    _asdict alone does not do)."""
+    if hasattr(value, "_asdict"):
+        return {key: plain(item) for key, item in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    return value
+
+
 def status_json(state: GuardState, failure: Failure | None, **facts: object) -> str:
     """state, the last apply's failure and the facts status adds (config_matches, ...)."""
     import json  # only for JSON output: plain status, check and apply do without it
-    from dataclasses import asdict  # the read model's dataclasses; apply does without it
 
-    data = asdict(state)
+    data = plain(state)
     data["links"] = {
         link["name"]: {k: v for k, v in link.items() if k != "name"} for link in data["links"]
     }
@@ -364,8 +376,6 @@ def check_results(
     pairs: Sequence[tuple[str, int]], reservations: Sequence[ReservationState]
 ) -> list[dict]:
     """One entry per asked (protocol, port): reserved or not, and for whom."""
-    from dataclasses import asdict  # OwnerState: the read model's dataclass
-
     by_key = {(r.protocol, r.port): r for r in reservations}
     results = []
     for proto, number in pairs:
@@ -375,7 +385,7 @@ def check_results(
                 "port": number,
                 "protocol": proto,
                 "reserved": res is not None,
-                "owners": [asdict(o) for o in res.owners] if res else [],
+                "owners": [plain(o) for o in res.owners] if res else [],
                 "origins": list(res.origins) if res else [],
             }
         )

@@ -28,8 +28,8 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from guard.kernel.cgroups import CgroupError, cgroup2_mount, unit_of_cgroup
 from guard.observe.procnet import (
@@ -71,8 +71,7 @@ _PROTOCOLS = {
 }
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(NamedTuple):
     """One socket that occupies a local port, and what it belongs to.
 
     ``pid``/``comm`` name the lowest-numbered process that has the socket open (for a forking
@@ -93,8 +92,7 @@ class Holder:
     inode: int
 
 
-@dataclass(frozen=True)
-class _Socket:
+class _Socket(NamedTuple):
     port: int
     protocol: str
     family: int
@@ -306,8 +304,7 @@ def cgroup_paths(ids: set[int], cgroup_root: Path | None) -> dict[int, str]:
 FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
-@dataclass(frozen=True)
-class HolderState:
+class HolderState(NamedTuple):
     """One socket on a reserved port. ``cgroup``/``unit`` are where the holding process lives
     now (the socket's creation cgroup when no process is known); ``socket_cgroup`` is where
     the socket was created."""
@@ -322,8 +319,7 @@ class HolderState:
     socket_cgroup: str | None
 
 
-@dataclass(frozen=True)
-class Squatter:
+class Squatter(NamedTuple):
     port: int
     protocol: str
     holder: HolderState
@@ -397,9 +393,9 @@ def with_holders(state: GuardState, current_netns_cookie: int) -> GuardState:
         (r.port, r.protocol, [o.cgroup for o in r.owners]) for r in state.reservations
     )
     reservations = tuple(
-        replace(r, holders=tuple(found.get((r.port, r.protocol), ()))) for r in state.reservations
+        r._replace(holders=tuple(found.get((r.port, r.protocol), ()))) for r in state.reservations
     )
-    return replace(state, reservations=reservations, holders_checked=True)
+    return state._replace(reservations=reservations, holders_checked=True)
 
 
 def of_state(state: GuardState) -> list[Squatter]:

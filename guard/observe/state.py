@@ -4,8 +4,8 @@ has exited): links, the active slot's reservations and owners, counters."""
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from guard.errors import GuardError
 from guard.kernel import cgroups, layout, libbpf, slots
@@ -15,23 +15,20 @@ from guard.kernel.programs import BIND_AND_PACKET_LINKS, LINK_NAMES, PACKET_LINK
 from guard.policy.config import Settings
 
 
-@dataclass(frozen=True)
-class LinkState:
+class LinkState(NamedTuple):
     name: str
     link_id: int
     prog_id: int
     cgroup_id: int | None
 
 
-@dataclass(frozen=True)
-class OwnerState:
+class OwnerState(NamedTuple):
     cgroup: str
     id: int | None  # as the kernel knows it right now; None: the cgroup does not exist
     unit: str | None = None  # the systemd unit the cgroup belongs to, if any
 
 
-@dataclass(frozen=True)
-class ReservationState:
+class ReservationState(NamedTuple):
     port: int
     protocol: str
     owners: tuple[OwnerState, ...]
@@ -42,8 +39,7 @@ class ReservationState:
     origins: tuple[str, ...] = ()  # file:line that reserve it in the files now (with_origins)
 
 
-@dataclass(frozen=True)
-class GuardState:
+class GuardState(NamedTuple):
     loaded: bool
     pin_dir: str
     links: tuple[LinkState, ...] = ()
@@ -175,10 +171,9 @@ def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | No
 def with_origins(state: GuardState, origins: dict[tuple[str, int], tuple]) -> GuardState:
     """The state with each reservation's origins in the configuration files (plan.origins):
     the pins hold no file names, so they come from the files as they are now."""
-    return replace(
-        state,
+    return state._replace(
         reservations=tuple(
-            replace(res, origins=tuple(str(o) for o in origins.get((res.protocol, res.port), ())))
+            res._replace(origins=tuple(str(o) for o in origins.get((res.protocol, res.port), ())))
             for res in state.reservations
         ),
     )

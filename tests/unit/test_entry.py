@@ -1,6 +1,7 @@
-"""The boot path's `portguard apply` (guard/entry.py, without click) ends exactly as the click
-CLI's apply does: the same stdout, stderr, exit code and failure record; every other command
-line still reaches click."""
+"""The command lines guard/entry.py runs without click (the boot path's `portguard apply`, the
+common forms of `status` and `check PORT`) end exactly as the click CLI's do: the same stdout,
+stderr, exit code, failure record and --output file; every other command line still reaches
+click."""
 
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ def run(program: list[str], args: list[str], run_dir: Path, nobody: bool = False
     )
 
 
-def both(tmp_path: Path, args: list[str], nobody: bool = False, **env: str):
-    """The command line through the fast path and through click, each with its own /run."""
+def both(
+    tmp_path: Path, args: list[str], nobody: bool = False, written: Path | None = None, **env: str
+):
+    """The command line through the fast path and through click, each with its own /run;
+    written: a file the command writes (taken away after each, its text part of the end)."""
     ends = []
     for name, program in (("fast", FAST), ("click", CLICK)):
         run_dir = tmp_path / f"run-{name}"
@@ -48,9 +52,13 @@ def both(tmp_path: Path, args: list[str], nobody: bool = False, **env: str):
             p.name: p.read_text().split("\n", 1)[1]  # without the time it was written
             for p in run_dir.iterdir()
         }
-        ends.append((proc.returncode, proc.stdout, proc.stderr, records))
+        text = None
+        if written is not None and written.exists():
+            text = written.read_text()
+            written.unlink()
+        ends.append((proc.returncode, proc.stdout, proc.stderr, records, text))
     assert ends[0] == ends[1]
-    return ends[0]
+    return ends[0][:4] if written is None else ends[0]
 
 
 @pytest.fixture
@@ -216,3 +224,210 @@ def test_the_apply_path_imports_neither_dataclasses_nor_click(reachable):
     )
     proc = run([sys.executable, "-c", code], [], reachable / "run", nobody=True)
     assert proc.stdout == "1 []\n", proc.stderr
+
+
+# ---- status and check -----------------------------------------------------------------------
+
+STATUS_PLAIN = {"output_format": "text", "verbose": False, "output": None}
+
+
+def _status(**options) -> entry.Fast:
+    return entry.Fast("status", None, {**STATUS_PLAIN, **options})
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["status"], _status()),
+        (["status", "--json"], _status(output_format="json")),
+        (["status", "-v"], _status(verbose=True)),
+        (
+            ["status", "--verbose", "--format", "prometheus"],
+            _status(output_format="prometheus", verbose=True),
+        ),
+        (["status", "--format=text", "--json"], _status(output_format="json")),  # --json wins
+        (["status", "--json", "--format", "prometheus"], _status(output_format="json")),
+        (
+            ["status", "--output", "/x/m.prom", "--format=prometheus"],
+            _status(output_format="prometheus", output="/x/m.prom"),
+        ),
+        (["status", "--output=/x/m.prom"], _status(output="/x/m.prom")),
+        (["status", "-o", "/x/m.prom", "-v"], _status(output="/x/m.prom", verbose=True)),
+        (["check", "80"], entry.Fast("check", None, {"port": "80", "as_json": False})),
+        (["check", "--json", "http"], entry.Fast("check", None, {"port": "http", "as_json": True})),
+        (
+            ["check", "631/tcp", "--json"],
+            entry.Fast("check", None, {"port": "631/tcp", "as_json": True}),
+        ),
+        (
+            ["--config", "/x.toml", "check", "80"],
+            entry.Fast("check", "/x.toml", {"port": "80", "as_json": False}),
+        ),
+        (["--config=/x.toml", "status"], entry.Fast("status", "/x.toml", STATUS_PLAIN)),
+    ],
+)
+def test_the_common_status_and_check_forms_take_the_path_without_click(args, expected, monkeypatch):
+    monkeypatch.delenv("PORTGUARD_CONFIG", raising=False)
+    assert entry.fast_command(args) == expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--help"],
+        ["status", "-h"],
+        ["status", "--json", "--json"],  # click takes it; we leave repeats to click
+        ["status", "-v", "--verbose"],
+        ["status", "--format"],
+        ["status", "--format", "xml"],
+        ["status", "--format=JSON"],
+        ["status", "--format", "--json"],
+        ["status", "--output"],
+        ["status", "--output="],
+        ["status", "--output", "-v"],
+        ["status", "-o", "/"],  # a directory: click.Path refuses it
+        ["status", "-ofile"],
+        ["status", "-vo", "file"],
+        ["status", "--json=1"],
+        ["status", "--unknown"],
+        ["status", "extra"],
+        ["status", "--", "--json"],
+        ["check"],
+        ["check", "--json"],
+        ["check", "80", "443"],
+        ["check", "-1"],
+        ["check", "80", "--json", "--json"],
+        ["check", "--", "80"],
+        ["check", "80", "--help"],
+        ["status", "--config", "/x.toml"],
+        ["remove"],
+        ["monitor"],
+    ],
+)
+def test_other_status_and_check_forms_go_to_click_as_they_are(args, monkeypatch):
+    monkeypatch.delenv("PORTGUARD_CONFIG", raising=False)
+    assert entry.fast_command(args) is None
+
+
+def test_an_output_file_click_would_refuse_goes_to_click(tmp_path, monkeypatch):
+    monkeypatch.delenv("PORTGUARD_CONFIG", raising=False)
+    existing = tmp_path / "m.prom"
+    existing.write_text("")
+    assert entry.fast_command(["status", "-o", str(existing)]) is not None
+    assert entry.fast_command(["status", "-o", str(tmp_path)]) is None
+
+
+# Without root, status and check stop at the pins (exit 1); as root, a pin directory that does
+# not exist is no guard: status exits 4, check says the ports are not reserved.
+AS_ROOT = os.geteuid() == 0
+STATUS_END = 4 if AS_ROOT else 1
+ROOT_ERROR = "Error: portguard status must run as root: the pinned maps are root-only\n"
+
+STATUS_FORMS = [
+    [],
+    ["--json"],
+    ["-v"],
+    ["--verbose", "--format", "prometheus"],
+    ["--format=json", "-v"],
+    ["--json", "--format=prometheus"],
+    ["--format", "text"],
+]
+
+
+@pytest.mark.parametrize("options", STATUS_FORMS)
+@pytest.mark.parametrize("config", ["GOOD", "BAD"])
+def test_status_ends_alike_on_both_paths(tmp_path, options, config):
+    path = _config(tmp_path, {"GOOD": GOOD, "BAD": BAD}[config])
+    code, out, err, records = both(tmp_path, ["--config", str(path), "status", *options])
+    assert code == STATUS_END and records == {}
+    if not AS_ROOT:
+        assert (out, err) == ("", ROOT_ERROR)
+    elif "--json" in options or "--format=json" in options:
+        assert '"loaded": false' in out
+    elif "prometheus" in options[-1:]:
+        assert "portguard_guard_loaded 0" in out
+    else:
+        assert "not loaded" in out
+
+
+@pytest.mark.parametrize("form", ["--output", "--output=", "-o"])
+def test_status_output_writes_the_same_file_on_both_paths(tmp_path, form):
+    path = _config(tmp_path, GOOD)
+    written = tmp_path / "portguard.prom"
+    target = [f"--output={written}"] if form.endswith("=") else [form, str(written)]
+    args = ["--config", str(path), "status", "--format", "prometheus", *target]
+    code, out, err, _, text = both(tmp_path, args, written=written)
+    assert (code, out) == (STATUS_END, "")
+    assert (text is not None) == AS_ROOT
+    if AS_ROOT:
+        assert "portguard_guard_loaded 0" in text
+
+
+@pytest.mark.parametrize(
+    "options", [["8000"], ["8000/tcp", "--json"], ["--json", "8000"], ["http"], ["7/udp"]]
+)
+@pytest.mark.parametrize("config", ["GOOD", "BAD"])
+def test_check_ends_alike_on_both_paths(tmp_path, options, config):
+    path = _config(tmp_path, {"GOOD": GOOD, "BAD": BAD}[config])
+    code, out, err, records = both(tmp_path, ["--config", str(path), "check", *options])
+    assert records == {}
+    if config == "BAD":
+        assert "port 70000 is out of range" in err
+    if not AS_ROOT:
+        assert (code, out) == (1, "") and err.endswith(ROOT_ERROR)
+    else:
+        assert code == 0 and ("not reserved" in out or '"reserved": false' in out)
+
+
+@pytest.mark.parametrize("command", [["status"], ["check", "8000"]])
+def test_a_missing_config_is_exit_2_for_status_and_check_on_both_paths(tmp_path, command):
+    missing = tmp_path / "nope.toml"
+    code, out, err, _ = both(tmp_path, [f"--config={missing}", *command])
+    assert (code, out) == (2, "")  # check warns first, then stops (as it always has)
+    assert err.endswith(f"Error: {missing}: no such configuration file\n")
+
+
+def test_status_and_check_reach_click_for_help_and_usage_errors(tmp_path):
+    path = _config(tmp_path, GOOD)
+    run_dir = tmp_path / "run"
+    helped = run(FAST, ["status", "--help"], run_dir)
+    assert helped.returncode == 0 and "--format [text|json|prometheus]" in helped.stdout
+    bad_format = run(FAST, ["--config", str(path), "status", "--format", "xml"], run_dir)
+    assert bad_format.returncode == 2 and "Invalid value for '--format'" in bad_format.stderr
+    directory = run(FAST, ["--config", str(path), "status", "-o", str(tmp_path)], run_dir)
+    assert directory.returncode == 2 and "is a directory" in directory.stderr
+    bad_port = run(FAST, ["--config", str(path), "check", "no-such-service-here"], run_dir)
+    assert bad_port.returncode == 2 and bad_port.stderr.startswith("Usage: ")
+    no_port = run(FAST, ["--config", str(path), "check"], run_dir)
+    assert no_port.returncode == 2 and "Missing argument 'PORT'" in no_port.stderr
+
+
+# What `status` and `check` import, also the modules they import only when a step needs them.
+READ_PATH_MODULES = (
+    "guard.entry, guard.commands, guard.reports, guard.errors, guard.kernel.host, "
+    "guard.kernel.layout, guard.observe.display, guard.observe.drift, guard.observe.holders, "
+    "guard.observe.outcome, guard.observe.procnet, guard.observe.state, guard.policy.owners, "
+    "guard.policy.plan, guard.policy.ports, guard.policy.resvport"
+)
+
+
+@pytest.mark.parametrize(
+    "command", [["status"], ["status", "--json"], ["check", "8000"], ["check", "--json", "80"]]
+)
+def test_the_status_and_check_paths_import_neither_dataclasses_nor_click(reachable, command):
+    """click costs ~39 ms (inspect) and dataclasses ~30 ms of a status under /usr/bin/python3:
+    operators and monitoring run these every few seconds. Imported, then run."""
+    path = _config(reachable, GOOD)
+    code = (
+        "import sys\n"
+        f"import {READ_PATH_MODULES}\n"
+        f"sys.argv = ['portguard', '--config', {str(path)!r}, *{command!r}]\n"
+        "try:\n"
+        "    guard.entry.main()\n"
+        "except SystemExit as exc:\n"
+        "    heavy = [m for m in sys.modules if m.split('.')[0] in ('dataclasses', 'click')]\n"
+        "    print(exc.code, sorted(heavy), file=sys.stderr)\n"
+    )
+    proc = run([sys.executable, "-c", code], [], reachable / "run")
+    end = {"status": STATUS_END, "check": 0 if AS_ROOT else 1}[command[0]]
+    assert proc.stderr.endswith(f"{end} []\n"), proc.stderr

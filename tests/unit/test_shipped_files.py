@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import pytest
 
-from guard import cli
+from guard import cli, reports
 from guard import commands as command_core
 from guard.kernel.layout import LIMITS
 from guard.policy import config, owners, plan
@@ -193,7 +193,7 @@ def test_portguard_8_documents_every_exit_code():
     exit_section = roff_text(PORTGUARD_8).split(".SH EXIT STATUS", 1)[1].split("\n.SH ", 1)[0]
     codes = {0} | {
         value
-        for module in (cli, command_core)
+        for module in (cli, command_core, reports)
         for name, value in vars(module).items()
         if name.startswith("EXIT_")
     }
