@@ -66,19 +66,20 @@ def config_files(path: str | None) -> list[Path]:
 
 
 def load_config(path: str | None) -> config_mod.Config:
-    files = config_files(path)
-    try:
-        return config_mod.load(files)
-    except config_mod.ConfigError as exc:
-        raise ConfigProblem(f"invalid configuration, nothing applied:\n{exc}") from None
+    return _read(path, config_mod.load, "invalid configuration, nothing applied")
 
 
 def settings_only(path: str | None) -> config_mod.Settings:
+    return _read(path, config_mod.load_settings, "invalid [guard] settings")
+
+
+def _read(path: str | None, read, problem: str):
+    """read(the configuration files); its ConfigError is a ConfigProblem saying `problem`."""
     files = config_files(path)
     try:
-        return config_mod.load_settings(files)
+        return read(files)
     except config_mod.ConfigError as exc:
-        raise ConfigProblem(f"invalid [guard] settings:\n{exc}") from None
+        raise ConfigProblem(f"{problem}:\n{exc}") from None
 
 
 def plan_of(cfg: config_mod.Config):
