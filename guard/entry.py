@@ -50,14 +50,6 @@ def fast_command(args: list[str]) -> Fast | None:
     return None if options is None else Fast(rest[0], config_path, options)
 
 
-def plain_apply(args: list[str]) -> tuple[bool, str | None]:
-    """(True, the --config value or None) when args are a plain `apply`; (False, None) else."""
-    fast = fast_command(args)
-    if fast is None or fast.command != "apply":
-        return False, None
-    return True, fast.config_path
-
-
 def _global_config(args: list[str]) -> tuple[str | None, list[str]]:
     """The global --config (else $PORTGUARD_CONFIG) and the arguments after it; no arguments
     when --config is given in a form this module leaves to click."""
@@ -151,11 +143,6 @@ def _with_check_pairs(fast: Fast) -> Fast | None:
     except PortSpecError:
         return None
     return fast._replace(options={"pairs": pairs, "as_json": fast.options["as_json"]})
-
-
-def run_apply(config_path: str | None) -> int:
-    """`portguard apply` as the click CLI ends it (bench/apply_phases.py times it)."""
-    return run(Fast("apply", config_path, {}))
 
 
 def run(fast: Fast) -> int:

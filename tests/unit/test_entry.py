@@ -83,6 +83,12 @@ BAD = '[[reserve]]\nports = ["70000"]\ncgroup = "/a"\n'
 RECORD = "apply-failed{}-pins"
 
 
+def plain_apply(args: list[str]) -> tuple[bool, str | None]:
+    """(True, the --config value or None) when entry.py runs args as a plain apply."""
+    fast = entry.fast_command(args)
+    return (True, fast.config_path) if fast and fast.command == "apply" else (False, None)
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -106,15 +112,15 @@ RECORD = "apply-failed{}-pins"
 )
 def test_only_a_plain_apply_takes_the_path_without_click(args, expected, monkeypatch):
     monkeypatch.delenv("PORTGUARD_CONFIG", raising=False)
-    assert entry.plain_apply(args) == expected
+    assert plain_apply(args) == expected
 
 
 def test_a_plain_apply_reads_the_config_from_the_environment_as_click_does(monkeypatch):
     monkeypatch.setenv("PORTGUARD_CONFIG", "/env.toml")
-    assert entry.plain_apply(["apply"]) == (True, "/env.toml")
-    assert entry.plain_apply(["--config", "/x.toml", "apply"]) == (True, "/x.toml")
+    assert plain_apply(["apply"]) == (True, "/env.toml")
+    assert plain_apply(["--config", "/x.toml", "apply"]) == (True, "/x.toml")
     monkeypatch.setenv("PORTGUARD_CONFIG", "")  # click: empty is unset
-    assert entry.plain_apply(["apply"]) == (True, None)
+    assert plain_apply(["apply"]) == (True, None)
 
 
 @pytest.mark.parametrize("form", ["--config PATH", "--config=PATH", "PORTGUARD_CONFIG"])
