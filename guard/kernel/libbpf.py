@@ -867,6 +867,7 @@ class Map:
         if self._mapped is None:
             self._mapped = False
             info = map_info(self.fd)
+            self._max_entries = info.max_entries
             size = C.sizeof(self.value_type)
             if info.map_flags & BPF_F_MMAPABLE and size % 8 == 0 and not self.percpu:
                 import mmap
