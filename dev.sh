@@ -3,28 +3,51 @@
 #   ./dev.sh demo   apply the embedded default policy in a sandbox, show it working, remove it
 #   ./dev.sh test   the whole test suite: unit tests and kernel tests (needs root)
 #   ./dev.sh deb    build the Debian package from this tree into dist/ (portguard_*_all.deb)
+#   ./dev.sh wheel  the wheel route: the wheel built from this tree in a venv of its own with
+#                   what PyPI serves today (click, pyroute2, ...); unit tests and the CLI smoke
+#                   test against it (needs root for the latter)
 #   ./dev.sh setup  only the set-up
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PACKAGES=(clang libbpf-dev libbpf1 bpftool iproute2 util-linux python3-venv gcc lintian)
+# What the tests use from Debian: pyroute2 is the oracle of the sock_diag reader (kernel tests).
+TEST_PACKAGES=(python3-pyroute2)
+
+# The binary package's Depends in debian/control (python3-click, libbpf1, ...): the development
+# venv runs on the same Debian packages as the installed package, never on PyPI's versions.
+runtime_depends() {
+  sed -n '/^Package: portguard$/,/^$/p' debian/control \
+    | sed -n '/^Depends:/,/^[A-Z]/p' | sed '1s/^Depends://; /^[A-Z]/d' \
+    | tr ',' '\n' | sed 's/^ *//; s/ .*//; /\$/d; /^$/d'
+}
 
 setup() {
-  local missing=()
-  for pkg in "${PACKAGES[@]}"; do
+  local missing=() pkg
+  for pkg in "${PACKAGES[@]}" "${TEST_PACKAGES[@]}" $(runtime_depends); do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     echo "dev.sh: installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
   fi
-  # Debian's python (not a pyenv one first on PATH): system site packages stay reachable.
+  # Debian's python (not a pyenv one first on PATH) with system site packages: click and the
+  # other runtime dependencies are Debian's, as for the package. A venv that got its own click
+  # (an older dev.sh let pip fetch PyPI's) is made anew.
+  if [ -x .venv/bin/python ] && ! .venv/bin/python -c "$DEBIAN_CLICK" 2>/dev/null; then
+    echo "dev.sh: .venv has a click of its own, not Debian's: making it anew"
+    rm -rf .venv
+  fi
   [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/python -c "$DEBIAN_CLICK" \
+    || { echo "dev.sh: .venv must use Debian's python3-click" >&2; return 1; }
   # Compile the BPF object once into /var/cache/portguard: apply then needs no compiler.
   .venv/bin/portguard build >/dev/null
 }
+
+DEBIAN_CLICK='import click, sys; sys.exit(not click.__file__.startswith("/usr/lib/python3/"))'
 
 # The Debian package, built from a copy of the files git tracks (or would track) here, so the
 # work tree gets no build droppings. PORTGUARD_DEB_VERSION=V builds version V (tests build a
@@ -32,8 +55,8 @@ setup() {
 deb() {
   if ! dpkg-checkbuilddeps >/dev/null 2>&1; then
     echo "dev.sh: installing the package's Build-Depends"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq ./ >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 build-dep -y -qq ./ >/dev/null
   fi
   local tmp out
   tmp=$(mktemp -d)

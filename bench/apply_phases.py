@@ -65,10 +65,10 @@ def main() -> int:
     wrap(libbpf, "load_object", "libbpf: open, load (verifier), pin maps")
     wrap(apply_mod._Transaction, "run", "transaction (load, attach, fill, flip)")
     wrap(commands, "squatters_of_plan", "squatter scan")
-    fast = entry.fast_command(sys.argv[1:] or ["apply"])
-    if fast is None or fast.command != "apply":
+    is_apply, config_path = entry.plain_apply(sys.argv[1:] or ["apply"])
+    if not is_apply:
         raise SystemExit(f"not a plain apply: {sys.argv[1:]}")
-    code = entry.run(fast)
+    code = entry.run_apply(config_path)
     if code:
         raise SystemExit(code)
     total = (time.process_time() - T0) * 1000

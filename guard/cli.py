@@ -1,8 +1,8 @@
 """Command line: portguard apply|status|check|remove|build|monitor|demo|import-portreserve.
 
-A plain `portguard apply` (the boot path) and the common forms of `status` and `check` do not
-come here: guard/entry.py runs them without click, through the same guard/commands.py and
-guard/reports.py as the commands below.
+The one command line that does not come here is the boot's plain `portguard apply`:
+guard/entry.py runs it without importing click, through the same guard/commands.py as `apply`
+below. Every command imports what it needs when it runs.
 
 Exit codes (README, portguard(8) EXIT STATUS):
   0  ok: the guard is loaded, as the files say, and no reserved port is held by a non-owner

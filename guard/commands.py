@@ -1,14 +1,15 @@
 """What the commands do, without click: read the configuration, plan, apply.
 
 `portguard apply` runs early at every boot (systemd/portguard.service), so its path is kept off
-click: guard/entry.py runs it from here directly, and the click CLI (guard/cli.py) runs the very
-same functions for every other command line. A failure is a CommandError (a sentence and an exit
-code); entry.py prints it as click would ("Error: ..." on stderr), cli.py hands it to click.
+click: guard/entry.py runs a plain `portguard apply` from here directly, and the click CLI
+(guard/cli.py) runs the very same functions for every other command line. A failure is a
+CommandError (a sentence and an exit code); entry.py prints it as "Error: ..." on stderr, the
+way cli.py's click group ends it too.
 
 For the same reason the modules apply imports keep their plain data in typing.NamedTuples or
 small classes with __slots__, not dataclasses: the dataclasses module (inspect, ast, dis) and
 the exec of each class's generated methods cost ~30 ms at every boot; status and check
-(guard/reports.py) are kept off both the same way, the monitor keeps its dataclasses.
+(guard/reports.py) keep off dataclasses the same way, the monitor keeps its dataclasses.
 tests/unit/test_entry.py holds the line.
 """
 

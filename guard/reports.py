@@ -1,11 +1,10 @@
 """What `status` and `check` do, without click: read the pins, the files and the holders, and
 say what they show.
 
-Operators and monitoring run these two every few seconds, so guard/entry.py runs their common
-command lines from here directly (click and its inspect cost ~39 ms of CPU under the system
-interpreter, more than the rest of `check`); the click CLI (guard/cli.py) runs the very same
-functions for every other command line. As in guard/commands.py, a failure is a CommandError
-(a sentence and an exit code); what the guard is found to be is the exit code returned.
+Operators and monitoring run these two every few seconds; the click CLI (guard/cli.py) parses
+their command lines and calls these functions, which import what each step needs when it runs.
+As in guard/commands.py, a failure is a CommandError (a sentence and an exit code); what the
+guard is found to be is the exit code returned.
 """
 
 from __future__ import annotations

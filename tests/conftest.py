@@ -7,3 +7,12 @@ import pytest
 def _private_run_dir(tmp_path_factory):
     """apply's failure records (guard/observe/outcome.py) stay out of /run/portguard."""
     os.environ["PORTGUARD_RUN_DIR"] = str(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="session")
+def nobody_modules():
+    """guard and click where an unprivileged user can import them (tests/unprivileged.py)."""
+    from tests.unprivileged import reachable_modules
+
+    with reachable_modules() as modules:
+        yield modules

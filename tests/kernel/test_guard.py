@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
 import sys
 import time
 
 import pytest
 
 from guard.kernel import libbpf as kernel
+from tests.unprivileged import run_python
 
 PORT = 7631
 FREE = 7632
@@ -274,26 +274,13 @@ def test_pin_dir_outside_bpffs_is_one_clear_sentence(sandbox):
     assert "is not on a BPF file system" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_not_root_is_one_clear_sentence(sandbox):
+def test_not_root_is_one_clear_sentence(sandbox, nobody_modules):
     applied(sandbox)
+    sandbox.config_path.parent.chmod(0o755)  # nobody reads the files, not the pins
+    sandbox.config_path.chmod(0o644)
     for command in ("apply", "status", "remove"):
-        proc = subprocess.run(
-            [
-                "setpriv",
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                sys.executable,
-                "-m",
-                "guard",
-                "--config",
-                str(sandbox.config_path),
-                command,
-            ],
-            capture_output=True,
-            text=True,
-            cwd=str(sandbox.work.parent),
-        )
+        args = ["-m", "guard", "--config", str(sandbox.config_path), command]
+        proc = run_python(nobody_modules, args)
         assert proc.returncode == 1, (command, proc.stderr)
         assert "must run as root" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -21,6 +21,7 @@ from guard.kernel import layout, objects
 from guard.kernel import libbpf as kernel
 from guard.kernel.pins import Maps, Pins
 from tests.kernel.sandbox import CHILD, REPO, in_netns, missing
+from tests.unprivileged import drop_root, interpreter
 
 PORT = 7651
 FREE = 7652
@@ -240,9 +241,6 @@ def test_a_300_byte_cgroup_path_never_matches_an_owner_by_truncation(sandbox):
 
 # ---- privileges ----------------------------------------------------------------------------------
 
-NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-
-
 def test_pins_are_root_only_nobody_can_neither_open_nor_unpin_them(sandbox):
     applied(sandbox)
     assert sandbox.pin_dir.stat().st_mode & 0o777 == 0o700
@@ -267,8 +265,11 @@ def test_pins_are_root_only_nobody_can_neither_open_nor_unpin_them(sandbox):
             out["listed"] = False
         print(json.dumps(out))
     """)
-    proc = subprocess.run(
-        [*NOBODY, sys.executable, "-c", probe, *names], capture_output=True, text=True, check=False
+    proc = subprocess.run(  # the interpreter itself: a venv in root's home is out of reach
+        [*drop_root(), interpreter(), "-c", probe, *names],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -283,7 +284,7 @@ def test_a_stranger_with_cap_net_bind_service_is_refused_too(sandbox):
     low = 631  # a privileged port, in the sandbox's own network namespace
     applied(sandbox, ports=(str(low),))
     cases = [("v4", "tcp", low), ("v6", "udp", low), ("v4", "tcp", low + 1)]
-    inner = [sys.executable, "-c", CHILD, "-", "bind", json.dumps(cases)]
+    inner = [interpreter(), "-c", CHILD, "-", "bind", json.dumps(cases)]
     for caps, expected in (
         (
             ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"],
@@ -302,7 +303,7 @@ def test_a_stranger_with_cap_net_bind_service_is_refused_too(sandbox):
             },
         ),
     ):
-        result = sandbox.run("stranger", "exec", [*NOBODY, *caps, *inner])
+        result = sandbox.run("stranger", "exec", [*drop_root(), *caps, *inner])
         assert result == expected, caps
     # root in a stranger cgroup: refused as well
     assert set(sandbox.bind("stranger", [("v4", "tcp", low), ("dual", "udp", low)]).values()) == {

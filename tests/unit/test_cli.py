@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -142,32 +144,23 @@ def test_apply_dry_run_of_a_broken_file_exits_2_and_records_no_failure(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-def _as_nobody(args: list[str]) -> subprocess.CompletedProcess:
-    """The command line as an unprivileged user (root reads any file)."""
-    import os
-    import shutil
-
-    prefix = []
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("setpriv (util-linux) is needed to drop root")
-        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "guard", *args],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-
-
 @pytest.mark.parametrize("command", ["status", "apply", "remove"])
-def test_a_configuration_directory_nobody_may_read_is_one_sentence_and_exit_2(tmp_path, command):
-    etc = tmp_path / "etc"
-    etc.mkdir()
-    (etc / "portguard.toml").write_text("[guard]\n")
-    tmp_path.chmod(0o755)
-    etc.chmod(0o700)
-    proc = _as_nobody(["--config", str(etc / "portguard.toml"), command])
+def test_a_configuration_directory_nobody_may_read_is_one_sentence_and_exit_2(
+    nobody_modules, command
+):
+    from tests.unprivileged import run_python
+
+    top = Path(tempfile.mkdtemp(prefix="portguard-etc-"))  # reachable: tmp_path may not be
+    try:
+        top.chmod(0o755)
+        etc = top / "etc"
+        etc.mkdir(mode=0o700)
+        (etc / "portguard.toml").write_text("[guard]\n")
+        proc = run_python(
+            nobody_modules, ["-m", "guard", "--config", f"{etc}/portguard.toml", command]
+        )
+    finally:
+        shutil.rmtree(top)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr == (
