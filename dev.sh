@@ -77,10 +77,28 @@ deb() {
   ls "$out"/portguard_*_all.deb
 }
 
+# The wheel route: what `pip install portguard-*.whl` gives, with what PyPI serves today (click,
+# and the test tools: pytest, pyroute2 ...) in a venv without Debian's site packages. The unit
+# tests and the CLI smoke test run against it; the smoke test (root) runs the wheel's own
+# `portguard` script, the unit tests import this tree's guard beside PyPI's click.
+wheel() {
+  local venv=.venv-wheel out=dist/wheel whl
+  rm -rf "$venv" "$out"
+  .venv/bin/pip wheel -q --disable-pip-version-check --no-deps -w "$out" .
+  whl=$(ls "$out"/portguard-*.whl)
+  /usr/bin/python3 -m venv "$venv"
+  "$venv"/bin/pip install -q --disable-pip-version-check "$whl[test]"
+  "$venv"/bin/python -c 'from importlib.metadata import version as v
+print("dev.sh: the wheel route with click", v("click"), "and pyroute2", v("pyroute2"))'
+  PORTGUARD_PROGRAM=$PWD/$venv/bin/portguard "$venv"/bin/python -m pytest -q -p no:cacheprovider \
+    tests/unit tests/kernel/test_cli_smoke.py "$@"
+}
+
 case "${1:-}" in
   setup) setup ;;
   deb) deb ;;
+  wheel) setup; shift; wheel "$@" ;;
   demo) setup; exec .venv/bin/portguard demo ;;
   test) setup; shift; exec .venv/bin/python -m pytest -q "$@" ;;
-  *) echo "usage: $0 demo|test|deb|setup" >&2; exit 2 ;;
+  *) echo "usage: $0 demo|test|deb|wheel|setup" >&2; exit 2 ;;
 esac
