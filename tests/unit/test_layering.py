@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,18 @@ def test_only_the_binding_calls_libbpf():
     for path in GUARD.rglob("*.py"):
         if path.name != "libbpf.py":
             assert ".lib()" not in path.read_text(), path
+
+
+def test_pyroute2_is_the_tests_oracle_and_nothing_else():
+    """holders.py speaks sock_diag itself (pyroute2's import cost ~270 ms); pyroute2 only checks
+    it, in tests/kernel/test_holders_oracle.py, and is no dependency of the package."""
+    for path in GUARD.rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+        assert "pyroute2" not in names, path
+    project = tomllib.loads((GUARD.parent / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.lower().startswith("pyroute2")]
