@@ -91,7 +91,7 @@ wheel() {
   "$venv"/bin/python -c 'from importlib.metadata import version as v
 print("dev.sh: the wheel route with click", v("click"), "and pyroute2", v("pyroute2"))'
   PORTGUARD_PROGRAM=$PWD/$venv/bin/portguard "$venv"/bin/python -m pytest -q -p no:cacheprovider \
-    tests/unit tests/kernel/test_cli_smoke.py "$@"
+    tests/unit tests/kernel/test_cli_smoke.py tests/kernel/test_holders_oracle.py "$@"
 }
 
 case "${1:-}" in

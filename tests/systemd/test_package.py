@@ -355,5 +355,5 @@ def test_remove_and_purge_take_the_guard_away_and_reinstall_works(guest: Machine
     purged = dpkg(guest, "--purge", "portguard")
     assert purged.returncode == 0, purged.stdout + purged.stderr
     assert_guard_gone(guest, links)
-    for gone in ("/etc/portguard/portguard.toml", "/var/cache/portguard"):
+    for gone in ("/etc/portguard/portguard.toml", "/var/cache/portguard", "/run/portguard"):
         assert guest.run("test", "-e", gone).returncode != 0, gone

@@ -684,7 +684,7 @@ def purge_phase(sysctl_before, prog_ids):
         sock.close()
     leftovers = [p for p in ("/usr/bin/portguard", "/usr/bin/portrelease",
                              "/etc/portguard/portguard.toml", "/lib/systemd/system/portguard.service",
-                             "/var/cache/portguard", PIN_DIR)
+                             "/var/cache/portguard", "/run/portguard", PIN_DIR)
                  if os.path.lexists(p)]
     figures = {
         "apt_rc": rc, "apt_s": seconds, "apt_output": output if rc else output[-200:],
