@@ -1,7 +1,9 @@
 """Run the benchmarks and print Markdown tables: sudo python3 -m bench [--quick] [SUITE...]
 
 Suites: bind (bind cost), scale (reservations, owners, linear scan), lifecycle (apply,
-re-apply, remove, memory), startup (CLI), portreserve (socket-holding model). Default: all.
+re-apply, remove, memory), startup (CLI), portreserve (socket-holding model), cost (CLI CPU
+ratios, apply's phases), boot (nspawn boots, guarded vs masked), cli (CLI CPU ratios in a
+booted guest with real services). Default: all.
 Needs root, cgroup2, bpffs, iproute2, bpftool, gcc and clang; runs in a private cgroup
 subtree, network namespace and pin directory, removed afterwards.
 """
@@ -23,6 +25,7 @@ SUITES = {
     "portreserve": suites.portreserve_model,
     "cost": suites.cost,
     "boot": boot.boot,
+    "cli": boot.cli,
 }
 
 

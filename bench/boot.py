@@ -10,6 +10,7 @@ minus masked of the same round.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -93,6 +94,44 @@ env = dict(os.environ, PATH="/run/pg-cpu:" + os.environ["PATH"])
 subprocess.run(["portguard", "apply"], capture_output=True, check=True, env=env)
 print(total, sum(float(x) for x in open("/run/pg-cpu/log").read().split()))
 """
+
+
+# The CLI as the package runs it in the booted guest (/usr/bin/portguard under /usr/bin/python3),
+# each command's CPU (children's rusage) paired per round with `python3 -c pass`, in a fresh
+# random order per round. A fresh apply follows a remove; every other command finds the guard.
+CLI_CPU = """
+import json, random, resource, subprocess, sys
+def cpu(cmd):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1000
+commands = {
+    "python3 -c pass": ["/usr/bin/python3", "-c", "pass"],
+    "fresh apply": ["portguard", "apply"],
+    "unchanged re-apply": ["portguard", "apply"],
+    "status": ["portguard", "status"],
+    "check 631": ["portguard", "check", "631"],
+}
+rounds = []
+for _ in range(int(sys.argv[1])):
+    subprocess.run(["portguard", "apply"], capture_output=True, check=True)
+    order = list(commands)
+    random.shuffle(order)
+    spent = {}
+    for label in order:
+        if label == "fresh apply":
+            subprocess.run(["portguard", "remove"], capture_output=True, check=True)
+        spent[label] = cpu(commands[label])
+    rounds.append(spent)
+print(json.dumps(rounds))
+"""
+
+
+def cli_cpu(box, rounds: int) -> list[dict[str, float]]:
+    """Per round: CPU ms of each CLI command and of `python3 -c pass` in the booted guest."""
+    out = box.run("python3", "-c", CLI_CPU, str(rounds), check=True, timeout=600).stdout
+    return json.loads(out)
 
 
 def _reapply_cpu(box) -> tuple[float, float]:
@@ -182,5 +221,43 @@ def boot(w, s) -> str:
     return table(
         f"Boot: systemd-nspawn, Debian bookworm, {rounds} boots each way (median, spread)",
         ["figure", "portguard.service enabled", "masked"],
+        rows,
+    )
+
+
+CLI_ROUNDS = {True: 5, False: 15}  # quick, full
+
+
+def cli(w, s) -> str:
+    """The CLI's CPU in a booted guest with real services (cups, dovecot, rsync, rpcbind,
+    rpc.statd; the tree of rootfs.SERVICE_PACKAGES) and the built .deb (PORTGUARD_DEB, else
+    built from this tree), paired per round with `python3 -c pass`."""
+    from tests.systemd import conftest
+
+    rounds = CLI_ROUNDS[s.rounds <= 3]
+    try:
+        with conftest.booted(services=True) as box:
+            version = box.run("dpkg-query", "-W", "-f=${Version}", "portguard").stdout
+            active = box.run("systemctl", "is-active", "cups", "dovecot", "rpcbind").stdout
+            per_round = cli_cpu(box, rounds)
+    except (pytest.skip.Exception, pytest.fail.Exception) as exc:
+        raise Unavailable(f"cli benchmark: {exc}") from None
+    floor = "python3 -c pass"
+    rows = []
+    for label in per_round[0]:
+        spent = [r[label] for r in per_round]
+        ratios = [r[label] / r[floor] for r in per_round]
+        rows.append(
+            [
+                label,
+                f"{median(spent):.0f} ({spread(spent)})",
+                "1×" if label == floor else f"{median(ratios):.1f}× ({spread(ratios, '{:.1f}')})",
+            ]
+        )
+    services = " ".join(active.split())
+    return table(
+        f"CLI CPU in the booted guest: portguard {version} as installed, services {services}; "
+        f"{rounds} rounds, each command paired with `python3 -c pass` (median, spread)",
+        ["command", "CPU ms", "ratio to python3 -c pass"],
         rows,
     )

@@ -45,15 +45,16 @@ def status(
     from guard.kernel.host import netns_cookie
     from guard.observe import display, holders, outcome
     from guard.observe.state import read_state, with_origins
-    from guard.policy import resvport
+    from guard.policy import resvport, units
 
     config_files(config_path)  # unreadable: exit 2 at once
-    cfg, problem = config_or_problem(config_path)
-    settings = cfg.settings if cfg else settings_only(config_path)
-    state = runtime(read_state, settings)
-    state = holders.with_holders(state, netns_cookie())
-    failure = outcome.last_failure(settings.pin_dir)
-    differences, origins = _differences(cfg, problem, state) if state.loaded else ([], {})
+    with units.listing_cache():  # as apply reads the unit files: each directory listed once
+        cfg, problem = config_or_problem(config_path)
+        settings = cfg.settings if cfg else settings_only(config_path)
+        state = runtime(read_state, settings)
+        state = holders.with_holders(state, netns_cookie())
+        failure = outcome.last_failure(settings.pin_dir)
+        differences, origins = _differences(cfg, problem, state) if state.loaded else ([], {})
     state = with_origins(state, origins)
     found = holders.of_state(state)
     exposed = resvport.exposed((r.port for r in state.reservations), state.deny_errno)
@@ -147,16 +148,17 @@ def check(config_path: str | None, pairs: list[tuple[str, int]], as_json: bool) 
     """`portguard check PORT`: whether each (protocol, port) is reserved, and for whom."""
     from guard.observe import display
     from guard.observe.state import read_state, with_origins
-    from guard.policy import owners, plan
+    from guard.policy import owners, plan, units
 
-    cfg, problem = config_or_problem(config_path)
-    if cfg is None:  # as cli's _load_settings, without reading the files a second time
-        echo(display.warning_line(problem), err=True)
-    settings = cfg.settings if cfg else settings_only(config_path)
-    state = runtime(read_state, settings, pairs)
-    if cfg is not None:
-        applying = (block for block in cfg.blocks if owners.block_applies(block))
-        state = with_origins(state, plan.port_origins(applying, pairs))
+    with units.listing_cache():  # as apply reads the unit files: each directory listed once
+        cfg, problem = config_or_problem(config_path)
+        if cfg is None:  # as cli's _load_settings, without reading the files a second time
+            echo(display.warning_line(problem), err=True)
+        settings = cfg.settings if cfg else settings_only(config_path)
+        state = runtime(read_state, settings, pairs)
+        if cfg is not None:
+            applying = [block for block in cfg.blocks if owners.block_applies(block)]
+            state = with_origins(state, plan.port_origins(applying, pairs))
     results = display.check_results(pairs, state.reservations)
     if as_json:
         echo(display.check_json(results))

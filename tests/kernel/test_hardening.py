@@ -241,6 +241,7 @@ def test_a_300_byte_cgroup_path_never_matches_an_owner_by_truncation(sandbox):
 
 # ---- privileges ----------------------------------------------------------------------------------
 
+
 def test_pins_are_root_only_nobody_can_neither_open_nor_unpin_them(sandbox):
     applied(sandbox)
     assert sandbox.pin_dir.stat().st_mode & 0o777 == 0o700

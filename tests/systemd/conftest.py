@@ -55,15 +55,17 @@ def booted(
     cgroup_namespace: bool = False,
     bpf: bool = True,
     extra: dict | None = None,
+    services: bool = False,
 ) -> Iterator[Machine]:
     """Debian booted with systemd-nspawn; everything removed afterwards. installed: the built
     .deb installed before boot (portguard.service enabled by its postinst); carry: packages
     copied into the guest (GUEST_DEBS) for the tests to install; bpf: False boots with
     nspawn's default system call filter and capabilities, where bpf() is refused; extra:
-    more guest files (path -> text or Symlink) written before boot."""
+    more guest files (path -> text or Symlink) written before boot; services: the tree with real
+    services (rootfs.SERVICE_PACKAGES: cups, dovecot, rsync, nfs-common), as benchmarks boot."""
     cgroup_root = _prerequisites()
     try:
-        tree = rootfs.ensure_rootfs(log=print)
+        tree = rootfs.ensure_rootfs(log=print, services=services)
     except rootfs.SetupError as exc:
         missing(str(exc))
     preinstalled = (package(),) if installed else ()

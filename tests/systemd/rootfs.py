@@ -7,7 +7,8 @@ in the tree: each boot installs the built .deb into its own overlay (machine.py)
 holds only what booting and the tests need plus what the package depends on -- no clang, no
 libbpf-dev, nothing of the repository.
 
-Run `python -m tests.systemd.rootfs` to build (or find) the tree ahead of the tests.
+Run `python -m tests.systemd.rootfs` to build (or find) the tree ahead of the tests
+(`--services`: the boot benchmark's tree, with real services).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ BOOT_PACKAGES = ("systemd-sysv", "dbus", "iproute2", "rpcbind")
 # .deb needs no network; tests check this list against the built .deb.
 PACKAGE_DEPENDS = ("python3", "python3-click", "libbpf1", "netbase")
 PACKAGES = BOOT_PACKAGES + PACKAGE_DEPENDS
+# Real services whose ports the default policy reserves, and real bindresvport() callers: what
+# the boot benchmark (bench/boot.py) boots, as an administrator's machine would be. A tree of
+# its own (another recipe): the tests' tree stays small.
+SERVICE_PACKAGES = ("cups", "dovecot-imapd", "rsync", "nfs-common")
 HOST_PACKAGES = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container"}
 # Bumped whenever customise() changes in a way the hash of the lists above does not see.
 CUSTOMISE_VERSION = 2
@@ -46,25 +51,26 @@ class SetupError(RuntimeError):
     """A prerequisite is missing and cannot be installed here."""
 
 
-def recipe() -> dict:
+def recipe(services: bool = False) -> dict:
     return {
         "suite": SUITE,
         "variant": "minbase",
-        "packages": sorted(PACKAGES),
+        "packages": sorted(PACKAGES + (SERVICE_PACKAGES if services else ())),
         "customise": CUSTOMISE_VERSION,
     }
 
 
-def recipe_hash() -> str:
-    return hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()[:12]
+def recipe_hash(services: bool = False) -> str:
+    text = json.dumps(recipe(services), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE))
 
 
-def rootfs_path() -> Path:
-    return cache_dir() / f"rootfs-{recipe_hash()}"
+def rootfs_path(services: bool = False) -> Path:
+    return cache_dir() / f"rootfs-{recipe_hash(services)}"
 
 
 def _deb822_uris(text: str) -> list[tuple[str, list[str]]]:
@@ -137,8 +143,9 @@ def customise(root: Path) -> None:
     subprocess.run(["chroot", str(root), "apt-get", "clean"], check=True)
 
 
-def build(target: Path, log=print) -> None:
+def build(target: Path, log=print, services: bool = False) -> None:
     mirror = host_mirror()
+    packages = PACKAGES + (SERVICE_PACKAGES if services else ())
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     log(f"debootstrap {SUITE} from {mirror} into {partial}")
@@ -146,7 +153,7 @@ def build(target: Path, log=print) -> None:
         [
             "debootstrap",
             "--variant=minbase",
-            f"--include={','.join(PACKAGES)}",
+            f"--include={','.join(packages)}",
             SUITE,
             str(partial),
             mirror,
@@ -163,16 +170,17 @@ def build(target: Path, log=print) -> None:
     os.replace(partial, target)
 
 
-def ensure_rootfs(log=print) -> Path:
-    """The cached tree for the current recipe, built first when missing (one builder at a time)."""
-    target = rootfs_path()
+def ensure_rootfs(log=print, services: bool = False) -> Path:
+    """The cached tree for the current recipe, built first when missing (one builder at a time);
+    services: the tree with SERVICE_PACKAGES too."""
+    target = rootfs_path(services)
     if not target.is_dir():
         ensure_host_tools()
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target.parent / "build.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.is_dir():
-                build(target, log)
+                build(target, log, services)
                 _remove_stale(target)
     # Outside the tree itself: an overlay may have it as its lower layer right now.
     target.with_name(target.name + USED_MARK).touch()
@@ -180,9 +188,11 @@ def ensure_rootfs(log=print) -> Path:
 
 
 def _remove_stale(keep: Path) -> None:
-    """Trees of other recipes that no run has used for STALE_AFTER seconds."""
+    """Trees of other recipes that no run has used for STALE_AFTER seconds (the tests' and the
+    benchmark's trees of today's recipes are kept)."""
+    current = {rootfs_path(False), rootfs_path(True)}
     for stale in keep.parent.glob("rootfs-*"):
-        if stale == keep or stale.name.endswith(USED_MARK) or not stale.is_dir():
+        if stale in current or stale.name.endswith(USED_MARK) or not stale.is_dir():
             continue
         mark = stale.with_name(stale.name + USED_MARK)
         used = mark.stat().st_mtime if mark.exists() else stale.stat().st_mtime
@@ -193,6 +203,7 @@ def _remove_stale(keep: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        print(ensure_rootfs(log=lambda msg: print(msg, file=sys.stderr)))
+        services = sys.argv[1:] == ["--services"]
+        print(ensure_rootfs(log=lambda msg: print(msg, file=sys.stderr), services=services))
     except SetupError as exc:
         sys.exit(f"rootfs: {exc}")
