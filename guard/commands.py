@@ -53,7 +53,7 @@ def echo(line: str, err: bool = False) -> None:
 
 def config_files(path: str | None) -> list[Path]:
     """The files to read; one that cannot be read is exit 2 with its name, never skipped."""
-    main = Path(path) if path else config_mod.DEFAULT_CONFIG
+    main = main_config(path)
     try:
         if path:
             main.lstat()
@@ -118,26 +118,46 @@ def apply(config_path: str | None) -> None:
 
 def _pin_dir_for_record(config_path: str | None) -> str:
     """The pin directory the configuration names, as far as it can be read at all."""
-    main = Path(config_path) if config_path else config_mod.DEFAULT_CONFIG
+    main = main_config(config_path)
     try:
         return config_mod.load_settings(config_mod.config_files(main)).pin_dir
     except (config_mod.ConfigError, OSError):
         return config_mod.Settings().pin_dir
 
 
+def main_config(config_path: str | None) -> Path:
+    return Path(config_path) if config_path else config_mod.DEFAULT_CONFIG
+
+
+def compiled_plan(config_path: str | None):
+    """(Settings, Plan, unit problems) as the last apply of these files resolved them, when
+    none of its inputs changed since (guard/policy/compiled.py); else None."""
+    from guard.observe import outcome
+    from guard.policy import compiled
+
+    main = main_config(config_path)
+    record = outcome.plan_record(main)
+    return None if record is None else compiled.loads(record, main)
+
+
 def _apply(config_path: str | None) -> str:
     """Apply; the pin directory applied to."""
+    import time
+
     from guard.kernel.apply import apply as apply_plan
     from guard.kernel.host import DENY_EPERM
-    from guard.observe import display
-    from guard.policy import resvport, units
+    from guard.observe import display, outcome
+    from guard.policy import compiled, resvport, units
 
+    reading = time.time_ns()
     with units.listing_cache():  # the unit files as they are now: each directory listed once
         cfg = load_config(config_path)
         plan = plan_of(cfg)
     for line in display.unit_file_lines(cfg.unit_problems, cfg.unit_notes):
         echo(line, err=True)
     result = runtime(apply_plan, plan)
+    main = main_config(config_path)
+    outcome.save_plan(main, compiled.dumps(cfg, plan, main, reading))
     for note in result.warnings:
         echo(display.warning_line(note), err=True)
     seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number

@@ -15,6 +15,7 @@ from pathlib import Path
 from guard.commands import (
     ConfigProblem,
     RuntimeProblem,
+    compiled_plan,
     config_files,
     echo,
     load_config,
@@ -48,13 +49,16 @@ def status(
     from guard.policy import resvport, units
 
     config_files(config_path)  # unreadable: exit 2 at once
+    known = compiled_plan(config_path)  # the files unchanged since they were applied
     with units.listing_cache():  # as apply reads the unit files: each directory listed once
-        cfg, problem = config_or_problem(config_path)
-        settings = cfg.settings if cfg else settings_only(config_path)
+        cfg, problem = (None, None) if known else config_or_problem(config_path)
+        settings = known[0] if known else cfg.settings if cfg else settings_only(config_path)
         state = runtime(read_state, settings)
         state = holders.with_holders(state, netns_cookie())
         failure = outcome.last_failure(settings.pin_dir)
-        differences, origins = _differences(cfg, problem, state) if state.loaded else ([], {})
+        differences, origins = (
+            _differences(cfg, problem, state, known) if state.loaded else ([], {})
+        )
     state = with_origins(state, origins)
     found = holders.of_state(state)
     exposed = resvport.exposed((r.port for r in state.reservations), state.deny_errno)
@@ -120,20 +124,26 @@ def config_or_problem(config_path: str | None) -> tuple[config_mod.Config | None
         return None, exc.message
 
 
-def _differences(cfg: config_mod.Config | None, problem: str | None, state) -> tuple[list, dict]:
+def _differences(
+    cfg: config_mod.Config | None, problem: str | None, state, known=None
+) -> tuple[list, dict]:
     """How the loaded guard differs from what the files ask for (empty: the same), and where
-    each reservation comes from in the files ((protocol, port) -> origins)."""
+    each reservation comes from in the files ((protocol, port) -> origins); known: the files'
+    compiled plan (settings, plan, unit problems), when they are unchanged since an apply."""
     from guard.observe import drift
 
-    if cfg is not None:
+    if known is not None:
+        _, plan, unit_problems = known
+    elif cfg is not None:
         try:
             plan = plan_of(cfg)
         except ConfigProblem as exc:
-            problem = exc.message
-        else:
-            left_out = [f"not guarded as the unit files ask: {p}" for p in cfg.unit_problems]
-            return drift.differences(plan, state) + left_out, plan.origins
-    return [f"the files cannot be applied: {problem}"], {}
+            return [f"the files cannot be applied: {exc.message}"], {}
+        unit_problems = cfg.unit_problems
+    else:
+        return [f"the files cannot be applied: {problem}"], {}
+    left_out = [f"not guarded as the unit files ask: {p}" for p in unit_problems]
+    return drift.differences(plan, state) + left_out, plan.origins
 
 
 def check_target(port: str) -> list[tuple[str, int]]:
@@ -150,6 +160,13 @@ def check(config_path: str | None, pairs: list[tuple[str, int]], as_json: bool) 
     from guard.observe.state import read_state, with_origins
     from guard.policy import owners, plan, units
 
+    known = compiled_plan(config_path)  # the files unchanged since they were applied
+    if known is not None:
+        settings, applied, _ = known
+        state = runtime(read_state, settings, pairs)
+        wanted = {pair: applied.origins[pair] for pair in pairs if pair in applied.origins}
+        _check_lines(with_origins(state, wanted), pairs, as_json)
+        return
     with units.listing_cache():  # as apply reads the unit files: each directory listed once
         cfg, problem = config_or_problem(config_path)
         if cfg is None:  # as cli's _load_settings, without reading the files a second time
@@ -159,6 +176,12 @@ def check(config_path: str | None, pairs: list[tuple[str, int]], as_json: bool) 
         if cfg is not None:
             applying = [block for block in cfg.blocks if owners.block_applies(block)]
             state = with_origins(state, plan.port_origins(applying, pairs))
+    _check_lines(state, pairs, as_json)
+
+
+def _check_lines(state, pairs: list[tuple[str, int]], as_json: bool) -> None:
+    from guard.observe import display
+
     results = display.check_results(pairs, state.reservations)
     if as_json:
         echo(display.check_json(results))

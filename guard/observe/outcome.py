@@ -52,6 +52,36 @@ def clear(pin_dir: str) -> None:
         pass
 
 
+def _plan_path(config_main: Path) -> Path:
+    run_dir = Path(os.environ.get("PORTGUARD_RUN_DIR", DEFAULT_RUN_DIR))
+    return run_dir / ("plan" + str(config_main).replace("/", "-"))
+
+
+def save_plan(config_main: Path, record: bytes | None) -> None:
+    """Keep the compiled plan of these files (guard/policy/compiled.py), or drop an old one
+    (record None). Best effort: status and check then take the full path."""
+    path = _plan_path(config_main)
+    try:
+        if record is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(record)
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass
+
+
+def plan_record(config_main: Path) -> bytes | None:
+    try:
+        return _plan_path(config_main).read_bytes()
+    except (OSError, ValueError):
+        return None
+
+
 def removed() -> None:
     """After `portguard remove`: a daemon-reload must not bring the guard back."""
     try:

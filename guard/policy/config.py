@@ -10,7 +10,6 @@ import errno as errno_mod
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -280,6 +279,8 @@ def _parse_text(
     name: str, text: str, services: dict, problems: list[str]
 ) -> tuple[dict[str, tuple[object, Origin]], list[ReserveBlock]]:
     """The file's [guard] keys as key -> (value, where), and its reservation blocks."""
+    import tomllib  # here: status and check from a compiled plan (policy/compiled.py) parse none
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -526,6 +527,8 @@ def loads(text: str, name: str = "<config>", services_file: Path | None = None) 
 def load_settings(paths: list[Path]) -> Settings:
     """Just the [guard] settings, ignoring reservation problems: status and remove must work
     while a broken file waits to be fixed. Raises ConfigError when [guard] itself is bad."""
+    import tomllib
+
     problems: list[str] = []
     guard: dict = {}
     for path in paths:

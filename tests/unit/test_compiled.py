@@ -1,0 +1,137 @@
+"""The compiled plan (guard/policy/compiled.py): a record is read back as the very plan it was
+made from, and any change to an input -- a file edited, added, removed or replaced in the
+configuration, conf.d, portreserve's directory or the unit search path, another environment --
+makes it unusable; a change too close to the read is never recorded."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from guard.kernel import layout
+from guard.policy import compiled, config, owners, plan
+from guard.policy.units import UNIT_DIRS_ENV
+
+OLD = time.time() - 3600  # an hour ago: nothing racy
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch):
+    """A configuration with a drop-in and portreserve's directory, unit directories of its own
+    (one unit declaring a port in a drop-in), every file an hour old."""
+    etc = tmp_path / "etc"
+    (etc / "conf.d").mkdir(parents=True)
+    (etc / "portreserve").mkdir()
+    units = tmp_path / "units"
+    (units / "web.service.d").mkdir(parents=True)
+    (etc / "portguard.toml").write_text(
+        f'[guard]\nportreserve_dir = "{etc}/portreserve"\n'
+        '[[reserve]]\nports = ["8000/tcp"]\ncgroup = "/app"\n'
+    )
+    (etc / "conf.d" / "10-more.toml").write_text(
+        '[[reserve]]\nports = ["8001"]\nunit = "web.service"\n'
+    )
+    (etc / "portreserve" / "cups").write_text("631/tcp\n")
+    (units / "web.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (units / "web.service.d" / "ports.conf").write_text("[Unit]\nX-PortGuard-Reserve=8002\n")
+    monkeypatch.setenv(UNIT_DIRS_ENV, str(units))
+    age(tmp_path)
+    return etc / "portguard.toml"
+
+
+def age(top: Path) -> None:
+    for path in [top, *top.rglob("*")]:
+        os.utime(path, (OLD, OLD), follow_symlinks=False)
+
+
+def applied(main: Path) -> tuple[config.Config, plan.Plan]:
+    cfg = config.load(config.config_files(main))
+    return cfg, plan.build(cfg.settings, *owners.resolve_all(cfg), layout.LIMITS)
+
+
+def record(main: Path) -> bytes:
+    cfg, the_plan = applied(main)
+    data = compiled.dumps(cfg, the_plan, main, time.time_ns())
+    assert data is not None
+    return data
+
+
+def test_a_record_gives_back_the_settings_plan_and_unit_problems_it_was_made_of(world):
+    cfg, the_plan = applied(world)
+    data = compiled.dumps(cfg, the_plan, world, time.time_ns())
+    assert compiled.loads(data, world) == (cfg.settings, the_plan, cfg.unit_problems)
+    assert {port for _, port in the_plan.origins} == {631, 8000, 8001, 8002}
+
+
+def test_a_record_of_other_files_is_not_used(world):
+    assert compiled.loads(record(world), world.with_name("other.toml")) is None
+    assert compiled.loads(b"garbage", world) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "edit the main file",
+        "edit a drop-in",
+        "add a drop-in",
+        "remove a drop-in",
+        "replace a drop-in by another file of the same size",
+        "edit a portreserve file",
+        "add a unit file",
+        "edit a unit's drop-in",
+        "add a unit drop-in directory",
+        "link a unit name to another file",
+        "another unit search path",
+    ],
+)
+def test_any_change_of_an_input_makes_the_record_unusable(world, change, monkeypatch):
+    data = record(world)
+    assert compiled.loads(data, world) is not None
+    etc, units = world.parent, world.parents[1] / "units"
+    if change == "edit the main file":
+        world.write_text(world.read_text() + "# edited\n")
+    elif change == "edit a drop-in":
+        (etc / "conf.d" / "10-more.toml").write_text(
+            '[[reserve]]\nports = ["8009"]\ncgroup = "/a"\n'
+        )
+    elif change == "add a drop-in":
+        (etc / "conf.d" / "20-new.toml").write_text("")
+    elif change == "remove a drop-in":
+        (etc / "conf.d" / "10-more.toml").unlink()
+    elif change == "replace a drop-in by another file of the same size":
+        old = etc / "conf.d" / "10-more.toml"
+        new = old.with_name("new")
+        new.write_text(old.read_text().replace("8001", "8003"))
+        os.utime(new, (OLD, OLD))
+        os.replace(new, old)
+        os.utime(old.parent, (OLD, OLD))
+    elif change == "edit a portreserve file":
+        (etc / "portreserve" / "cups").write_text("632/tcp\n")
+    elif change == "add a unit file":
+        (units / "other.service").write_text("[Unit]\nX-PortGuard-Reserve=9000\n")
+    elif change == "edit a unit's drop-in":
+        (units / "web.service.d" / "ports.conf").write_text("[Unit]\nX-PortGuard-Reserve=8004\n")
+    elif change == "add a unit drop-in directory":
+        (units / "other.service.d").mkdir()
+    elif change == "link a unit name to another file":
+        (units / "alias.service").symlink_to(units / "web.service")
+    elif change == "another unit search path":
+        monkeypatch.setenv(UNIT_DIRS_ENV, f"{units}:{etc}")
+    assert compiled.loads(data, world) is None
+
+
+def test_unchanged_inputs_keep_the_record_usable(world):
+    data = record(world)
+    (world.parent / "conf.d" / "10-more.toml").read_text()  # reading changes nothing
+    assert compiled.loads(data, world) is not None
+
+
+def test_an_input_changed_as_apply_began_to_read_is_never_recorded(world):
+    cfg, the_plan = applied(world)
+    (world.parent / "conf.d" / "10-more.toml").write_text("# now\n")
+    assert compiled.dumps(cfg, the_plan, world, time.time_ns()) is None
+    age(world.parents[1])  # an hour old again: now it can be recorded
+    assert compiled.dumps(cfg, the_plan, world, time.time_ns()) is not None
