@@ -156,9 +156,7 @@ def check_target(port: str) -> list[tuple[str, int]]:
 
 def check(config_path: str | None, pairs: list[tuple[str, int]], as_json: bool) -> None:
     """`portguard check PORT`: whether each (protocol, port) is reserved, and for whom."""
-    from guard.observe import display
     from guard.observe.state import read_state, with_origins
-    from guard.policy import owners, plan, units
 
     known = compiled_plan(config_path)  # the files unchanged since they were applied
     if known is not None:
@@ -167,6 +165,9 @@ def check(config_path: str | None, pairs: list[tuple[str, int]], as_json: bool) 
         wanted = {pair: applied.origins[pair] for pair in pairs if pair in applied.origins}
         _check_lines(with_origins(state, wanted), pairs, as_json)
         return
+    from guard.observe import display
+    from guard.policy import owners, plan, units
+
     with units.listing_cache():  # as apply reads the unit files: each directory listed once
         cfg, problem = config_or_problem(config_path)
         if cfg is None:  # as cli's _load_settings, without reading the files a second time

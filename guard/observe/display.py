@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from guard.observe import journal
 from guard.policy.ports import PROTOCOL_NUMBERS
 
 if TYPE_CHECKING:  # the types rendered; apply's summary does without importing them
     from guard.observe.holders import Squatter
+    from guard.observe.journal import Journal
     from guard.observe.monitor import Denial
     from guard.observe.outcome import Failure
     from guard.observe.state import GuardState, ReservationState
@@ -497,6 +497,8 @@ def journal_fields(denial: Denial) -> list[tuple[str, object]]:
     what = "refused" if denial.verdict == "denied" else "would refuse (audit mode)"
     caller = denial.unit or denial.cgroup or f"cgroup id {denial.cgroup_id}"
     owners = ", ".join(denial.owners) or "nobody"
+    from guard.observe import journal  # the journal's socket: monitor --journal only
+
     fields: list[tuple[str, object]] = [
         (
             "MESSAGE",
@@ -608,7 +610,7 @@ class JournalSink:
     MAX_WINDOWS = 4096  # then every summary is written at once and counting starts over
 
     def __init__(
-        self, target: journal.Journal, interval: float = 0.0, clock=time.monotonic
+        self, target: Journal, interval: float = 0.0, clock=time.monotonic
     ) -> None:
         self.journal = target
         self.interval = interval
@@ -647,6 +649,8 @@ class JournalSink:
         return self.windows[key]
 
     def lost(self, count: int) -> None:
+        from guard.observe import journal
+
         self.journal.send(
             [
                 ("MESSAGE", lost_line(count)),

@@ -24,7 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-from guard.policy import units
 from guard.policy.config import Config, Origin, Settings
 from guard.policy.ports import SERVICES
 
@@ -34,12 +33,14 @@ FORMAT = 1
 RACY_NS = 1_000_000_000
 POLICY_CODE = Path(__file__).resolve().parent
 LIMITS_CODE = POLICY_CODE.parent / "kernel" / "layout.py"  # the plan's limits
-# Environment that changes what the files resolve to (guard/policy/units.py, tests).
-ENVIRONMENT = (units.UNIT_DIRS_ENV,)
+# Environment that changes what the files resolve to (units.UNIT_DIRS_ENV: tests, chroots).
+ENVIRONMENT = ("PORTGUARD_UNIT_DIRS",)
 
 
 def inputs(cfg: Config, main: Path) -> tuple[list[str], list[str]]:
     """(files, directories) whose stat decides whether cfg's plan still holds."""
+    from guard.policy import units
+
     files = [str(main), str(SERVICES), str(LIMITS_CODE)]
     files += sorted(str(p) for p in POLICY_CODE.iterdir() if p.suffix in (".py", ".toml"))
     files += [name for name in cfg.files if name.startswith("/")]

@@ -135,3 +135,7 @@ def test_an_input_changed_as_apply_began_to_read_is_never_recorded(world):
     assert compiled.dumps(cfg, the_plan, world, time.time_ns()) is None
     age(world.parents[1])  # an hour old again: now it can be recorded
     assert compiled.dumps(cfg, the_plan, world, time.time_ns()) is not None
+
+
+def test_the_environment_the_record_depends_on_is_the_unit_search_path_override():
+    assert compiled.ENVIRONMENT == (UNIT_DIRS_ENV,)
