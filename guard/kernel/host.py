@@ -11,7 +11,6 @@ import ctypes as C
 import errno
 import fcntl
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +79,8 @@ def preflight(
 def netns_cookie() -> int:
     """This network namespace's cookie, or 0 (guard every namespace) on kernels that cannot
     report it to userspace (SO_NETNS_COOKIE: Linux >= 5.14)."""
+    import socket  # here: check, which reads only the pins, needs no socket module
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
