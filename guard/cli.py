@@ -39,11 +39,15 @@ from guard.policy import config as config_mod
 
 
 class _Problem(click.ClickException):
-    """A CommandError as click shows it: "Error: ..." on stderr, its exit code."""
+    """A CommandError ended as entry.py ends a plain apply's: "Error: ..." on stderr (our
+    words, whatever click's version writes for its own errors), its exit code."""
 
     def __init__(self, error: CommandError) -> None:
         super().__init__(error.message)
         self.exit_code = error.exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"Error: {self.message}", err=True)
 
 
 class _Group(click.Group):
