@@ -94,8 +94,10 @@ def netns_cookie() -> int:
 def lock_path(pin_dir: Path, role: str = "") -> Path:
     """The lock file of one role (apply/remove, monitor, ...) for one pin directory."""
     try:
-        LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
-        lock_dir = LOCK_DIR
+        # beside apply's records (guard/observe/outcome.py): tests point both at a directory
+        # of their own, so that hundreds of sandboxes leave no lock in the machine's /run
+        lock_dir = Path(os.environ.get("PORTGUARD_RUN_DIR", LOCK_DIR))
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
     except OSError:
         lock_dir = Path("/tmp")
     name = sha256(str(pin_dir).encode()).hexdigest()[:16]
