@@ -18,7 +18,7 @@ class NoCookieSocket(socket.socket):
 
 
 def test_missing_so_netns_cookie_means_cookie_zero(monkeypatch):
-    monkeypatch.setattr(host.socket, "socket", NoCookieSocket)
+    monkeypatch.setattr(socket, "socket", NoCookieSocket)
     assert host.netns_cookie() == 0
 
 
@@ -27,7 +27,7 @@ def test_other_getsockopt_errors_are_not_hidden(monkeypatch):
         def getsockopt(self, level, option, *args):
             raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(host.socket, "socket", Broken)
+    monkeypatch.setattr(socket, "socket", Broken)
     with pytest.raises(OSError):
         host.netns_cookie()
 
