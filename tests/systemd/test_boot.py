@@ -266,6 +266,8 @@ def _entries_in(machine: Machine, seconds: float, dropin: str | None) -> list[di
     finally:
         machine.systemctl("stop", "pg-hammer.service")
         machine.run("rm", "-f", path)
+    # journald may still be writing the flood of a run before: what was sent must be in
+    machine.run("journalctl", "--sync", timeout=300)
     entries = journal_of(machine, f"_SYSTEMD_INVOCATION_ID={invocation}")
     return [e for e in entries if "PORTGUARD_PORT" in e]
 
