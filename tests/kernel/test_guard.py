@@ -103,6 +103,16 @@ def test_remove_restores_the_sysctl_keeping_what_was_there(sandbox):
     assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == "5555,40000"
 
 
+def test_an_unchanged_reapply_puts_back_reserved_ports_taken_out_of_the_sysctl(sandbox):
+    applied(sandbox, ports=(f"{PORT}", f"{FREE}"))
+    sandbox.sysctl("net.ipv4.ip_local_reserved_ports", str(FREE))  # root took PORT out
+    assert sandbox.bind("stranger", [("v4", "tcp", PORT)]) == {f"v4/tcp/{PORT}": errno.EADDRINUSE}
+    applied(sandbox, ports=(f"{PORT}", f"{FREE}"))
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == f"{PORT}-{FREE}"
+    sandbox.cli("remove")  # and it is still apply's to take away
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == ""
+
+
 def test_owner_restart_gets_the_new_cgroup_id_with_no_process_running(sandbox):
     sandbox.cgroup("owner")
     applied(sandbox)
