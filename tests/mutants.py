@@ -152,6 +152,19 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "counter-not-atomic",
+        "refusals counted exactly",
+        "bpf/guard.bpf.c",
+        "\tif (count) {\n\t\t__sync_fetch_and_add(count, 1);\n",
+        "\tif (count) {\n\t\t*count += 1;\n",
+        (
+            "tests/unit/test_object_code.py::"
+            "test_no_program_adds_to_memory_with_a_plain_load_add_store",
+            OBSERVABILITY
+            + "test_denied_counter_equals_the_refused_binds_of_several_parallel_processes",
+        ),
+    ),
+    Mutant(
         "tracker-mkdir-blind",
         "owners followed across restarts in the kernel (cgroup_mkdir)",
         "bpf/guard.bpf.c",
@@ -307,6 +320,16 @@ MUTANTS = [
         "                if takeover:\n",
         "                if True:\n",
         (FAULTS + "test_first_apply_killed_anywhere_leaves_no_guard_or_the_whole_guard",),
+        runs=2,
+        env=STRIDE_1,
+    ),
+    Mutant(
+        "remove-without-flip",
+        "kill-safety: remove empties the active slot before it unpins the links",
+        "guard/kernel/apply.py",
+        "            slots.flip(maps, empty)  # no reservation from here on\n",
+        "",
+        (FAULTS + "test_remove_killed_anywhere_leaves_the_guard_or_nothing",),
         runs=2,
         env=STRIDE_1,
     ),
