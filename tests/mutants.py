@@ -176,6 +176,15 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "tracker-follows-v1",
+        "hybrid layouts: cgroup v1 directories are never owners",
+        "bpf/guard.bpf.c",
+        "\tif (cgrp->root->hierarchy_id != 0)  /* cgroup v1 hierarchies: ids collide */\n"
+        "\t\treturn 0;\n",
+        "",
+        (GUARD + "test_a_cgroup_v1_directory_at_an_owners_path_is_not_the_owner",),
+    ),
+    Mutant(
         "tracker-rmdir-blind",
         "a removed owner cgroup is forgotten (cgroup_rmdir)",
         "bpf/guard.bpf.c",
