@@ -506,11 +506,23 @@ def run_tests(tree: Path, tests: tuple[str, ...], env: dict[str, str]) -> dict[s
         **os.environ,
         **env,
         "PORTGUARD_CACHE_DIR": str(cache),
-        "PYTHONPATH": str(tree),
         "PYTHONDONTWRITEBYTECODE": "1",
         "COLUMNS": "1000",  # pytest shortens the summary's reasons to the terminal width
     }
+    run_env.pop("PYTHONPATH", None)
+    # python -m from the tree imports the tree's guard and tests (before this checkout's
+    # editable install), and so do the tests' `python -m guard` children, run from REPO
     cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *tests]
+    imported = subprocess.run(
+        [sys.executable, "-c", "import guard; print(guard.__file__)"],
+        cwd=tree,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(imported).is_relative_to(tree):
+        raise SystemExit(f"the scratch run would import {imported}, not the scratch tree's guard")
     proc = subprocess.run(cmd, cwd=tree, env=run_env, capture_output=True, text=True)
     found = [m.groups() for line in proc.stdout.splitlines() if (m := OUTCOME.match(line))]
     outcomes: dict[str, str] = {}
@@ -518,7 +530,7 @@ def run_tests(tree: Path, tests: tuple[str, ...], env: dict[str, str]) -> dict[s
         mine = [
             (outcome, reason)
             for outcome, node, reason in found
-            if node == test or node.startswith((test + "::", test + "["))
+            if node == test or node.startswith((test + "::", test + "[", test.rstrip("/") + "/"))
         ]
         if not mine:  # not collected (a mutant that breaks an import): it did not pass
             outcomes[test] = f"ERROR (not run: {proc.stdout[-150:].strip()})"
