@@ -6,11 +6,13 @@ apply cleared the old slot right after the flip, a program that read the old num
 before it could find its port gone (a stranger gets in) or its owner gone (the owner is kept
 out). The natural window is a few hundred nanoseconds, far too short to hit on purpose, so a
 test program (tests/kernel/hold.bpf.c, attached to a cgroup of the sandbox only) makes it as
-long as needed: it enters a bind before the re-apply starts and stays there, under
-rcu_read_lock like every bind program, until the test lets it go. Meanwhile a real
-`portguard apply` runs in its own process, and the test reads the pinned maps and the apply
-process's kernel state (/proc/PID/task/*/{stat,syscall}): the old slot must stay whole for as
-long as the held program runs, and apply must come to a stop inside the kernel's grace period
+long as needed: it enters a bind before the re-apply's flip and stays there, under
+rcu_read_lock like every bind program, until the test lets it go. A real `portguard apply`
+runs in its own process; it is started first and waits for the pin directory's lock, which
+the test holds (as another apply would) until the bind is held, so the hold lasts only the
+transaction. The test then reads the pinned maps and the apply process's kernel state
+(/proc/PID/task/*/{stat,syscall}): the old slot must stay whole for as long as the held
+program runs, and apply must come to a stop inside the kernel's grace period
 (bpf(BPF_MAP_UPDATE_ELEM) on a map-in-map, asleep) after its flip. Only then is the program
 released; apply must finish and the old slot be empty.
 
@@ -23,6 +25,7 @@ still runs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import platform
 import subprocess
@@ -34,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from guard.kernel import layout, libbpf, objects, slots
+from guard.kernel.host import lock_path
 from guard.kernel.pins import Maps, Pins
 from tests.kernel.sandbox import PORTGUARD, REPO, in_netns, missing
 
@@ -121,6 +125,17 @@ def in_grace_period(pid: int) -> bool:
     return False
 
 
+def waits_for_lock(pid: int, path: Path) -> bool:
+    """Whether the process is blocked on a flock of the file (a "->" line of /proc/locks)."""
+    # "1: -> FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+    waiter = ["->", "FLOCK", "ADVISORY", "WRITE", str(pid), str(os.stat(path).st_ino)]
+    return any(
+        fields[1:6] + fields[6].rsplit(":", 1)[1:] == waiter
+        for line in Path("/proc/locks").read_text().splitlines()
+        if len(fields := line.split()) > 6
+    )
+
+
 def test_reapply_empties_the_old_slot_only_after_a_bind_running_at_the_flip_has_finished(
     sandbox, tmp_path
 ):
@@ -136,11 +151,15 @@ def test_reapply_empties_the_old_slot_only_after_a_bind_running_at_the_flip_has_
         old = maps.active
         before = slots.read_slot(maps, old)
         assert before.ports and before.sets and before.paths
-        with held_binds(holder_dir, tmp_path) as held:
-            binder = sandbox.start("holder", "bind", [["v4", "tcp", 0]])
-            while not held.count(ENTERED):
-                assert binder.poll() is None, f"the bind never reached the hold program: {binder}"
-                time.sleep(0.001)
+        with (
+            held_binds(holder_dir, tmp_path) as held,
+            open(lock_path(sandbox.pin_dir), "w") as lock,
+        ):
+            # The hold must begin after every fork: a process moving between cgroups meanwhile
+            # (any, anywhere) waits for a grace period, and forks wait for it. So apply starts
+            # first and waits for the pin directory's lock, held here as by another apply; the
+            # binder is placed; only then does the bind enter the hold and the lock go.
+            fcntl.flock(lock, fcntl.LOCK_EX)
             apply = subprocess.Popen(
                 [*in_netns(sandbox.netns), *PORTGUARD, "--config", str(new_config), "apply"],
                 cwd=REPO,
@@ -149,6 +168,14 @@ def test_reapply_empties_the_old_slot_only_after_a_bind_running_at_the_flip_has_
                 text=True,
             )
             sandbox.children.append(apply)
+            while not waits_for_lock(apply.pid, Path(lock.name)):
+                assert apply.poll() is None, f"apply ended before it took the lock: {apply}"
+                time.sleep(0.002)
+            binder = sandbox.start("holder", "bind", [["v4", "tcp", 0]])
+            while not held.count(ENTERED):
+                assert binder.poll() is None, f"the bind never reached the hold program: {binder}"
+                time.sleep(0.001)
+            fcntl.flock(lock, fcntl.LOCK_UN)
             while True:
                 finished = apply.poll() is not None
                 waiting = not finished and in_grace_period(apply.pid)
@@ -157,7 +184,7 @@ def test_reapply_empties_the_old_slot_only_after_a_bind_running_at_the_flip_has_
                 # read last: when 0, the held program was running through every read above
                 if held.count(LEFT):
                     pytest.fail(
-                        "the held bind gave up (about 15 s) before apply reached its grace "
+                        "the held bind gave up (about 8 s) before apply reached its grace "
                         "period: nothing shown either way"
                     )
                 assert now == before, (
