@@ -103,6 +103,16 @@ def test_remove_restores_the_sysctl_keeping_what_was_there(sandbox):
     assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == "5555,40000"
 
 
+def test_an_unchanged_reapply_puts_back_reserved_ports_taken_out_of_the_sysctl(sandbox):
+    applied(sandbox, ports=(f"{PORT}", f"{FREE}"))
+    sandbox.sysctl("net.ipv4.ip_local_reserved_ports", str(FREE))  # root took PORT out
+    assert sandbox.bind("stranger", [("v4", "tcp", PORT)]) == {f"v4/tcp/{PORT}": errno.EADDRINUSE}
+    applied(sandbox, ports=(f"{PORT}", f"{FREE}"))
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == f"{PORT}-{FREE}"
+    sandbox.cli("remove")  # and it is still apply's to take away
+    assert sandbox.sysctl("net.ipv4.ip_local_reserved_ports") == ""
+
+
 def test_owner_restart_gets_the_new_cgroup_id_with_no_process_running(sandbox):
     sandbox.cgroup("owner")
     applied(sandbox)
@@ -124,6 +134,25 @@ def test_owner_cgroup_created_after_apply_owns_the_port_at_once(sandbox):
     sandbox.cli("apply")
     assert sandbox.status()["reservations"][0]["owners"][0]["id"] is None
     assert set(sandbox.bind("later.service", ALL_CASES).values()) == {0}
+
+
+def test_a_cgroup_v1_directory_at_an_owners_path_is_not_the_owner(sandbox):
+    # Hybrid layouts: the cgroup_mkdir tracepoint fires for v1 hierarchies too, with ids that
+    # collide with cgroup2's. A named v1 hierarchy of our own (no controller) stands for them.
+    applied(sandbox)
+    v1 = sandbox.work / "v1"
+    v1.mkdir()
+    name = f"none,name={sandbox.name}"[:64]
+    subprocess.run(["mount", "-t", "cgroup", "-o", name, "cgroup", str(v1)], check=True)
+    try:
+        (v1 / sandbox.name / "owner").mkdir(parents=True)
+        assert sandbox.status()["reservations"][0]["owners"][0]["id"] is None
+        assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
+    finally:
+        for directory in (v1 / sandbox.name / "owner", v1 / sandbox.name):
+            if directory.exists():
+                directory.rmdir()
+        subprocess.run(["umount", str(v1)], check=True)
 
 
 def test_status_from_a_fresh_process_shows_links_and_reservations(sandbox):
