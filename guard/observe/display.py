@@ -609,9 +609,7 @@ class JournalSink:
 
     MAX_WINDOWS = 4096  # then every summary is written at once and counting starts over
 
-    def __init__(
-        self, target: Journal, interval: float = 0.0, clock=time.monotonic
-    ) -> None:
+    def __init__(self, target: Journal, interval: float = 0.0, clock=time.monotonic) -> None:
         self.journal = target
         self.interval = interval
         self.clock = clock
