@@ -405,6 +405,29 @@ MUTANTS = [
             "test_namespace_check_refuses_other_namespaces_and_passes_without_namespaces",
         ),
     ),
+    # ---- the compiled plan: a shortcut, never another answer ---------------------------------
+    Mutant(
+        "compiled-plan-fingerprint-ignored",
+        "status and check use a compiled plan only while every input is unchanged",
+        "guard/policy/compiled.py",
+        "fingerprint(files, dirs)[0] != seen:\n",
+        "False:\n",
+        (
+            "tests/kernel/test_compiled_plan.py::test_files_edited_after_the_apply_are_read_again",
+            "tests/unit/test_compiled.py::test_any_change_of_an_input_makes_the_record_unusable",
+        ),
+    ),
+    Mutant(
+        "compiled-plan-racy-recorded",
+        "an input changed as apply began to read is never recorded",
+        "guard/policy/compiled.py",
+        "    if newest > since_ns - RACY_NS:\n",
+        "    if False:\n",
+        (
+            "tests/unit/test_compiled.py::"
+            "test_an_input_changed_as_apply_began_to_read_is_never_recorded",
+        ),
+    ),
     # ---- upgrades and stale pins ------------------------------------------------------------
     Mutant(
         "takeover-links-before-fill",
