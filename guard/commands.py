@@ -130,8 +130,8 @@ def main_config(config_path: str | None) -> Path:
 
 
 def compiled_plan(config_path: str | None):
-    """(Settings, Plan, unit problems) as the last apply of these files resolved them, when
-    none of its inputs changed since (guard/policy/compiled.py); else None."""
+    """compiled.Compiled: what the last apply of these files resolved, when none of its inputs
+    changed since (guard/policy/compiled.py); else None."""
     from guard.observe import outcome
     from guard.policy import compiled
 
@@ -149,15 +149,21 @@ def _apply(config_path: str | None) -> str:
     from guard.observe import display, outcome
     from guard.policy import compiled, resvport, units
 
-    reading = time.time_ns()
-    with units.listing_cache():  # the unit files as they are now: each directory listed once
-        cfg = load_config(config_path)
-        plan = plan_of(cfg)
-    for line in display.unit_file_lines(cfg.unit_problems, cfg.unit_notes):
+    known = compiled_plan(config_path)  # the files unchanged since they were last applied
+    if known is None:
+        reading = time.time_ns()
+        with units.listing_cache():  # the unit files as they are now: each listed once
+            cfg = load_config(config_path)
+            plan = plan_of(cfg)
+        unit_problems, unit_notes = cfg.unit_problems, cfg.unit_notes
+    else:
+        plan, unit_problems, unit_notes = known.plan, known.unit_problems, known.unit_notes
+    for line in display.unit_file_lines(unit_problems, unit_notes):
         echo(line, err=True)
     result = runtime(apply_plan, plan)
-    main = main_config(config_path)
-    outcome.save_plan(main, compiled.dumps(cfg, plan, main, reading))
+    if known is None:
+        main = main_config(config_path)
+        outcome.save_plan(main, compiled.dumps(cfg, plan, main, reading))
     for note in result.warnings:
         echo(display.warning_line(note), err=True)
     seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number

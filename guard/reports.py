@@ -52,7 +52,7 @@ def status(
     known = compiled_plan(config_path)  # the files unchanged since they were applied
     with units.listing_cache():  # as apply reads the unit files: each directory listed once
         cfg, problem = (None, None) if known else config_or_problem(config_path)
-        settings = known[0] if known else cfg.settings if cfg else settings_only(config_path)
+        settings = known.settings if known else cfg.settings if cfg else settings_only(config_path)
         state = runtime(read_state, settings)
         state = holders.with_holders(state, netns_cookie())
         failure = outcome.last_failure(settings.pin_dir)
@@ -129,11 +129,11 @@ def _differences(
 ) -> tuple[list, dict]:
     """How the loaded guard differs from what the files ask for (empty: the same), and where
     each reservation comes from in the files ((protocol, port) -> origins); known: the files'
-    compiled plan (settings, plan, unit problems), when they are unchanged since an apply."""
+    compiled plan, when they are unchanged since an apply."""
     from guard.observe import drift
 
     if known is not None:
-        _, plan, unit_problems = known
+        plan, unit_problems = known.plan, known.unit_problems
     elif cfg is not None:
         try:
             plan = plan_of(cfg)
@@ -160,9 +160,9 @@ def check(config_path: str | None, pairs: list[tuple[str, int]], as_json: bool) 
 
     known = compiled_plan(config_path)  # the files unchanged since they were applied
     if known is not None:
-        settings, applied, _ = known
-        state = runtime(read_state, settings, pairs)
-        wanted = {pair: applied.origins[pair] for pair in pairs if pair in applied.origins}
+        state = runtime(read_state, known.settings, pairs)
+        origins = known.plan.origins
+        wanted = {pair: origins[pair] for pair in pairs if pair in origins}
         _check_lines(with_origins(state, wanted), pairs, as_json)
         return
     from guard.observe import display

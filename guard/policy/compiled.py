@@ -1,6 +1,7 @@
 """The compiled plan: what a successful apply resolved, kept for as long as its inputs are
-unchanged, so that `status` and `check` need neither the TOML parser, the unit-file scan nor
-`systemctl show` to know what the files ask for.
+unchanged, so that `status`, `check` and an unchanged re-apply (systemctl reload, a
+daemon-reload or dpkg trigger that changed nothing portguard reads) need neither the TOML
+parser, the unit-file scan nor `systemctl show` to know what the files ask for.
 
 Its inputs are everything configuration and plan read: the configuration files and their
 conf.d, portreserve's directory, /etc/services, the embedded default policy, the unit search
@@ -23,11 +24,12 @@ import marshal
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from guard.policy.config import Config, Origin, Settings
 from guard.policy.ports import SERVICES
 
-FORMAT = 1
+FORMAT = 2
 # An input modified this close to (or after) the moment apply began to read is not trusted: a
 # second change within the same timestamp tick would leave stat saying the same.
 RACY_NS = 1_000_000_000
@@ -35,6 +37,15 @@ POLICY_CODE = Path(__file__).resolve().parent
 LIMITS_CODE = POLICY_CODE.parent / "kernel" / "layout.py"  # the plan's limits
 # Environment that changes what the files resolve to (units.UNIT_DIRS_ENV: tests, chroots).
 ENVIRONMENT = ("PORTGUARD_UNIT_DIRS",)
+
+
+class Compiled(NamedTuple):
+    """What apply resolved from unchanged files: the plan, and what it said of the unit files."""
+
+    settings: Settings
+    plan: object  # guard.policy.plan.Plan
+    unit_problems: tuple[str, ...]
+    unit_notes: tuple[str, ...]
 
 
 def inputs(cfg: Config, main: Path) -> tuple[list[str], list[str]]:
@@ -121,12 +132,13 @@ def dumps(cfg: Config, plan, main: Path, since_ns: int) -> bytes | None:
         plan.contained,
         origins,
         cfg.unit_problems,
+        cfg.unit_notes,
     )
     return marshal.dumps((_key(), str(main), files, dirs, seen, body))
 
 
-def loads(data: bytes, main: Path):
-    """(Settings, Plan, unit problems) from a record whose inputs are all unchanged; else None."""
+def loads(data: bytes, main: Path) -> Compiled | None:
+    """What a record holds, when every one of its inputs is unchanged; else None."""
     try:
         key, recorded_main, files, dirs, seen, body = marshal.loads(data)
     except (EOFError, ValueError, TypeError):
@@ -135,8 +147,8 @@ def loads(data: bytes, main: Path):
         return None
     from guard.policy.plan import Plan
 
-    settings, ports, sets, paths, owner_names, contained, origins, unit_problems = body
+    settings, ports, sets, paths, owner_names, contained, origins, problems, notes = body
     settings = Settings(*settings)
     origins = {pair: tuple(Origin(*o) for o in found) for pair, found in origins.items()}
     plan = Plan(settings, ports, sets, paths, owner_names, contained, origins)
-    return settings, plan, unit_problems
+    return Compiled(settings, plan, problems, notes)

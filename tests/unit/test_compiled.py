@@ -59,10 +59,15 @@ def record(main: Path) -> bytes:
     return data
 
 
-def test_a_record_gives_back_the_settings_plan_and_unit_problems_it_was_made_of(world):
+def test_a_record_gives_back_the_settings_plan_and_unit_file_findings_it_was_made_of(world):
     cfg, the_plan = applied(world)
     data = compiled.dumps(cfg, the_plan, world, time.time_ns())
-    assert compiled.loads(data, world) == (cfg.settings, the_plan, cfg.unit_problems)
+    assert compiled.loads(data, world) == (
+        cfg.settings,
+        the_plan,
+        cfg.unit_problems,
+        cfg.unit_notes,
+    )
     assert {port for _, port in the_plan.origins} == {631, 8000, 8001, 8002}
 
 
