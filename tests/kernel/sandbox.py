@@ -25,6 +25,17 @@ from guard.kernel import cgroups
 
 REPO = Path(__file__).resolve().parents[2]
 PORTGUARD = [sys.executable, "-m", "guard"]
+# PORTGUARD_TEST_REFUSE_AT=security_socket_bind (the VMs): every sandbox guard refuses binds
+# on that road, unless a test names one itself
+FORCED = (
+    {"refuse_at": os.environ["PORTGUARD_TEST_REFUSE_AT"]}
+    if os.environ.get("PORTGUARD_TEST_REFUSE_AT")
+    else {}
+)
+# the bind links a sandbox guard has (on the road FORCED names, or this kernel's default)
+BIND_LINKS = (
+    ("socket_bind",) if FORCED.get("refuse_at") == "security_socket_bind" else ("bind4", "bind6")
+)
 
 
 def missing(reason: str) -> None:
@@ -296,7 +307,7 @@ class Sandbox:
 
     # -- config and CLI ----------------------------------------------------------------
     def write_config(self, reserve: str, **guard: str) -> Path:
-        settings = {"cgroup": self.top, "pin_dir": str(self.pin_dir), **guard}
+        settings = {"cgroup": self.top, "pin_dir": str(self.pin_dir), **FORCED, **guard}
         lines = ["[guard]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()), "", reserve]
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
