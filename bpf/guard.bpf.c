@@ -123,6 +123,35 @@ struct task_struct {
 	struct css_set *cgroups;
 } __attribute__((preserve_access_index));
 
+/* The id of the ancestor at `level` from struct cgroup's flexible array of ancestors: ids up
+ * to 6.0, pointers from 6.1. Not inlined: the offset relocation of the field a kernel lacks
+ * fails (libbpf leaves an instruction the verifier refuses if it ever reaches it), and the
+ * compiler would merge the two reads into one before the branch; out of line, the function
+ * for the other kernels is never reached, so never verified. */
+static __noinline __u64 ancestor_id_from_pointers(struct cgroup *cgrp, __u32 level)
+{
+	struct cgroup___ptrs *c = (void *)cgrp;
+	struct cgroup *ancestor = NULL;
+	void *at = (void *)c + bpf_core_field_offset(struct cgroup___ptrs, ancestors) +
+		   level * sizeof(ancestor);
+
+	if (bpf_probe_read_kernel(&ancestor, sizeof(ancestor), at) || !ancestor)
+		return 0;
+	return BPF_CORE_READ(ancestor, kn, id);
+}
+
+static __noinline __u64 ancestor_id_from_ids(struct cgroup *cgrp, __u32 level)
+{
+	struct cgroup___ids *c = (void *)cgrp;
+	__u64 id = 0;
+	void *at = (void *)c + bpf_core_field_offset(struct cgroup___ids, ancestor_ids) +
+		   level * sizeof(id);
+
+	if (bpf_probe_read_kernel(&id, sizeof(id), at))
+		return 0;
+	return id;
+}
+
 /* The id of the cgroup's ancestor at `level` (the cgroup itself at its own level), 0 when
  * the cgroup is shallower: what bpf_get_current_ancestor_cgroup_id() says for a task, which
  * tracing programs may not call on every kernel. Read through CO-RE instead. */
@@ -130,23 +159,9 @@ static __always_inline __u64 ancestor_id(struct cgroup *cgrp, __u32 level)
 {
 	if (!cgrp || level > (__u32)BPF_CORE_READ(cgrp, level))
 		return 0;
-	__u64 id = 0;
-
-	if (bpf_core_field_exists(struct cgroup___ptrs, ancestors)) {
-		struct cgroup *ancestor = NULL;
-		void *at = (void *)cgrp + bpf_core_field_offset(struct cgroup___ptrs, ancestors) +
-			   level * sizeof(ancestor);
-
-		if (bpf_probe_read_kernel(&ancestor, sizeof(ancestor), at) || !ancestor)
-			return 0;
-		return BPF_CORE_READ(ancestor, kn, id);
-	}
-	void *at = (void *)cgrp + bpf_core_field_offset(struct cgroup___ids, ancestor_ids) +
-		   level * sizeof(id);
-
-	if (bpf_probe_read_kernel(&id, sizeof(id), at))
-		return 0;
-	return id;
+	if (bpf_core_field_exists(struct cgroup___ptrs, ancestors))
+		return ancestor_id_from_pointers(cgrp, level);
+	return ancestor_id_from_ids(cgrp, level);
 }
 
 /* Who is judged: the binding task through the helper (the cgroup bind hooks), the socket's

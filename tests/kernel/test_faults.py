@@ -29,7 +29,7 @@ from guard.kernel import layout
 from guard.kernel.pins import Maps, Pins
 from guard.observe.state import GuardState, read_state
 from guard.policy.config import Settings
-from tests.kernel.sandbox import PORTGUARD, REPO, in_netns
+from tests.kernel.sandbox import BIND_LINKS, PORTGUARD, REPO, in_netns
 
 STRIDE = int(os.environ.get("PORTGUARD_FAULT_STRIDE", "4"))
 # first kill point: random by default, so successive CI runs cover different steps
@@ -177,9 +177,14 @@ class Rig:
             return
         assert not state.interrupted
         assert self.reservations(state) == guard.reserved
-        assert {link.name for link in state.links} == {"bind4", "bind6", "mkdir", "rmdir"}
+        assert {link.name for link in state.links} == {*BIND_LINKS, "mkdir", "rmdir"}
         assert sorted(p.name for p in pins.iterdir()) == sorted(
-            [f"maps-{layout.LAYOUT}", "link_bind4", "link_bind6", "link_mkdir", "link_rmdir"]
+            [
+                f"maps-{layout.LAYOUT}",
+                *(f"link_{n}" for n in BIND_LINKS),
+                "link_mkdir",
+                "link_rmdir",
+            ]
         )
 
     def walk(

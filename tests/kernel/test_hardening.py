@@ -20,7 +20,7 @@ import pytest
 from guard.kernel import layout, objects
 from guard.kernel import libbpf as kernel
 from guard.kernel.pins import Maps, Pins
-from tests.kernel.sandbox import CHILD, REPO, in_netns, missing
+from tests.kernel.sandbox import BIND_LINKS, CHILD, REPO, in_netns, missing
 
 PORT = 7651
 FREE = 7652
@@ -46,7 +46,7 @@ def pin_names(sandbox) -> list[str]:
 
 
 CLEAN_PINS = sorted(
-    [f"maps-{layout.LAYOUT}", "link_bind4", "link_bind6", "link_mkdir", "link_rmdir"]
+    [f"maps-{layout.LAYOUT}", *(f"link_{n}" for n in BIND_LINKS), "link_mkdir", "link_rmdir"]
 )
 
 
