@@ -30,7 +30,7 @@ import pytest
 
 from guard.kernel import cgroups
 from guard.kernel import libbpf as kernel
-from tests.kernel.sandbox import PORTGUARD, REPO, Sandbox, in_netns, require_kernel
+from tests.kernel.sandbox import BIND_LINKS, PORTGUARD, REPO, Sandbox, in_netns, require_kernel
 
 HERE = Path(__file__).resolve().parent
 BPF_STATS_RUN_TIME = 0
@@ -106,7 +106,9 @@ class World:
         )
         self.cli("apply")
 
-    def prog_id(self, link: str = "bind4") -> int:
+    def prog_id(self, link: str = BIND_LINKS[0]) -> int:
+        """The program of a link (default: the IPv4 bind link, or the security_socket_bind
+        link where PORTGUARD_TEST_REFUSE_AT or the kernel puts the guard on that road)."""
         return self.box.status()["links"][link]["prog_id"]
 
 

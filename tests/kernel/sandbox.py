@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.kernel import cgroups
+from guard.kernel import cgroups, libbpf
 
 REPO = Path(__file__).resolve().parents[2]
 PORTGUARD = [sys.executable, "-m", "guard"]
@@ -32,10 +32,26 @@ FORCED = (
     if os.environ.get("PORTGUARD_TEST_REFUSE_AT")
     else {}
 )
-# the bind links a sandbox guard has (on the road FORCED names, or this kernel's default)
-BIND_LINKS = (
-    ("socket_bind",) if FORCED.get("refuse_at") == "security_socket_bind" else ("bind4", "bind6")
-)
+
+
+def default_road() -> str:
+    """Where a sandbox guard refuses binds: the road FORCED names, else the first this kernel
+    offers (guard/kernel/host.py)."""
+    if FORCED:
+        return FORCED["refuse_at"]
+    if os.geteuid() != 0:
+        return "cgroup"  # no kernel test runs then (require_kernel)
+    try:
+        if libbpf.has_set_retval():
+            return "cgroup"
+        return "security_socket_bind" if libbpf.hook_refusal() is None else "cgroup-eperm"
+    except libbpf.BpfError:  # no libbpf: require_kernel says so
+        return "cgroup"
+
+
+ROAD = default_road()
+# the bind links a sandbox guard has on that road
+BIND_LINKS = ("socket_bind",) if ROAD == "security_socket_bind" else ("bind4", "bind6")
 
 
 def missing(reason: str) -> None:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from guard.kernel import libbpf as kernel
-from tests.kernel.sandbox import BIND_LINKS, FORCED, new_sandbox
+from tests.kernel.sandbox import BIND_LINKS, ROAD, new_sandbox
 
 PORT = 7631
 FREE = 7632
@@ -448,10 +448,10 @@ def test_refuse_at_cgroup_eperm_refuses_with_eperm_and_names_the_ports_to_blackl
 
 def test_status_says_where_binds_are_refused(sandbox):
     applied(sandbox)
-    if FORCED:
-        road = FORCED["refuse_at"]
-    else:
-        road = "cgroup" if kernel.has_set_retval() else "security_socket_bind"
-    assert sandbox.status()["refuse_at"] == road
-    said = {"cgroup": "the cgroup bind hooks", "security_socket_bind": "security_socket_bind"}
-    assert f"  binds refused at {said[road]}" in sandbox.cli("status", check=False).stdout
+    assert sandbox.status()["refuse_at"] == ROAD
+    said = {
+        "cgroup": "the cgroup bind hooks (bpf_set_retval)",
+        "security_socket_bind": "security_socket_bind (fmod_ret",
+        "cgroup-eperm": "the cgroup bind hooks, EPERM only",
+    }
+    assert f"  binds refused at {said[ROAD]}" in sandbox.cli("status", check=False).stdout
