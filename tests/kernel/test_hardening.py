@@ -55,16 +55,17 @@ CLEAN_PINS = sorted(
 
 def test_a_foreign_pin_under_a_link_name_is_one_clear_sentence_and_the_guard_stays(sandbox):
     applied(sandbox)
-    link = sandbox.pin_dir / "link_bind6"
+    name = BIND_LINKS[-1]  # bind6, or socket_bind on that road
+    link = sandbox.pin_dir / f"link_{name}"
     maps = Maps.open_pinned(Pins(sandbox.pin_dir).maps_dir)
     try:
-        os.unlink(link)  # bind6 detaches; something else takes its name
+        os.unlink(link)  # the link detaches; something else takes its name
         kernel.pin(maps.fds["state"], link)
     finally:
         maps.close()
     proc = sandbox.cli("apply", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith(f"Error: {link} is not a portguard bind6 link")
+    assert proc.stderr.strip().startswith(f"Error: {link} is not a portguard {name} link")
     assert "remove it or choose another pin_dir" in proc.stderr
     os.unlink(link)
     sandbox.cli("apply")
@@ -164,7 +165,8 @@ def test_remove_takes_away_what_an_older_layouts_hash_recorded(sandbox):
 
 def test_a_pin_dir_that_is_not_a_directory_is_one_clear_sentence(sandbox):
     applied(sandbox)
-    occupied = sandbox.pin_dir / "link_bind4"  # a pinned object where the directory should be
+    # a pinned object where the directory should be
+    occupied = sandbox.pin_dir / f"link_{BIND_LINKS[0]}"
     sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"), pin_dir=str(occupied))
     proc = sandbox.cli("apply", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
