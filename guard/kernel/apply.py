@@ -83,9 +83,26 @@ def apply(plan: Plan) -> ApplyResult:
         except OSError as exc:
             raise GuardError(f"cannot use the pin directory {pins.root}: {exc.strerror}") from None
         try:
-            result = _Transaction(
-                plan, pins, object_path, denial, cgroup_root, attach_dir, can_contain
-            ).run()
+            try:
+                result = _Transaction(
+                    plan, pins, object_path, denial, cgroup_root, attach_dir, can_contain
+                ).run()
+            except libbpf.BpfError as exc:
+                if denial != host.DENY_SOCKET_BIND or settings.refuse_at != "auto":
+                    raise
+                # The probe's program attached but the guard's did not (a verifier or a
+                # kernel the probe cannot foresee): the last road, as after a kill at that
+                # step followed by an apply on that road (tests/kernel/test_faults.py).
+                notes.append(host.hook_failed(settings, str(exc).splitlines()[0]))
+                result = _Transaction(
+                    plan,
+                    pins,
+                    object_path,
+                    host.DENY_EPERM,
+                    cgroup_root,
+                    attach_dir,
+                    can_contain,
+                ).run()
         except libbpf.BpfError as exc:
             raise GuardError(str(exc)) from None
         except OSError as exc:

@@ -152,6 +152,16 @@ def check_features(features: libbpf.Features) -> None:
         )
 
 
+def hook_failed(settings: Settings, why: str) -> str:
+    """The warning when the security_socket_bind program itself failed where the probe's
+    attached, and apply fell back to the EPERM cgroup programs."""
+    return (
+        f"this kernel refused portguard's security_socket_bind program ({why}): refused binds "
+        f"fail with EPERM"
+        + (f", not {settings.deny_errno}" if settings.deny_errno != "EPERM" else "")
+    )
+
+
 def choose_denial(
     settings: Settings,
     features: libbpf.Features | None = None,

@@ -56,7 +56,6 @@ def differences(plan: Plan, state: GuardState) -> list[str]:
     # "auto" takes what the kernel offers; a road the files name is the one that must guard
     if state.refuse_at is not None and settings.refuse_at not in ("auto", state.refuse_at):
         found.append(
-            f"refuse_at: the files say {settings.refuse_at}, "
-            f"the guard refuses at {state.refuse_at}"
+            f"refuse_at: the files say {settings.refuse_at}, the guard refuses at {state.refuse_at}"
         )
     return found

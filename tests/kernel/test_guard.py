@@ -455,3 +455,34 @@ def test_status_says_where_binds_are_refused(sandbox):
         "cgroup-eperm": "the cgroup bind hooks, EPERM only",
     }
     assert f"  binds refused at {said[ROAD]}" in sandbox.cli("status", check=False).stdout
+
+
+# A kernel whose probe program attaches but which refuses the guard's own hook program (a
+# verifier the probe cannot foresee): here the probe's verdict is overridden, and the real
+# load of the program meets this kernel's refusal.
+PROBE_PASSES_WITHOUT_SET_RETVAL = [
+    *WITHOUT_SET_RETVAL[:2],
+    WITHOUT_SET_RETVAL[2].replace(
+        "from guard.cli", "libbpf.hook_refusal = lambda: None\nfrom guard.cli"
+    ),
+]
+
+
+def test_a_hook_program_the_kernel_refuses_after_the_probe_falls_back_to_eperm(sandbox):
+    sandbox.write_config(sandbox.owner_block([f"{PORT}"], "owner"), refuse_at="auto")
+    applied = sandbox.cli("apply", program=PROBE_PASSES_WITHOUT_SET_RETVAL)
+    assert "Traceback" not in applied.stderr
+    state = sandbox.status()
+    assert set(sandbox.bind("owner", ALL_CASES).values()) == {0}
+    if HOOK_REFUSAL is None:  # nothing to fall back from: the program loads here
+        assert state["refuse_at"] == "security_socket_bind"
+        assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
+    else:
+        assert (
+            "warning: this kernel refused portguard's security_socket_bind program ("
+            in applied.stderr
+        )
+        assert "refused binds fail with EPERM, not EADDRINUSE" in applied.stderr
+        assert state["refuse_at"] == "cgroup-eperm"
+        assert set(state["links"]) == {"bind4", "bind6", "mkdir", "rmdir"}
+        assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EPERM}
