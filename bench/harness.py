@@ -30,7 +30,7 @@ import pytest
 
 from guard.kernel import cgroups
 from guard.kernel import libbpf as kernel
-from tests.kernel.sandbox import PORTGUARD, REPO, Sandbox, in_netns, require_kernel
+from tests.kernel.sandbox import BIND_LINKS, PORTGUARD, REPO, Sandbox, in_netns, require_kernel
 
 HERE = Path(__file__).resolve().parent
 BPF_STATS_RUN_TIME = 0
@@ -106,11 +106,16 @@ class World:
         )
         self.cli("apply")
 
-    def prog_id(self, link: str = "bind4") -> int:
+    def prog_id(self, link: str = BIND_LINKS[0]) -> int:
+        """The program of a link (default: the IPv4 bind link, or the security_socket_bind
+        link where PORTGUARD_TEST_REFUSE_AT or the kernel puts the guard on that road)."""
         return self.box.status()["links"][link]["prog_id"]
 
 
 def _compile_driver(work: Path) -> Path:
+    prebuilt = os.environ.get("PORTGUARD_BENCH_BINDLOOP")  # the VM boxes have no compiler
+    if prebuilt:
+        return Path(prebuilt)
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise Unavailable("gcc is needed to build the C bind driver (apt install gcc)")
@@ -135,7 +140,10 @@ def world() -> Iterator[World]:
         for rel in ("guarded", "plain", "scan"):
             box.cgroup(rel)
         w = World(box, box.work / "cache", _compile_driver(box.work))
-        w.cli("build", netns=None)
+        if os.environ.get("PORTGUARD_CACHE_DIR"):  # objects built elsewhere (the VM boxes)
+            shutil.copytree(os.environ["PORTGUARD_CACHE_DIR"], w.cache, dirs_exist_ok=True)
+        else:
+            w.cli("build", netns=None)
         # Installed packages ship bytecode (py3compile); a checkout may not have it.
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "guard")], check=True)
         yield w

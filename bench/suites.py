@@ -37,7 +37,7 @@ from bench.harness import (
 )
 from guard.kernel import layout, objects
 from guard.kernel import libbpf as kernel
-from tests.kernel.sandbox import REPO, in_netns
+from tests.kernel.sandbox import BIND_LINKS, REPO, in_netns
 
 PORT = 30000  # the reserved probe port
 FREE = 29999  # never reserved
@@ -595,7 +595,7 @@ def _verified_insns(w: World) -> dict[str, int]:
     """Instructions the verifier processed for each bind program (bpf_prog_info)."""
     links = w.box.status()["links"]
     found = {}
-    for name in ("bind4", "bind6"):
+    for name in BIND_LINKS:
         fd = kernel.lib().bpf_prog_get_fd_by_id(links[name]["prog_id"])
         if fd < 0:
             continue

@@ -108,6 +108,13 @@ struct pg_config {
 	__u64 netns_cookie;  /* only binds in this network namespace are guarded; 0: all */
 	__u32 deny_errno;    /* errno the binder sees; 0 = plain EPERM */
 	__u32 mode;          /* enum pg_mode */
+	/* The security_socket_bind program runs for every bind on the machine: it judges only
+	 * tasks in the attach cgroup's subtree (the cgroup programs are scoped by attaching
+	 * there), and knows the guarded network namespace by its inode number, which user
+	 * space can read on every kernel (SO_NETNS_COOKIE needs 5.14). */
+	__u64 scope_id;      /* the attach cgroup's id */
+	__u32 scope_level;   /* its depth below the cgroup2 root */
+	__u32 netns_ino;     /* the guarded network namespace's inode; 0: all */
 };
 
 /* state: a single entry */

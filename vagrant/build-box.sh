@@ -119,10 +119,15 @@ printf '%s\n' virtio_pci virtio_blk virtio_net ext4 9p 9pnet_virtio > "$rootfs/e
 #    its BPF object), bindresvport callers at boot (rpcbind, rpc.statd from nfs-common),
 #    networking. The VMs install the .deb offline, so its Depends must already be here; portguard
 #    itself is not: the package scenario installs it on the running system first.
+#    python3-pytest runs the repository's own kernel suite (tests/kernel) inside the box, on the
+#    box's kernel (run-matrix's "kernel suite" scenario): the bind cases against the roads this
+#    machine kind cannot load (security_socket_bind), with no second copy of the tests;
+#    python3-prometheus-client lets its metrics test parse what status --metrics prints.
 log "apt-get install"
 # shellcheck disable=SC2207  # package names: no spaces, no globs
 package_depends=($(package_depends))
-wanted=("${package_depends[@]}" rpcbind nfs-common bpftool systemd-networkd)
+wanted=("${package_depends[@]}" rpcbind nfs-common bpftool systemd-networkd python3-pytest
+        python3-prometheus-client)
 [[ $kernel_suite == "$userland" ]] && wanted=(linux-image-amd64 "${wanted[@]}")
 in_root apt-get update -qq > /dev/null
 available=()

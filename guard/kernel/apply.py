@@ -14,6 +14,13 @@ keep enforcing, and only then swaps each bind link's program (bpf_link_update, o
 address family). The trackers of the new maps are pinned beside the old ones until then,
 and the old maps go last. The `meta` map's object digest is written last of all: while it
 is stale the next apply redoes the whole load.
+
+Where binds are refused (host.choose_denial: the cgroup bind links, or the fmod_ret link on
+security_socket_bind) can change between two applies (refuse_at, an upgrade from a version
+without the second road). The new road's links are attached and pinned before the old road's
+are unpinned: for that moment both refuse strangers, each from a complete guard, and nobody
+is without one. The security_socket_bind link cannot be updated in place (tracing links have
+no bpf_link_update): a new program gets a new link, pinned over the old one, which then goes.
 """
 
 from __future__ import annotations
@@ -25,11 +32,15 @@ from guard.errors import GuardError
 from guard.kernel import host, layout, libbpf, objects, slots, sysctl
 from guard.kernel.pins import Maps, Pins, open_map
 from guard.kernel.programs import (
+    BIND_AND_PACKET_LINKS,
+    BIND_LINKS,
+    BIND_PROGRAMS,
     CGROUP_ATTACH_TYPES,
-    CORE_LINKS,
+    HOOK_LINK,
     LINK_NAMES,
     PACKET_LINKS,
     TRACKER_LINKS,
+    core_links,
     not_loaded,
     program_names,
 )
@@ -43,7 +54,7 @@ class ApplyResult:
     def __init__(self, changed: bool, loaded_program: bool, denial: str, warnings: list[str]):
         self.changed = changed
         self.loaded_program = loaded_program
-        self.denial = denial  # host.DENY_SET_RETVAL or host.DENY_EPERM
+        self.denial = denial  # host.DENY_SET_RETVAL, DENY_SOCKET_BIND or DENY_EPERM
         self.warnings = warnings
 
 
@@ -52,7 +63,8 @@ def apply(plan: Plan) -> ApplyResult:
     cgroup_root, attach_dir = host.preflight(settings, mount_bpffs=True)
     try:
         denial, notes = host.choose_denial(settings)
-        if host.netns_cookie() == 0:
+        # the security_socket_bind program knows the guarded namespace by its inode
+        if host.netns_cookie() == 0 and denial != host.DENY_SOCKET_BIND:
             notes.append(host.NO_NETNS_COOKIE)
         object_path = objects.ensure_object()
         can_contain = libbpf.has_packet_netns_cookie()
@@ -71,9 +83,26 @@ def apply(plan: Plan) -> ApplyResult:
         except OSError as exc:
             raise GuardError(f"cannot use the pin directory {pins.root}: {exc.strerror}") from None
         try:
-            result = _Transaction(
-                plan, pins, object_path, denial, cgroup_root, attach_dir, can_contain
-            ).run()
+            try:
+                result = _Transaction(
+                    plan, pins, object_path, denial, cgroup_root, attach_dir, can_contain
+                ).run()
+            except libbpf.BpfError as exc:
+                if denial != host.DENY_SOCKET_BIND or settings.refuse_at != "auto":
+                    raise
+                # The probe's program attached but the guard's did not (a verifier or a
+                # kernel the probe cannot foresee): the last road, as after a kill at that
+                # step followed by an apply on that road (tests/kernel/test_faults.py).
+                notes.append(host.hook_failed(settings, str(exc).splitlines()[0]))
+                result = _Transaction(
+                    plan,
+                    pins,
+                    object_path,
+                    host.DENY_EPERM,
+                    cgroup_root,
+                    attach_dir,
+                    can_contain,
+                ).run()
         except libbpf.BpfError as exc:
             raise GuardError(str(exc)) from None
         except OSError as exc:
@@ -110,6 +139,8 @@ def _expected_link(name: str, info: libbpf.LinkInfo) -> bool:
             info.type == libbpf.LINK_TYPE_CGROUP
             and info.cgroup.attach_type == CGROUP_ATTACH_TYPES[name]
         )
+    if name == HOOK_LINK:
+        return info.type == libbpf.LINK_TYPE_TRACING
     return info.type in (libbpf.LINK_TYPE_RAW_TRACEPOINT, libbpf.LINK_TYPE_TRACING)
 
 
@@ -173,19 +204,23 @@ class _Transaction:
         self.contain = bool(plan.contained)
         self.programs = program_names(denial)
         self.cookie = host.netns_cookie()
-        self.cfg = slots.config_value(plan, self.cookie, denial)
-        # The denial style depends on the kernel only: it cannot change under pinned links.
-        self.digest = object_path.stem.encode()
+        scope = (os.stat(attach_dir).st_ino, len(attach_dir.relative_to(cgroup_root).parts))
+        self.cfg = slots.config_value(plan, self.cookie, denial, scope, host.netns_inode())
+        # The object and the road: another road (refuse_at changed) loads and swaps too.
+        self.digest = f"{object_path.stem} {denial}".encode()
 
     def run(self) -> ApplyResult:
         pins = self.pins
+        # a killed run's new security_socket_bind link, never switched to: the guard it was
+        # to replace still enforces (or, at the first apply, nothing is reserved yet)
+        libbpf.unpin(pins.staged_link(HOOK_LINK))
         links = _open_links(pins)
         maps = Maps.open_pinned(pins.maps_dir)
         loaded = None
-        wanted_links = CORE_LINKS + (PACKET_LINKS if self.contain else ())
+        wanted_links = core_links(self.denial) + (PACKET_LINKS if self.contain else ())
         try:
             # bind and packet links: what enforces, and which maps it reads
-            bind_links = [links[n] for n in CGROUP_ATTACH_TYPES if links[n] is not None]
+            bind_links = [links[n] for n in BIND_AND_PACKET_LINKS if links[n] is not None]
             readers = [fd for fd in bind_links if maps is not None and _reads_maps(fd, maps)]
             takeover = len(readers) < len(bind_links)  # some link enforces maps we do not trust
             stale_program = maps is None or maps.meta.lookup(0).object != self.digest
@@ -224,9 +259,13 @@ class _Transaction:
                     # meanwhile (so its ports stay in the sysctl until the final apply_maps).
                     apply_maps(maps, self.plan, self.cfg, self.cgroup_root, drop_stale=False)
                 self._attach_cgroup_links(links, loaded)
+                if self.denial == host.DENY_SOCKET_BIND:
+                    self._attach_hook(links, loaded)
+                self._drop_other_roads(links)
                 for name in staged:
                     libbpf.rename_pin(pins.staged_link(name), pins.link(name))
                 maps.meta.update(0, layout.Meta(self.digest))
+            self._drop_other_roads(links)
             self._reattach_if_moved(links)
             dropped = _drop_other_maps(pins, maps)
             changed = apply_maps(maps, self.plan, self.cfg, self.cgroup_root)
@@ -265,6 +304,8 @@ class _Transaction:
         self, links: dict[str, int | None], loaded: libbpf.LoadedObject
     ) -> None:
         for name, attach_type in CGROUP_ATTACH_TYPES.items():
+            if name not in self.programs:  # the bind hooks, on the security_socket_bind road
+                continue
             prog = loaded.programs.get(self.programs[name])
             if links[name] is None:
                 # Packet programs are attached before the flip that turns containment on;
@@ -275,6 +316,29 @@ class _Transaction:
                 libbpf.pin(links[name], self.pins.link(name))
             elif prog is not None:
                 libbpf.update_link(links[name], prog)
+
+    def _attach_hook(self, links: dict[str, int | None], loaded: libbpf.LoadedObject) -> None:
+        """Attach the security_socket_bind program and pin its link over the old one (if
+        any), which then detaches: until then both run, each refusing from a complete guard."""
+        new = libbpf.attach_tracing(loaded.programs[self.programs[HOOK_LINK]])
+        try:
+            _pin_replace(new, self.pins.link(HOOK_LINK))
+        except BaseException:
+            os.close(new)
+            raise
+        libbpf.close(links[HOOK_LINK])
+        links[HOOK_LINK] = new
+
+    def _drop_other_roads(self, links: dict[str, int | None]) -> None:
+        """Unpin the bind links of the other roads, once this road's are all in place."""
+        mine = BIND_PROGRAMS[self.denial]
+        if any(links[name] is None for name in mine):
+            return
+        for name in BIND_LINKS:
+            if name not in mine and links[name] is not None:
+                libbpf.close(links[name])
+                links[name] = None
+                libbpf.unpin(self.pins.link(name))
 
     def _reattach_if_moved(self, links: dict[str, int | None]) -> None:
         """The attach cgroup changed in the config (or was removed): attach there, then let

@@ -2,7 +2,8 @@
 cgroup2, bpffs (mounted when missing), the attach cgroup, the kernel features the guard
 needs, and the lock files that keep one apply (or monitor) at a time.
 
-The load-time choices a kernel forces (how a refused bind is denied) are made here too.
+The load-time choices a kernel forces (where and how a refused bind is refused) are made
+here too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ctypes as C
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from guard.policy.config import Settings
 
 SO_NETNS_COOKIE = 71
 LOCK_DIR = Path("/run/portguard")
-DENY_SET_RETVAL = "retval"  # bpf_set_retval: the binder sees the configured errno (5.18)
-DENY_EPERM = "eperm"  # older kernels: the binder sees EPERM
+# Where a refused bind is refused, in the order of preference:
+DENY_SET_RETVAL = "retval"  # cgroup bind hooks, bpf_set_retval: the configured errno (5.18)
+DENY_SOCKET_BIND = "socket_bind"  # fmod_ret on security_socket_bind: the configured errno
+DENY_EPERM = "eperm"  # cgroup bind hooks without bpf_set_retval: the binder sees EPERM
 
 NO_NETNS_COOKIE = (
     "this kernel cannot tell userspace its network namespace cookie (SO_NETNS_COOKIE, Linux >= "
@@ -91,6 +94,12 @@ def netns_cookie() -> int:
     return int.from_bytes(raw, "little")
 
 
+def netns_inode() -> int:
+    """This network namespace's inode number: how the security_socket_bind program knows the
+    guarded namespace (user space can read it on every kernel)."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
 def lock_path(pin_dir: Path, role: str = "") -> Path:
     """The lock file of one role (apply/remove, monitor, ...) for one pin directory."""
     try:
@@ -146,19 +155,51 @@ def check_features(features: libbpf.Features) -> None:
         )
 
 
+def hook_failed(settings: Settings, why: str) -> str:
+    """The warning when the security_socket_bind program itself failed where the probe's
+    attached, and apply fell back to the EPERM cgroup programs."""
+    return (
+        f"this kernel refused portguard's security_socket_bind program ({why}): refused binds "
+        f"fail with EPERM"
+        + (f", not {settings.deny_errno}" if settings.deny_errno != "EPERM" else "")
+    )
+
+
 def choose_denial(
-    settings: Settings, features: libbpf.Features | None = None
+    settings: Settings,
+    features: libbpf.Features | None = None,
+    hook_refusal: Callable[[], str | None] | None = None,
 ) -> tuple[str, list[str]]:
-    """How the bind programs deny on this kernel (DENY_SET_RETVAL or DENY_EPERM), and the
-    warnings that choice implies."""
+    """Where and how the guard refuses binds on this kernel (DENY_SET_RETVAL, DENY_SOCKET_BIND
+    or DENY_EPERM: the first the kernel offers, or the one refuse_at names), and the warnings
+    that choice implies. hook_refusal (libbpf.hook_refusal) says why the
+    kernel refuses the security_socket_bind program, None when it takes it."""
     features = features or libbpf.probe_features()
     check_features(features)
-    if features.set_retval:
+    forced = settings.refuse_at
+    if forced == "cgroup" and not features.set_retval:
+        raise GuardError(
+            'refuse_at = "cgroup": this kernel refuses bpf_set_retval in cgroup bind programs '
+            '(Linux < 5.18); nothing applied (set refuse_at = "auto")'
+        )
+    if forced == "cgroup" or (forced == "auto" and features.set_retval):
         return DENY_SET_RETVAL, []
     notes = []
-    if settings.deny_errno != "EPERM":
-        notes.append(
-            f"this kernel lacks bpf_set_retval (Linux < 5.18): refused binds fail with EPERM, "
-            f"not {settings.deny_errno}"
+    if forced in ("auto", "security_socket_bind"):
+        why = (hook_refusal or libbpf.hook_refusal)()
+        if why is None:
+            return DENY_SOCKET_BIND, []
+        if forced == "security_socket_bind":
+            raise GuardError(
+                'refuse_at = "security_socket_bind": this kernel refuses fmod_ret programs on '
+                f'security_socket_bind ({why}); nothing applied (set refuse_at = "auto")'
+            )
+        lacks = (
+            "this kernel lacks bpf_set_retval (Linux < 5.18) and refuses fmod_ret programs "
+            f"on security_socket_bind ({why})"
         )
+    else:
+        lacks = 'refuse_at = "cgroup-eperm"'
+    if settings.deny_errno != "EPERM":
+        notes.append(f"{lacks}: refused binds fail with EPERM, not {settings.deny_errno}")
     return DENY_EPERM, notes

@@ -106,7 +106,14 @@ class IdKey(C.Structure):
 
 
 class Config(C.Structure):
-    _fields_ = [("netns_cookie", C.c_uint64), ("deny_errno", C.c_uint32), ("mode", C.c_uint32)]
+    _fields_ = [
+        ("netns_cookie", C.c_uint64),
+        ("deny_errno", C.c_uint32),
+        ("mode", C.c_uint32),
+        ("scope_id", C.c_uint64),
+        ("scope_level", C.c_uint32),
+        ("netns_ino", C.c_uint32),
+    ]
 
 
 class State(C.Structure):

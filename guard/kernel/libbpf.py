@@ -16,6 +16,10 @@ from typing import NamedTuple
 
 BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_PROG_TYPE_TRACING = 26
+BPF_MODIFY_RETURN = 26  # the attach type of fmod_ret programs
+BTF_KIND_FUNC = 12
+SOCKET_BIND_HOOK = "security_socket_bind"
 BPF_FUNC_get_netns_cookie = 122
 BPF_FUNC_get_current_ancestor_cgroup_id = 123
 BPF_FUNC_set_retval = 187
@@ -117,6 +121,8 @@ def lib() -> C.CDLL:
         "bpf_link_create": (INT, [INT, INT, INT, P]),
         "bpf_link_update": (INT, [INT, INT, P]),
         "bpf_raw_tracepoint_open": (INT, [C.c_char_p, INT]),
+        "bpf_prog_load": (INT, [INT, C.c_char_p, C.c_char_p, VP, C.c_size_t, P]),
+        "btf__load_vmlinux_btf": (P, []),
         "bpf_map_update_elem": (INT, [INT, VP, VP, C.c_uint64]),
         "bpf_map_lookup_elem": (INT, [INT, VP, VP]),
         "bpf_map_delete_elem": (INT, [INT, VP]),
@@ -221,6 +227,58 @@ def probe_features() -> Features:
         bpf_link=_has_bpf_link(),
         btf=VMLINUX_BTF.exists(),
     )
+
+
+class _ProgLoadOpts(C.Structure):
+    """The leading fields of libbpf's struct bpf_prog_load_opts (sz says how many)."""
+
+    _fields_ = [
+        ("sz", C.c_size_t),
+        ("attempts", C.c_int),
+        ("expected_attach_type", C.c_uint32),
+        ("prog_btf_fd", C.c_uint32),
+        ("prog_flags", C.c_uint32),
+        ("prog_ifindex", C.c_uint32),
+        ("kern_version", C.c_uint32),
+        ("attach_btf_id", C.c_uint32),
+    ]
+
+
+# r0 = 0; exit: an fmod_ret program that changes nothing
+_RETURN_ZERO = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
+
+
+def hook_refusal() -> str | None:
+    """Why this kernel refuses an fmod_ret program on security_socket_bind, or None when one
+    loads and attaches. The probe attaches a program that returns 0 (every bind goes on as
+    if it were not there) and detaches it at once; a process killed meanwhile takes it along."""
+    bpf = lib()
+    if not VMLINUX_BTF.exists():
+        return f"it has no kernel BTF ({VMLINUX_BTF})"
+    btf = bpf.btf__load_vmlinux_btf()
+    if not btf:
+        return f"its BTF cannot be read: {os.strerror(C.get_errno())}"
+    try:
+        func = bpf.btf__find_by_name_kind(btf, SOCKET_BIND_HOOK.encode(), BTF_KIND_FUNC)
+    finally:
+        bpf.btf__free(btf)
+    if func <= 0:
+        return f"its BTF has no function {SOCKET_BIND_HOOK} (CONFIG_SECURITY_NETWORK off?)"
+    opts = _ProgLoadOpts(
+        sz=C.sizeof(_ProgLoadOpts), expected_attach_type=BPF_MODIFY_RETURN, attach_btf_id=func
+    )
+    insns = C.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
+    prog = bpf.bpf_prog_load(BPF_PROG_TYPE_TRACING, b"pg_probe", b"GPL", insns, 2, C.byref(opts))
+    if prog < 0:
+        return f"loading an fmod_ret program failed: {os.strerror(C.get_errno() or -prog)}"
+    try:
+        link = bpf.bpf_raw_tracepoint_open(None, prog)
+        if link < 0:
+            return f"attaching an fmod_ret program failed: {os.strerror(C.get_errno() or -link)}"
+        os.close(link)
+    finally:
+        os.close(prog)
+    return None
 
 
 def object_kind(fd: int) -> tuple[str, str]:
@@ -456,7 +514,7 @@ def attach_cgroup(prog_fd: int, cgroup_dir: Path, attach_type: int) -> int:
 
 
 def attach_tracing(prog_fd: int) -> int:
-    """A raw tracepoint link for a tp_btf program; returns the link fd."""
+    """A tracing link for a tp_btf or fmod_ret program; returns the link fd."""
     fd = _check(lib().bpf_raw_tracepoint_open(None, prog_fd), "attaching tracepoint program")
     step()
     return fd

@@ -133,19 +133,19 @@ def owner_ids(maps: Maps, slot: int) -> dict[int, int]:
     return {k.idx: v.id for k, v in maps.owners.items() if k.slot == slot and v.id}
 
 
-def config_value(plan: Plan, cookie: int, denial: str) -> layout.Config:
-    """The slot's config; deny_errno 0 means the programs deny with plain EPERM."""
-    deny = plan.settings.deny_errno_number if denial == "retval" else 0
+def config_value(
+    plan: Plan, cookie: int, denial: str, scope: tuple[int, int], netns_ino: int
+) -> layout.Config:
+    """The slot's config; deny_errno 0 means the programs deny with plain EPERM. scope is
+    the attach cgroup's (id, depth below the cgroup2 root)."""
+    deny = plan.settings.deny_errno_number if denial in ("retval", "socket_bind") else 0
     mode = layout.MODE_AUDIT if plan.settings.mode == "audit" else layout.MODE_ENFORCE
-    return layout.Config(cookie, deny, mode)
+    scope_id, scope_level = scope
+    return layout.Config(cookie, deny, mode, scope_id, scope_level, netns_ino)
 
 
 def same_config(a: layout.Config | None, b: layout.Config) -> bool:
-    return a is not None and (a.netns_cookie, a.deny_errno, a.mode) == (
-        b.netns_cookie,
-        b.deny_errno,
-        b.mode,
-    )
+    return a is not None and bytes(a) == bytes(b)
 
 
 def clear_slot(maps: Maps, slot: int, readers_gone: Callable[[], None] | None = None) -> None:

@@ -308,6 +308,14 @@ def _fit_names(head: str, names: list[str], width: int) -> str:
     return shorten(head + f"{len(names)} owners", width, keep_end=False)
 
 
+# where binds are refused (GuardState.refuse_at), as status says it
+REFUSE_AT_TEXT = {
+    "cgroup": "the cgroup bind hooks (bpf_set_retval)",
+    "security_socket_bind": "security_socket_bind (fmod_ret; no bpf_set_retval here)",
+    "cgroup-eperm": "the cgroup bind hooks, EPERM only (no bpf_set_retval here)",
+}
+
+
 def status_lines(state: GuardState, attach_cgroup: str, verbose: bool = False) -> list[str]:
     if not state.loaded:
         return [_fit(f"portguard: not loaded (pin directory {state.pin_dir})")]
@@ -317,6 +325,7 @@ def status_lines(state: GuardState, attach_cgroup: str, verbose: bool = False) -
             f"refused binds see {errno_name(state.deny_errno)}, "
             f"{state.lost_events} events lost"
         ),
+        f"  binds refused at {REFUSE_AT_TEXT.get(state.refuse_at or '', state.refuse_at)}",
         f"  attach cgroup {attach_cgroup}, pins {state.pin_dir}, program {state.program}",
     ]
     for link in state.links:
@@ -773,12 +782,14 @@ def prometheus_lines(
     metric(
         "portguard_guard_info",
         "gauge",
-        "The loaded guard: mode, the errno refused binds see, the program.",
+        "The loaded guard: mode, the errno refused binds see, where binds are refused "
+        "(cgroup, security_socket_bind, cgroup-eperm), the program.",
         [
             (
                 {
                     "mode": state.mode or "",
                     "deny_errno": errno_name(state.deny_errno),
+                    "refuse_at": state.refuse_at or "",
                     "program": state.program or "",
                 },
                 1,

@@ -53,4 +53,9 @@ def differences(plan: Plan, state: GuardState) -> list[str]:
             f"deny_errno: the files say {settings.deny_errno}, "
             f"the guard answers {errno_name(state.deny_errno)}"
         )
+    # "auto" takes what the kernel offers; a road the files name is the one that must guard
+    if state.refuse_at is not None and settings.refuse_at not in ("auto", state.refuse_at):
+        found.append(
+            f"refuse_at: the files say {settings.refuse_at}, the guard refuses at {state.refuse_at}"
+        )
     return found

@@ -11,7 +11,14 @@ from guard.errors import GuardError
 from guard.kernel import cgroups, layout, libbpf, slots
 from guard.kernel.host import require_root
 from guard.kernel.pins import Maps, Pins
-from guard.kernel.programs import BIND_AND_PACKET_LINKS, LINK_NAMES, PACKET_LINKS
+from guard.kernel.programs import (
+    BIND_AND_PACKET_LINKS,
+    BIND_LINKS,
+    CGROUP_BIND_LINKS,
+    HOOK_LINK,
+    LINK_NAMES,
+    PACKET_LINKS,
+)
 from guard.policy.config import Settings
 
 
@@ -49,6 +56,9 @@ class GuardState(NamedTuple):
     # the programs cannot choose the errno (a kernel without bpf_set_retval, Linux < 5.18):
     # refused binds see EPERM, whatever deny_errno says
     eperm_only: bool = False
+    # where binds are refused: "cgroup" (the cgroup bind hooks, bpf_set_retval),
+    # "security_socket_bind" (the fmod_ret program) or "cgroup-eperm" (the bind hooks, EPERM)
+    refuse_at: str | None = None
     netns_cookie: int | None = None
     reservations: tuple[ReservationState, ...] = ()
     lost_events: int = 0
@@ -149,15 +159,24 @@ def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | No
             )
         meta = maps.meta.lookup(0)
         lost = maps.lost.lookup(0)
+        names = {ls.name for ls in link_states}
+        if HOOK_LINK in names:
+            refuse_at = "security_socket_bind"
+        elif names & set(CGROUP_BIND_LINKS):
+            refuse_at = "cgroup" if cfg and cfg.deny_errno else "cgroup-eperm"
+        else:
+            refuse_at = None
         return GuardState(
-            loaded=any(ls.name in ("bind4", "bind6") for ls in link_states),
+            loaded=bool(names & set(BIND_LINKS)),
             pin_dir=settings.pin_dir,
             links=tuple(link_states),
-            program=meta.object.decode() if meta else None,
+            # the object's name (the road it was loaded for follows it)
+            program=meta.object.decode().split()[0] if meta and meta.object else None,
             mode="audit" if cfg and cfg.mode == layout.MODE_AUDIT else "enforce",
             # 0 means a program without bpf_set_retval: the binder sees plain EPERM
             deny_errno=(cfg.deny_errno or errno.EPERM) if cfg else None,
             eperm_only=bool(cfg) and not cfg.deny_errno,
+            refuse_at=refuse_at,
             netns_cookie=cfg.netns_cookie if cfg else None,
             reservations=tuple(reservations),
             lost_events=sum(lost) if lost else 0,

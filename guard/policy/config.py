@@ -20,6 +20,9 @@ from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_sp
 DEFAULT_CONFIG = Path("/etc/portguard/portguard.toml")
 DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")
 MODES = ("enforce", "audit")
+# where a refused bind is refused: the kernel side chooses the first its kernel offers
+# ("auto"), or the one named (guard/kernel/host.py)
+REFUSE_AT = ("auto", "cgroup", "security_socket_bind", "cgroup-eperm")
 MAX_PATH_BYTES = 254  # the kernel key holds 256 bytes incl. NUL; longer paths are refused
 MAX_FILE_BYTES = 1 << 20  # a configuration file larger than this is refused, not read
 
@@ -136,6 +139,7 @@ class Settings(NamedTuple):
     journal_interval: float = 30.0
     # read X-PortGuard-Reserve= from systemd unit files and drop-ins (guard/policy/declared.py)
     unit_files: bool = True
+    refuse_at: str = "auto"
 
     @property
     def deny_errno_number(self) -> int:
@@ -154,6 +158,7 @@ GUARD_KEYS = {
     "contain": _boolean,
     "journal_interval": _seconds(86400),
     "unit_files": _boolean,
+    "refuse_at": _one_of(REFUSE_AT),
 }
 
 

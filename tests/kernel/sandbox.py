@@ -21,10 +21,37 @@ from pathlib import Path
 
 import pytest
 
-from guard.kernel import cgroups
+from guard.kernel import cgroups, libbpf
 
 REPO = Path(__file__).resolve().parents[2]
 PORTGUARD = [sys.executable, "-m", "guard"]
+# PORTGUARD_TEST_REFUSE_AT=security_socket_bind (the VMs): every sandbox guard refuses binds
+# on that road, unless a test names one itself
+FORCED = (
+    {"refuse_at": os.environ["PORTGUARD_TEST_REFUSE_AT"]}
+    if os.environ.get("PORTGUARD_TEST_REFUSE_AT")
+    else {}
+)
+
+
+def default_road() -> str:
+    """Where a sandbox guard refuses binds: the road FORCED names, else the first this kernel
+    offers (guard/kernel/host.py)."""
+    if FORCED:
+        return FORCED["refuse_at"]
+    if os.geteuid() != 0:
+        return "cgroup"  # no kernel test runs then (require_kernel)
+    try:
+        if libbpf.has_set_retval():
+            return "cgroup"
+        return "security_socket_bind" if libbpf.hook_refusal() is None else "cgroup-eperm"
+    except libbpf.BpfError:  # no libbpf: require_kernel says so
+        return "cgroup"
+
+
+ROAD = default_road()
+# the bind links a sandbox guard has on that road
+BIND_LINKS = ("socket_bind",) if ROAD == "security_socket_bind" else ("bind4", "bind6")
 
 
 def missing(reason: str) -> None:
@@ -296,7 +323,7 @@ class Sandbox:
 
     # -- config and CLI ----------------------------------------------------------------
     def write_config(self, reserve: str, **guard: str) -> Path:
-        settings = {"cgroup": self.top, "pin_dir": str(self.pin_dir), **guard}
+        settings = {"cgroup": self.top, "pin_dir": str(self.pin_dir), **FORCED, **guard}
         lines = ["[guard]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()), "", reserve]
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from guard.kernel import layout
+from guard.kernel import libbpf as kernel
 from guard.kernel.pins import Maps, Pins
 from guard.observe.state import GuardState, read_state
 from guard.policy.config import Settings
-from tests.kernel.sandbox import PORTGUARD, REPO, in_netns
+from tests.kernel.sandbox import BIND_LINKS, PORTGUARD, REPO, in_netns
 
 STRIDE = int(os.environ.get("PORTGUARD_FAULT_STRIDE", "4"))
 # first kill point: random by default, so successive CI runs cover different steps
@@ -91,11 +92,30 @@ B = Guard(
 )
 
 
+# A change of road (refuse_at): the two roads this kernel offers; deny_errno EPERM makes every
+# road answer alike, so both guards show one matrix and only the links differ.
+if kernel.hook_refusal() is None:
+    ROADS = ("cgroup" if kernel.has_set_retval() else "cgroup-eperm", "security_socket_bind")
+else:
+    ROADS = ("cgroup", "cgroup-eperm")
+R1, R2 = (
+    Guard(f"R{i}", dict(A.reserved), errno.EPERM, {"deny_errno": "EPERM", "refuse_at": road})
+    for i, road in enumerate(ROADS, start=1)
+)
+
+
+def bind_links(guard: Guard) -> tuple[str, ...]:
+    road = guard.extra.get("refuse_at")
+    if road is None:
+        return BIND_LINKS
+    return ("socket_bind",) if road == "security_socket_bind" else ("bind4", "bind6")
+
+
 class Rig:
     def __init__(self, sandbox):
         self.sandbox = sandbox
         self.paths = {}
-        for guard in (A, B):
+        for guard in (A, B, R1, R2):
             blocks = []
             for (port, proto), owners in sorted(guard.reserved.items()):
                 blocks.append(sandbox.owner_block([f"{port}/{proto}"], *sorted(owners)))
@@ -177,9 +197,15 @@ class Rig:
             return
         assert not state.interrupted
         assert self.reservations(state) == guard.reserved
-        assert {link.name for link in state.links} == {"bind4", "bind6", "mkdir", "rmdir"}
+        links = bind_links(guard)
+        assert {link.name for link in state.links} == {*links, "mkdir", "rmdir"}
         assert sorted(p.name for p in pins.iterdir()) == sorted(
-            [f"maps-{layout.LAYOUT}", "link_bind4", "link_bind6", "link_mkdir", "link_rmdir"]
+            [
+                f"maps-{layout.LAYOUT}",
+                *(f"link_{n}" for n in links),
+                "link_mkdir",
+                "link_rmdir",
+            ]
         )
 
     def walk(
@@ -263,6 +289,15 @@ def test_layout_takeover_killed_anywhere_never_leaves_a_family_unguarded(rig):
         rig.reset(A)
         assert rig.walk("apply", A, B, prepare=older_layout, per_family=True) > MIN_STEPS
     assert not (pins.root / "maps-0123456789ab").exists()
+
+
+def test_a_change_of_road_killed_anywhere_leaves_the_old_road_or_the_new(rig):
+    # The new road's links are attached before the old road's go: every kill leaves strangers
+    # refused and owners binding, and the next apply settles on the new road alone.
+    for _ in range(ROUNDS):
+        rig.reset(R1)
+        assert rig.walk("apply", R1, R2) > MIN_STEPS
+        assert rig.walk("apply", R2, R1) > MIN_STEPS
 
 
 def test_remove_killed_anywhere_leaves_the_guard_or_nothing(rig):

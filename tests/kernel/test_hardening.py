@@ -20,7 +20,7 @@ import pytest
 from guard.kernel import layout, objects
 from guard.kernel import libbpf as kernel
 from guard.kernel.pins import Maps, Pins
-from tests.kernel.sandbox import CHILD, REPO, in_netns, missing
+from tests.kernel.sandbox import BIND_LINKS, CHILD, REPO, in_netns, missing
 from tests.unprivileged import drop_root, interpreter
 
 PORT = 7651
@@ -47,7 +47,7 @@ def pin_names(sandbox) -> list[str]:
 
 
 CLEAN_PINS = sorted(
-    [f"maps-{layout.LAYOUT}", "link_bind4", "link_bind6", "link_mkdir", "link_rmdir"]
+    [f"maps-{layout.LAYOUT}", *(f"link_{n}" for n in BIND_LINKS), "link_mkdir", "link_rmdir"]
 )
 
 
@@ -56,16 +56,17 @@ CLEAN_PINS = sorted(
 
 def test_a_foreign_pin_under_a_link_name_is_one_clear_sentence_and_the_guard_stays(sandbox):
     applied(sandbox)
-    link = sandbox.pin_dir / "link_bind6"
+    name = BIND_LINKS[-1]  # bind6, or socket_bind on that road
+    link = sandbox.pin_dir / f"link_{name}"
     maps = Maps.open_pinned(Pins(sandbox.pin_dir).maps_dir)
     try:
-        os.unlink(link)  # bind6 detaches; something else takes its name
+        os.unlink(link)  # the link detaches; something else takes its name
         kernel.pin(maps.fds["state"], link)
     finally:
         maps.close()
     proc = sandbox.cli("apply", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith(f"Error: {link} is not a portguard bind6 link")
+    assert proc.stderr.strip().startswith(f"Error: {link} is not a portguard {name} link")
     assert "remove it or choose another pin_dir" in proc.stderr
     os.unlink(link)
     sandbox.cli("apply")
@@ -165,7 +166,8 @@ def test_remove_takes_away_what_an_older_layouts_hash_recorded(sandbox):
 
 def test_a_pin_dir_that_is_not_a_directory_is_one_clear_sentence(sandbox):
     applied(sandbox)
-    occupied = sandbox.pin_dir / "link_bind4"  # a pinned object where the directory should be
+    # a pinned object where the directory should be
+    occupied = sandbox.pin_dir / f"link_{BIND_LINKS[0]}"
     sandbox.write_config(sandbox.owner_block([str(PORT)], "owner"), pin_dir=str(occupied))
     proc = sandbox.cli("apply", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -91,6 +91,7 @@ def test_the_programs_come_from_the_object_with_their_sections(compiled):
     sections = {
         "bind4": "cgroup/bind4",
         "bind6": "cgroup/bind6",
+        "socket_bind": "fmod_ret/security_socket_bind",
         "mkdir": "tp_btf/cgroup_mkdir",
         "rmdir": "tp_btf/cgroup_rmdir",
         "ingress": "cgroup_skb/ingress",
@@ -101,7 +102,7 @@ def test_the_programs_come_from_the_object_with_their_sections(compiled):
         for role, name in programs.program_names(denial).items():
             assert compiled.programs[name] == sections[role], name
             played.add(name)
-        # the other style's bind programs are the only ones left out
+        # the other styles' bind programs are the only ones left out
         skipped = set(programs.not_loaded(denial, contain=True))
         assert skipped == set(compiled.programs) - set(programs.program_names(denial).values())
     assert played == set(compiled.programs)

@@ -65,3 +65,12 @@ def test_mode_and_errno_are_compared_but_an_eperm_only_program_is_not_a_differen
     ]
     eperm = loaded(CUPS, eperm_only=True, deny_errno=1)
     assert drift.differences(planned(FILES), eperm) == []
+
+
+def test_a_road_the_files_name_is_compared_and_auto_takes_any():
+    files = FILES.replace('mode = "enforce"', 'mode = "enforce"\nrefuse_at = "cgroup-eperm"')
+    on_hook = loaded(CUPS, refuse_at="security_socket_bind")
+    assert drift.differences(planned(files), on_hook) == [
+        "refuse_at: the files say cgroup-eperm, the guard refuses at security_socket_bind"
+    ]
+    assert drift.differences(planned(FILES), on_hook) == []

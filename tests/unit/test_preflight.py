@@ -44,26 +44,77 @@ def test_every_missing_feature_is_named_at_once():
     assert str(exc.value).count("; and ") == 3
 
 
-def test_without_set_retval_the_guard_degrades_to_eperm_and_says_what_is_lost():
-    variant, notes = host.choose_denial(Settings(), ALL._replace(set_retval=False))
+REFUSED = "loading an fmod_ret program failed: Operation not permitted"
+
+
+def takes_hook() -> None:
+    return None
+
+
+def refuses_hook() -> str:
+    return REFUSED
+
+
+def test_without_set_retval_the_guard_refuses_at_security_socket_bind_where_it_attaches():
+    no_retval = ALL._replace(set_retval=False)
+    assert host.choose_denial(Settings(), no_retval, takes_hook) == ("socket_bind", [])
+
+
+def test_with_set_retval_the_hook_is_not_even_probed():
+    def never() -> None:
+        raise AssertionError("probed")
+
+    assert host.choose_denial(Settings(), ALL, never) == ("retval", [])
+
+
+def test_without_either_road_the_guard_degrades_to_eperm_and_says_what_is_lost():
+    variant, notes = host.choose_denial(Settings(), ALL._replace(set_retval=False), refuses_hook)
     assert variant == "eperm"
     assert notes == [
         (
-            "this kernel lacks bpf_set_retval (Linux < 5.18): refused binds fail with EPERM, "
-            "not EADDRINUSE"
+            "this kernel lacks bpf_set_retval (Linux < 5.18) and refuses fmod_ret programs on "
+            f"security_socket_bind ({REFUSED}): refused binds fail with EPERM, not EADDRINUSE"
         )
     ]
 
 
-def test_without_set_retval_and_eperm_configured_nothing_is_lost():
-    assert host.choose_denial(Settings(deny_errno="EPERM"), ALL._replace(set_retval=False)) == (
+def test_without_either_road_and_eperm_configured_nothing_is_lost():
+    settings = Settings(deny_errno="EPERM")
+    assert host.choose_denial(settings, ALL._replace(set_retval=False), refuses_hook) == (
         "eperm",
         [],
     )
 
 
-def test_with_every_feature_the_full_guard_loads():
-    assert host.choose_denial(Settings(), ALL) == ("retval", [])
+@pytest.mark.parametrize(
+    "refuse_at, denial",
+    [("cgroup", "retval"), ("security_socket_bind", "socket_bind"), ("cgroup-eperm", "eperm")],
+)
+def test_refuse_at_forces_a_road_the_kernel_offers(refuse_at, denial):
+    variant, notes = host.choose_denial(Settings(refuse_at=refuse_at), ALL, takes_hook)
+    assert variant == denial
+    if denial == "eperm":
+        assert notes == [
+            'refuse_at = "cgroup-eperm": refused binds fail with EPERM, not EADDRINUSE'
+        ]
+    else:
+        assert notes == []
+
+
+def test_refuse_at_a_road_the_kernel_refuses_is_an_error_naming_why():
+    with pytest.raises(GuardError) as exc:
+        host.choose_denial(Settings(refuse_at="security_socket_bind"), ALL, refuses_hook)
+    assert str(exc.value) == (
+        'refuse_at = "security_socket_bind": this kernel refuses fmod_ret programs on '
+        f'security_socket_bind ({REFUSED}); nothing applied (set refuse_at = "auto")'
+    )
+    with pytest.raises(GuardError) as exc:
+        host.choose_denial(
+            Settings(refuse_at="cgroup"), ALL._replace(set_retval=False), refuses_hook
+        )
+    assert str(exc.value).startswith(
+        'refuse_at = "cgroup": this kernel refuses bpf_set_retval in cgroup bind programs'
+    )
 
 
 def test_the_warning_reaches_the_user_and_the_refusal_exits_1_without_traceback(

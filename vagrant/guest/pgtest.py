@@ -193,6 +193,15 @@ def kernel_has_set_retval():
     return (major, minor) >= (5, 18)
 
 
+def expected_road():
+    """Where the guard refuses binds: below 5.18 at security_socket_bind (these x86-64 Debian
+    kernels have BTF and BPF trampolines); the errno is the configured one on both roads."""
+    return "cgroup" if kernel_has_set_retval() else "security_socket_bind"
+
+
+KERNEL_ERRNO = "EADDRINUSE"
+
+
 # ---- scenarios ------------------------------------------------------------------------------
 
 def set_mode(mode):
@@ -340,7 +349,7 @@ def scenario_features():
         status = json.loads(status_proc.stdout)
     except ValueError:
         status = None
-    expected_errno = "EADDRINUSE" if kernel_has_set_retval() else "EPERM"
+    expected_errno = KERNEL_ERRNO
     owner_cgroup = "/sys/fs/cgroup/system.slice/" + OWNER_UNIT
     owner_id = os.stat(owner_cgroup).st_ino if os.path.isdir(owner_cgroup) else None
     reservations = {}
@@ -352,8 +361,9 @@ def scenario_features():
         status_errno = errname(status_errno)
     checks = {
         "apply_ok": apply.returncode == 0,
-        "warning_iff_old_kernel": warned == (not kernel_has_set_retval()),
+        "no_eperm_warning": not warned,
         "status_loaded": bool(status and status.get("loaded")),
+        "status_road_matches_kernel": (status or {}).get("refuse_at") == expected_road(),
         "status_errno_matches_kernel": status_errno == expected_errno,
         "stranger_sees_expected_errno": denied == {"tcp": expected_errno, "udp": expected_errno},
         "status_has_631_tcp_udp": {"631/tcp", "631/udp"} <= set(reservations),
@@ -375,6 +385,7 @@ def scenario_features():
                       "apply_stderr": apply.stderr.strip()[-600:], "status_rc": status_proc.returncode,
                       "status_stderr": status_proc.stderr.strip()[-300:],
                       "status_errno": status_errno, "stranger_bind": denied,
+                      "refuse_at": (status or {}).get("refuse_at"),
                       "owner_cgroup_id": owner_id, "reservations": reservations,
                       "journal": [{k: v for k, v in e.items()
                                    if k.startswith(("PORTGUARD_", "MESSAGE", "_SYSTEMD_UNIT"))}
@@ -429,7 +440,7 @@ def scenario_declare():
         os.unlink(DECLARED_DROPIN)
     sh("systemctl", "daemon-reload", check=True)
     removed = wait_declared(False)
-    expected_errno = "EADDRINUSE" if kernel_has_set_retval() else "EPERM"
+    expected_errno = KERNEL_ERRNO
     checks = {
         "reserved_after_daemon_reload": added is not None,
         "origin_is_the_dropin": origins == [f"{DECLARED_DROPIN}:2"],
@@ -609,7 +620,7 @@ def install_phase(deb):
     status_rc, loaded = guard_status()
     pg_start = monotonic_us("portguard.service", "InactiveExitTimestampMonotonic")
     pg_done = monotonic_us("portguard.service", "ActiveEnterTimestampMonotonic")
-    expected = "EADDRINUSE" if kernel_has_set_retval() else "EPERM"
+    expected = KERNEL_ERRNO
     figures = {
         "apt_rc": rc, "apt_s": seconds, "apt_output": output if rc else output[-200:],
         "first_refusal_s": probe.first_refused and round(probe.first_refused, 2),
