@@ -72,32 +72,13 @@ def test_files_edited_after_the_apply_are_read_again(sandbox):
     assert code == 0 and f"{sandbox.config_path}:" in out
 
 
-def test_status_from_the_record_parses_no_toml(sandbox):
-    applied_long_ago(sandbox, [f"{PORT}/tcp"])
+def in_process(sandbox, command: str) -> str:
+    """The command run through the console entry: its output, then its exit code and whether
+    it imported the TOML parser."""
     code = (
         "import sys\n"
         "from guard import entry\n"
-        f"sys.argv = ['portguard', '--config', {str(sandbox.config_path)!r}, 'status']\n"
-        "try:\n"
-        "    entry.main()\n"
-        "except SystemExit as exc:\n"
-        "    print(exc.code, 'tomllib' in sys.modules, file=sys.stderr)\n"
-    )
-    proc = subprocess.run(
-        [*in_netns(sandbox.netns), sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert proc.stderr.endswith("0 False\n"), proc.stderr
-
-
-def _apply_in_process(sandbox) -> str:
-    """apply run through the console entry; its exit code and whether it parsed TOML."""
-    code = (
-        "import sys\n"
-        "from guard import entry\n"
-        f"sys.argv = ['portguard', '--config', {str(sandbox.config_path)!r}, 'apply']\n"
+        f"sys.argv = ['portguard', '--config', {str(sandbox.config_path)!r}, {command!r}]\n"
         "try:\n"
         "    entry.main()\n"
         "except SystemExit as exc:\n"
@@ -112,12 +93,18 @@ def _apply_in_process(sandbox) -> str:
     return proc.stdout + proc.stderr
 
 
+def test_status_from_the_record_parses_no_toml(sandbox):
+    applied_long_ago(sandbox, [f"{PORT}/tcp"])
+    said = in_process(sandbox, "status")
+    assert said.endswith("0 False\n"), said
+
+
 def test_an_unchanged_reapply_from_the_record_parses_nothing_and_an_edit_is_applied(sandbox):
     applied_long_ago(sandbox, [f"{PORT}/tcp"])
-    again = _apply_in_process(sandbox)
+    again = in_process(sandbox, "apply")
     assert "portguard: unchanged" in again and again.endswith("0 False\n"), again
     sandbox.write_config(sandbox.owner_block([f"{PORT}/tcp", f"{PORT + 1}/udp"], "owner"))
-    edited = _apply_in_process(sandbox)
+    edited = in_process(sandbox, "apply")
     assert "portguard: applied" in edited and edited.endswith("0 True\n"), edited
     assert sandbox.status()["config_matches"] is True
     ports = {(r["port"], r["protocol"]) for r in sandbox.status()["reservations"]}
