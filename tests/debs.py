@@ -65,6 +65,24 @@ def upgrade_package() -> Path:
     return package(version_of(package()) + UPGRADE_VERSION_SUFFIX)
 
 
+def tree_files(root: Path) -> list[str]:
+    """The files git tracks (or would track) in root, as `./dev.sh deb` packs them."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout
+    return [name for name in out.decode().split("\0") if name and (root / name).is_file()]
+
+
+def copy_tree(root: Path, into: Path) -> None:
+    """tree_files(root), copied below into."""
+    for name in tree_files(root):
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, into / name)
+
+
 @functools.cache
 def new_program_package() -> Path:
     """A version above upgrade_package() whose BPF program is new: the source gains a comment,
@@ -72,16 +90,7 @@ def new_program_package() -> Path:
     guard.h, does not)."""
     tree = Path(tempfile.mkdtemp(prefix="portguard-src-"))
     try:
-        listed = subprocess.run(
-            ["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        ).stdout
-        for name in filter(None, listed.decode().split("\0")):
-            if (REPO / name).is_file():
-                (tree / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(REPO / name, tree / name)
+        copy_tree(REPO, tree)
         source = tree / "bpf/guard.bpf.c"
         source.write_text(
             source.read_text() + "\n/* tests/debs.py: a new program for upgrades */\n"

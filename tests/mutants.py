@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import NamedTuple
 
 from guard.kernel.objects import DEFAULT_CACHE_DIR, SOURCES, host_target
 from guard.kernel.sources import sha256
+from tests.debs import copy_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 STRIDE_1 = {"PORTGUARD_FAULT_STRIDE": "1"}  # the fault walks kill at every step, not every 4th
@@ -498,23 +498,6 @@ MUTANTS = [
 ]
 
 
-def tree_files(root: Path) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"],
-        cwd=root,
-        capture_output=True,
-        check=True,
-    ).stdout
-    return [name for name in out.decode().split("\0") if name and (root / name).is_file()]
-
-
-def scratch_copy(files: list[str], into: Path) -> None:
-    for name in files:
-        target = into / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target)
-
-
 def matches(mutant: Mutant) -> int:
     return (ROOT / mutant.file).read_text().count(mutant.text)
 
@@ -575,7 +558,7 @@ def run_mutant(mutant: Mutant | None, tests: tuple[str, ...], env: dict[str, str
     """One run in a fresh scratch copy (unmutated when mutant is None)."""
     with tempfile.TemporaryDirectory(prefix="portguard-mutant-") as tmp:
         tree = Path(tmp)
-        scratch_copy(tree_files(ROOT), tree)
+        copy_tree(ROOT, tree)
         if mutant is not None:
             path = tree / mutant.file
             path.write_text(path.read_text().replace(mutant.text, mutant.replacement, 1))
