@@ -46,13 +46,15 @@ def status(
     from guard.kernel.host import netns_cookie
     from guard.observe import display, holders, outcome
     from guard.observe.state import read_state, with_origins
-    from guard.policy import resvport, units
+    from guard.policy import resvport
 
     config_files(config_path)  # unreadable: exit 2 at once
     known = compiled_plan(config_path)  # the files unchanged since they were applied
-    with units.listing_cache():  # as apply reads the unit files: each directory listed once
+    with _reading_unit_files(known):
         cfg, problem = (None, None) if known else config_or_problem(config_path)
-        settings = known.settings if known else cfg.settings if cfg else settings_only(config_path)
+        settings = (
+            known.plan.settings if known else cfg.settings if cfg else settings_only(config_path)
+        )
         state = runtime(read_state, settings)
         state = holders.with_holders(state, netns_cookie())
         failure = outcome.last_failure(settings.pin_dir)
@@ -98,6 +100,18 @@ def status(
     if differences:
         return EXIT_CONFIG_DIFFERS
     return EXIT_OK
+
+
+def _reading_unit_files(known):
+    """As apply reads the unit files (each directory listed once), unless a compiled plan
+    (known) spares reading them at all."""
+    if known is not None:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    from guard.policy import units
+
+    return units.listing_cache()
 
 
 def write_lines(lines: list[str], output: Path | None) -> None:
@@ -160,7 +174,7 @@ def check(config_path: str | None, pairs: list[tuple[str, int]], as_json: bool) 
 
     known = compiled_plan(config_path)  # the files unchanged since they were applied
     if known is not None:
-        state = runtime(read_state, known.settings, pairs)
+        state = runtime(read_state, known.plan.settings, pairs)
         origins = known.plan.origins
         wanted = {pair: origins[pair] for pair in pairs if pair in origins}
         _check_lines(with_origins(state, wanted), pairs, as_json)

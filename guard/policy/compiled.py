@@ -7,12 +7,12 @@ Its inputs are everything configuration and plan read: the configuration files a
 conf.d, portreserve's directory, /etc/services, the embedded default policy, the unit search
 path (every unit file and drop-in, one level below each directory and in its NAME.d/; whether
 systemd runs is /run/systemd/system, one of them), the policy code itself, and the environment
-that redirects any of them. What
-stat says of each (inode, size, modification time, type) is the fingerprint; a record is used
-only when every one of them still says the same. A file changed less than RACY_NS before the
-fingerprint was taken could change again within the same timestamp: then no record is kept
-(git's "racily clean" problem), and the next reader takes the full path. Any doubt -- another
-format, another interpreter, a file that cannot be read -- and the full path runs.
+that redirects any of them. What stat says of each (inode, size, modification time, type) is
+the fingerprint; a record is used only when every one of them still says the same. A file
+changed less than RACY_NS before apply began to read could change again within the same
+timestamp: then no record is kept (git's "racily clean" problem), and the next reader takes
+the full path. Any doubt -- another format, another interpreter, a file that cannot be read --
+and the full path runs.
 
 The record is marshal's encoding of plain tuples: it imports nothing and loads in
 microseconds. Only root writes it (in /run/portguard, beside apply's other records).
@@ -40,9 +40,9 @@ ENVIRONMENT = ("PORTGUARD_UNIT_DIRS",)
 
 
 class Compiled(NamedTuple):
-    """What apply resolved from unchanged files: the plan, and what it said of the unit files."""
+    """What apply resolved from unchanged files: the plan (its settings included), and what it
+    said of the unit files."""
 
-    settings: Settings
     plan: object  # guard.policy.plan.Plan
     unit_problems: tuple[str, ...]
     unit_notes: tuple[str, ...]
@@ -65,10 +65,7 @@ def inputs(cfg: Config, main: Path) -> tuple[list[str], list[str]]:
 def fingerprint(files: list[str], dirs: list[str]) -> tuple[tuple, int]:
     """What stat says of files and of dirs with their entries (and the entries of their NAME.d/
     sub-directories), and the newest modification time among them."""
-    found: list[tuple] = []
-    newest = 0
-    for path in files:
-        found.append(_stat(path))
+    found = [_stat(path) for path in files]
     for directory in dirs:
         found.append(_stat(directory))
         pending = [directory]
@@ -82,9 +79,7 @@ def fingerprint(files: list[str], dirs: list[str]) -> tuple[tuple, int]:
                 found.append(_stat(entry.path))
                 if current == directory and entry.name.endswith(".d") and entry.is_dir():
                     pending.append(entry.path)
-    for item in found:
-        if len(item) > 2:
-            newest = max(newest, item[-1])
+    newest = max((item[-1] for item in found if len(item) > 2), default=0)
     return tuple(found), newest
 
 
@@ -151,4 +146,4 @@ def loads(data: bytes, main: Path) -> Compiled | None:
     settings = Settings(*settings)
     origins = {pair: tuple(Origin(*o) for o in found) for pair, found in origins.items()}
     plan = Plan(settings, ports, sets, paths, owner_names, contained, origins)
-    return Compiled(settings, plan, problems, notes)
+    return Compiled(plan, problems, notes)
