@@ -21,9 +21,14 @@ class Failure(NamedTuple):
     message: str
 
 
+def run_dir() -> Path:
+    """/run/portguard, or where PORTGUARD_RUN_DIR says (tests; guard/kernel/host.py keeps its
+    locks there too)."""
+    return Path(os.environ.get("PORTGUARD_RUN_DIR", DEFAULT_RUN_DIR))
+
+
 def _path(pin_dir: str) -> Path:
-    run_dir = Path(os.environ.get("PORTGUARD_RUN_DIR", DEFAULT_RUN_DIR))
-    return run_dir / ("apply-failed" + pin_dir.rstrip("/").replace("/", "-"))
+    return run_dir() / ("apply-failed" + pin_dir.rstrip("/").replace("/", "-"))
 
 
 def record_failure(pin_dir: str, message: str) -> None:
@@ -53,8 +58,7 @@ def clear(pin_dir: str) -> None:
 
 
 def _plan_path(config_main: Path) -> Path:
-    run_dir = Path(os.environ.get("PORTGUARD_RUN_DIR", DEFAULT_RUN_DIR))
-    return run_dir / ("plan" + str(config_main).replace("/", "-"))
+    return run_dir() / ("plan" + str(config_main).replace("/", "-"))
 
 
 def save_plan(config_main: Path, record: bytes | None) -> None:
@@ -91,7 +95,7 @@ def removed() -> None:
 
 
 def _applied() -> Path:
-    return Path(os.environ.get("PORTGUARD_RUN_DIR", DEFAULT_RUN_DIR)) / "applied"
+    return run_dir() / "applied"
 
 
 def last_failure(pin_dir: str) -> Failure | None:
