@@ -132,12 +132,18 @@ def main_config(config_path: str | None) -> Path:
 def compiled_plan(config_path: str | None):
     """compiled.Compiled: what the last apply of these files resolved, when none of its inputs
     changed since (guard/policy/compiled.py); else None."""
+    return _compiled_record(config_path)[0]
+
+
+def _compiled_record(config_path: str | None):
+    """(compiled.Compiled or None, the record's bytes or None)."""
     from guard.observe import outcome
     from guard.policy import compiled
 
     main = main_config(config_path)
     record = outcome.plan_record(main)
-    return None if record is None else compiled.loads(record, main)
+    known = None if record is None else compiled.loads(record, main)
+    return known, record if known is not None else None
 
 
 def _apply(config_path: str | None) -> str:
@@ -149,30 +155,54 @@ def _apply(config_path: str | None) -> str:
     from guard.observe import display, outcome
     from guard.policy import compiled, resvport, units
 
-    known = compiled_plan(config_path)  # the files unchanged since they were last applied
+    main = main_config(config_path)
+    reading = time.time_ns()
+    known, record = _compiled_record(config_path)  # the files unchanged since last applied
     if known is None:
-        reading = time.time_ns()
         with units.listing_cache():  # the unit files as they are now: each listed once
             cfg = load_config(config_path)
             plan = plan_of(cfg)
         unit_problems, unit_notes = cfg.unit_problems, cfg.unit_notes
     else:
         plan, unit_problems, unit_notes = known.plan, known.unit_problems, known.unit_notes
-    for line in display.unit_file_lines(unit_problems, unit_notes):
+    said = display.unit_file_lines(unit_problems, unit_notes)
+    for line in said:
         echo(line, err=True)
-    result = runtime(apply_plan, plan)
-    if known is None:
-        main = main_config(config_path)
-        outcome.save_plan(main, compiled.dumps(cfg, plan, main, reading))
-    for note in result.warnings:
-        echo(display.warning_line(note), err=True)
-    seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number
-    exposed = resvport.exposed((port for _, port in plan.ports), seen)
-    if exposed:
-        echo(display.warning_line(resvport.warning(exposed, errno.errorcode[seen])), err=True)
-    for squatter in squatters_of_plan(plan):
-        echo(display.warning_line(display.squatter_text(squatter)), err=True)
-    echo(display.apply_line(result.changed, len(plan.ports), len(plan.paths), plan.settings.mode))
+
+    def settle(result) -> None:
+        """Once the guard is what the plan says, under the pin directory's lock: say so, and
+        keep the records that let the next unchanged apply say so quickly (guard/quick.py)."""
+        nonlocal record
+        if known is None:
+            record = compiled.dumps(cfg, plan, main, reading)
+            outcome.save_plan(main, record)
+        warnings = [display.warning_line(note) for note in result.warnings]
+        seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number
+        exposed = resvport.exposed((port for _, port in plan.ports), seen)
+        if exposed:
+            warnings.append(display.warning_line(resvport.warning(exposed, errno.errorcode[seen])))
+        squatters = squatters_of_plan(plan)
+        warnings += [display.warning_line(display.squatter_text(s)) for s in squatters]
+        for line in warnings:
+            echo(line, err=True)
+        counts = (len(plan.ports), len(plan.paths), plan.settings.mode)
+        echo(display.apply_line(result.changed, *counts))
+        if record is not None and not squatters:
+            from guard import quick
+
+            quick.remember(
+                plan.settings.pin_dir,
+                str(main),
+                record,
+                list(plan.ports),
+                result.attach_dir,
+                quick.code_files(result.object_path, str(resvport.BLACKLIST)),
+                said + warnings,
+                display.apply_line(False, *counts),
+                reading,
+            )
+
+    runtime(apply_plan, plan, settle)
     return plan.settings.pin_dir
 
 

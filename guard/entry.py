@@ -5,9 +5,11 @@ and dpkg trigger, so exactly that command line is run here without importing cli
 the CLI's other commands cost ~35 ms of CPU, a third of an unchanged re-apply):
   apply
   --config PATH apply     (or --config=PATH; without it $PORTGUARD_CONFIG, as click reads it)
-Nothing else is parsed here. Every other command line (`apply --dry-run`, `status`, `check`,
-`--help`, shell completion, a malformed `--config`) goes to the click CLI (guard/cli.py) as it
-is: one grammar. Both run the same guard/commands.py, which ends the same way.
+Nothing else is parsed here. An apply that would change nothing is answered by guard/quick.py
+when its records vouch for the pinned guard (the usual reload, daemon-reload and dpkg trigger);
+otherwise, and on any doubt, the full path runs. Every other command line (`apply --dry-run`,
+`status`, `check`, `--help`, shell completion, a malformed `--config`) goes to the click CLI
+(guard/cli.py) as it is: one grammar. Both run the same guard/commands.py, which ends the same way.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ def main() -> None:
 
         cli_main()
         return
+    from guard import quick
+
+    if quick.reapply(config_path):
+        sys.exit(0)
     sys.exit(run_apply(config_path))
 
 

@@ -26,8 +26,10 @@ no bpf_link_update): a new program gets a new link, pinned over the old one, whi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from guard import paths
 from guard.errors import GuardError
 from guard.kernel import host, layout, libbpf, objects, slots, sysctl
 from guard.kernel.pins import Maps, Pins, open_map
@@ -49,16 +51,33 @@ from guard.policy.plan import Plan
 
 
 class ApplyResult:
-    __slots__ = ("changed", "loaded_program", "denial", "warnings")
+    __slots__ = ("changed", "loaded_program", "denial", "warnings", "object_path", "attach_dir")
 
     def __init__(self, changed: bool, loaded_program: bool, denial: str, warnings: list[str]):
         self.changed = changed
         self.loaded_program = loaded_program
         self.denial = denial  # host.DENY_SET_RETVAL, DENY_SOCKET_BIND or DENY_EPERM
         self.warnings = warnings
+        self.object_path = ""  # the object this guard's programs come from
+        self.attach_dir = ""  # the attach cgroup's directory
 
 
-def apply(plan: Plan) -> ApplyResult:
+def forget_record(pin_dir: Path) -> None:
+    """Take away the guard record of guard/quick.py (an unchanged re-apply's proof), under
+    the pin directory's lock, before anything changes the guard: a run killed from here on
+    leaves no record, and the next apply takes the full path."""
+    record = paths.guard_record(str(pin_dir))
+    try:
+        os.unlink(record)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # it would vouch for a guard this run may change
+        raise GuardError(f"cannot remove {record}: {exc.strerror}") from None
+
+
+def apply(plan: Plan, settle: Callable[[ApplyResult], None] | None = None) -> ApplyResult:
+    """Make the pinned guard what the plan says; settle(result), when given, runs once it is,
+    still under the pin directory's lock (the records that describe this guard)."""
     settings = plan.settings
     cgroup_root, attach_dir = host.preflight(settings, mount_bpffs=True)
     try:
@@ -77,6 +96,7 @@ def apply(plan: Plan) -> ApplyResult:
         )
     pins = Pins(Path(settings.pin_dir))
     with host.locked(pins.root):
+        forget_record(pins.root)
         try:
             pins.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(pins.root, 0o700)
@@ -107,7 +127,10 @@ def apply(plan: Plan) -> ApplyResult:
             raise GuardError(str(exc)) from None
         except OSError as exc:
             raise GuardError(f"{exc.filename or pins.root}: {exc.strerror}") from None
-    result.warnings[:0] = notes
+        result.warnings[:0] = notes
+        result.object_path, result.attach_dir = str(object_path), str(attach_dir)
+        if settle is not None:
+            settle(result)
     return result
 
 
@@ -458,6 +481,7 @@ def remove(settings: Settings) -> bool:
     if not pins.root.is_dir():
         return False
     with host.locked(pins.root):
+        forget_record(pins.root)
         try:
             _remove_locked(pins)
         except libbpf.BpfError as exc:

@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from guard import paths
 from guard.errors import GuardError
 from guard.kernel import cgroups, libbpf
-from guard.kernel.sources import sha256
 from guard.policy.config import Settings
 
 SO_NETNS_COOKIE = 71
-LOCK_DIR = Path("/run/portguard")
 # Where a refused bind is refused, in the order of preference:
 DENY_SET_RETVAL = "retval"  # cgroup bind hooks, bpf_set_retval: the configured errno (5.18)
 DENY_SOCKET_BIND = "socket_bind"  # fmod_ret on security_socket_bind: the configured errno
@@ -105,12 +104,11 @@ def lock_path(pin_dir: Path, role: str = "") -> Path:
     try:
         # beside apply's records (guard/observe/outcome.py): tests point both at a directory
         # of their own, so that hundreds of sandboxes leave no lock in the machine's /run
-        lock_dir = Path(os.environ.get("PORTGUARD_RUN_DIR", LOCK_DIR))
+        lock_dir = Path(paths.run_dir())
         lock_dir.mkdir(mode=0o700, exist_ok=True)
     except OSError:
         lock_dir = Path("/tmp")
-    name = sha256(str(pin_dir).encode()).hexdigest()[:16]
-    return lock_dir / f"portguard-{role + '-' if role else ''}{name}.lock"
+    return lock_dir / paths.lock_name(str(pin_dir), role)
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-DEFAULT_RUN_DIR = Path("/run/portguard")
+from guard import paths
 
 
 class Failure(NamedTuple):
@@ -24,11 +24,11 @@ class Failure(NamedTuple):
 def run_dir() -> Path:
     """/run/portguard, or where PORTGUARD_RUN_DIR says (tests; guard/kernel/host.py keeps its
     locks there too)."""
-    return Path(os.environ.get("PORTGUARD_RUN_DIR", DEFAULT_RUN_DIR))
+    return Path(paths.run_dir())
 
 
 def _path(pin_dir: str) -> Path:
-    return run_dir() / ("apply-failed" + pin_dir.rstrip("/").replace("/", "-"))
+    return Path(paths.failure_record(pin_dir))
 
 
 def record_failure(pin_dir: str, message: str) -> None:
@@ -58,7 +58,7 @@ def clear(pin_dir: str) -> None:
 
 
 def _plan_path(config_main: Path) -> Path:
-    return run_dir() / ("plan" + str(config_main).replace("/", "-"))
+    return Path(paths.plan_record(str(config_main)))
 
 
 def save_plan(config_main: Path, record: bytes | None) -> None:
@@ -95,7 +95,7 @@ def removed() -> None:
 
 
 def _applied() -> Path:
-    return run_dir() / "applied"
+    return Path(paths.applied_mark())
 
 
 def last_failure(pin_dir: str) -> Failure | None:

@@ -1,20 +1,24 @@
 """Which ports are held in this network namespace: the cheap first look apply takes (at boot)
 before anything heavier, and the sock_diag request both this and holders.py speak. Imports
-nothing of portguard's."""
+nothing of portguard's, and of the standard library only what an unchanged re-apply
+(guard/quick.py, which compares the sockets on reserved ports) can afford: not socket.py,
+whose enums cost ~5 ms, nor pathlib."""
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
 import struct
-from pathlib import Path
 
-PROC_NET = Path("/proc/net")
+PROC_NET = "/proc/net"
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
 
 # include/uapi/linux/netlink.h, sock_diag.h, inet_diag.h
 NLMSG_HDRLEN = 16
 INET_DIAG_MSG_LEN = 72  # struct inet_diag_msg, after which a reply's attributes start
 _INET_DIAG_SOCKID_LEN = 48  # ports, addresses, interface, cookie
+# in inet_diag_msg: family, state, timer, retrans, the socket id, expires, rqueue, wqueue, uid
+_INET_DIAG_INODE = 4 + _INET_DIAG_SOCKID_LEN + 16
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 _NLMSG_ERROR = 2
@@ -25,7 +29,7 @@ RECV_BYTES = 1 << 16
 SS_LISTEN = 10
 
 
-def bound_ports(proc_net: Path = PROC_NET) -> set[tuple[int, str]]:
+def bound_ports(proc_net: str = PROC_NET) -> set[tuple[int, str]]:
     """(port, protocol) pairs that a listening TCP or a bound UDP socket holds in this network
     namespace: a cheap first look before the full sock_diag query of holders.py (apply runs at
     boot). TCP sockets bound without listen() are not counted here; holders() sees them.
@@ -41,39 +45,66 @@ def bound_ports(proc_net: Path = PROC_NET) -> set[tuple[int, str]]:
     return found | proc_net_ports(proc_net, ("udp", "udp6"))
 
 
-def proc_net_ports(proc_net: Path, names: tuple[str, ...]) -> set[tuple[int, str]]:
+def proc_net_ports(proc_net: str, names: tuple[str, ...]) -> set[tuple[int, str]]:
     """(port, protocol) of the listening TCP / bound UDP sockets in /proc/net/NAME files."""
-    found: set[tuple[int, str]] = set()
+    return {(port, name[:3]) for name, port, _ in proc_net_sockets(proc_net, names)}
+
+
+def proc_net_sockets(proc_net: str, names: tuple[str, ...]) -> set[tuple[str, int, int]]:
+    """(file name, port, inode) of the listening TCP / bound UDP sockets in /proc/net/NAME."""
+    found: set[tuple[str, int, int]] = set()
     for name in names:
-        protocol = name[:3]
         try:
-            lines = (proc_net / name).read_text().splitlines()[1:]
+            with open(os.path.join(proc_net, name)) as table:
+                lines = table.read().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) < 4 or (protocol == "tcp" and fields[3] != "0A"):  # 0A: LISTEN
+            if len(fields) < 4 or (name.startswith("tcp") and fields[3] != "0A"):  # 0A: LISTEN
                 continue
-            found.add((int(fields[1].rsplit(":", 1)[1], 16), protocol))
+            inode = int(fields[9]) if len(fields) > 9 else 0
+            found.add((name, int(fields[1].rsplit(":", 1)[1], 16), inode))
     return found
 
 
 def listening_tcp_ports() -> set[int]:
     """Local ports of the listening TCP sockets (IPv4 and IPv6) of this network namespace."""
-    ports: set[int] = set()
-    with socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
-    ) as nl:
+    return {port for port, _ in listening_tcp_sockets()}
+
+
+def listening_tcp_sockets() -> list[tuple[int, int]]:
+    """(local port, inode) of the listening TCP sockets (IPv4 and IPv6) of this namespace."""
+    found: list[tuple[int, int]] = []
+    nl = _socket.socket(
+        _socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+    )
+    try:
         nl.bind((0, 0))
-        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
-            nl.sendall(diag_request(family, socket.IPPROTO_TCP, 1 << SS_LISTEN, seq))
+        for seq, family in enumerate((_socket.AF_INET, _socket.AF_INET6), start=1):
+            nl.sendall(diag_request(family, IPPROTO_TCP, 1 << SS_LISTEN, seq))
             done = False
             while not done:
                 data = nl.recv(RECV_BYTES)
                 offsets, done = diag_replies(data, seq)
                 for offset in offsets:  # inet_diag_msg: family, state, timer, retrans, sport
-                    ports.add(struct.unpack_from(">H", data, offset + NLMSG_HDRLEN + 4)[0])
-    return ports
+                    msg = offset + NLMSG_HDRLEN
+                    (port,) = struct.unpack_from(">H", data, msg + 4)
+                    (inode,) = struct.unpack_from("=I", data, msg + _INET_DIAG_INODE)
+                    found.append((port, inode))
+    finally:
+        nl.close()
+    return found
+
+
+def reserved_sockets(reserved: list[tuple[int, int]]) -> frozenset[tuple[int, int, int]]:
+    """(protocol, port, socket inode) of the listening TCP and bound UDP sockets on reserved
+    (protocol, port) pairs, taken as bound_ports takes them."""
+    wanted = set(reserved)
+    found = {(IPPROTO_TCP, port, inode) for port, inode in listening_tcp_sockets()}
+    for _, port, inode in proc_net_sockets(PROC_NET, ("udp", "udp6")):
+        found.add((IPPROTO_UDP, port, inode))
+    return frozenset(item for item in found if item[:2] in wanted)
 
 
 def diag_request(family: int, ipproto: int, states: int, seq: int) -> bytes:

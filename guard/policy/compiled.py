@@ -21,22 +21,21 @@ microseconds. Only root writes it (in /run/portguard, beside apply's other recor
 from __future__ import annotations
 
 import marshal
-import os
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from guard.fingerprint import (  # noqa: F401 (ENVIRONMENT: tests)
+    ENVIRONMENT,
+    RACY_NS,
+    fingerprint,
+    seal,
+    unsealed,
+)
 from guard.policy.config import Config, Origin, Settings
 from guard.policy.ports import SERVICES
 
-FORMAT = 2
-# An input modified this close to (or after) the moment apply began to read is not trusted: a
-# second change within the same timestamp tick would leave stat saying the same.
-RACY_NS = 1_000_000_000
 POLICY_CODE = Path(__file__).resolve().parent
 LIMITS_CODE = POLICY_CODE.parent / "kernel" / "layout.py"  # the plan's limits
-# Environment that changes what the files resolve to (units.UNIT_DIRS_ENV: tests, chroots).
-ENVIRONMENT = ("PORTGUARD_UNIT_DIRS",)
 
 
 class Compiled(NamedTuple):
@@ -62,53 +61,6 @@ def inputs(cfg: Config, main: Path) -> tuple[list[str], list[str]]:
     return files, dirs
 
 
-def fingerprint(files: list[str], dirs: list[str]) -> tuple[tuple, int]:
-    """What stat says of files and of dirs with their entries (and the entries of their NAME.d/
-    sub-directories), and the newest modification time among them."""
-    found = [_stat(path) for path in files]
-    for directory in dirs:
-        found.append(_stat(directory))
-        pending = [directory]
-        while pending:
-            current = pending.pop()
-            try:
-                entries = sorted(os.scandir(current), key=lambda e: e.name)
-            except OSError:
-                continue
-            for entry in entries:
-                found.append(_stat(entry.path))
-                if current == directory and entry.name.endswith(".d") and entry.is_dir():
-                    pending.append(entry.path)
-    newest = max((item[-1] for item in found if len(item) > 2), default=0)
-    return tuple(found), newest
-
-
-def _stat(path: str) -> tuple:
-    """(path, mode, inode, size, mtime) of path, and of what a symlink points to."""
-    try:
-        link = os.lstat(path)
-    except OSError:
-        return (path, None)
-    if link.st_mode & 0o170000 == 0o120000:  # a symlink: what it points to counts too
-        try:
-            target = os.stat(path)
-            return (
-                path,
-                os.readlink(path),
-                target.st_mode,
-                target.st_ino,
-                target.st_size,
-                max(link.st_mtime_ns, target.st_mtime_ns),
-            )
-        except OSError:
-            return (path, "dangling", link.st_mtime_ns)
-    return (path, link.st_mode, link.st_ino, link.st_size, link.st_mtime_ns)
-
-
-def _key() -> tuple:
-    return (FORMAT, sys.version, tuple(os.environ.get(name) for name in ENVIRONMENT))
-
-
 def dumps(cfg: Config, plan, main: Path, since_ns: int) -> bytes | None:
     """The record of the plan made from cfg, which was read from the files after since_ns
     (time.time_ns()); None when an input changed too close to that moment, or after it."""
@@ -129,16 +81,18 @@ def dumps(cfg: Config, plan, main: Path, since_ns: int) -> bytes | None:
         cfg.unit_problems,
         cfg.unit_notes,
     )
-    return marshal.dumps((_key(), str(main), files, dirs, seen, body))
+    # the body marshalled on its own: guard/quick.py's record names it by its digest
+    return seal(str(main), files, dirs, seen, cfg.settings.pin_dir, marshal.dumps(body))
 
 
 def loads(data: bytes, main: Path) -> Compiled | None:
     """What a record holds, when every one of its inputs is unchanged; else None."""
-    try:
-        key, recorded_main, files, dirs, seen, body = marshal.loads(data)
-    except (EOFError, ValueError, TypeError):
+    opened = unsealed(data, str(main))
+    if opened is None:
         return None
-    if key != _key() or recorded_main != str(main) or fingerprint(files, dirs)[0] != seen:
+    try:
+        body = marshal.loads(opened[1])
+    except (EOFError, ValueError, TypeError):
         return None
     from guard.policy.plan import Plan
 

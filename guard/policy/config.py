@@ -15,9 +15,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
+from guard import paths
 from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_spec
 
-DEFAULT_CONFIG = Path("/etc/portguard/portguard.toml")
+DEFAULT_CONFIG = Path(paths.DEFAULT_CONFIG)
 DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")
 MODES = ("enforce", "audit")
 # where a refused bind is refused: the kernel side chooses the first its kernel offers

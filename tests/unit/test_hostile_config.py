@@ -164,7 +164,7 @@ def _run_apply(path: Path, monkeypatch) -> tuple[int, list]:
     monkeypatch.setattr(
         apply_mod,
         "apply",
-        lambda p: applied.append(p) or apply_mod.ApplyResult(True, True, "retval", []),
+        lambda p, settle=None: applied.append(p) or apply_mod.ApplyResult(True, True, "retval", []),
     )
     result = CliRunner().invoke(cli.main, ["--config", str(path), "apply"])
     if result.exception is not None and not isinstance(result.exception, SystemExit):

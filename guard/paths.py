@@ -1,0 +1,54 @@
+"""Where portguard keeps its files: names only, importing nothing but os.
+
+guard/quick.py reads these before anything else is imported (an unchanged re-apply), so the
+names live here once, for it and for the modules that write the files (guard/observe/outcome.py,
+guard/kernel/host.py, guard/kernel/apply.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_CONFIG = "/etc/portguard/portguard.toml"
+DEFAULT_RUN_DIR = "/run/portguard"
+
+
+def run_dir() -> str:
+    """/run/portguard, or where PORTGUARD_RUN_DIR says (tests: each sandbox its own)."""
+    return os.environ.get("PORTGUARD_RUN_DIR", DEFAULT_RUN_DIR)
+
+
+def _named(prefix: str, path: str) -> str:
+    return os.path.join(run_dir(), prefix + path.rstrip("/").replace("/", "-"))
+
+
+def failure_record(pin_dir: str) -> str:
+    """The last failed apply's sentence, for one pin directory."""
+    return _named("apply-failed", pin_dir)
+
+
+def applied_mark() -> str:
+    """Present once a guard was applied in this boot (portguard-generator reads it)."""
+    return os.path.join(run_dir(), "applied")
+
+
+def plan_record(config_main: str) -> str:
+    """The compiled plan of one main configuration file (guard/policy/compiled.py)."""
+    return os.path.join(run_dir(), "plan" + config_main.replace("/", "-"))
+
+
+def guard_record(pin_dir: str) -> str:
+    """What the last successful apply left in the kernel, for one pin directory
+    (guard/quick.py)."""
+    return _named("guard", pin_dir)
+
+
+def lock_name(pin_dir: str, role: str = "") -> str:
+    """The file name of one role's lock (apply/remove, monitor, ...) for one pin directory."""
+    try:
+        # CPython's built-in SHA-256 (hashlib would load OpenSSL's libcrypto)
+        from _sha256 import sha256
+    except ImportError:  # other Pythons (3.12 calls it _sha2)
+        from hashlib import sha256
+    name = sha256(pin_dir.encode()).hexdigest()[:16]
+    return f"portguard-{role + '-' if role else ''}{name}.lock"

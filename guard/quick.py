@@ -1,0 +1,225 @@
+"""The unchanged re-apply: `portguard apply` when nothing it reads has changed since the last
+apply that succeeded, answered without the full path.
+
+systemd runs `portguard apply` at every `systemctl reload portguard`, every daemon-reload
+(portguard-reload.path) and every dpkg trigger, and nearly always nothing has changed. The full
+path then imports the kernel side, opens the pinned maps through libbpf, probes the kernel's
+features and reads every slot to find so. Here the same answer comes from two records and a few
+system calls, importing nothing but os, sys, marshal, fcntl, ctypes and _socket:
+
+- the compiled plan (guard/policy/compiled.py, guard/fingerprint.py): the configuration,
+  the unit files and everything else the plan was made from are unchanged (stat);
+- the guard record, written by the last successful apply of that plan while it still held the
+  pin directory's lock, and taken away under that lock before any apply or remove changes
+  anything (guard/kernel/apply.py): the same boot, the same portguard code, object and
+  environment, the same plan; the pinned guard is the very one that apply left
+  (guard/kernel/snapshot.py: the same links, programs, maps, active slot and settings), the
+  network namespace and attach cgroup are the same, the reserved ports are still in
+  net.ipv4.ip_local_reserved_ports, and the sockets on reserved ports are the ones that apply
+  found (none of them a squatter's).
+
+Then it prints what the full path would print for an unchanged guard (recorded by that apply)
+and exits 0. Any doubt, any error, and the full path runs, which re-checks and repairs
+everything (guard/commands.py); it also runs whenever a previous apply failed, and with the
+fault-injection hook of the tests.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import sys
+
+from guard import paths
+from guard.fingerprint import RACY_NS, fingerprint, unsealed
+
+FORMAT = 1
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+NETNS = "/proc/self/ns/net"
+RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+# Environment the full path reads that changes what it does (the object's cache, the
+# bindresvport blacklist it advises on).
+ENVIRONMENT = ("PORTGUARD_CACHE_DIR", "PORTGUARD_BINDRESVPORT_BLACKLIST")
+FAULT_ENV = "PORTGUARD_FAULT_AFTER"  # the fault tests kill the full path at every step
+CODE_DIRS = ("", "kernel", "policy", "observe")
+
+
+def reapply(config_path: str | None) -> bool:
+    """True when the guard is exactly what an apply of these files would leave and what it
+    would say is said; False: run the full path (nothing was changed or said)."""
+    if os.geteuid() != 0 or os.environ.get(FAULT_ENV):
+        return False
+    main = config_path or paths.DEFAULT_CONFIG
+    try:
+        with open(paths.plan_record(main), "rb") as f:
+            opened = unsealed(f.read(), main)
+        if opened is None:
+            return False
+        pin_dir, body = opened
+        import fcntl
+
+        lock = os.open(os.path.join(paths.run_dir(), paths.lock_name(pin_dir)), os.O_RDONLY)
+    except (OSError, ValueError):
+        return False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lines = _unchanged(pin_dir, body)
+        if lines is None:
+            return False
+        err, out = lines
+        if err:
+            sys.stderr.write("".join(line + "\n" for line in err))
+            sys.stderr.flush()
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+        return True
+    except Exception:  # any doubt: the full path, which says what is wrong
+        return False
+    finally:
+        os.close(lock)
+
+
+def _unchanged(pin_dir: str, body: bytes) -> tuple[list[str], str] | None:
+    """What to print when the guard record vouches for the pinned guard; else None."""
+    try:
+        with open(paths.guard_record(pin_dir), "rb") as f:
+            record = marshal.loads(f.read())
+    except (OSError, EOFError, ValueError, TypeError):
+        return None
+    (fmt, facts, code_files, code_seen, plan_digest, reserved, held_then, snap, err, out) = record
+    if fmt != FORMAT or facts != _facts(facts[3]) or _digest(body) != plan_digest:
+        return None
+    if fingerprint(code_files, [])[0] != code_seen:
+        return None
+    if os.path.exists(paths.failure_record(pin_dir)) or not os.path.exists(paths.applied_mark()):
+        return None
+    from guard.kernel import snapshot
+
+    if snapshot.take(pin_dir) != snap:
+        return None
+    if not {port for _, port in reserved} <= _reserved_ports():
+        return None
+    from guard.observe.procnet import reserved_sockets
+
+    if reserved_sockets(reserved) != held_then:
+        return None
+    return err, out
+
+
+def remember(
+    pin_dir: str,
+    main: str,
+    plan_record: bytes,
+    reserved: list[tuple[int, int]],
+    attach_dir: str,
+    code: tuple[list[str], list[str]],
+    err: list[str],
+    out: str,
+    since_ns: int,
+) -> None:
+    """Write the guard record: called by apply under the pin directory's lock, once the guard
+    is complete and no squatter holds a reserved port. err and out are what an unchanged
+    re-apply of this plan prints; code is code_files(); since_ns (time.time_ns()) is when
+    apply began to read. No record when a file edited in place changed too close to that
+    moment (as for the compiled plan). Best effort: without a record the full path runs."""
+    from guard.kernel import snapshot
+    from guard.observe.procnet import reserved_sockets
+
+    opened = unsealed(plan_record, main)
+    if opened is None:  # an input changed while apply ran: the next apply reads the files
+        forget(pin_dir)
+        return
+    reserved = sorted(reserved)
+    edited, replaced = code
+    if fingerprint(edited, [])[1] > since_ns - RACY_NS:
+        forget(pin_dir)
+        return
+    code_files = edited + replaced
+    try:
+        record = (
+            FORMAT,
+            _facts(attach_dir),
+            code_files,
+            fingerprint(code_files, [])[0],
+            _digest(opened[1]),
+            reserved,
+            reserved_sockets(reserved),
+            snapshot.take(pin_dir),
+            err,
+            out,
+        )
+        path = paths.guard_record(pin_dir)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(marshal.dumps(record))
+        os.replace(tmp, path)
+    except (OSError, ValueError, snapshot.Unreadable):
+        forget(pin_dir)
+
+
+def forget(pin_dir: str) -> None:
+    """Take the guard record away (before anything changes the guard)."""
+    try:
+        os.unlink(paths.guard_record(pin_dir))
+    except FileNotFoundError:
+        pass
+
+
+def code_files(object_path: str, blacklist: str) -> tuple[list[str], list[str]]:
+    """The files whose change means another portguard: its Python code and the bindresvport
+    blacklist its advice reads (files edited in place: a change within one timestamp tick
+    could leave stat saying the same), then the object it loaded and its digest (always
+    replaced whole, by a rename: a new inode)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = []
+    for sub in CODE_DIRS:
+        directory = os.path.join(here, sub)
+        files += sorted(
+            os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".py")
+        )
+    base = object_path[: -len(".o")] if object_path.endswith(".o") else object_path
+    return [*files, blacklist], [object_path, base + ".sha256"]
+
+
+def _facts(attach_dir: str) -> tuple:
+    """What must be the same as when the record was made: the boot, the interpreter and the
+    environment, the network namespace (inode and cookie), the attach cgroup (path, inode)."""
+    with open(BOOT_ID) as f:
+        boot = f.read().strip()
+    env = tuple(os.environ.get(name) for name in ENVIRONMENT)
+    return (boot, sys.version, env, attach_dir, os.stat(attach_dir).st_ino, _netns())
+
+
+def _netns() -> tuple[int, int]:
+    """This network namespace's inode and cookie (0 where the kernel cannot tell it)."""
+    import _socket
+
+    ino = os.stat(NETNS).st_ino
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        cookie = int.from_bytes(sock.getsockopt(_socket.SOL_SOCKET, 71, 8), sys.byteorder)
+    except OSError:
+        cookie = 0
+    finally:
+        sock.close()
+    return ino, cookie
+
+
+def _digest(body: bytes) -> str:
+    try:
+        from _sha256 import sha256
+    except ImportError:  # other Pythons (3.12 calls it _sha2)
+        from hashlib import sha256
+    return sha256(body).hexdigest()
+
+
+def _reserved_ports() -> set[int]:
+    with open(RESERVED_PORTS) as f:
+        text = f.read()
+    ports: set[int] = set()
+    for item in text.replace("\n", "").split(","):
+        if item.strip():
+            low, _, high = item.strip().partition("-")
+            ports.update(range(int(low), int(high or low) + 1))
+    return ports
