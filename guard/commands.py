@@ -192,7 +192,6 @@ def _apply(config_path: str | None) -> str:
 
             quick.remember(
                 plan.settings.pin_dir,
-                str(main),
                 record,
                 list(plan.ports),
                 result.attach_dir,

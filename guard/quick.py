@@ -31,7 +31,8 @@ import os
 import sys
 
 from guard import paths
-from guard.fingerprint import RACY_NS, fingerprint, unsealed
+from guard.fingerprint import RACY_NS, fingerprint, sealed_body, unsealed
+from guard.kernel import snapshot
 
 FORMAT = 1
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -93,8 +94,6 @@ def _unchanged(pin_dir: str, body: bytes) -> tuple[list[str], str] | None:
         return None
     if os.path.exists(paths.failure_record(pin_dir)) or not os.path.exists(paths.applied_mark()):
         return None
-    from guard.kernel import snapshot
-
     if snapshot.take(pin_dir) != snap:
         return None
     if not {port for _, port in reserved} <= _reserved_ports():
@@ -108,7 +107,6 @@ def _unchanged(pin_dir: str, body: bytes) -> tuple[list[str], str] | None:
 
 def remember(
     pin_dir: str,
-    main: str,
     plan_record: bytes,
     reserved: list[tuple[int, int]],
     attach_dir: str,
@@ -122,26 +120,21 @@ def remember(
     re-apply of this plan prints; code is code_files(); since_ns (time.time_ns()) is when
     apply began to read. No record when a file edited in place changed too close to that
     moment (as for the compiled plan). Best effort: without a record the full path runs."""
-    from guard.kernel import snapshot
     from guard.observe.procnet import reserved_sockets
 
-    opened = unsealed(plan_record, main)
-    if opened is None:  # an input changed while apply ran: the next apply reads the files
-        forget(pin_dir)
-        return
     reserved = sorted(reserved)
     edited, replaced = code
-    if fingerprint(edited, [])[1] > since_ns - RACY_NS:
+    edited_seen, newest = fingerprint(edited, [])
+    if newest > since_ns - RACY_NS:
         forget(pin_dir)
         return
-    code_files = edited + replaced
     try:
         record = (
             FORMAT,
             _facts(attach_dir),
-            code_files,
-            fingerprint(code_files, [])[0],
-            _digest(opened[1]),
+            edited + replaced,
+            edited_seen + fingerprint(replaced, [])[0],
+            _digest(sealed_body(plan_record)),
             reserved,
             reserved_sockets(reserved),
             snapshot.take(pin_dir),
@@ -188,22 +181,8 @@ def _facts(attach_dir: str) -> tuple:
     with open(BOOT_ID) as f:
         boot = f.read().strip()
     env = tuple(os.environ.get(name) for name in ENVIRONMENT)
-    return (boot, sys.version, env, attach_dir, os.stat(attach_dir).st_ino, _netns())
-
-
-def _netns() -> tuple[int, int]:
-    """This network namespace's inode and cookie (0 where the kernel cannot tell it)."""
-    import _socket
-
-    ino = os.stat(NETNS).st_ino
-    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    try:
-        cookie = int.from_bytes(sock.getsockopt(_socket.SOL_SOCKET, 71, 8), sys.byteorder)
-    except OSError:
-        cookie = 0
-    finally:
-        sock.close()
-    return ino, cookie
+    netns = (snapshot.netns_inode(), snapshot.netns_cookie())
+    return (boot, sys.version, env, attach_dir, os.stat(attach_dir).st_ino, netns)
 
 
 def _digest(body: bytes) -> str:

@@ -9,7 +9,6 @@ here too.
 from __future__ import annotations
 
 import ctypes as C
-import errno
 import fcntl
 import os
 from collections.abc import Callable, Iterator
@@ -18,10 +17,9 @@ from pathlib import Path
 
 from guard import paths
 from guard.errors import GuardError
-from guard.kernel import cgroups, libbpf
+from guard.kernel import cgroups, libbpf, snapshot
 from guard.policy.config import Settings
 
-SO_NETNS_COOKIE = 71
 # Where a refused bind is refused, in the order of preference:
 DENY_SET_RETVAL = "retval"  # cgroup bind hooks, bpf_set_retval: the configured errno (5.18)
 DENY_SOCKET_BIND = "socket_bind"  # fmod_ret on security_socket_bind: the configured errno
@@ -80,23 +78,14 @@ def preflight(
 
 def netns_cookie() -> int:
     """This network namespace's cookie, or 0 (guard every namespace) on kernels that cannot
-    report it to userspace (SO_NETNS_COOKIE: Linux >= 5.14)."""
-    import socket  # here: check, which reads only the pins, needs no socket module
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
-        except OSError as exc:
-            if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
-                return 0
-            raise
-    return int.from_bytes(raw, "little")
+    report it to userspace (SO_NETNS_COOKIE, Linux >= 5.14)."""
+    return snapshot.netns_cookie()
 
 
 def netns_inode() -> int:
     """This network namespace's inode number: how the security_socket_bind program knows the
     guarded namespace (user space can read it on every kernel)."""
-    return os.stat("/proc/self/ns/net").st_ino
+    return snapshot.netns_inode()
 
 
 def lock_path(pin_dir: Path, role: str = "") -> Path:

@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
+import _socket
 import errno
-import socket
 
 import pytest
 
-from guard.kernel import host
+from guard.kernel import host, snapshot
 
 
-class NoCookieSocket(socket.socket):
+class NoCookieSocket(_socket.socket):
     def getsockopt(self, level, option, *args):
-        if option == host.SO_NETNS_COOKIE:
+        if option == snapshot.SO_NETNS_COOKIE:
             raise OSError(errno.ENOPROTOOPT, "Protocol not available")
         return super().getsockopt(level, option, *args)
 
 
 def test_missing_so_netns_cookie_means_cookie_zero(monkeypatch):
-    monkeypatch.setattr(socket, "socket", NoCookieSocket)
+    monkeypatch.setattr(_socket, "socket", NoCookieSocket)
     assert host.netns_cookie() == 0
 
 
 def test_other_getsockopt_errors_are_not_hidden(monkeypatch):
-    class Broken(socket.socket):
+    class Broken(_socket.socket):
         def getsockopt(self, level, option, *args):
             raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(socket, "socket", Broken)
+    monkeypatch.setattr(_socket, "socket", Broken)
     with pytest.raises(OSError):
         host.netns_cookie()
 
