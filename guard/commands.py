@@ -135,15 +135,19 @@ def compiled_plan(config_path: str | None):
     return _compiled_record(config_path)[0]
 
 
-def _compiled_record(config_path: str | None):
-    """(compiled.Compiled or None, the record's bytes or None)."""
+def _compiled_record(config_path: str | None, boot: bool = False):
+    """(compiled.Compiled or None, the record's bytes or None); with boot, the record the last
+    boot's first apply kept (/var/lib/portguard) when /run has none that holds."""
     from guard.observe import outcome
     from guard.policy import compiled
 
     main = main_config(config_path)
-    record = outcome.plan_record(main)
-    known = None if record is None else compiled.loads(record, main)
-    return known, record if known is not None else None
+    for from_boot in (False, True) if boot else (False,):
+        record = outcome.plan_record(main, boot=from_boot)
+        known = None if record is None else compiled.loads(record, main)
+        if known is not None:
+            return known, record
+    return None, None
 
 
 def _apply(config_path: str | None) -> str:
@@ -157,7 +161,8 @@ def _apply(config_path: str | None) -> str:
 
     main = main_config(config_path)
     reading = time.time_ns()
-    known, record = _compiled_record(config_path)  # the files unchanged since last applied
+    boot = outcome.first_of_boot()  # the boot's apply may take the plan the last boot's made
+    known, record = _compiled_record(config_path, boot)  # files unchanged since last applied
     if known is None:
         with units.listing_cache():  # the unit files as they are now: each listed once
             cfg = load_config(config_path)
@@ -175,6 +180,8 @@ def _apply(config_path: str | None) -> str:
         nonlocal record
         if known is None:
             record = compiled.dumps(cfg, plan, main, reading)
+            outcome.save_plan(main, record, boot)
+        elif boot:  # from either place: in /run for status, check and the quick re-apply
             outcome.save_plan(main, record)
         warnings = [display.warning_line(note) for note in result.warnings]
         seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number

@@ -5,7 +5,11 @@ it before anything else is imported.
 
 The fingerprint is what stat says of each file, each directory and each of their entries (and
 of the entries of their NAME.d/ sub-directories): inode, size, modification time, type; for a
-symlink also its target and what it points to.
+symlink also its target and what it points to. Below /run (VOLATILE), which is made anew at
+every boot -- systemd's generators write their units there before portguard.service starts --
+an entry is known by its content instead (type, size, SHA-256; a symlink by its target and
+what that holds): the same generated units at the next boot give the same fingerprint, so the
+plan kept in /var/lib/portguard serves the next boot's apply (guard/commands.py).
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import sys
 
 # The records' format: a record of another format, or made by another interpreter, or under
 # an environment that redirects the inputs, is never used.
-FORMAT = 3
+FORMAT = 4
 # An input modified this close to (or after) the moment apply began to read is not trusted: a
 # second change within the same timestamp tick would leave stat saying the same.
 RACY_NS = 1_000_000_000
+# Made anew at every boot: known by content (PORTGUARD_VOLATILE_DIRS, colon-separated: tests).
+VOLATILE = ("/run",)
+VOLATILE_ENV = "PORTGUARD_VOLATILE_DIRS"
 # Environment that changes what the files resolve to (units.UNIT_DIRS_ENV: tests, chroots).
-ENVIRONMENT = ("PORTGUARD_UNIT_DIRS",)
+ENVIRONMENT = ("PORTGUARD_UNIT_DIRS", VOLATILE_ENV)
 
 
 def key() -> tuple:
@@ -55,10 +62,28 @@ def sealed_body(data: bytes) -> bytes:
 
 def fingerprint(files: list[str], dirs: list[str]) -> tuple[tuple, int]:
     """What stat says of files and of dirs with their entries (and the entries of their NAME.d/
-    sub-directories), and the newest modification time among them."""
-    found = [stat_of(path) for path in files]
+    sub-directories), and the newest modification or change time among them (volatile
+    entries, known by content, have none)."""
+    value = os.environ.get(VOLATILE_ENV)
+    volatile = tuple(p.rstrip("/") + "/" for p in value.split(":") if p) if value else None
+    volatile = volatile or tuple(p + "/" for p in VOLATILE)
+    found = []
+    newest = 0
+
+    def add(path: str) -> None:
+        nonlocal newest
+        if (path + "/").startswith(volatile):
+            found.append(content_of(path))
+            return
+        item = stat_of(path)
+        found.append(item)
+        if len(item) > 2:
+            newest = max(newest, item[-2], item[-1])  # mtime, ctime
+
+    for path in files:
+        add(path)
     for directory in dirs:
-        found.append(stat_of(directory))
+        add(directory)
         pending = [directory]
         while pending:
             current = pending.pop()
@@ -67,15 +92,48 @@ def fingerprint(files: list[str], dirs: list[str]) -> tuple[tuple, int]:
             except OSError:
                 continue
             for entry in entries:
-                found.append(stat_of(entry.path))
+                add(entry.path)
                 if current == directory and entry.name.endswith(".d") and entry.is_dir():
                     pending.append(entry.path)
-    newest = max((item[-1] for item in found if len(item) > 2), default=0)
     return tuple(found), newest
 
 
+def content_of(path: str) -> tuple:
+    """(path, type, size, SHA-256) of a regular file; of a symlink its target and what it
+    points to; of another entry its type."""
+    try:
+        link = os.lstat(path)
+        if link.st_mode & 0o170000 != 0o120000:
+            return (path, *_held(path, link))
+        target = os.readlink(path)
+        try:
+            pointed = os.stat(path)
+        except OSError:
+            return (path, target, "dangling")
+        return (path, target, *_held(path, pointed))
+    except OSError:
+        return (path, None)
+
+
+def _held(path: str, st: os.stat_result) -> tuple:
+    if st.st_mode & 0o170000 != 0o100000:  # not a regular file: its type
+        return (st.st_mode,)
+    with open(path, "rb") as f:
+        return (st.st_mode, st.st_size, _sha256(f.read()).hexdigest())
+
+
+def _sha256(data: bytes):
+    try:
+        from _sha256 import sha256  # CPython's own (hashlib would load OpenSSL's libcrypto)
+    except ImportError:  # other Pythons (3.12 calls it _sha2)
+        from hashlib import sha256
+    return sha256(data)
+
+
 def stat_of(path: str) -> tuple:
-    """(path, mode, inode, size, mtime) of path, and of what a symlink points to."""
+    """(path, mode, inode, size, mtime, ctime) of path, and of what a symlink points to. The
+    ctime too: a copy that keeps the old modification time (cp -p, tar, rsync -t) still
+    changes it, and nobody can set it back."""
     try:
         link = os.lstat(path)
     except OSError:
@@ -90,7 +148,8 @@ def stat_of(path: str) -> tuple:
                 target.st_ino,
                 target.st_size,
                 max(link.st_mtime_ns, target.st_mtime_ns),
+                max(link.st_ctime_ns, target.st_ctime_ns),
             )
         except OSError:
-            return (path, "dangling", link.st_mtime_ns)
-    return (path, link.st_mode, link.st_ino, link.st_size, link.st_mtime_ns)
+            return (path, "dangling", link.st_mtime_ns, link.st_ctime_ns)
+    return (path, link.st_mode, link.st_ino, link.st_size, link.st_mtime_ns, link.st_ctime_ns)

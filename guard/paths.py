@@ -11,6 +11,7 @@ import os
 
 DEFAULT_CONFIG = "/etc/portguard/portguard.toml"
 DEFAULT_RUN_DIR = "/run/portguard"
+DEFAULT_STATE_DIR = "/var/lib/portguard"
 
 
 def run_dir() -> str:
@@ -35,6 +36,16 @@ def applied_mark() -> str:
 def plan_record(config_main: str) -> str:
     """The compiled plan of one main configuration file (guard/policy/compiled.py)."""
     return os.path.join(run_dir(), "plan" + config_main.replace("/", "-"))
+
+
+def state_dir() -> str:
+    """/var/lib/portguard (the package makes it), or where PORTGUARD_STATE_DIR says (tests)."""
+    return os.environ.get("PORTGUARD_STATE_DIR", DEFAULT_STATE_DIR)
+
+
+def boot_plan_record(config_main: str) -> str:
+    """The compiled plan the last boot's first apply made, for the next boot's."""
+    return os.path.join(state_dir(), "plan" + config_main.replace("/", "-"))
 
 
 def guard_record(pin_dir: str) -> str:

@@ -5,8 +5,10 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_run_dir(tmp_path_factory):
-    """apply's failure records (guard/observe/outcome.py) stay out of /run/portguard."""
+    """apply's records (guard/observe/outcome.py, guard/quick.py) stay out of /run/portguard,
+    and the plan kept for the next boot out of /var/lib/portguard."""
     os.environ["PORTGUARD_RUN_DIR"] = str(tmp_path_factory.mktemp("run"))
+    os.environ["PORTGUARD_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
 
 
 @pytest.fixture(scope="session")

@@ -61,27 +61,39 @@ def _plan_path(config_main: Path) -> Path:
     return Path(paths.plan_record(str(config_main)))
 
 
-def save_plan(config_main: Path, record: bytes | None) -> None:
+def first_of_boot() -> bool:
+    """No apply has succeeded in this boot yet (/run is a tmpfs)."""
+    return not _applied().exists()
+
+
+def save_plan(config_main: Path, record: bytes | None, boot: bool = False) -> None:
     """Keep the compiled plan of these files (guard/policy/compiled.py), or drop an old one
-    (record None). Best effort: status and check then take the full path."""
-    path = _plan_path(config_main)
-    try:
-        if record is None:
-            path.unlink(missing_ok=True)
-            return
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(record)
-        os.replace(tmp, path)
-    except (OSError, ValueError):
-        pass
+    (record None); with boot, also for the next boot's first apply, in /var/lib/portguard when
+    that directory exists (never made here: a /var not mounted yet at boot is not written
+    under). Best effort: status and check then take the full path."""
+    targets = [_plan_path(config_main)]
+    if boot and Path(paths.state_dir()).is_dir():
+        targets.append(Path(paths.boot_plan_record(str(config_main))))
+    for path in targets:
+        try:
+            if record is None:
+                path.unlink(missing_ok=True)
+                continue
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(record)
+            os.replace(tmp, path)
+        except (OSError, ValueError):
+            pass
 
 
-def plan_record(config_main: Path) -> bytes | None:
+def plan_record(config_main: Path, boot: bool = False) -> bytes | None:
+    """The compiled plan kept in /run; with boot, the one the last boot's first apply kept."""
+    path = Path(paths.boot_plan_record(str(config_main))) if boot else _plan_path(config_main)
     try:
-        return _plan_path(config_main).read_bytes()
+        return path.read_bytes()
     except (OSError, ValueError):
         return None
 

@@ -32,6 +32,7 @@ def applied_long_ago(sandbox, ports: list[str]) -> Path:
     path = sandbox.write_config(sandbox.owner_block(ports, "owner", "other"))
     for item in (path, path.parent):
         os.utime(item, (OLD, OLD))
+    time.sleep(1.1)  # and changed (ctime) more than a second before apply reads them
     sandbox.cli("apply")
     [record] = records()
     assert record.name == "plan" + str(path).replace("/", "-")

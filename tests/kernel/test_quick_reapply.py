@@ -25,9 +25,11 @@ FULL = {"PORTGUARD_FAULT_AFTER": str(10**9)}  # the fault hook set: the full pat
 
 
 def age(*paths: Path) -> None:
-    """Files an hour old: apply keeps their compiled plan (a fresh file is "racily clean")."""
+    """Files an hour old, changed more than a second ago: apply keeps their compiled plan (a
+    fresh file is "racily clean", and a change's ctime is always now)."""
     for path in paths:
         os.utime(path, (OLD, OLD))
+    time.sleep(1.1)
 
 
 def write(sandbox, ports: list[str], **guard: str) -> Path:
@@ -38,7 +40,8 @@ def write(sandbox, ports: list[str], **guard: str) -> Path:
 
 def apply(sandbox, env: dict | None = None, netns: str | None = None) -> tuple[str, bool]:
     """`portguard apply` through the console entry: (stdout + stderr + exit code, whether the
-    full path ran, i.e. guard.commands was imported)."""
+    full path ran, i.e. guard.commands was imported); the exit line says whether the files
+    were parsed (tomllib imported)."""
     code = (
         "import sys\n"
         "from guard import entry\n"
@@ -46,7 +49,7 @@ def apply(sandbox, env: dict | None = None, netns: str | None = None) -> tuple[s
         "try:\n"
         "    entry.main()\n"
         "except SystemExit as exc:\n"
-        "    print('exit', exc.code, file=sys.stderr)\n"
+        "    print('exit', exc.code, 'tomllib' in sys.modules, file=sys.stderr)\n"
         "print('full' if 'guard.commands' in sys.modules else 'quick', file=sys.stderr)\n"
     )
     proc = subprocess.run(
@@ -89,7 +92,7 @@ def test_the_quick_answer_is_the_full_paths_answer(sandbox, tmp_path):
     slow, full = apply(sandbox, {**env, **FULL})
     assert full
     assert quick == slow
-    assert "add the reserved port(s) 700" in quick and quick.endswith("exit 0"), quick
+    assert "add the reserved port(s) 700" in quick and quick.endswith("exit 0 False"), quick
     errors = refused(sandbox, 700)
     assert set(errors.values()) == {errno.EPERM}, errors
     assert sandbox.bind("owner", [("v4", "tcp", 700)]) == {"v4/tcp/700": 0}
@@ -101,7 +104,7 @@ def test_a_link_taken_away_is_put_back_by_the_full_path(sandbox):
         (sandbox.pin_dir / f"link_{name}").unlink()  # the only reference: detached
     assert set(refused(sandbox, PORT).values()) == {0}  # nothing guards now
     said, full = apply(sandbox)
-    assert full and said.endswith("exit 0"), said
+    assert full and said.endswith(("exit 0 False", "exit 0 True")), said
     assert set(refused(sandbox, PORT).values()) == {errno.EADDRINUSE}
     _, full = apply(sandbox)
     assert not full  # and the record is back
@@ -113,7 +116,7 @@ def test_a_port_taken_out_of_the_sysctl_is_put_back(sandbox):
     assert sandbox.sysctl(name) == str(PORT)
     sandbox.sysctl(name, "")
     said, full = apply(sandbox)
-    assert full and said.endswith("exit 0"), said
+    assert full and said.endswith(("exit 0 False", "exit 0 True")), said
     assert sandbox.sysctl(name) == str(PORT)
 
 
@@ -128,7 +131,7 @@ def test_an_apply_of_other_files_killed_half_way_is_never_vouched_for(sandbox, t
             "apply", config=other, check=False, env={"PORTGUARD_FAULT_AFTER": str(step)}
         )
         said, full = apply(sandbox)
-        assert full and said.endswith("exit 0"), (step, said)
+        assert full and said.endswith(("exit 0 False", "exit 0 True")), (step, said)
         reserved = {(r["port"], r["protocol"]) for r in sandbox.status()["reservations"]}
         assert reserved == {(PORT, "tcp")}, (step, reserved)
         if killed.returncode == 0:  # the other apply ran to its end: every step was tried
@@ -141,7 +144,7 @@ def test_another_network_namespace_takes_the_full_path(sandbox):
     applied_twice(sandbox, [f"{PORT}/tcp"])
     elsewhere = sandbox.new_netns()
     said, full = apply(sandbox, netns=elsewhere)
-    assert full and said.endswith("exit 0"), said
+    assert full and said.endswith(("exit 0 False", "exit 0 True")), said
 
 
 def test_after_a_failed_apply_the_full_path_runs(sandbox):
@@ -149,10 +152,10 @@ def test_after_a_failed_apply_the_full_path_runs(sandbox):
     broken = sandbox.config_path.read_text() + "\n[[reserve]]\nports = [70000]\n"
     sandbox.config_path.write_text(broken)
     said, full = apply(sandbox)
-    assert full and said.endswith("exit 2"), said
+    assert full and said.endswith("exit 2 True"), said
     write(sandbox, [f"{PORT}/tcp"])  # as before, but the failure is on record until an apply
     said, full = apply(sandbox)
-    assert full and said.endswith("exit 0"), said
+    assert full and said.endswith(("exit 0 False", "exit 0 True")), said
     assert sandbox.status()["last_apply_failure"] is None
 
 
@@ -193,3 +196,43 @@ def test_remove_takes_the_record_away(sandbox):
     said, full = apply(sandbox)
     assert full and "portguard: applied" in said, said
     assert set(refused(sandbox, PORT).values()) == {errno.EADDRINUSE}
+
+
+def test_the_next_boots_apply_takes_the_plan_the_last_boot_kept(sandbox, tmp_path):
+    """The boot's first apply keeps its plan in the state directory; the next boot's (an empty
+    /run, no guard) takes it without parsing the files while they are unchanged, and reads
+    them when they changed."""
+    state = tmp_path / "state"
+    state.mkdir()
+    boots = iter(range(1, 10))
+
+    def boot() -> dict:
+        """A new boot: an empty /run (the guard of the last one was removed)."""
+        run = tmp_path / f"run{next(boots)}"
+        run.mkdir()
+        return {"PORTGUARD_RUN_DIR": str(run), "PORTGUARD_STATE_DIR": str(state)}
+
+    sandbox.cgroup("owner")
+    write(sandbox, [f"{PORT}/tcp"])
+    env = boot()
+    said, _ = apply(sandbox, env)
+    assert said.endswith("exit 0 True"), said  # the files parsed, the plan kept for the next
+    assert [p.name for p in state.iterdir()] == [
+        "plan" + str(sandbox.config_path).replace("/", "-")
+    ]
+    sandbox.cli("remove", env=env)
+
+    env = boot()
+    said, _ = apply(sandbox, env)
+    assert "portguard: applied" in said and said.endswith("exit 0 False"), said
+    assert set(refused(sandbox, PORT).values()) == {errno.EADDRINUSE}
+    _, full = apply(sandbox, env)
+    assert not full  # and /run has its records again: the quick re-apply
+    sandbox.cli("remove", env=env)
+
+    write(sandbox, [f"{PORT + 1}/tcp"])  # edited between two boots
+    env = boot()
+    said, _ = apply(sandbox, env)
+    assert "portguard: applied" in said and said.endswith("exit 0 True"), said
+    assert set(refused(sandbox, PORT + 1).values()) == {errno.EADDRINUSE}
+    assert set(refused(sandbox, PORT).values()) == {0}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from guard.fingerprint import VOLATILE_ENV
 from guard.kernel import layout
 from guard.policy import compiled, config, owners, plan
 from guard.policy.units import UNIT_DIRS_ENV
@@ -52,16 +53,22 @@ def applied(main: Path) -> tuple[config.Config, plan.Plan]:
     return cfg, plan.build(cfg.settings, *owners.resolve_all(cfg), layout.LIMITS)
 
 
+def later() -> int:
+    """A read that began well after every change so far (a change's ctime is always now:
+    nobody can age that)."""
+    return time.time_ns() + 2 * compiled.RACY_NS
+
+
 def record(main: Path) -> bytes:
     cfg, the_plan = applied(main)
-    data = compiled.dumps(cfg, the_plan, main, time.time_ns())
+    data = compiled.dumps(cfg, the_plan, main, later())
     assert data is not None
     return data
 
 
 def test_a_record_gives_back_the_settings_plan_and_unit_file_findings_it_was_made_of(world):
     cfg, the_plan = applied(world)
-    data = compiled.dumps(cfg, the_plan, world, time.time_ns())
+    data = compiled.dumps(cfg, the_plan, world, later())
     assert compiled.loads(data, world) == (the_plan, cfg.unit_problems, cfg.unit_notes)
     assert the_plan.settings == cfg.settings
     assert {port for _, port in the_plan.origins} == {631, 8000, 8001, 8002}
@@ -86,6 +93,7 @@ def test_a_record_of_other_files_is_not_used(world):
         "add a unit drop-in directory",
         "link a unit name to another file",
         "another unit search path",
+        "copy another file over it, keeping the old modification time",
     ],
 )
 def test_any_change_of_an_input_makes_the_record_unusable(world, change, monkeypatch):
@@ -121,6 +129,14 @@ def test_any_change_of_an_input_makes_the_record_unusable(world, change, monkeyp
         (units / "alias.service").symlink_to(units / "web.service")
     elif change == "another unit search path":
         monkeypatch.setenv(UNIT_DIRS_ENV, f"{units}:{etc}")
+    elif change == "copy another file over it, keeping the old modification time":
+        before = world.stat()
+        world.write_text(world.read_text().replace("8000", "8009"))  # cp -p: in place
+        os.utime(world, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (world.stat().st_size, world.stat().st_mtime_ns) == (
+            before.st_size,
+            before.st_mtime_ns,
+        )
     assert compiled.loads(data, world) is None
 
 
@@ -134,9 +150,54 @@ def test_an_input_changed_as_apply_began_to_read_is_never_recorded(world):
     cfg, the_plan = applied(world)
     (world.parent / "conf.d" / "10-more.toml").write_text("# now\n")
     assert compiled.dumps(cfg, the_plan, world, time.time_ns()) is None
-    age(world.parents[1])  # an hour old again: now it can be recorded
-    assert compiled.dumps(cfg, the_plan, world, time.time_ns()) is not None
+    age(world.parents[1])  # an hour old again, but changed (ctime) just now: still not
+    assert compiled.dumps(cfg, the_plan, world, time.time_ns()) is None
+    assert compiled.dumps(cfg, the_plan, world, later()) is not None  # read a while after
 
 
 def test_the_environment_the_record_depends_on_is_the_unit_search_path_override():
-    assert compiled.ENVIRONMENT == (UNIT_DIRS_ENV,)
+    assert compiled.ENVIRONMENT == (UNIT_DIRS_ENV, VOLATILE_ENV)
+
+
+@pytest.fixture
+def volatile(world, monkeypatch) -> Path:
+    """A second unit directory that is made anew at every "boot" (as /run/systemd/generator):
+    a generated unit and a symlink to a unit of the stable directory."""
+    units = world.parents[1] / "units"
+    generated = world.parents[1] / "run" / "generator"
+    monkeypatch.setenv(VOLATILE_ENV, str(world.parents[1] / "run"))
+    monkeypatch.setenv(UNIT_DIRS_ENV, f"{generated}:{units}")
+    make_generated(generated, units)
+    return generated
+
+
+def make_generated(generated: Path, units: Path, port: str = "8005") -> None:
+    """What a generator writes at boot: new inodes and timestamps every time."""
+    if generated.exists():
+        for entry in generated.iterdir():
+            entry.unlink()
+        generated.rmdir()
+    generated.mkdir(parents=True)
+    (generated / "gen.service").write_text(f"[Unit]\nX-PortGuard-Reserve={port}\n")
+    (generated / "alias.service").symlink_to(units / "web.service")
+    age(generated.parent)
+
+
+def test_units_generated_anew_with_the_same_content_keep_the_record(world, volatile):
+    data = record(world)
+    make_generated(volatile, world.parents[1] / "units")  # the next boot's generators
+    known = compiled.loads(data, world)
+    assert known is not None and {p for _, p in known.plan.origins} >= {8002, 8005}
+
+
+@pytest.mark.parametrize("change", ["other content", "another file", "symlink elsewhere"])
+def test_units_generated_anew_with_other_content_make_it_unusable(world, volatile, change):
+    data = record(world)
+    units = world.parents[1] / "units"
+    make_generated(volatile, units, port="8006" if change == "other content" else "8005")
+    if change == "another file":
+        (volatile / "more.service").write_text("[Service]\n")
+    elif change == "symlink elsewhere":
+        (volatile / "alias.service").unlink()
+        (volatile / "alias.service").symlink_to(units / "web.service.d" / "ports.conf")
+    assert compiled.loads(data, world) is None
