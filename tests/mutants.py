@@ -44,6 +44,7 @@ FAULTS = "tests/kernel/test_faults.py::"
 GUARD = "tests/kernel/test_guard.py::"
 HARDENING = "tests/kernel/test_hardening.py::"
 OBSERVABILITY = "tests/kernel/test_observability.py::"
+QUICK = "tests/kernel/test_quick_reapply.py::"
 
 
 class Mutant(NamedTuple):
@@ -482,6 +483,69 @@ MUTANTS = [
         "            os.chmod(pins.root, 0o700)\n",
         "            os.chmod(pins.root, 0o755)\n",
         (HARDENING + "test_pins_are_root_only_nobody_can_neither_open_nor_unpin_them",),
+    ),
+    Mutant(
+        "quick-record-not-forgotten",
+        "unchanged re-apply: the guard record goes before anything changes the guard",
+        "guard/kernel/apply.py",
+        "        forget_record(pins.root)\n        try:\n            pins.root.mkdir(",
+        "        try:\n            pins.root.mkdir(",
+        (QUICK + "test_an_apply_of_other_files_killed_half_way_is_never_vouched_for",),
+        runs=2,
+    ),
+    Mutant(
+        "quick-snapshot-ignored",
+        "unchanged re-apply: the pinned links and maps are the ones the record names",
+        "guard/quick.py",
+        "    if snapshot.take(pin_dir) != snap:\n",
+        "    if False:\n",
+        (QUICK + "test_a_link_taken_away_is_put_back_by_the_full_path",),
+        runs=2,
+    ),
+    Mutant(
+        "quick-sysctl-ignored",
+        "unchanged re-apply: the reserved ports are still in ip_local_reserved_ports",
+        "guard/quick.py",
+        "    if not {port for _, port in reserved} <= _reserved_ports():\n",
+        "    if False:\n",
+        (QUICK + "test_a_port_taken_out_of_the_sysctl_is_put_back",),
+        runs=2,
+    ),
+    Mutant(
+        "quick-sockets-ignored",
+        "unchanged re-apply: the sockets on reserved ports are the ones apply found",
+        "guard/quick.py",
+        "    if reserved_sockets(reserved) != held_then:\n",
+        "    if False:\n",
+        (QUICK + "test_a_new_socket_on_a_reserved_port_takes_the_full_path_once",),
+        runs=2,
+    ),
+    Mutant(
+        "quick-netns-ignored",
+        "unchanged re-apply: the same network namespace",
+        "guard/quick.py",
+        "    netns = (snapshot.netns_inode(), snapshot.netns_cookie())\n",
+        "    netns = None\n",
+        (QUICK + "test_another_network_namespace_takes_the_full_path",),
+        runs=2,
+    ),
+    Mutant(
+        "fingerprint-without-ctime",
+        "compiled plan: a copy that keeps the old mtime is still a change",
+        "guard/fingerprint.py",
+        "link.st_size, link.st_mtime_ns, link.st_ctime_ns)\n",
+        "link.st_size, link.st_mtime_ns, 0)\n",
+        ("tests/unit/test_compiled.py",),
+        runs=1,
+    ),
+    Mutant(
+        "volatile-by-stat",
+        "compiled plan: units generated anew with the same content keep the boot's plan",
+        "guard/fingerprint.py",
+        '        if (path + "/").startswith(volatile):\n',
+        "        if False:\n",
+        ("tests/unit/test_compiled.py",),
+        runs=1,
     ),
     Mutant(
         "object-digest-unchecked",

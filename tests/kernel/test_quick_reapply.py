@@ -143,6 +143,9 @@ def test_an_apply_of_other_files_killed_half_way_is_never_vouched_for(sandbox, t
 def test_another_network_namespace_takes_the_full_path(sandbox):
     applied_twice(sandbox, [f"{PORT}/tcp"])
     elsewhere = sandbox.new_netns()
+    # the same reserved ports there (the sysctl is per namespace): only the namespace differs
+    reserved = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+    subprocess.run([*in_netns(elsewhere), "sh", "-c", f"echo {PORT} > {reserved}"], check=True)
     said, full = apply(sandbox, netns=elsewhere)
     assert full and said.endswith(("exit 0 False", "exit 0 True")), said
 
