@@ -180,9 +180,8 @@ def _apply(config_path: str | None) -> str:
         nonlocal record
         if known is None:
             record = compiled.dumps(cfg, plan, main, reading)
-            outcome.save_plan(main, record, boot)
-        elif boot:  # from either place: in /run for status, check and the quick re-apply
-            outcome.save_plan(main, record)
+        if known is None or boot:  # in /run for status, check and the quick re-apply; and
+            outcome.save_plan(main, record, boot)  # the boot's first, for the next boot's
         warnings = [display.warning_line(note) for note in result.warnings]
         seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number
         exposed = resvport.exposed((port for _, port in plan.ports), seen)

@@ -62,8 +62,12 @@ def _plan_path(config_main: Path) -> Path:
 
 
 def first_of_boot() -> bool:
-    """No apply has succeeded in this boot yet (/run is a tmpfs)."""
-    return not _applied().exists()
+    """No apply has succeeded in this boot yet (/run is a tmpfs); False when that cannot be
+    told (/run/portguard unreadable: not root, and apply says so next)."""
+    try:
+        return not _applied().exists()
+    except OSError:
+        return False
 
 
 def save_plan(config_main: Path, record: bytes | None, boot: bool = False) -> None:
