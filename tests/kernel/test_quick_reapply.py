@@ -98,6 +98,32 @@ def test_the_quick_answer_is_the_full_paths_answer(sandbox, tmp_path):
     assert sandbox.bind("owner", [("v4", "tcp", 700)]) == {"v4/tcp/700": 0}
 
 
+def test_the_quick_answer_imports_only_what_it_needs(sandbox):
+    """Under the system interpreter without site, as the Debian package's launcher starts it:
+    none of the modules the full path pays for (pathlib with re and urllib.parse, typing,
+    socket.py's enums, the TOML parser, the libbpf binding)."""
+    applied_twice(sandbox, [f"{PORT}/tcp"])
+    code = (
+        "import sys\n"
+        f"sys.path.append({str(REPO)!r})\n"
+        "from guard import entry\n"
+        f"sys.argv = ['portguard', '--config', {str(sandbox.config_path)!r}, 'apply']\n"
+        "try:\n"
+        "    entry.main()\n"
+        "except SystemExit as exc:\n"
+        "    heavy = ('pathlib', 're', 'typing', 'socket', 'tomllib', 'enum',\n"
+        "             'guard.commands', 'guard.kernel.libbpf', 'guard.kernel.layout')\n"
+        "    print(exc.code, [m for m in heavy if m in sys.modules])\n"
+    )
+    proc = subprocess.run(
+        [*in_netns(sandbox.netns), "/usr/bin/python3", "-S", "-c", code],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout.endswith("0 []\n"), proc.stdout + proc.stderr
+    assert "portguard: unchanged" in proc.stdout
+
+
 def test_a_link_taken_away_is_put_back_by_the_full_path(sandbox):
     applied_twice(sandbox, [f"{PORT}/tcp"])
     for name in BIND_LINKS:
