@@ -29,7 +29,7 @@ import pytest
 
 from bench.harness import Unavailable, median, spread, table
 
-ROUNDS = {True: 2, False: 9}  # quick, full: boots each way (each a first boot and a reboot)
+ROUNDS = {True: 2, False: 15}  # quick, full: boots each way (each a first boot and a reboot)
 # /etc wins over the package's unit in /usr/lib: the guard never runs at boot.
 MASKED = "/etc/systemd/system/portguard.service"
 
@@ -354,7 +354,7 @@ def cli(w, s) -> str:
     )
 
 
-RELOAD_ROUNDS = {True: 3, False: 10}  # quick, full: each round adds, removes, changes nothing
+RELOAD_ROUNDS = {True: 3, False: 15}  # quick, full: each round adds, removes, changes nothing
 # The journal's messages for a reload job of a unit (systemd's catalog: unit reloading,
 # unit reloaded).
 RELOADING = "d34d037fff1847e6ae669a370e694725"
