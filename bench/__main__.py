@@ -2,8 +2,9 @@
 
 Suites: bind (bind cost), scale (reservations, owners, linear scan), lifecycle (apply,
 re-apply, remove, memory), startup (CLI), portreserve (socket-holding model), cost (CLI CPU
-ratios, apply's phases), boot (nspawn boots, guarded vs masked), cli (CLI CPU ratios in a
-booted guest with real services). Default: all.
+ratios, apply's phases), boot (nspawn boots with real services, guarded vs masked), cli (CLI
+CPU ratios in a booted guest with real services), reload (daemon-reload -> a unit's declared
+port guarded, in a booted guest with real services). Default: all.
 Needs root, cgroup2, bpffs, iproute2, bpftool, gcc and clang; runs in a private cgroup
 subtree, network namespace and pin directory, removed afterwards.
 """
@@ -26,6 +27,7 @@ SUITES = {
     "cost": suites.cost,
     "boot": boot.boot,
     "cli": boot.cli,
+    "reload": boot.reload,
 }
 
 

@@ -1,27 +1,41 @@
-"""Boot benchmark: Debian bookworm booted with systemd-nspawn (real systemd, this kernel),
-portguard.service enabled vs masked, the two in a fresh random order per round.
+"""Benchmarks that boot Debian bookworm with systemd-nspawn (real systemd, this kernel), from
+the tree with real services (cups, dovecot, rsync, nfs-common, rpcbind: tests/systemd's rootfs
+--services) and the built .deb installed before boot, as an administrator would.
 
-Reuses the systemd tests' machinery (tests/systemd: the cached root file system, the built
-.deb installed before boot, the guest's units and configuration). Figures are the guest
-systemd's own monotonic timestamps: sysinit.target reached after the manager started,
-start-up finished, portguard.service's run time and CPU time. A round's delay is guarded
-minus masked of the same round.
+boot: portguard.service enabled vs masked, the two in a fresh random order per round. Figures
+are the guest systemd's own monotonic timestamps (sysinit.target and multi-user.target reached
+after the manager started, start-up finished, portguard.service's start, run time and CPU) and
+the guest's userspace CPU at boot: the usage of the guest's root cgroup (the -.slice of its
+systemd: PID 1 and every unit, with the kernel's work on their behalf), read from the host as
+soon as the boot has finished. A round's delays are guarded minus masked of the same round.
+
+cli: the CLI's CPU in the booted guest, paired per round with `python3 -c pass`.
+
+reload: in the booted guest, a unit's drop-in gains (or loses) X-PortGuard-Reserve=,
+`systemctl daemon-reload`, and the time until a stranger's bind to that port is refused (or
+allowed again), seen by a stranger unit that binds every millisecond.
+
+Reuses the systemd tests' machinery (tests/systemd: the cached root file system, the .deb,
+the guest's units and configuration, pgnet.py's stranger).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 
 from bench.harness import Unavailable, median, spread, table
 
-ROUNDS = {True: 2, False: 4}  # quick, full
+ROUNDS = {True: 2, False: 15}  # quick, full: boots each way (each a first boot and a reboot)
+# /etc wins over the package's unit in /usr/lib: the guard never runs at boot.
+MASKED = "/etc/systemd/system/portguard.service"
 
 
 def _show(box, unit: str | None, *props: str) -> dict[str, int]:
-    args = ["show", *(f"-p{p}" for p in props)] + ([unit] if unit else [])
+    args = ["show", *(f"-p{p}" for p in props)] + (["--", unit] if unit else [])
     shown = {}
     for line in box.systemctl(*args).stdout.splitlines():
         key, _, value = line.partition("=")
@@ -29,10 +43,34 @@ def _show(box, unit: str | None, *props: str) -> dict[str, int]:
     return shown
 
 
+def _cgroup_cpu_ms(box, below: str = "") -> float:
+    """CPU used so far in the guest's root cgroup (or a cgroup below it), read on the host:
+    usage_usec of cpu.stat, which the kernel keeps without the cpu controller."""
+    directory = box.cgroup_root / box.cgroup.lstrip("/") / below
+    for line in (directory / "cpu.stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "usage_usec":
+            return int(value) / 1000
+    raise RuntimeError(f"no usage_usec in {directory}/cpu.stat")
+
+
+SYSINIT = "sysinit.target reached (ms after the manager started)"
+MULTI_USER = "multi-user.target reached (ms after the manager started)"
+FINISHED = "start-up finished (ms)"
+GUEST_CPU = "userspace CPU at boot, the whole guest (ms)"
+PAIRED = (SYSINIT, MULTI_USER, FINISHED, GUEST_CPU)
+
+
 def _figures(box) -> dict[str, float]:
+    # First, before any question to the guest's PID 1 adds to its CPU.
+    guest_cpu, pid1_cpu = _cgroup_cpu_ms(box), _cgroup_cpu_ms(box, "init.scope")
     manager = _show(box, None, "UserspaceTimestampMonotonic", "FinishTimestampMonotonic")
     start = manager["UserspaceTimestampMonotonic"]
-    sysinit = _show(box, "sysinit.target", "ActiveEnterTimestampMonotonic")
+
+    def reached(unit: str) -> float:
+        entered = _show(box, unit, "ActiveEnterTimestampMonotonic")
+        return (entered["ActiveEnterTimestampMonotonic"] - start) / 1000
+
     guard = _show(
         box,
         "portguard.service",
@@ -41,19 +79,36 @@ def _figures(box) -> dict[str, float]:
         "CPUUsageNSec",
     )
     figures = {
-        "sysinit.target reached (ms after the manager started)": (
-            sysinit["ActiveEnterTimestampMonotonic"] - start
-        )
-        / 1000,
-        "start-up finished (ms)": (manager["FinishTimestampMonotonic"] - start) / 1000,
+        SYSINIT: reached("sysinit.target"),
+        MULTI_USER: reached("multi-user.target"),
+        FINISHED: (manager["FinishTimestampMonotonic"] - start) / 1000,
+        GUEST_CPU: guest_cpu,
+        "of it: PID 1 (init.scope; ms)": pid1_cpu,
     }
     if guard["ActiveEnterTimestampMonotonic"]:
+        figures["portguard.service started (ms after the manager started)"] = (
+            guard["InactiveExitTimestampMonotonic"] - start
+        ) / 1000
         figures["portguard.service ran (ms)"] = (
             guard["ActiveEnterTimestampMonotonic"] - guard["InactiveExitTimestampMonotonic"]
         ) / 1000
         if guard.get("CPUUsageNSec"):
             figures["portguard.service CPU (ms)"] = guard["CPUUsageNSec"] / 1e6
+            figures["portguard.service CPU, share of the guest's (%)"] = (
+                guard["CPUUsageNSec"] / 1e4 / guest_cpu
+            )
     return figures
+
+
+def _plan_kept(box) -> int:
+    """1 when the last apply kept a compiled plan in /run/portguard (plan-*), else 0."""
+    listed = box.run("sh", "-c", "ls /run/portguard/ | grep -c '^plan-'").stdout.strip()
+    return int(listed or 0) and 1
+
+
+def _failed_units(box) -> str:
+    listed = box.systemctl("list-units", "--failed", "--plain", "--no-legend", check=False)
+    return " ".join(sorted(line.split()[0] for line in listed.stdout.splitlines() if line.strip()))
 
 
 COUNT_SUBPROCESSES = (
@@ -76,12 +131,17 @@ sys.exit(ran.returncode)
 """
 
 # An unchanged re-apply in the booted guest: its CPU (children's rusage); then again with the
-# systemctl above first on PATH, for the CPU of the systemctl it runs.
+# systemctl above first on PATH, for the CPU of the systemctl it runs. One apply first, more
+# than a second after the boot: the boot's apply keeps no compiled plan (the generators write
+# /run/systemd/generator, on the unit search path, a fraction of a second before it runs, and
+# an input younger than a second is not trusted), so the first re-apply would run in full.
 REAPPLY_CPU = f"""
-import os, resource, subprocess
+import os, resource, subprocess, time
 def cpu():
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (r.ru_utime + r.ru_stime) * 1000
+time.sleep(1.2)
+subprocess.run(["portguard", "apply"], capture_output=True, check=True)
 begin = cpu()
 subprocess.run(["portguard", "apply"], capture_output=True, check=True)
 total = cpu() - begin
@@ -161,10 +221,15 @@ UNIT_FILE_SCAN = (
 )
 
 
-def _unit_file_scan(box) -> float:
+def _unit_file_scan(box) -> float | str:
     """What apply spends reading every unit file for X-PortGuard-Reserve= in the booted
-    guest (its own unit directories; the boot path pays the same in portguard.service)."""
-    return float(box.run("python3", "-c", UNIT_FILE_SCAN, check=True).stdout)
+    guest (its own unit directories; the boot path pays the same in portguard.service); or why
+    it could not be measured (it calls guard.policy's functions, which may have changed)."""
+    scanned = box.run("python3", "-c", UNIT_FILE_SCAN)
+    if scanned.returncode != 0:
+        last = (scanned.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"the unit-file scan of apply (the probe failed: {last})"
+    return float(scanned.stdout)
 
 
 def _subprocesses(box) -> int:
@@ -173,70 +238,112 @@ def _subprocesses(box) -> int:
     return int(box.run("sh", "-c", COUNT_SUBPROCESSES, check=True).stdout.strip() or 0)
 
 
+KEPT_AT_BOOT = "the boot's apply kept a compiled plan (boots)"
+KEPT_BY_REAPPLY = "the re-apply kept a compiled plan (rounds)"
+COUNTED = (KEPT_AT_BOOT, KEPT_BY_REAPPLY)  # 1 or 0 per boot or round: shown as a count
+
+
+def _row(values: list[float], fmt: str = "{:.0f}") -> str:
+    return f"{fmt.format(median(values))} ({spread(values, fmt)})" if values else "–"
+
+
+def _cell(label: str, values: list[float]) -> str:
+    if label in COUNTED and values:
+        return f"{sum(values):.0f} of {len(values)}"
+    return _row(values, "{:.1f}" if label.endswith("(%)") else "{:.0f}")
+
+
+Boots = dict[bool, list[dict[str, float]]]  # guarded?, per round: figure -> value
+
+
+def _boot_table(title: str, results: Boots) -> str:
+    labels = list(results[True][0])
+    labels += [label for r in results[True] for label in r if label not in labels]
+    rows = []
+    for label in labels:
+        guarded = [r[label] for r in results[True] if label in r]
+        masked = [r[label] for r in results[False] if label in r]
+        rows.append([label, _cell(label, guarded), _cell(label, masked), "–"])
+    per_round = []
+    for label in PAIRED:
+        paired = [g[label] - m[label] for g, m in zip(results[True], results[False], strict=True)]
+        name = label.split(" (")[0]
+        difference = _row(paired, "{:+.0f}")
+        rows.append([f"{name}: guarded − masked, paired per round (ms)", "–", "–", difference])
+        per_round.append(f"{name}: {', '.join(f'{d:+.0f}' for d in paired)}")
+    return "\n".join(
+        [
+            table(
+                title, ["figure", "portguard.service enabled", "masked", "paired difference"], rows
+            ),
+            "",
+            f"Paired differences per round, ms: {'; '.join(per_round)}.",
+        ]
+    )
+
+
 def boot(w, s) -> str:
-    """N boots guarded vs masked; the delay of sysinit.target is paired per round."""
-    from tests.systemd import conftest, guest_files
+    """N rounds, guarded and masked in a fresh random order per round, in the guest with real
+    services: each guest boots once after the .deb's installation and once more (a reboot of
+    an installed system); delays and CPU paired per round."""
+    from tests.systemd import conftest
     from tests.systemd.machine import Symlink
 
     rounds = ROUNDS[s.rounds <= 3]
-    real_guest_files = guest_files.guest_files
-
-    def masked_files(*args, **kwargs):
-        files = real_guest_files(*args, **kwargs)
-        # /etc wins over the package's unit in /usr/lib: the guard never runs at boot
-        files["/etc/systemd/system/portguard.service"] = Symlink("/dev/null")
-        return files
-
-    results: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    first: Boots = {True: [], False: []}
+    again: Boots = {True: [], False: []}
+    failed: dict[bool, set[str]] = {True: set(), False: set()}
+    notes = []
     try:
         for _ in range(rounds):
             order = [True, False]
             random.shuffle(order)
             for guarded in order:
-                conftest.guest_files = real_guest_files if guarded else masked_files
-                with conftest.booted() as box:  # the built .deb installed, as an admin would
+                masked = {} if guarded else {MASKED: Symlink("/dev/null")}
+                # the built .deb installed before boot, as an admin would
+                with conftest.booted(services=True, extra=masked) as box:
+                    first[guarded].append(_figures(box))
+                    failed[guarded].add(_failed_units(box) or "none")
+                    box.reboot()
                     figures = _figures(box)
+                    failed[guarded].add(_failed_units(box) or "none")
                     if guarded:
+                        figures[KEPT_AT_BOOT] = _plan_kept(box)
                         figures["subprocesses per apply (systemd running)"] = _subprocesses(box)
-                        figures["of apply: unit files read for X-PortGuard-Reserve= (ms)"] = (
-                            _unit_file_scan(box)
-                        )
+                        scan = _unit_file_scan(box)
+                        if isinstance(scan, float):
+                            figures["of apply: unit files read for X-PortGuard-Reserve= (ms)"] = (
+                                scan
+                            )
+                        elif scan not in notes:
+                            notes.append(scan)
                         total, shown = _reapply_cpu(box)
                         figures["unchanged re-apply in the booted guest, CPU (ms)"] = total
-                        figures["of it: the one systemctl show (ms)"] = shown
-                    results[guarded].append(figures)
+                        figures["of it: the systemctl it runs (ms)"] = shown
+                    again[guarded].append(figures)
     except (pytest.skip.Exception, pytest.fail.Exception) as exc:
         raise Unavailable(f"boot benchmark: {exc}") from None
-    finally:
-        conftest.guest_files = real_guest_files
-    key = "sysinit.target reached (ms after the manager started)"
-    delays = [g[key] - m[key] for g, m in zip(results[True], results[False], strict=True)]
-    rows = []
-    for label in results[True][0]:
-        guarded = [r[label] for r in results[True] if label in r]
-        masked = [r[label] for r in results[False] if label in r]
-        rows.append(
-            [
-                label,
-                f"{median(guarded):.0f} ({spread(guarded)})",
-                f"{median(masked):.0f} ({spread(masked)})" if masked else "–",
-            ]
-        )
-    rows.append(
-        [
-            "delay of sysinit.target, guarded − masked, paired per round (ms)",
-            f"{median(delays):+.0f} ({spread(delays, '{:+.0f}')})",
-            "–",
-        ]
+    setting = (
+        f"systemd-nspawn, Debian bookworm with real services, the built .deb; {rounds} rounds, "
+        "guarded and masked in a random order per round (median, spread)"
     )
-    return table(
-        f"Boot: systemd-nspawn, Debian bookworm, {rounds} boots each way (median, spread)",
-        ["figure", "portguard.service enabled", "masked"],
-        rows,
-    )
+    lines = [
+        _boot_table(f"Boot, a reboot of the installed system: {setting}", again),
+        _boot_table(f"Boot, the first after the .deb's installation: {setting}", first),
+        "",
+        "Userspace CPU at boot: the guest's root cgroup (its -.slice: PID 1 and every unit, "
+        "kernel work on their behalf included; not systemd-nspawn, not the .deb's installation "
+        "before boot), read from the host once the boot had finished.",
+    ]
+    for guarded, label in ((True, "guarded"), (False, "masked")):
+        lines.append(f"Failed units ({label} boots): {' | '.join(sorted(failed[guarded]))}.")
+    lines += [f"Not measured: {note}" for note in notes]
+    return "\n".join(lines)
 
 
 CLI_ROUNDS = {True: 5, False: 15}  # quick, full
+# The rows of the table, in this order (each round runs them in a random one).
+CLI_COMMANDS = ("python3 -c pass", "fresh apply", "unchanged re-apply", "status", "check 631")
 
 
 def cli(w, s) -> str:
@@ -255,7 +362,7 @@ def cli(w, s) -> str:
         raise Unavailable(f"cli benchmark: {exc}") from None
     floor = "python3 -c pass"
     rows = []
-    for label in per_round[0]:
+    for label in CLI_COMMANDS:
         spent = [r[label] for r in per_round]
         ratios = [r[label] / r[floor] for r in per_round]
         rows.append(
@@ -271,4 +378,131 @@ def cli(w, s) -> str:
         f"{rounds} rounds, each command paired with `python3 -c pass` (median, spread)",
         ["command", "CPU ms", "ratio to python3 -c pass"],
         rows,
+    )
+
+
+RELOAD_ROUNDS = {True: 3, False: 15}  # quick, full: each round adds, removes, changes nothing
+# The journal's messages for a reload job of a unit (systemd's catalog: unit reloading,
+# unit reloaded).
+RELOADING = "d34d037fff1847e6ae669a370e694725"
+RELOADED = "7b05ebc668384222baa8881179cfda54"
+
+
+def _reload_journal(box, since_usec: int) -> dict[str, int]:
+    """When portguard.service's reload began and ended (CLOCK_MONOTONIC µs, the journal's
+    receive time) after since_usec: the re-apply that portguard-reload.service asked for."""
+    fields = "--output-fields=MESSAGE_ID,__MONOTONIC_TIMESTAMP"
+    query = ("journalctl", "-b", "-o", "json", "--no-pager", "-u", "portguard.service", fields)
+    out = box.run(*query).stdout
+    seen: dict[str, int] = {}
+    for line in out.splitlines():
+        entry = json.loads(line)
+        at = int(entry["__MONOTONIC_TIMESTAMP"])
+        for label, message_id in (("began", RELOADING), ("ended", RELOADED)):
+            if entry.get("MESSAGE_ID") == message_id and at > since_usec and label not in seen:
+                seen[label] = at
+    return seen
+
+
+# An input changed less than a second before apply reads it is never trusted for the compiled
+# plan (README, Commands): the drop-in is written this long before daemon-reload, so that only
+# what daemon-reload itself changes (it writes the generators' output directories anew, which
+# are on the unit search path) decides whether a re-apply can take its plan from the record.
+SETTLE = 1.2  # seconds
+
+
+def _daemon_reload(box, port: int, change: str) -> dict[str, float]:
+    """One daemon-reload after pg-decl.service's drop-in gained `port` ("add"), lost it
+    ("remove") or stayed as it was ("unchanged"): ms from just before `systemctl
+    daemon-reload` to its return, to the re-apply's start and end in the journal, and (add,
+    remove) to the moment a stranger's bind to `port` changed answer; the re-apply's CPU and
+    PID 1's meanwhile."""
+    from tests.systemd.guest_files import DECLARED_PORT, DECLARING_DROPIN, declaration
+    from tests.systemd.probes import EADDRINUSE, wait_for
+
+    watched = box.results / f"watch-{port}.json"
+    watched.unlink(missing_ok=True)
+    if change != "unchanged":  # the stranger binds once, then tells systemd it is ready
+        box.systemctl("start", f"pg-watch@{port}.service")
+        ports = (DECLARED_PORT, port) if change == "add" else (DECLARED_PORT,)
+        box.write(DECLARING_DROPIN, declaration(*ports))
+        time.sleep(SETTLE)
+    pid1_before = _cgroup_cpu_ms(box, "init.scope")
+    start = time.monotonic()
+    box.systemctl("daemon-reload")
+    returned = time.monotonic()
+    since = int(start * 1e6)
+    time.sleep(0.5)  # a re-apply takes about that; fewer questions to the journal meanwhile
+
+    def reloaded() -> dict[str, int] | None:
+        journal = _reload_journal(box, since)
+        return journal if "ended" in journal else None
+
+    seen = wait_for(reloaded, timeout=60, interval=0.25)
+    if not seen:
+        raise RuntimeError(f"daemon-reload ({change}): portguard.service was not reloaded")
+    pid1 = _cgroup_cpu_ms(box, "init.scope") - pid1_before
+    # The unit's cgroup goes when its process has exited and comes anew for the next one;
+    # systemd then reports the last run's CPU: the re-apply's own.
+    reapply = _show(box, "portguard.service", "CPUUsageNSec")["CPUUsageNSec"] / 1e6
+    figures = {
+        "daemon-reload returned": (returned - start) * 1000,
+        "re-apply began (portguard.service reloading)": seen["began"] / 1000 - start * 1000,
+        "re-apply ended (reloaded)": seen["ended"] / 1000 - start * 1000,
+        "re-apply CPU (portguard.service; ms)": reapply,
+        "PID 1 CPU meanwhile (init.scope: the reload, generators; ms)": pid1,
+        KEPT_BY_REAPPLY: _plan_kept(box),
+    }
+    if change != "unchanged":
+        if not wait_for(watched.exists, timeout=60, interval=0.05):
+            raise RuntimeError(f"daemon-reload ({change}): the stranger wrote nothing")
+        watch = json.loads(watched.read_text())
+        expected = (0, EADDRINUSE) if change == "add" else (EADDRINUSE, 0)
+        if (watch["before"], watch["after"]) != expected or watch["changed_at"] is None:
+            raise RuntimeError(f"daemon-reload ({change}): the stranger saw {watch}")
+        figures["stranger's bind refused / allowed again"] = (watch["changed_at"] - start) * 1000
+    return figures
+
+
+def reload(w, s) -> str:
+    """daemon-reload -> the port a unit file declares guarded (and released), in a guest
+    booted with real services: N rounds of add, remove and unchanged."""
+    from tests.systemd import conftest
+    from tests.systemd.guest_files import ADDED_PORT, DECLARING_UNITS
+
+    rounds = RELOAD_ROUNDS[s.rounds <= 3]
+    changes = ("add", "remove", "unchanged")
+    per_change: dict[str, list[dict[str, float]]] = {change: [] for change in changes}
+    try:
+        with conftest.booted(services=True, extra=DECLARING_UNITS) as box:
+            version = box.run("dpkg-query", "-W", "-f=${Version}", "portguard").stdout
+            for _ in range(rounds):
+                for change in changes:
+                    per_change[change].append(_daemon_reload(box, ADDED_PORT, change))
+    except (pytest.skip.Exception, pytest.fail.Exception) as exc:
+        raise Unavailable(f"reload benchmark: {exc}") from None
+    labels = list(per_change["add"][0])
+    labels.insert(1 + labels.index("re-apply began (portguard.service reloading)"), labels.pop())
+    rows = [
+        [label, *(_cell(label, [r[label] for r in per_change[c] if label in r]) for c in changes)]
+        for label in labels
+    ]
+    return "\n".join(
+        [
+            table(
+                f"daemon-reload in the booted guest (portguard {version}, real services): "
+                f"pg-decl.service's drop-in gains or loses X-PortGuard-Reserve={ADDED_PORT}, "
+                f"ms after `systemctl daemon-reload` was called; {rounds} rounds (median, spread)",
+                ["figure", f"{ADDED_PORT} added", f"{ADDED_PORT} removed", "nothing changed"],
+                rows,
+            ),
+            "",
+            "From CLOCK_MONOTONIC just before `systemctl daemon-reload` (through nsenter) to: its "
+            "return; the journal's receipt of portguard.service's reloading and reloaded "
+            "messages (portguard-generator -> portguard-reload.path -> portguard-reload.service "
+            "-> systemctl try-reload-or-restart); the first changed answer of a stranger "
+            f"(pg-watch@{ADDED_PORT}.service, outside the owner's cgroup) binding "
+            f"0.0.0.0:{ADDED_PORT}/tcp every millisecond. Re-apply CPU: portguard.service's "
+            "CPUUsageNSec after the reload (its cgroup is made anew for every run).",
+        ]
     )

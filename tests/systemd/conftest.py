@@ -62,7 +62,8 @@ def booted(
     copied into the guest (GUEST_DEBS) for the tests to install; bpf: False boots with
     nspawn's default system call filter and capabilities, where bpf() is refused; extra:
     more guest files (path -> text or Symlink) written before boot; services: the tree with real
-    services (rootfs.SERVICE_PACKAGES: cups, dovecot, rsync, nfs-common), as benchmarks boot."""
+    services (rootfs.SERVICE_PACKAGES: cups, dovecot, rsync, nfs-common), as benchmarks boot
+    (cups serves 631 there, pg-owner.service is not enabled)."""
     cgroup_root = _prerequisites()
     try:
         tree = rootfs.ensure_rootfs(log=print, services=services)
@@ -81,7 +82,7 @@ def booted(
     )
     # Inside a cgroup namespace the guest's root cgroup is "/" to it (and the container's
     # subtree to the kernel); without one the guest sees the host's paths.
-    box.files = guest_files("/" if cgroup_namespace else box.cgroup, carry)
+    box.files = guest_files("/" if cgroup_namespace else box.cgroup, carry, services)
     box.files.update(extra or {})
     try:
         try:

@@ -11,6 +11,7 @@ from tests.systemd.machine import GUEST_DEBS, GUEST_RESULTS, REPO, GuestFiles, S
 
 OWNER_PORT = 631  # tcp+udp, owned by pg-owner.service
 SOCKET_PORT = 873  # tcp, owned by pg-sock.socket (bound by PID 1, served by pg-sock.service)
+DECLARED_PORT, ADDED_PORT = 700, 701  # declared by pg-decl.service's drop-in; ADDED_PORT by edits
 PGNET_GUEST = "/usr/local/lib/portguard-test/pgnet.py"
 PGNET = f"/usr/bin/python3 {PGNET_GUEST}"
 UNIT_DIR = "/etc/systemd/system"
@@ -48,6 +49,14 @@ Description=portguard test: a stranger trying port %i, staying until stopped
 Type=notify
 ExecStart={PGNET} stay %i {GUEST_RESULTS}/stay-%i.json
 """,
+    "pg-watch@.service": f"""\
+[Unit]
+Description=portguard test: a stranger binding %i until the answer changes
+
+[Service]
+Type=notify
+ExecStart={PGNET} watch %i {GUEST_RESULTS}/watch-%i.json
+""",
     "pg-hammer.service": f"""\
 [Unit]
 Description=portguard test: a stranger binding {OWNER_PORT} in a loop
@@ -81,6 +90,33 @@ ENABLED = {
 }
 
 
+# A unit that declares its own port (X-PortGuard-Reserve= in a drop-in), for the tests of
+# declarations and the benchmark of daemon-reload: extra guest files for booted(extra=...).
+DECLARING_DROPIN = f"{UNIT_DIR}/pg-decl.service.d/portguard.conf"
+
+
+def declaration(*ports: int | str) -> str:
+    """pg-decl.service's drop-in, declaring these ports."""
+    return f"[Unit]\nX-PortGuard-Reserve={' '.join(str(p) for p in ports)}\n"
+
+
+DECLARING_UNITS: GuestFiles = {
+    f"{UNIT_DIR}/pg-decl.service": f"""\
+[Unit]
+Description=portguard test: owner of {DECLARED_PORT} by its own declaration
+
+[Service]
+Type=notify
+ExecStart={PGNET} serve {DECLARED_PORT}
+
+[Install]
+WantedBy=multi-user.target
+""",
+    DECLARING_DROPIN: declaration(DECLARED_PORT),
+    f"{UNIT_DIR}/multi-user.target.wants/pg-decl.service": Symlink(f"{UNIT_DIR}/pg-decl.service"),
+}
+
+
 def config(attach_cgroup: str) -> str:
     return f"""\
 [guard]
@@ -98,11 +134,17 @@ units = ["pg-sock.socket"]
 """
 
 
-def guest_files(attach_cgroup: str, debs: tuple[Path, ...] = ()) -> GuestFiles:
-    """Written into the overlay before boot; `debs` are copied to GUEST_DEBS for the tests."""
+def guest_files(
+    attach_cgroup: str, debs: tuple[Path, ...] = (), services: bool = False
+) -> GuestFiles:
+    """Written into the overlay before boot; `debs` are copied to GUEST_DEBS for the tests.
+    services: the tree with real services, where cups serves OWNER_PORT; pg-owner.service is
+    there but not enabled (the two would race for the port at every boot, and the loser fail
+    or serve without it)."""
     files: GuestFiles = {f"{UNIT_DIR}/{name}": text for name, text in UNITS.items()}
     for wants, unit in ENABLED.items():
-        files[f"{UNIT_DIR}/{wants}/{unit}"] = Symlink(f"{UNIT_DIR}/{unit}")
+        if not (services and unit == "pg-owner.service"):
+            files[f"{UNIT_DIR}/{wants}/{unit}"] = Symlink(f"{UNIT_DIR}/{unit}")
     files[PGNET_GUEST] = (REPO / "tests/systemd/guest/pgnet.py").read_text()
     files[CONFIG] = config(attach_cgroup)
     for deb in debs:

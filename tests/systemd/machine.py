@@ -122,6 +122,16 @@ class Machine:
                 target.write_text(content)
         if self.preinstalled:
             self._install_in_chroot(self.preinstalled)
+        self._boot()
+
+    def reboot(self) -> None:
+        """Power the guest off and boot it again from the same overlay: what an installed
+        system does at every boot but the first (its files as old as they are, /run empty)."""
+        self._power_off()
+        _remove_cgroup_tree(self.cgroup_dir)
+        self._boot()
+
+    def _boot(self) -> None:
         self.cgroup_dir.mkdir()
         env = {
             **os.environ,
@@ -277,6 +287,14 @@ class Machine:
 
     # -- tear-down -------------------------------------------------------------------------
     def stop(self) -> None:
+        self._power_off()
+        _remove_cgroup_tree(self.cgroup_dir)
+        if self._mounted:
+            subprocess.run(["umount", "--lazy", str(self.root)], check=False)
+            self._mounted = False
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def _power_off(self) -> None:
         if self.nspawn is not None and self.nspawn.poll() is None:
             if self.leader is not None:
                 try:
@@ -288,11 +306,6 @@ class Machine:
             except subprocess.TimeoutExpired:
                 self.nspawn.kill()
                 self.nspawn.wait()
-        _remove_cgroup_tree(self.cgroup_dir)
-        if self._mounted:
-            subprocess.run(["umount", "--lazy", str(self.root)], check=False)
-            self._mounted = False
-        shutil.rmtree(self.work, ignore_errors=True)
 
 
 def _namespaced_pid(pid: int) -> int | None:

@@ -13,28 +13,24 @@ from collections.abc import Iterator
 import pytest
 
 from tests.systemd.conftest import booted
-from tests.systemd.guest_files import OWNER_PORT, PGNET, UNIT_DIR
-from tests.systemd.machine import GUEST_RESULTS, Machine, Symlink
+from tests.systemd.guest_files import (
+    ADDED_PORT,
+    DECLARED_PORT,
+    DECLARING_DROPIN,
+    DECLARING_UNITS,
+    OWNER_PORT,
+    PGNET,
+    UNIT_DIR,
+    declaration,
+)
+from tests.systemd.machine import GUEST_RESULTS, Machine
 from tests.systemd.probes import ALL_WAYS, EADDRINUSE, reservation, stranger_tries, wait_for
 
 pytestmark = pytest.mark.kernel
 
-PORT, ADDED = 700, 701  # declared by pg-decl.service's drop-in; ADDED by the edit
-DROPIN = f"{UNIT_DIR}/pg-decl.service.d/portguard.conf"
+PORT, ADDED, DROPIN = DECLARED_PORT, ADDED_PORT, DECLARING_DROPIN
 UNITS = {
-    f"{UNIT_DIR}/pg-decl.service": f"""\
-[Unit]
-Description=portguard test: owner of {PORT} by its own declaration
-
-[Service]
-Type=notify
-ExecStart={PGNET} serve {PORT}
-
-[Install]
-WantedBy=multi-user.target
-""",
-    DROPIN: f"[Unit]\nX-PortGuard-Reserve={PORT}\n",
-    f"{UNIT_DIR}/multi-user.target.wants/pg-decl.service": Symlink(f"{UNIT_DIR}/pg-decl.service"),
+    **DECLARING_UNITS,
     f"{UNIT_DIR}/pg-hammer@.service": f"""\
 [Unit]
 Description=portguard test: a stranger binding %i in a loop
@@ -77,7 +73,7 @@ def test_systemd_analyze_verify_is_clean_on_the_declaring_unit(machine: Machine)
 def test_edit_and_daemon_reload_moves_the_guard_while_a_stranger_hammers(machine: Machine):
     machine.systemctl("start", f"pg-hammer@{PORT}.service")
     try:
-        machine.write(DROPIN, f"[Unit]\nX-PortGuard-Reserve={PORT} {ADDED}\n")
+        machine.write(DROPIN, declaration(PORT, ADDED))
         start = time.monotonic()
         machine.systemctl("daemon-reload")
         reserved = wait_for(lambda: check(machine, ADDED)["reserved"], timeout=30, interval=0.05)
@@ -85,7 +81,7 @@ def test_edit_and_daemon_reload_moves_the_guard_while_a_stranger_hammers(machine
         assert reserved, "daemon-reload did not re-apply"
         print(f"daemon-reload -> {ADDED}/tcp guarded: {delay:.2f} s")
         assert stranger_tries(machine, ADDED) == dict.fromkeys(ALL_WAYS, EADDRINUSE)
-        machine.write(DROPIN, f"[Unit]\nX-PortGuard-Reserve={PORT}\n")
+        machine.write(DROPIN, declaration(PORT))
         machine.systemctl("daemon-reload")
         assert wait_for(lambda: not check(machine, ADDED)["reserved"], timeout=30, interval=0.05)
     finally:
@@ -96,7 +92,7 @@ def test_edit_and_daemon_reload_moves_the_guard_while_a_stranger_hammers(machine
 
 
 def test_a_bad_value_leaves_that_unit_out_loudly_and_every_other_port_guarded(machine: Machine):
-    machine.write(DROPIN, f"[Unit]\nX-PortGuard-Reserve={PORT} no-such-service\n")
+    machine.write(DROPIN, declaration(PORT, "no-such-service"))
     try:
         machine.systemctl("daemon-reload")
         assert wait_for(lambda: not check(machine, PORT)["reserved"], timeout=30, interval=0.05)
@@ -107,7 +103,7 @@ def test_a_bad_value_leaves_that_unit_out_loudly_and_every_other_port_guarded(ma
         journal = machine.run("journalctl", "-b", "-u", "portguard.service", "--no-pager").stdout
         assert f"warning: {DROPIN}:2" in journal
     finally:
-        machine.write(DROPIN, f"[Unit]\nX-PortGuard-Reserve={PORT}\n")
+        machine.write(DROPIN, declaration(PORT))
         machine.systemctl("daemon-reload")
     assert wait_for(lambda: check(machine, PORT)["reserved"], timeout=30, interval=0.05)
 

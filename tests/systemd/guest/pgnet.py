@@ -7,6 +7,9 @@ try PORT OUT            stranger: try to bind PORT every way, write {case: errno
 stay PORT OUT           the same, then tell systemd READY=1 and stay (its cgroup with it) until
                         SIGTERM: a refused caller that is still there when it is looked up
 hammer PORT OUT         stranger: bind PORT tcp+udp in a loop until SIGTERM, write counts to OUT
+watch PORT OUT          stranger: bind PORT (IPv4 tcp) once, tell systemd READY=1, then every
+                        millisecond until the answer changes (refused -> allowed or back, or
+                        60 s); write both answers and when it changed (CLOCK_MONOTONIC) to OUT
 activated               socket-activated service: accept on fd 3, greet, exit
 connect PORT            client: print what the socket-activated service says
 """
@@ -16,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 CASES = {
     "v4/tcp": (socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0"),
@@ -87,6 +91,23 @@ def hammer(port: int, out: str) -> None:
     write(out, counts)
 
 
+def watch(port: int, out: str) -> None:
+    # CLOCK_MONOTONIC is the kernel's, the same inside the container as on the host (nspawn
+    # makes no time namespace): the benchmark subtracts the moment it ran daemon-reload.
+    first = errno_of("v4/tcp", port)
+    notify("READY=1")
+    deadline = time.monotonic() + 60
+    polls = 0
+    while (now := time.monotonic()) < deadline:
+        polls += 1
+        answer = errno_of("v4/tcp", port)
+        if answer != first:
+            write(out, {"before": first, "after": answer, "changed_at": now, "polls": polls})
+            return
+        time.sleep(0.001)
+    write(out, {"before": first, "after": first, "changed_at": None, "polls": polls})
+
+
 def activated() -> None:
     if os.environ.get("LISTEN_FDS") != "1":
         sys.exit("expected one socket from systemd")
@@ -112,6 +133,8 @@ def main(argv: list[str]) -> None:
             signal.sigwait({signal.SIGTERM})
     elif action == "hammer":
         hammer(int(args[0]), args[1])
+    elif action == "watch":
+        watch(int(args[0]), args[1])
     elif action == "activated":
         activated()
     elif action == "connect":
