@@ -201,3 +201,28 @@ def test_units_generated_anew_with_other_content_make_it_unusable(world, volatil
         (volatile / "alias.service").unlink()
         (volatile / "alias.service").symlink_to(units / "web.service.d" / "ports.conf")
     assert compiled.loads(data, world) is None
+
+
+def test_a_unit_masked_by_a_link_to_a_device_is_known_by_that_alone(world, monkeypatch):
+    """Debian masks units with links to /dev/null (hwclock.service, rc.service ...). /dev/null
+    is made anew at every boot (and by systemd-nspawn at every start): its times must neither
+    make every boot's record racy nor every record unusable."""
+    units = world.parents[1] / "units"
+    device = world.parents[1] / "null"
+    try:
+        os.mknod(device, 0o666 | 0o020000, os.makedev(1, 3))
+    except PermissionError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("making a device node needs root")
+        pytest.skip("making a device node needs root")
+    (units / "masked.service").symlink_to(device)
+    age(world.parents[1])
+    data = record(world)
+    time.sleep(1.1)  # every input changed more than a second ago ...
+    os.chmod(device, 0o644)  # ... but the device, just now, as at every boot
+    assert compiled.loads(data, world) is not None
+    cfg, the_plan = applied(world)
+    assert compiled.dumps(cfg, the_plan, world, time.time_ns()) is not None  # not racy
+    (units / "masked.service").unlink()  # unmasked: another file
+    (units / "masked.service").symlink_to(units / "web.service")
+    assert compiled.loads(data, world) is None
