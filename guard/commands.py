@@ -138,11 +138,14 @@ def compiled_plan(config_path: str | None):
 def _compiled_record(config_path: str | None, boot: bool = False):
     """(compiled.Compiled or None, the record's bytes or None); with boot, the record the last
     boot's first apply kept (/var/lib/portguard) when /run has none that holds."""
+    from guard import quick
     from guard.observe import outcome
     from guard.policy import compiled
 
     main = main_config(config_path)
     for from_boot in (False, True) if boot else (False,):
+        if not from_boot and str(main) in quick.STALE:  # the quick path looked already
+            continue
         record = outcome.plan_record(main, boot=from_boot)
         known = None if record is None else compiled.loads(record, main)
         if known is not None:

@@ -42,6 +42,9 @@ RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 # bindresvport blacklist it advises on).
 ENVIRONMENT = ("PORTGUARD_CACHE_DIR", "PORTGUARD_BINDRESVPORT_BLACKLIST")
 FAULT_ENV = "PORTGUARD_FAULT_AFTER"  # the fault tests kill the full path at every step
+# Configuration files whose compiled plan in /run this process found stale or missing: the
+# full path that follows need not stat its ~700 inputs again to know (guard/commands.py).
+STALE: set[str] = set()
 CODE_DIRS = ("", "kernel", "policy", "observe")
 
 
@@ -52,9 +55,13 @@ def reapply(config_path: str | None) -> bool:
         return False
     main = config_path or paths.DEFAULT_CONFIG
     try:
-        with open(paths.plan_record(main), "rb") as f:
-            opened = unsealed(f.read(), main)
+        try:
+            with open(paths.plan_record(main), "rb") as f:
+                opened = unsealed(f.read(), main)
+        except FileNotFoundError:
+            opened = None
         if opened is None:
+            STALE.add(main)
             return False
         pin_dir, body = opened
         import fcntl
