@@ -18,6 +18,8 @@ import marshal
 import os
 import sys
 
+from guard.paths import sha256
+
 # The records' format: a record of another format, or made by another interpreter, or under
 # an environment that redirects the inputs, is never used.
 FORMAT = 4
@@ -119,15 +121,7 @@ def _held(path: str, st: os.stat_result) -> tuple:
     if st.st_mode & 0o170000 != 0o100000:  # not a regular file: its type
         return (st.st_mode,)
     with open(path, "rb") as f:
-        return (st.st_mode, st.st_size, _sha256(f.read()).hexdigest())
-
-
-def _sha256(data: bytes):
-    try:
-        from _sha256 import sha256  # CPython's own (hashlib would load OpenSSL's libcrypto)
-    except ImportError:  # other Pythons (3.12 calls it _sha2)
-        from hashlib import sha256
-    return sha256(data)
+        return (st.st_mode, st.st_size, sha256(f.read()).hexdigest())
 
 
 def stat_of(path: str) -> tuple:

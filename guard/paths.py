@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import os
 
+try:
+    # CPython's built-in SHA-256: hashlib would load OpenSSL's libcrypto, a measurable part of
+    # an apply at boot for a few small digests.
+    from _sha256 import sha256
+except ImportError:  # other Pythons (3.12 calls it _sha2)
+    from hashlib import sha256  # noqa: F401 (used by the modules that name files and records)
+
 DEFAULT_CONFIG = "/etc/portguard/portguard.toml"
 DEFAULT_RUN_DIR = "/run/portguard"
 DEFAULT_STATE_DIR = "/var/lib/portguard"
@@ -56,10 +63,5 @@ def guard_record(pin_dir: str) -> str:
 
 def lock_name(pin_dir: str, role: str = "") -> str:
     """The file name of one role's lock (apply/remove, monitor, ...) for one pin directory."""
-    try:
-        # CPython's built-in SHA-256 (hashlib would load OpenSSL's libcrypto)
-        from _sha256 import sha256
-    except ImportError:  # other Pythons (3.12 calls it _sha2)
-        from hashlib import sha256
     name = sha256(pin_dir.encode()).hexdigest()[:16]
     return f"portguard-{role + '-' if role else ''}{name}.lock"

@@ -133,7 +133,6 @@ def remember(
     edited, replaced = code
     edited_seen, newest = fingerprint(edited, [])
     if newest > since_ns - RACY_NS:
-        forget(pin_dir)
         return
     try:
         record = (
@@ -155,15 +154,7 @@ def remember(
             f.write(marshal.dumps(record))
         os.replace(tmp, path)
     except (OSError, ValueError, snapshot.Unreadable):
-        forget(pin_dir)
-
-
-def forget(pin_dir: str) -> None:
-    """Take the guard record away (before anything changes the guard)."""
-    try:
-        os.unlink(paths.guard_record(pin_dir))
-    except FileNotFoundError:
-        pass
+        pass  # no record: this apply took the last one away before it changed anything
 
 
 def code_files(object_path: str, blacklist: str) -> tuple[list[str], list[str]]:
@@ -193,19 +184,9 @@ def _facts(attach_dir: str) -> tuple:
 
 
 def _digest(body: bytes) -> str:
-    try:
-        from _sha256 import sha256
-    except ImportError:  # other Pythons (3.12 calls it _sha2)
-        from hashlib import sha256
-    return sha256(body).hexdigest()
+    return paths.sha256(body).hexdigest()
 
 
 def _reserved_ports() -> set[int]:
     with open(RESERVED_PORTS) as f:
-        text = f.read()
-    ports: set[int] = set()
-    for item in text.replace("\n", "").split(","):
-        if item.strip():
-            low, _, high = item.strip().partition("-")
-            ports.update(range(int(low), int(high or low) + 1))
-    return ports
+        return snapshot.parse_ports(f.read())

@@ -48,6 +48,18 @@ SYSCALLS = {
 SO_NETNS_COOKIE = 71
 
 
+def parse_ports(text: str) -> set[int]:
+    """The ports of net.ipv4.ip_local_reserved_ports as the kernel prints them ("1,5-9")."""
+    ports: set[int] = set()
+    for item in text.replace("\n", "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        low, _, high = item.partition("-")
+        ports.update(range(int(low), int(high or low) + 1))
+    return ports
+
+
 def netns_cookie() -> int:
     """This network namespace's cookie, or 0 (guard every namespace) on kernels that cannot
     report it to userspace (SO_NETNS_COOKIE: Linux >= 5.14). Through _socket: socket.py's

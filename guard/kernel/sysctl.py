@@ -6,21 +6,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from guard.kernel import layout, libbpf
+from guard.kernel import layout, libbpf, snapshot
 from guard.kernel.pins import open_map
 
 RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
 
 
 def parse(text: str) -> set[int]:
-    ports: set[int] = set()
-    for item in text.replace("\n", "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        low, _, high = item.partition("-")
-        ports.update(range(int(low), int(high or low) + 1))
-    return ports
+    return snapshot.parse_ports(text)
 
 
 def format_ports(ports: set[int]) -> str:
