@@ -145,8 +145,9 @@ MUTANTS = [
         "double-counting",
         "refusals counted exactly",
         "bpf/guard.bpf.c",
-        "\tcount(&denied, protocol, port);\n",
-        "\tcount(&denied, protocol, port);\n\tcount(&denied, protocol, port);\n",
+        # the cgroup road's (the security_socket_bind program's follows `return 0;`)
+        "\t\treturn ALLOW;\n\tcount(&denied, protocol, port);\n",
+        "\t\treturn ALLOW;\n\tcount(&denied, protocol, port);\n\tcount(&denied, protocol, port);\n",
         (
             OBSERVABILITY
             + "test_denied_counter_equals_the_refused_binds_of_several_parallel_processes",
@@ -410,9 +411,9 @@ MUTANTS = [
     Mutant(
         "compiled-plan-fingerprint-ignored",
         "status, check and apply use a compiled plan only while every input is unchanged",
-        "guard/policy/compiled.py",
-        "fingerprint(files, dirs)[0] != seen:\n",
-        "False:\n",
+        "guard/fingerprint.py",
+        " or fingerprint(files, dirs)[0] != seen:\n",
+        ":\n",
         (
             "tests/kernel/test_compiled_plan.py::test_files_edited_after_the_apply_are_read_again",
             "tests/kernel/test_compiled_plan.py::"
