@@ -1,4 +1,5 @@
-"""Where portguard keeps its files: names only, importing nothing but os.
+"""Where portguard keeps its files (their names, and how a record is written), importing
+nothing but os.
 
 guard/quick.py reads these before anything else is imported (an unchanged re-apply), so the
 names live here once, for it and for the modules that write the files (guard/observe/outcome.py,
@@ -19,6 +20,15 @@ except ImportError:  # other Pythons (3.12 calls it _sha2)
 DEFAULT_CONFIG = "/etc/portguard/portguard.toml"
 DEFAULT_RUN_DIR = "/run/portguard"
 DEFAULT_STATE_DIR = "/var/lib/portguard"
+
+
+def write_record(path: str, data: bytes) -> None:
+    """Write a record whole or not at all (a temporary file renamed over it), root-only."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
 
 
 def run_dir() -> str:

@@ -147,12 +147,7 @@ def remember(
             err,
             out,
         )
-        path = paths.guard_record(pin_dir)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(marshal.dumps(record))
-        os.replace(tmp, path)
+        paths.write_record(paths.guard_record(pin_dir), marshal.dumps(record))
     except (OSError, ValueError, snapshot.Unreadable):
         pass  # no record: this apply took the last one away before it changed anything
 

@@ -21,12 +21,6 @@ class Failure(NamedTuple):
     message: str
 
 
-def run_dir() -> Path:
-    """/run/portguard, or where PORTGUARD_RUN_DIR says (tests; guard/kernel/host.py keeps its
-    locks there too)."""
-    return Path(paths.run_dir())
-
-
 def _path(pin_dir: str) -> Path:
     return Path(paths.failure_record(pin_dir))
 
@@ -84,11 +78,7 @@ def save_plan(config_main: Path, record: bytes | None, boot: bool = False) -> No
                 path.unlink(missing_ok=True)
                 continue
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(record)
-            os.replace(tmp, path)
+            paths.write_record(str(path), record)
         except (OSError, ValueError):
             pass
 
