@@ -136,8 +136,9 @@ def compiled_plan(config_path: str | None):
 
 
 def _compiled_record(config_path: str | None, boot: bool = False):
-    """(compiled.Compiled or None, the record's bytes or None); with boot, the record the last
-    boot's first apply kept (/var/lib/portguard) when /run has none that holds."""
+    """(compiled.Compiled or None, the record's bytes or None, whether it is the one the last
+    boot's first apply kept in /var/lib/portguard: with boot, taken when /run has none that
+    holds)."""
     from guard import quick
     from guard.observe import outcome
     from guard.policy import compiled
@@ -149,8 +150,8 @@ def _compiled_record(config_path: str | None, boot: bool = False):
         record = outcome.plan_record(main, boot=from_boot)
         known = None if record is None else compiled.loads(record, main)
         if known is not None:
-            return known, record
-    return None, None
+            return known, record, from_boot
+    return None, None, False
 
 
 def _apply(config_path: str | None) -> str:
@@ -165,7 +166,7 @@ def _apply(config_path: str | None) -> str:
     main = main_config(config_path)
     reading = time.time_ns()
     boot = outcome.first_of_boot()  # the boot's apply may take the plan the last boot's made
-    known, record = _compiled_record(config_path, boot)  # files unchanged since last applied
+    known, record, kept = _compiled_record(config_path, boot)  # files unchanged since applied
     if known is None:
         with units.listing_cache():  # the unit files as they are now: each listed once
             cfg = load_config(config_path)
@@ -183,8 +184,8 @@ def _apply(config_path: str | None) -> str:
         nonlocal record
         if known is None:
             record = compiled.dumps(cfg, plan, main, reading)
-        if known is None or boot:  # in /run for status, check and the quick re-apply; and
-            outcome.save_plan(main, record, boot)  # the boot's first, for the next boot's
+        if known is None or boot:  # in /run for status, check and the quick re-apply; and the
+            outcome.save_plan(main, record, boot and not kept)  # boot's first, for the next
         warnings = [display.warning_line(note) for note in result.warnings]
         seen = errno.EPERM if result.denial == DENY_EPERM else plan.settings.deny_errno_number
         exposed = resvport.exposed((port for _, port in plan.ports), seen)
