@@ -135,9 +135,10 @@ def stat_of(path: str) -> tuple:
     if link.st_mode & 0o170000 == 0o120000:  # a symlink: what it points to counts too
         try:
             target = os.stat(path)
-            if target.st_mode & 0o170000 in (0o020000, 0o060000):
-                # a device: a unit masked by a link to /dev/null. The device's times change
-                # with every write to it (and at every boot): only that it is one counts.
+            if target.st_mode & 0o170000 not in (0o100000, 0o040000):
+                # not a file or directory: a device (a unit masked by a link to /dev/null,
+                # which every boot and every nspawn start makes anew), a FIFO, a socket: only
+                # what it is counts, not its times.
                 return (path, os.readlink(path), target.st_mode, link.st_mtime_ns, link.st_ctime_ns)
             return (
                 path,

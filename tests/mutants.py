@@ -543,7 +543,7 @@ MUTANTS = [
         "masked-unit-by-device-times",
         "compiled plan: a unit masked by a link to /dev/null is known by the link, not the device",
         "guard/fingerprint.py",
-        "            if target.st_mode & 0o170000 in (0o020000, 0o060000):\n",
+        "            if target.st_mode & 0o170000 not in (0o100000, 0o040000):\n",
         "            if False:\n",
         (
             "tests/unit/test_compiled.py::test_a_unit_masked_by_a_link_to_a_device_is_known_by_that_alone",
