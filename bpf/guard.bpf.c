@@ -385,6 +385,12 @@ int BPF_PROG(portguard_socket_bind, struct socket *sock, struct sockaddr *addres
 
 	if (!reserved(protocol, port, 0, &g))
 		return 0;
+	/* judging only while the gate names these maps (see struct pg_gate) */
+	__u32 zero = 0;
+	struct pg_gate *gate = bpf_map_lookup_elem(&hook_gate, &zero);
+
+	if (!gate || gate->live != g.cfg->gate)
+		return 0;
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct cgroup *cgrp = BPF_CORE_READ(task, cgroups, dfl_cgrp);
 

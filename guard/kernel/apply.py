@@ -21,6 +21,11 @@ without the second road). The new road's links are attached and pinned before th
 are unpinned: for that moment both refuse strangers, each from a complete guard, and nobody
 is without one. The security_socket_bind link cannot be updated in place (tracing links have
 no bpf_link_update): a new program gets a new link, pinned over the old one, which then goes.
+While both are attached both run, and chained fmod_ret programs must all allow a bind; so each
+judges only while the shared hook_gate map names its maps (bpf/guard.h, struct pg_gate). The
+new program is attached passing everything, the gate moves to it in one map write, and only
+then does the old link go: a run killed in between leaves one of them judging, and the next
+apply finishes the move (_settle_staged_hook).
 """
 
 from __future__ import annotations
@@ -187,13 +192,14 @@ def _load(
     """Load, reusing this layout's pinned maps when reused; maps libbpf cannot reuse (their
     definition or size changed without a layout change) are retired and made afresh."""
     pins.maps_dir.mkdir(mode=0o700, exist_ok=True)
+    shared = {"hook_gate": pins.gate}
     try:
-        return libbpf.load_object(object_path, pins.maps_dir, skip, sizes), reused
+        return libbpf.load_object(object_path, pins.maps_dir, skip, sizes, shared), reused
     except libbpf.IncompatiblePinnedMap:
         pass
     _retire(pins.maps_dir)
     pins.maps_dir.mkdir(mode=0o700)
-    return libbpf.load_object(object_path, pins.maps_dir, skip, sizes), False
+    return libbpf.load_object(object_path, pins.maps_dir, skip, sizes, shared), False
 
 
 def _sizes(plan: Plan, pins: Pins, maps: Maps | None) -> tuple[dict[str, int], bool]:
@@ -234,11 +240,12 @@ class _Transaction:
 
     def run(self) -> ApplyResult:
         pins = self.pins
-        # a killed run's new security_socket_bind link, never switched to: the guard it was
-        # to replace still enforces (or, at the first apply, nothing is reserved yet)
-        libbpf.unpin(pins.staged_link(HOOK_LINK))
+        _check_gate(pins)
+        self._settle_staged_hook()
         links = _open_links(pins)
         maps = Maps.open_pinned(pins.maps_dir)
+        if maps is not None:
+            self._gate_of(maps)
         loaded = None
         wanted_links = core_links(self.denial) + (PACKET_LINKS if self.contain else ())
         try:
@@ -253,6 +260,9 @@ class _Transaction:
                 or takeover
                 or too_small  # new maps of the right size, swapped in like a new layout
                 or any(links[n] is None for n in wanted_links)
+                # pinned anew by the load (a hook program attached already keeps the one it
+                # reads, unpinned: its successor's switch then overlaps it, as before the gate)
+                or not os.path.lexists(pins.gate)
             )
             if need_load:
                 if maps is None:
@@ -265,6 +275,7 @@ class _Transaction:
                     if maps is not None:
                         maps.close()
                     maps = Maps({name: os.dup(loaded.maps[name]) for name in layout.MAPS})
+                    self._gate_of(maps)
                     readers, takeover = [], bool(bind_links)
                 _carry_sysctl_records(pins, maps)
                 if not readers:
@@ -309,6 +320,36 @@ class _Transaction:
             if loaded is not None:
                 loaded.close()
 
+    def _gate_of(self, maps: Maps) -> None:
+        """The gate value of these maps (struct pg_gate): their state map's id."""
+        self.cfg.gate = libbpf.map_info(maps.fds["state"]).id
+
+    def _settle_staged_hook(self) -> None:
+        """A killed run's new security_socket_bind link (link_socket_bind_new): if the gate
+        had moved to its maps it is the program that judges, and takes link_socket_bind's
+        place; otherwise it never judged, and goes (the guard it was to replace still does,
+        or, at the first apply, nothing is reserved yet)."""
+        staged = self.pins.staged_link(HOOK_LINK)
+        fd = libbpf.get_pinned(staged)
+        if fd is None:
+            return
+        try:
+            judging = False
+            if libbpf.object_kind(fd)[0] == "link":
+                info = libbpf.link_info(fd)
+                live = _gate_value(self.pins)
+                judging = (
+                    _expected_link(HOOK_LINK, info)
+                    and live != 0
+                    and live in libbpf.prog_map_ids(info.prog_id)
+                )
+        finally:
+            os.close(fd)
+        if judging:
+            libbpf.rename_pin(staged, self.pins.link(HOOK_LINK))
+        else:
+            libbpf.unpin(staged)
+
     def _stage_trackers(self, loaded: libbpf.LoadedObject) -> list[str]:
         """Attach the new cgroup trackers beside the old ones (both keep their maps current
         until the bind links switch); pinned as link_<name>_new until then."""
@@ -341,11 +382,18 @@ class _Transaction:
                 libbpf.update_link(links[name], prog)
 
     def _attach_hook(self, links: dict[str, int | None], loaded: libbpf.LoadedObject) -> None:
-        """Attach the security_socket_bind program and pin its link over the old one (if
-        any), which then detaches: until then both run, each refusing from a complete guard."""
+        """Attach the security_socket_bind program, pinned as link_socket_bind_new: it
+        passes every bind until the gate names its maps. Move the gate to it (one map write:
+        from then on the old program, if any, passes every bind), then pin its link over the
+        old one, which detaches. Over the same maps (a new program only) both judge alike."""
+        staged = self.pins.staged_link(HOOK_LINK)
         new = libbpf.attach_tracing(loaded.programs[self.programs[HOOK_LINK]])
         try:
-            _pin_replace(new, self.pins.link(HOOK_LINK))
+            libbpf.unpin(staged)
+            libbpf.pin(new, staged)
+            gate = libbpf.Map(loaded.maps["hook_gate"], layout.GATE.key, layout.GATE.value)
+            gate.update(0, layout.Gate(self.cfg.gate))
+            libbpf.rename_pin(staged, self.pins.link(HOOK_LINK))
         except BaseException:
             os.close(new)
             raise
@@ -382,6 +430,32 @@ class _Transaction:
             _pin_replace(new, self.pins.link(name))
             libbpf.close(fd)
             links[name] = new
+
+
+def _check_gate(pins: Pins) -> None:
+    """Refuse a pin under hook_gate's name that is not such a map (libbpf would not reuse
+    it, and no new maps would help)."""
+    if not os.path.lexists(pins.gate):
+        return
+    fd = open_map(pins.gate, "hook_gate", layout.GATE)
+    if fd is None:
+        raise GuardError(
+            f"{pins.gate} is not portguard's hook gate (a foreign or damaged pin): remove it "
+            "or choose another pin_dir"
+        )
+    os.close(fd)
+
+
+def _gate_value(pins: Pins) -> int:
+    """hook_gate's live value (0: none pinned, or never set)."""
+    fd = open_map(pins.gate, "hook_gate", layout.GATE)
+    if fd is None:
+        return 0
+    try:
+        value = libbpf.Map(fd, layout.GATE.key, layout.GATE.value).lookup(0)
+    finally:
+        os.close(fd)
+    return value.live if value is not None else 0
 
 
 def _carry_sysctl_records(pins: Pins, maps: Maps) -> None:
@@ -517,6 +591,7 @@ def _remove_locked(pins: Pins) -> None:
     for name in LINK_NAMES:
         libbpf.unpin(pins.link(name))
         libbpf.unpin(pins.staged_link(name))
+    libbpf.unpin(pins.gate)  # no program reads it once the links are gone
     for maps_dir in maps_dirs:
         for entry in maps_dir.iterdir():
             libbpf.unpin(entry)

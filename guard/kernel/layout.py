@@ -113,7 +113,13 @@ class Config(C.Structure):
         ("scope_id", C.c_uint64),
         ("scope_level", C.c_uint32),
         ("netns_ino", C.c_uint32),
+        ("gate", C.c_uint32),
+        ("pad", C.c_uint32),
     ]
+
+
+class Gate(C.Structure):
+    _fields_ = [("live", C.c_uint32), ("pad", C.c_uint32)]
 
 
 class State(C.Structure):
@@ -154,6 +160,7 @@ STRUCTS: dict[str, type[C.Structure]] = {
     "pg_owner_val": OwnerVal,
     "pg_id_key": IdKey,
     "pg_config": Config,
+    "pg_gate": Gate,
     "pg_state": State,
     "pg_count_key": CountKey,
     "pg_event": Event,
@@ -223,6 +230,10 @@ def map_sizes(pairs: int, contained: int, sets: int, paths: int) -> dict[str, in
         "contained": fit("contained", 2 * contained),
     }
 
+
+#: hook_gate: pinned beside the maps directories, shared by every layout's security_socket_bind
+#: program (bpf/guard.h, struct pg_gate); its definition never changes.
+GATE = MapSpec(ARRAY, U32, Gate, 1)
 
 # The programs' own maps: events (pg_event records the monitor reads raw) and scratch.
 EVENTS = MapSpec(RINGBUF, type(None), type(None), EVENT_BYTES)

@@ -391,9 +391,11 @@ def load_object(
     maps_dir: Path,
     skip: tuple[str, ...] = (),
     sizes: dict[str, int] | None = None,
+    pinned_at: dict[str, Path] | None = None,
 ) -> LoadedObject:
     """Load and verify the object; each of its maps is reused from maps_dir when pinned
-    there, else created and pinned there (IncompatiblePinnedMap when a pinned one differs).
+    there, else created and pinned there (IncompatiblePinnedMap when a pinned one differs);
+    a map named in pinned_at lives at that path instead.
     Programs named in skip are not loaded (the other denial style, or programs this kernel
     would refuse); maps named in sizes get that max_entries instead of the object's.
     Program and map names are the object's own."""
@@ -406,7 +408,7 @@ def load_object(
             if name in maps:
                 _check(bpf.bpf_map__set_max_entries(maps[name], entries), f"sizing {name}")
         for name, m in maps.items():
-            pin_path = maps_dir / name
+            pin_path = (pinned_at or {}).get(name) or maps_dir / name
             _check_reusable(name, m, pin_path)
             _check(bpf.bpf_map__set_pin_path(m, str(pin_path).encode()), f"pin path for {name}")
         programs = _programs(handle)

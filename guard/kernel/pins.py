@@ -28,6 +28,11 @@ class Pins:
     def link(self, name: str) -> Path:
         return self.root / f"link_{name}"
 
+    @property
+    def gate(self) -> Path:
+        """hook_gate, shared by every layout's maps (bpf/guard.h, struct pg_gate)."""
+        return self.root / "hook_gate"
+
     def staged_link(self, name: str) -> Path:
         return self.root / f"link_{name}_new"  # bpffs refuses names with a dot
 

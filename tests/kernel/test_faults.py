@@ -205,6 +205,7 @@ class Rig:
                 *(f"link_{n}" for n in links),
                 "link_mkdir",
                 "link_rmdir",
+                "hook_gate",
             ]
         )
 

@@ -47,7 +47,13 @@ def pin_names(sandbox) -> list[str]:
 
 
 CLEAN_PINS = sorted(
-    [f"maps-{layout.LAYOUT}", *(f"link_{n}" for n in BIND_LINKS), "link_mkdir", "link_rmdir"]
+    [
+        f"maps-{layout.LAYOUT}",
+        *(f"link_{n}" for n in BIND_LINKS),
+        "link_mkdir",
+        "link_rmdir",
+        "hook_gate",
+    ]
 )
 
 
@@ -69,6 +75,25 @@ def test_a_foreign_pin_under_a_link_name_is_one_clear_sentence_and_the_guard_sta
     assert proc.stderr.strip().startswith(f"Error: {link} is not a portguard {name} link")
     assert "remove it or choose another pin_dir" in proc.stderr
     os.unlink(link)
+    sandbox.cli("apply")
+    assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
+
+
+def test_a_foreign_pin_as_the_hook_gate_is_one_clear_sentence_and_the_guard_stays(sandbox):
+    applied(sandbox)
+    gate = Pins(sandbox.pin_dir).gate
+    maps = Maps.open_pinned(Pins(sandbox.pin_dir).maps_dir)
+    try:
+        os.unlink(gate)
+        kernel.pin(maps.fds["config"], gate)  # a map, but not one with the gate's value
+    finally:
+        maps.close()
+    proc = sandbox.cli("apply", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(f"Error: {gate} is not portguard's hook gate")
+    assert "remove it or choose another pin_dir" in proc.stderr
+    assert guarded(sandbox)
+    os.unlink(gate)
     sandbox.cli("apply")
     assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
 

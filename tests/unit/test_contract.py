@@ -64,9 +64,9 @@ def test_every_constant_of_the_contract_has_its_value_on_both_sides(compiled):
 
 
 def test_each_map_has_the_type_key_value_and_size_the_controller_uses(compiled):
-    own = {"events": layout.EVENTS, "scratch": layout.SCRATCH}
+    own = {"events": layout.EVENTS, "scratch": layout.SCRATCH, "hook_gate": layout.GATE}
     assert set(compiled.maps) == set(layout.MAPS) | set(own)
-    for name, spec in {**layout.MAPS, "scratch": layout.SCRATCH}.items():
+    for name, spec in {**layout.MAPS, "scratch": layout.SCRATCH, "hook_gate": layout.GATE}.items():
         found = compiled.maps[name]
         assert (found.type, found.max_entries) == (spec.type, spec.max_entries), name
         assert (found.key, found.value) == (type_name(spec.key), type_name(spec.value)), name
