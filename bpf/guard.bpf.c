@@ -476,17 +476,28 @@ static __always_inline struct pg_path_key *path_key(const char *path)
 }
 
 /* Fires under cgroup_mutex before the new cgroup is activated: no task can be in
- * it yet, so an owner is known by its new id before it can bind anything. */
-SEC("tp_btf/cgroup_mkdir")
+ * it yet, so an owner is known by its new id before it can bind anything.
+ * raw_tp, not tp_btf: the arguments come untyped from the u64 context array and the
+ * cgroup is read with BPF_CORE_READ (probe reads), so libbpf needs no kernel BTF to find
+ * an attach point, only the few types of the CO-RE relocations: a minimal BTF
+ * (guard/kernel/corebtf.py) serves instead of parsing all of the kernel's. raw_tp programs
+ * exist since 4.17, bpf_probe_read_kernel since 5.5. */
+SEC("raw_tp/cgroup_mkdir")
 int BPF_PROG(portguard_cgroup_mkdir, struct cgroup *cgrp, const char *path)
 {
-	if (cgrp->root->hierarchy_id != 0)  /* cgroup v1 hierarchies: ids collide */
+	if (BPF_CORE_READ(cgrp, root, hierarchy_id) != 0)  /* cgroup v1 hierarchies: ids collide */
 		return 0;
 	struct pg_path_key *key = path_key(path);
 
 	if (!key)
 		return 0;
-	struct pg_owner_val owner = { .id = cgrp->kn->id, .level = cgrp->level };
+	struct pg_owner_val owner = {
+		.id = BPF_CORE_READ(cgrp, kn, id),
+		.level = BPF_CORE_READ(cgrp, level),
+	};
+
+	if (!owner.id)  /* a read that failed (no cgroup has id 0) */
+		return 0;
 
 	for (__u32 slot = 0; slot < PG_SLOTS; slot++) {
 		key->slot = slot;
@@ -504,16 +515,19 @@ int BPF_PROG(portguard_cgroup_mkdir, struct cgroup *cgrp, const char *path)
 	return 0;
 }
 
-SEC("tp_btf/cgroup_rmdir")
+SEC("raw_tp/cgroup_rmdir")
 int BPF_PROG(portguard_cgroup_rmdir, struct cgroup *cgrp, const char *path)
 {
-	if (cgrp->root->hierarchy_id != 0)
+	if (BPF_CORE_READ(cgrp, root, hierarchy_id) != 0)
 		return 0;
 	struct pg_path_key *key = path_key(path);
 
 	if (!key)
 		return 0;
-	__u64 id = cgrp->kn->id;
+	__u64 id = BPF_CORE_READ(cgrp, kn, id);
+
+	if (!id)
+		return 0;
 
 	for (__u32 slot = 0; slot < PG_SLOTS; slot++) {
 		key->slot = slot;

@@ -181,7 +181,8 @@ MUTANTS = [
         "tracker-follows-v1",
         "hybrid layouts: cgroup v1 directories are never owners",
         "bpf/guard.bpf.c",
-        "\tif (cgrp->root->hierarchy_id != 0)  /* cgroup v1 hierarchies: ids collide */\n"
+        "\tif (BPF_CORE_READ(cgrp, root, hierarchy_id) != 0)"
+        "  /* cgroup v1 hierarchies: ids collide */\n"
         "\t\treturn 0;\n",
         "",
         (GUARD + "test_a_cgroup_v1_directory_at_an_owners_path_is_not_the_owner",),

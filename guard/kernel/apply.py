@@ -47,6 +47,7 @@ from guard.kernel.programs import (
     LINK_NAMES,
     PACKET_LINKS,
     TRACKER_LINKS,
+    TRACKER_TRACEPOINTS,
     core_links,
     not_loaded,
     program_names,
@@ -356,7 +357,9 @@ class _Transaction:
         staged = []
         for name in TRACKER_LINKS:
             libbpf.unpin(self.pins.staged_link(name))  # a killed run's, never switched to
-            fd = libbpf.attach_tracing(loaded.programs[self.programs[name]])
+            fd = libbpf.attach_tracing(
+                loaded.programs[self.programs[name]], TRACKER_TRACEPOINTS[name]
+            )
             try:
                 libbpf.pin(fd, self.pins.staged_link(name))
             finally:

@@ -32,7 +32,7 @@ BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_NOEXIST = 1
 BPF_F_MMAPABLE = 1 << 10  # an array whose values user space may mmap
-LINK_TYPE_RAW_TRACEPOINT = 1  # tp_btf programs attached with bpf_raw_tracepoint_open
+LINK_TYPE_RAW_TRACEPOINT = 1  # raw_tp (and tp_btf) programs, bpf_raw_tracepoint_open
 LINK_TYPE_TRACING = 2
 LINK_TYPE_CGROUP = 3
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -213,7 +213,7 @@ class Features(NamedTuple):
     netns_cookie: bool = True  # bpf_get_netns_cookie in bind programs (5.7)
     ancestor_cgroup: bool = True  # bpf_get_current_ancestor_cgroup_id in bind programs (5.7)
     bpf_link: bool = True  # BPF_LINK_CREATE for cgroup programs (5.7)
-    btf: bool = True  # /sys/kernel/btf/vmlinux: CO-RE and tp_btf trackers (5.5)
+    btf: bool = True  # /sys/kernel/btf/vmlinux: CO-RE, which the trackers need (5.5)
 
 
 def _helper(func: int) -> bool:
@@ -523,9 +523,14 @@ def attach_cgroup(prog_fd: int, cgroup_dir: Path, attach_type: int) -> int:
     return fd
 
 
-def attach_tracing(prog_fd: int) -> int:
-    """A tracing link for a tp_btf or fmod_ret program; returns the link fd."""
-    fd = _check(lib().bpf_raw_tracepoint_open(None, prog_fd), "attaching tracepoint program")
+def attach_tracing(prog_fd: int, tracepoint: str | None = None) -> int:
+    """A link for a raw_tp program on the named tracepoint, or (tracepoint None) for an
+    fmod_ret program on the function it was loaded for; returns the link fd."""
+    name = tracepoint.encode() if tracepoint else None
+    fd = _check(
+        lib().bpf_raw_tracepoint_open(name, prog_fd),
+        f"attaching to tracepoint {tracepoint}" if tracepoint else "attaching tracing program",
+    )
     step()
     return fd
 

@@ -20,6 +20,8 @@ OTHER_PROGRAMS = {
 }
 LINK_NAMES = ("bind4", "bind6", "socket_bind", "mkdir", "rmdir", "ingress", "egress")
 TRACKER_LINKS = ("mkdir", "rmdir")
+# the tracepoint each tracker's raw_tp program attaches to
+TRACKER_TRACEPOINTS = {"mkdir": "cgroup_mkdir", "rmdir": "cgroup_rmdir"}
 CGROUP_BIND_LINKS = tuple(libbpf.BIND_ATTACH_TYPES)
 HOOK_LINK = "socket_bind"  # the fmod_ret link on security_socket_bind
 BIND_LINKS = (*CGROUP_BIND_LINKS, HOOK_LINK)

@@ -19,6 +19,7 @@ FREE = 7632
 FAMILIES = ["v4", "v6", "dual", "mapped"]
 PROTOS = ["tcp", "udp"]
 ALL_CASES = [(f, t, PORT) for f in FAMILIES for t in PROTOS]
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 
 
 def applied(sandbox, ports=(f"{PORT}",), owners=("owner",), **guard):
@@ -145,6 +146,24 @@ def test_owner_restart_gets_the_new_cgroup_id_with_no_process_running(sandbox):
     assert set(sandbox.bind("owner", ALL_CASES).values()) == {0}
     assert set(sandbox.bind("stranger", ALL_CASES).values()) == {errno.EADDRINUSE}
     assert sandbox.status()["reservations"][0]["owners"][0]["id"] == new_id
+
+
+def test_the_cgroup_trackers_are_raw_tracepoint_programs(sandbox):
+    # raw_tp, not tp_btf: libbpf needs no kernel BTF for their attach points, so a minimal
+    # BTF (guard/kernel/corebtf.py) spares the load parsing all of the kernel's
+    applied(sandbox)
+    for name in ("mkdir", "rmdir"):
+        link = kernel.get_pinned(sandbox.pin_dir / f"link_{name}")
+        try:
+            info = kernel.link_info(link)
+            prog = kernel.reopen_program(info.prog_id)
+            try:
+                assert kernel.prog_info(prog).type == BPF_PROG_TYPE_RAW_TRACEPOINT
+            finally:
+                kernel.close(prog)
+        finally:
+            kernel.close(link)
+        assert info.type == kernel.LINK_TYPE_RAW_TRACEPOINT
 
 
 def test_owner_cgroup_created_after_apply_owns_the_port_at_once(sandbox):

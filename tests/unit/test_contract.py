@@ -92,8 +92,8 @@ def test_the_programs_come_from_the_object_with_their_sections(compiled):
         "bind4": "cgroup/bind4",
         "bind6": "cgroup/bind6",
         "socket_bind": "fmod_ret/security_socket_bind",
-        "mkdir": "tp_btf/cgroup_mkdir",
-        "rmdir": "tp_btf/cgroup_rmdir",
+        "mkdir": "raw_tp/cgroup_mkdir",
+        "rmdir": "raw_tp/cgroup_rmdir",
         "ingress": "cgroup_skb/ingress",
         "egress": "cgroup_skb/egress",
     }
