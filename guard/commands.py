@@ -211,7 +211,13 @@ def _apply(config_path: str | None) -> str:
                 reading,
             )
 
-    runtime(apply_plan, plan, settle)
+    result = runtime(apply_plan, plan, settle)
+    # Once the guard is in force: the next load (the next boot's) parses a minimal BTF
+    # instead of the kernel's whole BTF (made once per object and kernel).
+    if result.object_path:
+        from guard.kernel import corebtf
+
+        corebtf.ensure(Path(result.object_path))
     return plan.settings.pin_dir
 
 

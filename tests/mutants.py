@@ -572,6 +572,31 @@ MUTANTS = [
             "tests/kernel/test_boot_path.py::test_a_damaged_cached_object_is_rebuilt_before_loading",
         ),
     ),
+    # ---- the minimal BTF (guard/kernel/corebtf.py) ---------------------------------------
+    Mutant(
+        "core-btf-key-without-build-id",
+        "a minimal BTF made on another kernel is never taken (its offsets could differ)",
+        "guard/kernel/corebtf.py",
+        '        found = b"build-id:" + found.hex().encode()\n',
+        '        found = b"build-id"\n',
+        (
+            "tests/unit/test_corebtf.py::test_another_kernel_gets_another_file",
+            "tests/unit/test_corebtf.py::test_a_file_made_on_another_kernel_is_not_offered",
+        ),
+        runs=1,
+    ),
+    Mutant(
+        "core-btf-no-fallback",
+        "a minimal BTF libbpf refuses never fails an apply: the kernel's BTF serves",
+        "guard/kernel/libbpf.py",
+        "        except BpfError:  # a damaged or foreign minimal BTF",
+        "        except ZeroDivisionError:  # a damaged or foreign minimal BTF",
+        (
+            "tests/kernel/test_core_btf.py::"
+            "test_a_minimal_btf_libbpf_refuses_falls_back_to_the_kernels_and_is_made_anew",
+        ),
+        runs=1,
+    ),
 ]
 
 

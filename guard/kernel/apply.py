@@ -36,7 +36,7 @@ from pathlib import Path
 
 from guard import paths
 from guard.errors import GuardError
-from guard.kernel import host, layout, libbpf, objects, slots, sysctl
+from guard.kernel import corebtf, host, layout, libbpf, objects, slots, sysctl
 from guard.kernel.pins import Maps, Pins, open_map
 from guard.kernel.programs import (
     BIND_AND_PACKET_LINKS,
@@ -194,13 +194,17 @@ def _load(
     definition or size changed without a layout change) are retired and made afresh."""
     pins.maps_dir.mkdir(mode=0o700, exist_ok=True)
     shared = {"hook_gate": pins.gate}
+    btf = corebtf.cached(object_path)  # None: the kernel's own BTF
     try:
-        return libbpf.load_object(object_path, pins.maps_dir, skip, sizes, shared), reused
+        loaded = libbpf.load_object(object_path, pins.maps_dir, skip, sizes, shared, btf)
     except libbpf.IncompatiblePinnedMap:
-        pass
-    _retire(pins.maps_dir)
-    pins.maps_dir.mkdir(mode=0o700)
-    return libbpf.load_object(object_path, pins.maps_dir, skip, sizes, shared), False
+        _retire(pins.maps_dir)
+        pins.maps_dir.mkdir(mode=0o700)
+        loaded = libbpf.load_object(object_path, pins.maps_dir, skip, sizes, shared, btf)
+        reused = False
+    if btf is not None and loaded.core_btf is None:
+        corebtf.discard(btf)  # libbpf refused it: made anew once the guard is in force
+    return loaded, reused
 
 
 def _sizes(plan: Plan, pins: Pins, maps: Maps | None) -> tuple[dict[str, int], bool]:

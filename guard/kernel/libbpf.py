@@ -323,12 +323,19 @@ class IncompatiblePinnedMap(BpfError):
 class LoadedObject:
     """A loaded (verified) object: program fds by name, map fds by name. Owns the fds."""
 
-    __slots__ = ("handle", "programs", "maps")
+    __slots__ = ("handle", "programs", "maps", "core_btf")
 
-    def __init__(self, handle: int, programs: dict[str, int], maps: dict[str, int]) -> None:
+    def __init__(
+        self,
+        handle: int,
+        programs: dict[str, int],
+        maps: dict[str, int],
+        core_btf: Path | None = None,
+    ) -> None:
         self.handle = handle
         self.programs = programs
         self.maps = maps
+        self.core_btf = core_btf  # the minimal BTF the relocations used; None: the kernel's
 
     def close(self) -> None:
         lib().bpf_object__close(self.handle)
@@ -351,8 +358,29 @@ def _maps(handle: int) -> dict[str, int]:
     return found
 
 
-def _open_object(path: Path) -> int:
-    handle = lib().bpf_object__open_file(str(path).encode(), None)
+class _ObjectOpenOpts(C.Structure):
+    """The leading fields of libbpf's struct bpf_object_open_opts (sz says how many)."""
+
+    _fields_ = [
+        ("sz", C.c_size_t),
+        ("object_name", C.c_char_p),
+        ("relaxed_maps", C.c_bool),
+        ("pin_root_path", C.c_char_p),
+        ("_attach_prog_fd", C.c_uint32),  # removed from libbpf, its room kept
+        ("kconfig", C.c_char_p),
+        ("btf_custom_path", C.c_char_p),
+    ]
+
+
+def _open_object(path: Path, core_btf: Path | None = None) -> int:
+    """Open (not load) the object; core_btf, when given, is the BTF libbpf resolves the CO-RE
+    relocations against instead of the kernel's (/sys/kernel/btf/vmlinux)."""
+    opts = None
+    if core_btf is not None:
+        opts = C.byref(
+            _ObjectOpenOpts(sz=C.sizeof(_ObjectOpenOpts), btf_custom_path=str(core_btf).encode())
+        )
+    handle = lib().bpf_object__open_file(str(path).encode(), opts)
     if not handle:
         err = C.get_errno()
         raise BpfError(err, f"opening BPF object {path}: {os.strerror(err)}")
@@ -392,16 +420,38 @@ def load_object(
     skip: tuple[str, ...] = (),
     sizes: dict[str, int] | None = None,
     pinned_at: dict[str, Path] | None = None,
+    core_btf: Path | None = None,
 ) -> LoadedObject:
     """Load and verify the object; each of its maps is reused from maps_dir when pinned
     there, else created and pinned there (IncompatiblePinnedMap when a pinned one differs);
     a map named in pinned_at lives at that path instead.
     Programs named in skip are not loaded (the other denial style, or programs this kernel
     would refuse); maps named in sizes get that max_entries instead of the object's.
-    Program and map names are the object's own."""
+    core_btf, when given, is a minimal BTF of the running kernel for the CO-RE relocations
+    (guard/kernel/corebtf.py): a load that fails with it is done again with the kernel's
+    own BTF (LoadedObject.core_btf says which one served). Program and map names are the
+    object's own."""
+    if core_btf is not None:
+        try:
+            return _load(path, maps_dir, skip, sizes, pinned_at, core_btf)
+        except IncompatiblePinnedMap:
+            raise
+        except BpfError:  # a damaged or foreign minimal BTF; a failed load unpinned its maps
+            pass
+    return _load(path, maps_dir, skip, sizes, pinned_at, None)
+
+
+def _load(
+    path: Path,
+    maps_dir: Path,
+    skip: tuple[str, ...],
+    sizes: dict[str, int] | None,
+    pinned_at: dict[str, Path] | None,
+    core_btf: Path | None,
+) -> LoadedObject:
     bpf = lib()
     _LOG.clear()
-    handle = _open_object(path)
+    handle = _open_object(path, core_btf)
     try:
         maps = _maps(handle)
         for name, entries in (sizes or {}).items():
@@ -431,7 +481,7 @@ def load_object(
         bpf.bpf_object__close(handle)
         raise
     step()
-    return LoadedObject(handle, prog_fds, map_fds)
+    return LoadedObject(handle, prog_fds, map_fds, core_btf)
 
 
 def wait_for_programs() -> None:

@@ -40,6 +40,11 @@ def test_depends_only_on_what_debian_ships(deb):
     assert _field(deb, "Architecture") == "all"
 
 
+def test_recommends_bpftool_for_the_minimal_btf_and_nothing_else(deb):
+    # without it the guard loads with the kernel's whole BTF (guard/kernel/corebtf.py)
+    assert _field(deb, "Recommends") == "bpftool"
+
+
 def test_installs_commands_units_config_docs_and_the_compiled_object(deb):
     files = _files(deb)
     for path in (
