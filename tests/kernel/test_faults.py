@@ -22,12 +22,14 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from guard.kernel import layout
 from guard.kernel import libbpf as kernel
 from guard.kernel.pins import Maps, Pins
+from guard.kernel.programs import BIND_PROGRAMS
 from guard.observe.state import GuardState, read_state
 from guard.policy.config import Settings
 from tests.kernel.sandbox import BIND_LINKS, PORTGUARD, REPO, in_netns
@@ -52,6 +54,7 @@ CASES = [
     ("v4", "udp", PC),
 ]
 BIND6 = {"v6", "dual", "mapped"}  # families that go through the bind6 program
+BPF_PROG_TYPE_RAW_TRACEPOINT, BPF_PROG_TYPE_TRACING = 17, 26
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,83 @@ def test_program_swap_killed_anywhere_leaves_the_old_guard_or_the_new(rig):
     for _ in range(ROUNDS):
         rig.reset(A)
         assert rig.walk("apply", A, B, prepare=stale_program) > MIN_STEPS
+
+
+def _tp_btf_object(directory) -> Path:
+    """This object as versions before raw_tp trackers built it: the trackers' sections tp_btf."""
+    from guard.kernel import objects
+    from guard.kernel.sources import bpf_source_dir
+
+    source = (bpf_source_dir() / "guard.bpf.c").read_text()
+    assert source.count('SEC("raw_tp/cgroup_') == 2
+    (directory / "guard.bpf.c").write_text(source.replace('SEC("raw_tp/', 'SEC("tp_btf/'))
+    out = directory / "guard-tp-btf.o"
+    clang = objects.find_clang()
+    assert clang, "clang is needed here (./dev.sh installs it)"
+    flags = objects._flags(objects.host_target())
+    subprocess.run(
+        [clang, *flags, "-c", str(directory / "guard.bpf.c"), "-o", str(out)], check=True
+    )
+    return out
+
+
+def test_an_upgrade_from_tp_btf_trackers_killed_anywhere_leaves_the_old_guard_or_the_new(
+    rig, tmp_path
+):
+    # A guard of a version whose trackers were tp_btf programs: apply stages the raw_tp ones
+    # beside them (link_<name>_new) and renames them over, so a cgroup is always followed.
+    old_object = _tp_btf_object(tmp_path)
+    pins = Pins(rig.sandbox.pin_dir)
+    trackers = {"mkdir": "portguard_cgroup_mkdir", "rmdir": "portguard_cgroup_rmdir"}
+    others = [n for road in BIND_PROGRAMS.values() for n in road.values()]
+    others += ["portguard_ingress", "portguard_egress"]
+
+    def older_trackers():
+        maps = Maps.open_pinned(pins.maps_dir)
+        try:
+            sizes = {name: kernel.map_info(fd).max_entries for name, fd in maps.fds.items()}
+            maps.meta.update(0, layout.Meta(b"guard-retval-0000000000000000"))
+        finally:
+            maps.close()
+        loaded = kernel.load_object(old_object, pins.maps_dir, tuple(others), sizes)
+        try:
+            for name, program in trackers.items():
+                link = kernel.attach_tracing(loaded.programs[program])
+                try:
+                    kernel.pin(link, pins.root / f"link_{name}_tp_btf")
+                finally:
+                    os.close(link)
+                os.replace(pins.root / f"link_{name}_tp_btf", pins.link(name))
+        finally:
+            loaded.close()
+        assert tracker_types() == {BPF_PROG_TYPE_TRACING}
+
+    def tracker_types() -> set[int]:
+        types = set()
+        for name in trackers:
+            link = kernel.get_pinned(pins.link(name))
+            try:
+                prog = kernel.reopen_program(kernel.link_info(link).prog_id)
+                types.add(kernel.prog_info(prog).type)
+                os.close(prog)
+            finally:
+                os.close(link)
+        return types
+
+    for _ in range(ROUNDS):
+        rig.reset(A)
+        assert rig.walk("apply", A, B, prepare=older_trackers) > MIN_STEPS
+        assert tracker_types() == {BPF_PROG_TYPE_RAW_TRACEPOINT}
+        # the raw_tp trackers follow a restarted owner
+        old_id = rig.sandbox.cgroup_id("a")
+        rig.sandbox.rmdir("a")
+        rig.sandbox.cgroup("a")
+        owners = {
+            o.cgroup.rsplit("/", 1)[1]: o.id
+            for r in read_state(rig.settings).reservations
+            for o in r.owners
+        }
+        assert owners["a"] == rig.sandbox.cgroup_id("a") != old_id
 
 
 def test_layout_takeover_killed_anywhere_never_leaves_a_family_unguarded(rig):

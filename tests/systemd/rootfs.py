@@ -33,7 +33,9 @@ BOOT_PACKAGES = ("systemd-sysv", "dbus", "iproute2", "rpcbind")
 # The package's Depends (debian/control, ${python3:Depends} included), so that `dpkg -i` of the
 # .deb needs no network; tests check this list against the built .deb.
 PACKAGE_DEPENDS = ("python3", "python3-click", "libbpf1", "netbase")
-PACKAGES = BOOT_PACKAGES + PACKAGE_DEPENDS
+# Its Recommends, which `apt install` brings along (the guest has no network for them).
+PACKAGE_RECOMMENDS = ("bpftool",)
+PACKAGES = BOOT_PACKAGES + PACKAGE_DEPENDS + PACKAGE_RECOMMENDS
 # Real services whose ports the default policy reserves, and real bindresvport() callers: what
 # the boot benchmark (bench/boot.py) boots, as an administrator's machine would be. A tree of
 # its own (another recipe): the tests' tree stays small.

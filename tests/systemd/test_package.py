@@ -151,15 +151,19 @@ def guarded_ports(machine: Machine) -> set[tuple[int, str]]:
     return {(r["port"], r["protocol"]) for r in json.loads(shown.stdout)["reservations"]}
 
 
-def test_rootfs_carries_exactly_the_packages_dependencies():
-    depends = subprocess.run(
-        ["dpkg-deb", "--field", str(package()), "Depends"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    names = {re.split(r"[\s:(]", d.strip())[0] for d in depends.split(",")}
-    assert names == set(rootfs.PACKAGE_DEPENDS)
+def test_rootfs_carries_exactly_the_packages_dependencies_and_recommends():
+    for field, packages in (
+        ("Depends", rootfs.PACKAGE_DEPENDS),
+        ("Recommends", rootfs.PACKAGE_RECOMMENDS),
+    ):
+        listed = subprocess.run(
+            ["dpkg-deb", "--field", str(package()), field],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        names = {re.split(r"[\s:(]", d.strip())[0] for d in listed.split(",")}
+        assert names == set(packages), field
     assert not {"clang", "libbpf-dev"} & set(rootfs.PACKAGES)
 
 
