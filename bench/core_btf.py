@@ -7,6 +7,9 @@ and with a minimal BTF made for it by bpftool, in a shuffled order each round (p
 prints the median CPU (process_time: user+sys of the loading process) per case, the spread
 and the median of the per-round differences. Root; maps are pinned in a bpffs directory of its
 own (/sys/fs/bpf/portguard-btf-bench-PID), removed afterwards.
+
+python -m bench.core_btf --fresh-apply [ROUNDS]: a whole fresh apply with and without it (see
+fresh_applies).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -46,9 +50,58 @@ def sample(object_path: str, btf: str, maps_dir: str) -> None:
     print(f"{spent:.3f} {'min' if used else 'full'}")
 
 
+def fresh_applies(rounds: int) -> None:
+    """A fresh `portguard apply` (empty pin dir, as at boot) in a sandbox of the tests, with the
+    minimal BTF in the cache and without it (and without bpftool, so none is made), in a
+    shuffled order each round: CPU of the apply process (user+sys, children included)."""
+    from guard.kernel import corebtf, objects
+    from tests.kernel.sandbox import in_netns, new_sandbox, require_kernel
+
+    os.environ.setdefault("PORTGUARD_CACHE_DIR", tempfile.mkdtemp(prefix="portguard-btf-cache-"))
+    box = new_sandbox(require_kernel(), "btf")
+    box.create()
+    try:
+        box.cgroup("owner")
+        box.write_config(box.owner_block(["7661"], "owner"))
+        obj = objects.ensure_object()
+        made = corebtf.ensure(obj)
+        assert made is not None, "bpftool could not make the minimal BTF"
+        sidecar = made.with_suffix(".sha256")
+        hidden = sidecar.with_name(sidecar.name + ".hidden")
+        command = [*in_netns(box.netns), PYTHON, "-m", "guard", "--config", str(box.config_path)]
+        spent: dict[str, list[float]] = {"with the minimal BTF": [], "with the kernel's BTF": []}
+        for _ in range(rounds):
+            for case in random.sample(list(spent), 2):
+                subprocess.run([*command, "remove"], cwd=ROOT, check=True, capture_output=True)
+                minimal = case.startswith("with the minimal")
+                source, target = (hidden, sidecar) if minimal else (sidecar, hidden)
+                if source.exists():  # without its sidecar the file is not taken
+                    os.replace(source, target)
+                env = {**os.environ, "PORTGUARD_BPFTOOL": ""}
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                subprocess.run(
+                    [*command, "apply"], cwd=ROOT, env=env, check=True, capture_output=True
+                )
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                spent[case].append(cpu * 1000)
+        if hidden.exists():
+            os.replace(hidden, sidecar)
+        print(f"fresh apply, load average {os.getloadavg()[0]:.2f}, {rounds} rounds, {PYTHON}")
+        for case, values in spent.items():
+            print(f"{case:24} median {statistics.median(values):6.1f} ms")
+        diffs = [a - b for a, b in zip(*spent.values(), strict=True)]
+        print(f"paired differences, median {statistics.median(diffs):.1f} ms")
+    finally:
+        box.destroy()
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--sample"]:
         sample(*sys.argv[2:5])
+        return 0
+    if sys.argv[1:2] == ["--fresh-apply"]:
+        fresh_applies(int(sys.argv[2]) if len(sys.argv) > 2 else 30)
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench.core_btf")
     parser.add_argument("--rounds", type=int, default=30)
