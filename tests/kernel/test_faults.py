@@ -316,7 +316,8 @@ def test_an_upgrade_from_tp_btf_trackers_killed_anywhere_leaves_the_old_guard_or
             maps.meta.update(0, layout.Meta(b"guard-retval-0000000000000000"))
         finally:
             maps.close()
-        loaded = kernel.load_object(old_object, pins.maps_dir, tuple(others), sizes)
+        shared = {"hook_gate": pins.gate}
+        loaded = kernel.load_object(old_object, pins.maps_dir, tuple(others), sizes, shared)
         try:
             for name, program in trackers.items():
                 link = kernel.attach_tracing(loaded.programs[program])
