@@ -57,7 +57,8 @@ def fresh_applies(rounds: int) -> None:
     from guard.kernel import corebtf, objects
     from tests.kernel.sandbox import in_netns, new_sandbox, require_kernel
 
-    os.environ.setdefault("PORTGUARD_CACHE_DIR", tempfile.mkdtemp(prefix="portguard-btf-cache-"))
+    if not os.environ.get("PORTGUARD_CACHE_DIR"):
+        os.environ["PORTGUARD_CACHE_DIR"] = tempfile.mkdtemp(prefix="portguard-btf-cache-")
     box = new_sandbox(require_kernel(), "btf")
     box.create()
     try:
