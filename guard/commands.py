@@ -161,13 +161,15 @@ def _apply(config_path: str | None) -> None:
     from guard.kernel.apply import apply as apply_plan
     from guard.kernel.host import DENY_EPERM
     from guard.observe import display, outcome
-    from guard.policy import compiled, resvport, units
+    from guard.policy import compiled, resvport
 
     main = main_config(config_path)
     reading = time.time_ns()
     boot = outcome.first_of_boot()  # the boot's apply may take the plan the last boot's made
     known, record, kept = _compiled_record(config_path, boot)  # files unchanged since applied
     if known is None:
+        from guard.policy import units  # here: a boot with the last boot's plan reads no unit
+
         with units.listing_cache():  # the unit files as they are now: each listed once
             cfg = load_config(config_path)
             plan = plan_of(cfg)
