@@ -76,6 +76,7 @@ def _figures(box) -> dict[str, float]:
         "portguard.service",
         "InactiveExitTimestampMonotonic",
         "ActiveEnterTimestampMonotonic",
+        "ExecMainExitTimestampMonotonic",
         "CPUUsageNSec",
     )
     figures = {
@@ -92,6 +93,10 @@ def _figures(box) -> dict[str, float]:
         figures["portguard.service ran (ms)"] = (
             guard["ActiveEnterTimestampMonotonic"] - guard["InactiveExitTimestampMonotonic"]
         ) / 1000
+        if guard["ExecMainExitTimestampMonotonic"]:  # Type=notify: apply goes on after READY=1
+            figures["portguard.service: apply exited after it was active (ms)"] = (
+                guard["ExecMainExitTimestampMonotonic"] - guard["ActiveEnterTimestampMonotonic"]
+            ) / 1000
         if guard.get("CPUUsageNSec"):
             figures["portguard.service CPU (ms)"] = guard["CPUUsageNSec"] / 1e6
             figures["portguard.service CPU, share of the guest's (%)"] = (
