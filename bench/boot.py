@@ -76,6 +76,7 @@ def _figures(box) -> dict[str, float]:
         "portguard.service",
         "InactiveExitTimestampMonotonic",
         "ActiveEnterTimestampMonotonic",
+        "ExecMainExitTimestampMonotonic",
         "CPUUsageNSec",
     )
     figures = {
@@ -92,6 +93,10 @@ def _figures(box) -> dict[str, float]:
         figures["portguard.service ran (ms)"] = (
             guard["ActiveEnterTimestampMonotonic"] - guard["InactiveExitTimestampMonotonic"]
         ) / 1000
+        if guard["ExecMainExitTimestampMonotonic"]:  # Type=notify: apply goes on after READY=1
+            figures["portguard.service: apply exited after it was active (ms)"] = (
+                guard["ExecMainExitTimestampMonotonic"] - guard["ActiveEnterTimestampMonotonic"]
+            ) / 1000
         if guard.get("CPUUsageNSec"):
             figures["portguard.service CPU (ms)"] = guard["CPUUsageNSec"] / 1e6
             figures["portguard.service CPU, share of the guest's (%)"] = (
@@ -253,28 +258,50 @@ def _cell(label: str, values: list[float]) -> str:
     return _row(values, "{:.1f}" if label.endswith("(%)") else "{:.0f}")
 
 
-Boots = dict[bool, list[dict[str, float]]]  # guarded?, per round: figure -> value
+Boots = dict[str, list[dict[str, float]]]  # variant, per round: figure -> value
+GUARDED, MASKED_RUN, BASELINE = "guarded", "masked", "baseline"
+# Another package to boot beside this tree's, guarded too, in the same rounds (a "before"
+# paired with the "after" round by round): bench/run boot with PORTGUARD_BENCH_BASELINE_DEB=FILE.
+BASELINE_ENV = "PORTGUARD_BENCH_BASELINE_DEB"
+COLUMNS = {
+    GUARDED: "portguard.service enabled",
+    BASELINE: "enabled, the baseline .deb",
+    MASKED_RUN: "masked",
+}
 
 
 def _boot_table(title: str, results: Boots) -> str:
-    labels = list(results[True][0])
-    labels += [label for r in results[True] for label in r if label not in labels]
+    variants = [v for v in COLUMNS if v in results]
+    labels = list(results[GUARDED][0])
+    labels += [label for r in results[GUARDED] for label in r if label not in labels]
+    labels += [label for v in variants for r in results[v] for label in r if label not in labels]
     rows = []
     for label in labels:
-        guarded = [r[label] for r in results[True] if label in r]
-        masked = [r[label] for r in results[False] if label in r]
-        rows.append([label, _cell(label, guarded), _cell(label, masked), "–"])
+        cells = [_cell(label, [r[label] for r in results[v] if label in r]) for v in variants]
+        rows.append([label, *cells, "–"])
+    pairs = [(GUARDED, MASKED_RUN)]
+    if BASELINE in results:
+        pairs += [(BASELINE, MASKED_RUN), (GUARDED, BASELINE)]
     per_round = []
     for label in PAIRED:
-        paired = [g[label] - m[label] for g, m in zip(results[True], results[False], strict=True)]
         name = label.split(" (")[0]
-        difference = _row(paired, "{:+.0f}")
-        rows.append([f"{name}: guarded − masked, paired per round (ms)", "–", "–", difference])
-        per_round.append(f"{name}: {', '.join(f'{d:+.0f}' for d in paired)}")
+        for minuend, subtrahend in pairs:
+            paired = [
+                a[label] - b[label]
+                for a, b in zip(results[minuend], results[subtrahend], strict=True)
+            ]
+            which = f"{_short(minuend)} − {_short(subtrahend)}"
+            difference = _row(paired, "{:+.0f}")
+            rows.append(
+                [f"{name}: {which}, paired per round (ms)", *("–" for _ in variants), difference]
+            )
+            per_round.append(f"{name}, {which}: {', '.join(f'{d:+.0f}' for d in paired)}")
     return "\n".join(
         [
             table(
-                title, ["figure", "portguard.service enabled", "masked", "paired difference"], rows
+                title,
+                ["figure", *(COLUMNS[v] for v in variants), "paired difference"],
+                rows,
             ),
             "",
             f"Paired differences per round, ms: {'; '.join(per_round)}.",
@@ -282,41 +309,54 @@ def _boot_table(title: str, results: Boots) -> str:
     )
 
 
+def _short(variant: str) -> str:
+    return {GUARDED: "guarded", BASELINE: "baseline", MASKED_RUN: "masked"}[variant]
+
+
 def boot(w, s) -> str:
-    """N rounds, guarded and masked in a fresh random order per round, in the guest with real
-    services: each guest boots once after the .deb's installation and once more (a reboot of
-    an installed system); delays and CPU paired per round."""
+    """N rounds, guarded and masked (and guarded by the baseline .deb of
+    $PORTGUARD_BENCH_BASELINE_DEB, when set) in a fresh random order per round, in the guest
+    with real services: each guest boots once after the .deb's installation and twice more (a
+    reboot of an installed system); delays and CPU paired per round."""
+    import os
+    from pathlib import Path
+
     from tests.systemd import conftest
     from tests.systemd.machine import Symlink
 
     rounds = ROUNDS[s.rounds <= 3]
-    first: Boots = {True: [], False: []}
-    second: Boots = {True: [], False: []}
-    again: Boots = {True: [], False: []}
-    failed: dict[bool, set[str]] = {True: set(), False: set()}
+    baseline = os.environ.get(BASELINE_ENV)
+    debs = {GUARDED: None, MASKED_RUN: None}
+    if baseline:
+        debs[BASELINE] = Path(baseline).resolve()
+    first: Boots = {v: [] for v in debs}
+    second: Boots = {v: [] for v in debs}
+    again: Boots = {v: [] for v in debs}
+    failed: dict[str, set[str]] = {v: set() for v in debs}
     notes = []
     try:
         for _ in range(rounds):
-            order = [True, False]
+            order = list(debs)
             random.shuffle(order)
-            for guarded in order:
+            for variant in order:
+                guarded = variant != MASKED_RUN
                 masked = {} if guarded else {MASKED: Symlink("/dev/null")}
                 # the built .deb installed before boot, as an admin would
-                with conftest.booted(services=True, extra=masked) as box:
+                with conftest.booted(services=True, extra=masked, deb=debs[variant]) as box:
                     figures = _figures(box)
                     if guarded:
                         figures[KEPT_AT_BOOT] = _plan_kept(box)
-                    first[guarded].append(figures)
-                    failed[guarded].add(_failed_units(box) or "none")
+                    first[variant].append(figures)
+                    failed[variant].add(_failed_units(box) or "none")
                     box.reboot()
                     figures = _figures(box)
                     if guarded:
                         figures[KEPT_AT_BOOT] = _plan_kept(box)
-                    second[guarded].append(figures)
-                    failed[guarded].add(_failed_units(box) or "none")
+                    second[variant].append(figures)
+                    failed[variant].add(_failed_units(box) or "none")
                     box.reboot()  # the boot before kept its plan for this one
                     figures = _figures(box)
-                    failed[guarded].add(_failed_units(box) or "none")
+                    failed[variant].add(_failed_units(box) or "none")
                     if guarded:
                         figures[KEPT_AT_BOOT] = _plan_kept(box)
                         figures["subprocesses per apply (systemd running)"] = _subprocesses(box)
@@ -330,13 +370,15 @@ def boot(w, s) -> str:
                         total, shown = _reapply_cpu(box)
                         figures["unchanged re-apply in the booted guest, CPU (ms)"] = total
                         figures["of it: the systemctl it runs (ms)"] = shown
-                    again[guarded].append(figures)
+                    again[variant].append(figures)
     except (pytest.skip.Exception, pytest.fail.Exception) as exc:
         raise Unavailable(f"boot benchmark: {exc}") from None
     setting = (
         f"systemd-nspawn, Debian bookworm with real services, the built .deb; {rounds} rounds, "
         "guarded and masked in a random order per round (median, spread)"
     )
+    if baseline:
+        setting += f"; baseline: {Path(baseline).name}, guarded, in the same rounds"
     lines = [
         _boot_table(
             f"Boot, the third of the installed system (the boot before kept its plan in "
@@ -350,10 +392,13 @@ def boot(w, s) -> str:
         "",
         "Userspace CPU at boot: the guest's root cgroup (its -.slice: PID 1 and every unit, "
         "kernel work on their behalf included; not systemd-nspawn, not the .deb's installation "
-        "before boot), read from the host once the boot had finished.",
+        "before boot), read from the host once the boot had finished. portguard.service "
+        '"ran": from its start to active (Type=notify: to READY=1, not to apply\'s exit).',
     ]
-    for guarded, label in ((True, "guarded"), (False, "masked")):
-        lines.append(f"Failed units ({label} boots): {' | '.join(sorted(failed[guarded]))}.")
+    for variant in debs:
+        lines.append(
+            f"Failed units ({_short(variant)} boots): {' | '.join(sorted(failed[variant]))}."
+        )
     lines += [f"Not measured: {note}" for note in notes]
     return "\n".join(lines)
 

@@ -109,11 +109,10 @@ def apply(config_path: str | None) -> None:
     from guard.observe import outcome
 
     try:
-        pin_dir = _apply(config_path)
+        _apply(config_path)
     except CommandError as exc:
         outcome.record_failure(_pin_dir_for_record(config_path), exc.message)
         raise
-    outcome.clear(pin_dir)
 
 
 def _pin_dir_for_record(config_path: str | None) -> str:
@@ -154,20 +153,23 @@ def _compiled_record(config_path: str | None, boot: bool = False):
     return None, None, False
 
 
-def _apply(config_path: str | None) -> str:
-    """Apply; the pin directory applied to."""
+def _apply(config_path: str | None) -> None:
     import time
 
+    from guard import notify
+    from guard.errors import GuardError
     from guard.kernel.apply import apply as apply_plan
     from guard.kernel.host import DENY_EPERM
     from guard.observe import display, outcome
-    from guard.policy import compiled, resvport, units
+    from guard.policy import compiled, resvport
 
     main = main_config(config_path)
     reading = time.time_ns()
     boot = outcome.first_of_boot()  # the boot's apply may take the plan the last boot's made
     known, record, kept = _compiled_record(config_path, boot)  # files unchanged since applied
     if known is None:
+        from guard.policy import units  # here: a boot with the last boot's plan reads no unit
+
         with units.listing_cache():  # the unit files as they are now: each listed once
             cfg = load_config(config_path)
             plan = plan_of(cfg)
@@ -179,8 +181,19 @@ def _apply(config_path: str | None) -> str:
         echo(line, err=True)
 
     def settle(result) -> None:
-        """Once the guard is what the plan says, under the pin directory's lock: say so, and
-        keep the records that let the next unchanged apply say so quickly (guard/quick.py)."""
+        """Once the guard is what the plan says, under the pin directory's lock: tell systemd
+        (the boot goes on from here), then keep the records that let the next unchanged apply
+        say so quickly (guard/quick.py), look for squatters and say what is worth saying. A
+        failure from here on still ends apply with its sentence and exit code; the guard it
+        applied stays in force, and the sentence says so."""
+        outcome.clear(plan.settings.pin_dir)  # no failure to report: the guard is in force
+        notify.ready()
+        try:
+            keep_and_say(result)
+        except GuardError as exc:
+            raise GuardError(f"the guard is in force, but {exc}") from None
+
+    def keep_and_say(result) -> None:
         nonlocal record
         if known is None:
             record = compiled.dumps(cfg, plan, main, reading)
@@ -212,13 +225,12 @@ def _apply(config_path: str | None) -> str:
             )
 
     result = runtime(apply_plan, plan, settle)
-    # Once the guard is in force: the next load (the next boot's) parses a minimal BTF
+    # After READY=1 and outside the lock: the next load (the next boot's) parses a minimal BTF
     # instead of the kernel's whole BTF (made once per object and kernel).
     if result.object_path:
         from guard.kernel import corebtf
 
         corebtf.ensure(Path(result.object_path))
-    return plan.settings.pin_dir
 
 
 def squatters_of_plan(plan) -> list:

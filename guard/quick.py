@@ -18,10 +18,11 @@ system calls, importing nothing but os, sys, marshal, fcntl, ctypes and _socket:
   net.ipv4.ip_local_reserved_ports, and the sockets on reserved ports are the ones that apply
   found (none of them a squatter's).
 
-Then it prints what the full path would print for an unchanged guard (recorded by that apply)
-and exits 0. Any doubt, any error, and the full path runs, which re-checks and repairs
-everything (guard/commands.py); it also runs whenever a previous apply failed, and with the
-fault-injection hook of the tests.
+Then it tells systemd the guard is in force (guard/notify.py: portguard.service is
+Type=notify, and its main process must say READY=1 before it exits 0), prints what the full
+path would print for an unchanged guard (recorded by that apply) and exits 0. Any doubt, any
+error, and the full path runs, which re-checks and repairs everything (guard/commands.py); it
+also runs whenever a previous apply failed, and with the fault-injection hook of the tests.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import marshal
 import os
 import sys
 
-from guard import paths
+from guard import notify, paths
 from guard.fingerprint import RACY_NS, fingerprint, sealed_body, unsealed
 from guard.kernel import snapshot
 
@@ -74,6 +75,7 @@ def reapply(config_path: str | None) -> bool:
         lines = _unchanged(pin_dir, body)
         if lines is None:
             return False
+        notify.ready()  # the guard asked for is in force (portguard.service, Type=notify)
         err, out = lines
         if err:
             sys.stderr.write("".join(line + "\n" for line in err))

@@ -56,6 +56,7 @@ def booted(
     bpf: bool = True,
     extra: dict | None = None,
     services: bool = False,
+    deb: Path | None = None,
 ) -> Iterator[Machine]:
     """Debian booted with systemd-nspawn; everything removed afterwards. installed: the built
     .deb installed before boot (portguard.service enabled by its postinst); carry: packages
@@ -63,13 +64,14 @@ def booted(
     nspawn's default system call filter and capabilities, where bpf() is refused; extra:
     more guest files (path -> text or Symlink) written before boot; services: the tree with real
     services (rootfs.SERVICE_PACKAGES: cups, dovecot, rsync, nfs-common), as benchmarks boot
-    (cups serves 631 there, pg-owner.service is not enabled)."""
+    (cups serves 631 there, pg-owner.service is not enabled); deb: another package to install
+    than the tree's (benchmarks compare two versions)."""
     cgroup_root = _prerequisites()
     try:
         tree = rootfs.ensure_rootfs(log=print, services=services)
     except rootfs.SetupError as exc:
         missing(str(exc))
-    preinstalled = (package(),) if installed else ()
+    preinstalled = (deb or package(),) if installed else ()
     guest_pin_on_host = (HOST_BPFFS / "portguard").exists()
     at_root = programs_at(cgroup_root)
     box = Machine(

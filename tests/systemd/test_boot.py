@@ -74,6 +74,46 @@ def test_portguard_service_applies_at_boot_before_rpcbind(machine: Machine):
         assert guarded <= started, f"{unit} started before portguard.service had finished"
 
 
+def test_the_boot_goes_on_at_ready_and_apply_keeps_its_records_after(machine: Machine):
+    """Type=notify: the unit was active (READY=1: the guard in force) before apply exited."""
+    active = monotonic(machine, "portguard.service", "ActiveEnterTimestampMonotonic")
+    exited = monotonic(machine, "portguard.service", "ExecMainExitTimestampMonotonic")
+    assert 0 < active <= exited
+    assert machine.show("portguard.service", "ExecMainStatus") == {"ExecMainStatus": "0"}
+
+
+def _unit_warnings(machine: Machine) -> list[str]:
+    """What the journal holds for portguard.service at warning priority or above (apply's own
+    lines go in at info)."""
+    shown = machine.run("journalctl", "-b", "-q", "-o", "cat", "-p", "warning", "-u", "portguard")
+    return shown.stdout.splitlines()
+
+
+def test_reload_waits_for_its_apply_and_restart_hears_ready_from_the_quick_path(
+    machine: Machine,
+):
+    """ExecReload= gets no $NOTIFY_SOCKET (NotifyAccess=main): a reload ends when its apply
+    has exited, with its records kept, and warns nothing; a restart's unchanged apply (the
+    quick path, as ExecStart=) says READY=1 itself, or the unit would fail."""
+    warned = _unit_warnings(machine)
+    time.sleep(1.2)  # inputs changed less than a second before apply reads them keep no records
+    machine.run("sh", "-c", "rm -f /run/portguard/guard-*", check=True)
+    machine.systemctl("reload", "portguard.service")
+    kept = machine.run("sh", "-c", "ls /run/portguard", check=True).stdout.split()
+    assert any(name.startswith("guard-") for name in kept), kept
+    done = {"ActiveState": "active", "SubState": "exited", "Result": "success"}
+
+    def exited_well() -> bool:
+        return machine.show("portguard.service", *done) == done
+
+    for _ in range(2):  # the second restart finds the guard unchanged
+        machine.systemctl("restart", "portguard.service")
+        assert wait_for(exited_well, timeout=30), machine.show("portguard.service", *done)
+    said = machine.run("journalctl", "-b", "-q", "-o", "cat", "-u", "portguard", check=True)
+    assert "portguard: unchanged" in said.stdout, said.stdout[-300:]
+    assert _unit_warnings(machine) == warned
+
+
 def test_status_shows_owners_by_unit_name(machine: Machine):
     for protocol in ("tcp", "udp"):
         owners = reservation(machine, OWNER_PORT, protocol)["owners"]
