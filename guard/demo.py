@@ -18,7 +18,7 @@ from pathlib import Path
 from guard.errors import GuardError
 from guard.kernel import cgroups
 from guard.kernel.apply import apply, remove
-from guard.kernel.host import netns_cookie, require_root
+from guard.kernel.host import netns_cookie, netns_inode, require_root
 from guard.kernel.layout import LIMITS
 from guard.observe import display, holders
 from guard.observe.state import read_state, with_origins
@@ -117,7 +117,8 @@ def run(echo=print) -> int:
             directory.mkdir(parents=True, exist_ok=True)
         echo("\nThe guard, as `portguard status` shows it:")
         state = with_origins(read_state(settings), the_plan.origins)
-        state = holders.with_holders(state, netns_cookie())  # the demo is in the guarded netns
+        # the demo is in the guarded netns
+        state = holders.with_holders(state, netns_cookie(), netns_inode())
         for line in display.status_lines(state, top):
             echo(line)
         echo("\nWho may bind 631 (IPP, reserved for CUPS)?")

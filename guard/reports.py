@@ -43,7 +43,7 @@ def status(
     written to output; the exit code: 4 when no guard is loaded, 3 when a non-owner holds a
     reserved port, 5 when the loaded guard is not what the files ask for (the first that
     holds), else 0."""
-    from guard.kernel.host import netns_cookie
+    from guard.kernel.host import netns_cookie, netns_inode
     from guard.observe import display, holders, outcome
     from guard.observe.state import read_state, with_origins
     from guard.policy import resvport
@@ -56,7 +56,7 @@ def status(
             known.plan.settings if known else cfg.settings if cfg else settings_only(config_path)
         )
         state = runtime(read_state, settings)
-        state = holders.with_holders(state, netns_cookie())
+        state = holders.with_holders(state, netns_cookie(), netns_inode())
         failure = outcome.last_failure(settings.pin_dir)
         differences, origins = (
             _differences(cfg, problem, state, known) if state.loaded else ([], {})

@@ -385,10 +385,16 @@ def find(reservations: Iterable[tuple[int, str, Sequence[str]]]) -> list[Squatte
     ]
 
 
-def with_holders(state: GuardState, current_netns_cookie: int) -> GuardState:
+def with_holders(
+    state: GuardState, current_netns_cookie: int, current_netns_ino: int | None = None
+) -> GuardState:
     """The state with each reservation's holders, when read from the guarded network
-    namespace (a guard with no namespace filter is checked in the caller's)."""
+    namespace (a guard with no namespace filter is checked in the caller's). The namespace
+    is known by its cookie, or by its inode where the guard knows it so (the
+    security_socket_bind road, where kernels before 5.14 give no cookie)."""
     if not state.loaded or (state.netns_cookie and state.netns_cookie != current_netns_cookie):
+        return state
+    if state.netns_ino and current_netns_ino is not None and state.netns_ino != current_netns_ino:
         return state
     found = holder_states(
         (r.port, r.protocol, [o.cgroup for o in r.owners]) for r in state.reservations

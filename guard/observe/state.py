@@ -60,6 +60,9 @@ class GuardState(NamedTuple):
     # "security_socket_bind" (the fmod_ret program) or "cgroup-eperm" (the bind hooks, EPERM)
     refuse_at: str | None = None
     netns_cookie: int | None = None
+    # the guarded network namespace's inode, where the guard knows it by that (the
+    # security_socket_bind road: its program cannot read a cookie on every kernel)
+    netns_ino: int | None = None
     reservations: tuple[ReservationState, ...] = ()
     lost_events: int = 0
     containment: bool = False  # packet programs attached (some reservation has contain on)
@@ -178,6 +181,7 @@ def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | No
             eperm_only=bool(cfg) and not cfg.deny_errno,
             refuse_at=refuse_at,
             netns_cookie=cfg.netns_cookie if cfg else None,
+            netns_ino=cfg.netns_ino if cfg and refuse_at == "security_socket_bind" else None,
             reservations=tuple(reservations),
             lost_events=sum(lost) if lost else 0,
             containment=all(name in {ls.name for ls in link_states} for name in PACKET_LINKS),

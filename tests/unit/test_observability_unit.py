@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guard.observe import display, journal
-from guard.observe.holders import Holder, HolderState, classify, of_state, within
+from guard.observe.holders import Holder, HolderState, classify, of_state, with_holders, within
 from guard.observe.monitor import Denial
 from guard.observe.state import GuardState, LinkState, OwnerState, ReservationState
 from guard.policy import config
@@ -67,6 +67,21 @@ def state(*reservations: ReservationState, **changes) -> GuardState:
     }
     values.update(changes)
     return GuardState(**values)
+
+
+# ---- holders only from the guarded network namespace ----------------------------------------
+
+
+def test_holders_are_not_looked_for_outside_the_namespace_the_hook_road_knows_by_inode():
+    # The security_socket_bind road on a kernel without netns cookies (Linux < 5.14): the
+    # guard knows its namespace by inode only, and a status from another one sees no holders.
+    unchecked = state(ReservationState(631, "tcp", (), 0), holders_checked=False)
+    hook = unchecked._replace(
+        netns_cookie=0, netns_ino=4026531840, refuse_at="security_socket_bind"
+    )
+    assert with_holders(hook, 0, 4026532999) is hook
+    cookie = unchecked._replace(netns_cookie=7)
+    assert with_holders(cookie, 8, 4026531840) is cookie
 
 
 # ---- shortening -----------------------------------------------------------------------------
