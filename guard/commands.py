@@ -16,10 +16,15 @@ tests/unit/test_entry.py holds the line.
 from __future__ import annotations
 
 import errno
+import os
 import sys
-from pathlib import Path
 
+from guard import paths
 from guard.policy import config as config_mod
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -56,7 +61,7 @@ def config_files(path: str | None) -> list[Path]:
     main = main_config(path)
     try:
         if path:
-            main.lstat()
+            os.lstat(main)
         return config_mod.config_files(main)
     except FileNotFoundError:
         raise ConfigProblem(f"{main}: no such configuration file") from None
@@ -124,8 +129,9 @@ def _pin_dir_for_record(config_path: str | None) -> str:
         return config_mod.Settings().pin_dir
 
 
-def main_config(config_path: str | None) -> Path:
-    return Path(config_path) if config_path else config_mod.DEFAULT_CONFIG
+def main_config(config_path: str | None) -> str:
+    """The main configuration file, spelled as pathlib would spell it."""
+    return paths.normal(config_path) if config_path else config_mod.DEFAULT_CONFIG
 
 
 def compiled_plan(config_path: str | None):
@@ -230,7 +236,7 @@ def _apply(config_path: str | None) -> None:
     if result.object_path:
         from guard.kernel import corebtf
 
-        corebtf.ensure(Path(result.object_path))
+        corebtf.ensure(result.object_path)
 
 
 def squatters_of_plan(plan) -> list:
