@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import ctypes as C
 import os
-from typing import NamedTuple
 
 from guard.kernel.sources import bpf_source_dir, sha256
 from guard.policy.plan import Limits
 from guard.policy.ports import PROTOCOL_NUMBERS as PROTOCOLS
+from guard.tuples import NamedTuple
 
 # enum pg_limits
 SLOTS = 2

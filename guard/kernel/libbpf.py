@@ -11,7 +11,8 @@ import ctypes as C
 import errno
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+
+from guard.tuples import NamedTuple
 
 BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18

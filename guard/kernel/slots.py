@@ -11,11 +11,11 @@ from __future__ import annotations
 import ctypes as C
 import struct
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
 
 from guard.kernel import cgroups, layout, libbpf
 from guard.kernel.pins import Maps
 from guard.policy.plan import Plan
+from guard.tuples import NamedTuple
 
 
 class SlotContents(NamedTuple):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import NamedTuple
 
 from guard import paths
+from guard.tuples import NamedTuple
 
 
 class Failure(NamedTuple):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import marshal
 import os
-from typing import NamedTuple
 
 from guard import paths as names
 from guard.fingerprint import (  # noqa: F401 (ENVIRONMENT: tests)
@@ -34,6 +33,7 @@ from guard.fingerprint import (  # noqa: F401 (ENVIRONMENT: tests)
 )
 from guard.policy.config import Config, Origin, Settings
 from guard.policy.ports import SERVICES
+from guard.tuples import NamedTuple
 
 POLICY_CODE = os.path.dirname(os.path.realpath(__file__))
 LIMITS_CODE = os.path.join(os.path.dirname(POLICY_CODE), "kernel", "layout.py")  # the limits

@@ -11,10 +11,10 @@ import os
 import stat
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import NamedTuple
 
 from guard import paths
 from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_spec
+from guard.tuples import NamedTuple
 
 # pathlib and re only where files are parsed: a boot with the last boot's plan parses none
 # (pathlib with re, fnmatch and urllib.parse cost ~7 ms of its imports)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+
+from guard.tuples import NamedTuple
 
 SERVICES = "/etc/services"
 PROTOCOLS = ("tcp", "udp")
