@@ -93,7 +93,7 @@ BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 def in_cgroup(box: Sandbox, rel: str, argv: list[str]) -> list[str]:
     """argv run in the sandbox netns from a shell that first joins the cgroup."""
-    procs = cgroups.directory(box.cgroup(rel), box.cgroup_root) / "cgroup.procs"
+    procs = os.path.join(cgroups.directory(box.cgroup(rel), box.cgroup_root), "cgroup.procs")
     return [*in_netns(box.netns), "sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *argv]
 
 
@@ -202,7 +202,7 @@ def program_stats(box: Sandbox) -> dict[str, tuple[int, int]]:
 
 
 def run(seconds: float, rounds: int) -> dict:
-    box = new_sandbox(cgroups.cgroup2_mount(), "bench")
+    box = new_sandbox(Path(cgroups.cgroup2_mount()), "bench")
     old_stats = BPF_STATS.read_text().strip()
     samples: dict[tuple[str, str], list[float]] = {(s, load): [] for s in SETUPS for load in LOADS}
     per_run_ns: dict[str, list[float]] = {s: [] for s in ("owner", "other")}

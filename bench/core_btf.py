@@ -67,7 +67,7 @@ def fresh_applies(rounds: int) -> None:
         obj = objects.ensure_object()
         made = corebtf.ensure(obj)
         assert made is not None, "bpftool could not make the minimal BTF"
-        sidecar = made.with_suffix(".sha256")
+        sidecar = Path(made).with_suffix(".sha256")
         hidden = sidecar.with_name(sidecar.name + ".hidden")
         command = [*in_netns(box.netns), PYTHON, "-m", "guard", "--config", str(box.config_path)]
         spent: dict[str, list[float]] = {"with the minimal BTF": [], "with the kernel's BTF": []}

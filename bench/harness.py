@@ -95,7 +95,9 @@ class World:
         return {"PORTGUARD_CACHE_DIR": str(self.cache)}
 
     def procs(self, rel: str) -> str:
-        return str(cgroups.directory(self.box.cgroup(rel), self.box.cgroup_root) / "cgroup.procs")
+        return os.path.join(
+            cgroups.directory(self.box.cgroup(rel), self.box.cgroup_root), "cgroup.procs"
+        )
 
     def cli(self, *args: str, netns: str | None = "own", check: bool = True):
         return self.box.cli(*args, netns=netns, env=self.env, check=check)

@@ -116,7 +116,7 @@ def one_rate(box, producer: Path, rate: int, count: int, sink: list[str]) -> dic
         ready = monitor.stderr.readline()
         if "monitoring" not in ready:
             sys.exit(f"monitor did not start: {ready}{monitor.stderr.read()}")
-        procs = cgroups.directory(box.cgroup("stranger"), box.cgroup_root) / "cgroup.procs"
+        procs = Path(cgroups.directory(box.cgroup("stranger"), box.cgroup_root), "cgroup.procs")
         out = subprocess.run(
             [*in_netns(box.netns), str(producer), str(procs), str(PORT), str(count), str(rate)],
             capture_output=True,

@@ -6,20 +6,29 @@ click: guard/entry.py runs a plain `portguard apply` from here directly, and the
 CommandError (a sentence and an exit code); entry.py prints it as "Error: ..." on stderr, the
 way cli.py's click group ends it too.
 
-For the same reason the modules apply imports keep their plain data in typing.NamedTuples or
-small classes with __slots__, not dataclasses: the dataclasses module (inspect, ast, dis) and
-the exec of each class's generated methods cost ~30 ms at every boot; status and check
-(guard/reports.py) keep off dataclasses the same way, the monitor keeps its dataclasses.
-tests/unit/test_entry.py holds the line.
+For the same reason the modules apply imports keep their plain data in NamedTuples or small
+classes with __slots__, not dataclasses: the dataclasses module (inspect, ast, dis) and the
+exec of each class's generated methods cost ~30 ms at every boot; status and check
+(guard/reports.py) keep off dataclasses the same way, the monitor keeps its dataclasses. A
+boot's apply with the last boot's plan imports neither pathlib (str paths and os.path; the
+configuration is parsed with pathlib only when the plan is made anew) nor typing (their
+NamedTuples come from guard/tuples.py): with re, enum, fnmatch and urllib.parse they cost
+~9 ms of its imports. tests/unit/test_entry.py and tests/kernel/test_quick_reapply.py hold
+the line.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import sys
-from pathlib import Path
 
+from guard import paths
 from guard.policy import config as config_mod
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -56,7 +65,7 @@ def config_files(path: str | None) -> list[Path]:
     main = main_config(path)
     try:
         if path:
-            main.lstat()
+            os.lstat(main)
         return config_mod.config_files(main)
     except FileNotFoundError:
         raise ConfigProblem(f"{main}: no such configuration file") from None
@@ -124,8 +133,9 @@ def _pin_dir_for_record(config_path: str | None) -> str:
         return config_mod.Settings().pin_dir
 
 
-def main_config(config_path: str | None) -> Path:
-    return Path(config_path) if config_path else config_mod.DEFAULT_CONFIG
+def main_config(config_path: str | None) -> str:
+    """The main configuration file, spelled as pathlib would spell it."""
+    return paths.normal(config_path) if config_path else config_mod.DEFAULT_CONFIG
 
 
 def compiled_plan(config_path: str | None):
@@ -230,7 +240,7 @@ def _apply(config_path: str | None) -> None:
     if result.object_path:
         from guard.kernel import corebtf
 
-        corebtf.ensure(Path(result.object_path))
+        corebtf.ensure(result.object_path)
 
 
 def squatters_of_plan(plan) -> list:

@@ -83,7 +83,8 @@ def _remove_tree(top: Path) -> None:
 def run(echo=print) -> int:
     """Apply the default policy in a sandbox, show it working, take it all away."""
     require_root("portguard demo")
-    root = cgroups.cgroup2_mount()
+    root = Path(cgroups.cgroup2_mount())
+
     name = f"portguard-demo-{os.getpid()}"
     top = f"/{name}"
     top_dir = root / name
@@ -111,8 +112,8 @@ def run(echo=print) -> int:
             echo(line)
         echo("  this machine's own services are not touched.")
         # the two units the demo runs exist before status reads the owners (not "absent")
-        cups = cgroups.directory(top + "/system.slice/cups.service", root)
-        stranger = cgroups.directory(top + "/system.slice/rpcbind.service", root)
+        cups = Path(cgroups.directory(top + "/system.slice/cups.service", root))
+        stranger = Path(cgroups.directory(top + "/system.slice/rpcbind.service", root))
         for directory in (cups, stranger):
             directory.mkdir(parents=True, exist_ok=True)
         echo("\nThe guard, as `portguard status` shows it:")

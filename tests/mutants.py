@@ -490,8 +490,8 @@ MUTANTS = [
         "quick-record-not-forgotten",
         "unchanged re-apply: the guard record goes before anything changes the guard",
         "guard/kernel/apply.py",
-        "        forget_record(pins.root)\n        try:\n            pins.root.mkdir(",
-        "        try:\n            pins.root.mkdir(",
+        "        forget_record(pins.root)\n        try:\n            os.makedirs(pins.root,",
+        "        try:\n            os.makedirs(pins.root,",
         (QUICK + "test_an_apply_of_other_files_killed_half_way_is_never_vouched_for",),
         runs=2,
     ),
@@ -564,7 +564,7 @@ MUTANTS = [
         "object-digest-unchecked",
         "a stale or damaged object is never loaded",
         "guard/kernel/objects.py",
-        '        return path.with_suffix(".sha256").read_text().strip() == _file_digest(path)\n',
+        "        return _read(sidecar_of(path)).decode().strip() == _file_digest(path)\n",
         "        return True\n",
         (
             "tests/kernel/test_boot_path.py::"
@@ -665,7 +665,7 @@ def run_mutant(mutant: Mutant | None, tests: tuple[str, ...], env: dict[str, str
             path = tree / mutant.file
             path.write_text(path.read_text().replace(mutant.text, mutant.replacement, 1))
         outcomes = run_tests(tree, tests, env)
-        leaked = DEFAULT_CACHE_DIR / f"guard-{source_digest(tree / 'bpf')}.o"
+        leaked = Path(DEFAULT_CACHE_DIR) / f"guard-{source_digest(tree / 'bpf')}.o"
         if mutant is not None and mutant.file.startswith("bpf/") and leaked.exists():
             raise SystemExit(f"{leaked} was built from mutated sources: delete it")
         return outcomes

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from guard import paths
 from guard.errors import GuardError
@@ -68,11 +67,11 @@ class ApplyResult:
         self.attach_dir = ""  # the attach cgroup's directory
 
 
-def forget_record(pin_dir: Path) -> None:
+def forget_record(pin_dir: str) -> None:
     """Take away the guard record of guard/quick.py (an unchanged re-apply's proof), under
     the pin directory's lock, before anything changes the guard: a run killed from here on
     leaves no record, and the next apply takes the full path."""
-    record = paths.guard_record(str(pin_dir))
+    record = paths.guard_record(paths.normal(pin_dir))
     try:
         os.unlink(record)
     except FileNotFoundError:
@@ -100,11 +99,11 @@ def apply(plan: Plan, settle: Callable[[ApplyResult], None] | None = None) -> Ap
             "contain = true needs cgroup_skb programs that may call bpf_get_netns_cookie, "
             "which this kernel refuses; nothing applied (turn contain off)"
         )
-    pins = Pins(Path(settings.pin_dir))
+    pins = Pins(settings.pin_dir)
     with host.locked(pins.root):
         forget_record(pins.root)
         try:
-            pins.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.makedirs(pins.root, mode=0o700, exist_ok=True)
             os.chmod(pins.root, 0o700)
         except OSError as exc:
             raise GuardError(f"cannot use the pin directory {pins.root}: {exc.strerror}") from None
@@ -135,6 +134,7 @@ def apply(plan: Plan, settle: Callable[[ApplyResult], None] | None = None) -> Ap
             raise GuardError(f"{exc.filename or pins.root}: {exc.strerror}") from None
         result.warnings[:0] = notes
         result.object_path, result.attach_dir = str(object_path), str(attach_dir)
+
         if settle is not None:
             settle(result)
     return result
@@ -179,27 +179,37 @@ def _reads_maps(link_fd: int, maps: Maps) -> bool:
     return state_id in libbpf.prog_map_ids(libbpf.link_info(link_fd).prog_id)
 
 
-def _retire(maps_dir: Path) -> None:
+def _retire(maps_dir: str) -> None:
     """Move maps this version cannot trust out of the way; links may still use them, so they
     are deleted only once no link does (end of apply)."""
-    if maps_dir.exists():
+    if os.path.exists(maps_dir):
         # os.urandom, not secrets: secrets imports hashlib, which loads libcrypto at boot
-        libbpf.rename_pin(maps_dir, maps_dir.with_name(f"maps-retired-{os.urandom(4).hex()}"))
+        retired = f"maps-retired-{os.urandom(4).hex()}"
+        libbpf.rename_pin(maps_dir, os.path.join(os.path.dirname(maps_dir), retired))
+
+
+def _mkdir(path: str) -> None:
+    """A directory of mode 0700 (umask permitting), there already or not."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 def _load(
-    object_path: Path, pins: Pins, reused: bool, skip: tuple[str, ...], sizes: dict[str, int]
+    object_path: str, pins: Pins, reused: bool, skip: tuple[str, ...], sizes: dict[str, int]
 ) -> tuple[libbpf.LoadedObject, bool]:
     """Load, reusing this layout's pinned maps when reused; maps libbpf cannot reuse (their
     definition or size changed without a layout change) are retired and made afresh."""
-    pins.maps_dir.mkdir(mode=0o700, exist_ok=True)
+    _mkdir(pins.maps_dir)
     shared = {"hook_gate": pins.gate}
     btf = corebtf.cached(object_path)  # None: the kernel's own BTF
     try:
         loaded = libbpf.load_object(object_path, pins.maps_dir, skip, sizes, shared, btf)
     except libbpf.IncompatiblePinnedMap:
         _retire(pins.maps_dir)
-        pins.maps_dir.mkdir(mode=0o700)
+        os.mkdir(pins.maps_dir, 0o700)
         loaded = libbpf.load_object(object_path, pins.maps_dir, skip, sizes, shared, btf)
         reused = False
     if btf is not None and loaded.core_btf is None:
@@ -226,10 +236,10 @@ class _Transaction:
         self,
         plan: Plan,
         pins: Pins,
-        object_path: Path,
+        object_path: str,
         denial: str,
-        cgroup_root: Path,
-        attach_dir: Path,
+        cgroup_root: str,
+        attach_dir: str,
         can_contain: bool,
     ):
         self.plan, self.pins, self.object_path = plan, pins, object_path
@@ -238,10 +248,11 @@ class _Transaction:
         self.contain = bool(plan.contained)
         self.programs = program_names(denial)
         self.cookie = host.netns_cookie()
-        scope = (os.stat(attach_dir).st_ino, len(attach_dir.relative_to(cgroup_root).parts))
+        scope = (os.stat(attach_dir).st_ino, _depth_below(attach_dir, cgroup_root))
         self.cfg = slots.config_value(plan, self.cookie, denial, scope, host.netns_inode())
         # The object and the road: another road (refuse_at changed) loads and swaps too.
-        self.digest = f"{object_path.stem} {denial}".encode()
+        stem = os.path.splitext(os.path.basename(object_path))[0]
+        self.digest = f"{stem} {denial}".encode()
 
     def run(self) -> ApplyResult:
         pins = self.pins
@@ -482,21 +493,33 @@ def _drop_other_maps(pins: Pins, maps: Maps) -> bool:
     _carry_sysctl_records(pins, maps)
     _carry_counters(others, maps)
     for other in others:
-        for entry in other.iterdir():
-            libbpf.unpin(entry)
-        other.rmdir()
-        libbpf.step()
+        _unpin_dir(other)
     return bool(others)
 
 
-def _carry_counters(others: list[Path], maps: Maps) -> None:
+def _unpin_dir(directory: str) -> None:
+    """Unpin everything in a maps directory, then remove it."""
+    for name in os.listdir(directory):
+        libbpf.unpin(os.path.join(directory, name))
+    os.rmdir(directory)
+    libbpf.step()
+
+
+def _depth_below(directory: str, root: str) -> int:
+    """How many components below root a directory is (both from cgroups.directory)."""
+    if directory != root and not directory.startswith(root.rstrip("/") + "/"):
+        raise ValueError(f"{directory!r} is not in the subpath of {root!r}")
+    return len([part for part in directory[len(root) :].split("/") if part])
+
+
+def _carry_counters(others: list[str], maps: Maps) -> None:
     """Add the refusal counts of maps no link reads any more (older layouts, maps too small
     for the policy) to the current ones, so counts survive new maps. Each key is taken out
     of the old map once added: a run killed in between counts that one key twice at most."""
     olds = []
     for other in others:
         for name in ("denied", "contained"):
-            fd = open_map(other / name, name)
+            fd = open_map(os.path.join(other, name), name)
             if fd is not None:
                 spec = layout.MAPS[name]
                 olds.append((name, libbpf.Map(fd, spec.key, spec.value, percpu=True)))
@@ -514,15 +537,15 @@ def _carry_counters(others: list[Path], maps: Maps) -> None:
             os.close(old.fd)
 
 
-def _pin_replace(fd: int, path: Path) -> None:
-    tmp = path.with_name(path.name + "_new")  # bpffs refuses names with a dot
+def _pin_replace(fd: int, path: str) -> None:
+    tmp = path + "_new"  # bpffs refuses names with a dot
     libbpf.unpin(tmp)
     libbpf.pin(fd, tmp)
     libbpf.rename_pin(tmp, path)
 
 
 def apply_maps(
-    maps: Maps, plan: Plan, cfg: layout.Config, cgroup_root: Path, drop_stale: bool = True
+    maps: Maps, plan: Plan, cfg: layout.Config, cgroup_root: str, drop_stale: bool = True
 ) -> bool:
     """Make the active slot say what the plan says: fill the inactive slot, flip, wait until
     no program reads the old slot, clear it. False when it said so already."""
@@ -558,8 +581,8 @@ def apply_maps(
 def remove(settings: Settings) -> bool:
     """Detach and unpin everything, restore the sysctl. False when nothing was there."""
     host.require_root("portguard")
-    pins = Pins(Path(settings.pin_dir))
-    if not pins.root.is_dir():
+    pins = Pins(settings.pin_dir)
+    if not os.path.isdir(pins.root):
         return False
     with host.locked(pins.root):
         forget_record(pins.root)
@@ -569,12 +592,12 @@ def remove(settings: Settings) -> bool:
             raise GuardError(str(exc)) from None
         except OSError as exc:
             raise GuardError(f"{exc.filename or pins.root}: {exc.strerror}") from None
-        leftovers = sorted(p.name for p in pins.root.iterdir())
+        leftovers = sorted(os.listdir(pins.root))
         if leftovers:
             raise GuardError(
                 f"removed the guard, but {pins.root} holds foreign pins: {', '.join(leftovers)}"
             )
-        pins.root.rmdir()
+        os.rmdir(pins.root)
     return True
 
 
@@ -590,7 +613,7 @@ def _remove_locked(pins: Pins) -> None:
             slots.flip(maps, empty)  # no reservation from here on
         finally:
             maps.close()
-    maps_dirs = sorted(pins.root.glob("maps-*"))
+    maps_dirs = pins.maps_dirs()
     added: set[int] = set()
     for maps_dir in maps_dirs:  # older layouts' records too
         added |= sysctl.records(maps_dir) or set()
@@ -600,7 +623,4 @@ def _remove_locked(pins: Pins) -> None:
         libbpf.unpin(pins.staged_link(name))
     libbpf.unpin(pins.gate)  # no program reads it once the links are gone
     for maps_dir in maps_dirs:
-        for entry in maps_dir.iterdir():
-            libbpf.unpin(entry)
-        maps_dir.rmdir()
-        libbpf.step()
+        _unpin_dir(maps_dir)

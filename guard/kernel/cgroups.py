@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
 
-MOUNTS = Path("/proc/mounts")
-CGROUP_NAMESPACE = Path("/proc/self/ns/cgroup")
+from guard import paths
+
+MOUNTS = "/proc/mounts"
+CGROUP_NAMESPACE = "/proc/self/ns/cgroup"
 INITIAL_CGROUP_NAMESPACE_INO = 0xEFFFFFFB  # PROC_CGROUP_INIT_INO, fixed by the kernel
 
 
@@ -15,21 +15,22 @@ class CgroupError(RuntimeError):
     pass
 
 
-def mount_points(fstype: str, mounts: Path = MOUNTS) -> list[Path]:
+def mount_points(fstype: str, mounts: str = MOUNTS) -> list[str]:
     """Where file systems of this type are mounted, in /proc/mounts order (escapes undone)."""
     try:
-        lines = mounts.read_text().splitlines()
+        with open(mounts) as f:
+            lines = f.read().splitlines()
     except OSError as exc:
         raise CgroupError(f"cannot read {mounts}: {exc.strerror}") from exc
     found = []
     for line in lines:
         fields = line.split()
         if len(fields) >= 3 and fields[2] == fstype:
-            found.append(Path(unescape_mount_path(fields[1])))
+            found.append(paths.normal(unescape_mount_path(fields[1])))
     return found
 
 
-def cgroup2_mount(mounts: Path = MOUNTS) -> Path:
+def cgroup2_mount(mounts: str = MOUNTS) -> str:
     """The cgroup2 mount point (/sys/fs/cgroup, or /sys/fs/cgroup/unified in hybrid layouts)."""
     found = mount_points("cgroup2", mounts)
     if not found:
@@ -41,10 +42,18 @@ def cgroup2_mount(mounts: Path = MOUNTS) -> Path:
 
 def unescape_mount_path(path: str) -> str:
     """Undo the octal escapes of /proc/mounts (\\040 for a space and so on)."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), path)
+    pieces = path.split("\\")
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        code = piece[:3]
+        if len(code) == 3 and all(digit in "01234567" for digit in code):
+            out.append(chr(int(code, 8)) + piece[3:])
+        else:
+            out.append("\\" + piece)
+    return "".join(out)
 
 
-def require_initial_namespace(namespace: Path = CGROUP_NAMESPACE) -> None:
+def require_initial_namespace(namespace: str = CGROUP_NAMESPACE) -> None:
     """Refuse to work inside a cgroup namespace.
 
     The kernel's cgroup_mkdir tracepoint reports paths from the real cgroup2 root and BPF
@@ -64,13 +73,13 @@ def require_initial_namespace(namespace: Path = CGROUP_NAMESPACE) -> None:
         )
 
 
-def directory(path: str, root: Path | None = None) -> Path:
+def directory(path: str, root: str | os.PathLike | None = None) -> str:
     """Directory of a cgroup path relative to the cgroup2 root ("/system.slice/x.service")."""
     root = root or cgroup2_mount()
-    return root / path.lstrip("/")
+    return paths.join(root, path.lstrip("/"))
 
 
-def cgroup_id(path: str, root: Path | None = None) -> int | None:
+def cgroup_id(path: str, root: str | os.PathLike | None = None) -> int | None:
     """The cgroup's id (its directory's inode number), or None when it does not exist."""
     try:
         return os.stat(directory(path, root)).st_ino
@@ -84,7 +93,9 @@ def level(path: str) -> int:
 
 
 def path_of_current_process() -> str:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         if line.startswith("0::"):
             return line[3:]
     raise CgroupError("this process is not in a cgroup2 hierarchy")

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from guard.kernel import objects
 from guard.kernel.sources import sha256
 
-VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
-KERNEL_NOTES = Path("/sys/kernel/notes")
-PROC_VERSION = Path("/proc/version")
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+KERNEL_NOTES = "/sys/kernel/notes"
+PROC_VERSION = "/proc/version"
 NT_GNU_BUILD_ID = 3
 PREFIX = "vmlinux-"  # vmlinux-<object digest>-<kernel digest>.btf in the cache directory
 
@@ -58,7 +57,7 @@ def kernel_identity() -> bytes:
     the BTF), its version string and the BTF's size."""
     btf = VMLINUX_BTF
     try:
-        found = build_id(KERNEL_NOTES.read_bytes())
+        found = build_id(_read(KERNEL_NOTES))
     except OSError:
         found = None
     if found is not None:
@@ -66,30 +65,36 @@ def kernel_identity() -> bytes:
     else:
         import zlib
 
-        found = b"crc32:%08x" % zlib.crc32(btf.read_bytes())
-    return b"\0".join((found, PROC_VERSION.read_bytes(), b"%d" % btf.stat().st_size))
+        found = b"crc32:%08x" % zlib.crc32(_read(btf))
+    return b"\0".join((found, _read(PROC_VERSION), b"%d" % os.stat(btf).st_size))
 
 
-def _object_digest(object_path: Path) -> str:
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _object_digest(object_path: str) -> str:
     """The object's content digest, from the sidecar its loader has just checked."""
-    return object_path.with_suffix(".sha256").read_text().strip()
+    return _read(objects.sidecar_of(os.fspath(object_path))).decode().strip()
 
 
-def path_for(object_path: Path) -> Path:
+def path_for(object_path: str) -> str:
     """Where the minimal BTF of this object and the running kernel is kept."""
     kernel = sha256(kernel_identity()).hexdigest()[:16]
-    return objects.cache_dir() / f"{PREFIX}{_object_digest(object_path)[:16]}-{kernel}.btf"
+    name = f"{PREFIX}{_object_digest(object_path)[:16]}-{kernel}.btf"
+    return os.path.join(objects.cache_dir(), name)
 
 
-def _intact(path: Path) -> bool:
+def _intact(path: str) -> bool:
     try:
-        digest = path.with_suffix(".sha256").read_text().strip()
-        return sha256(path.read_bytes()).hexdigest() == digest
+        digest = _read(objects.sidecar_of(path)).decode().strip()
+        return sha256(_read(path)).hexdigest() == digest
     except OSError:
         return False
 
 
-def cached(object_path: Path) -> Path | None:
+def cached(object_path: str) -> str | None:
     """The intact minimal BTF of this object for the running kernel, or None."""
     try:
         path = path_for(object_path)
@@ -98,10 +103,18 @@ def cached(object_path: Path) -> Path | None:
     return path if _intact(path) else None
 
 
-def discard(path: Path) -> None:
+def discard(path: str) -> None:
     """Remove a minimal BTF libbpf refused (the next `ensure` makes it anew)."""
-    for stale in (path.with_suffix(".sha256"), path):  # the sidecar first: never taken again
-        stale.unlink(missing_ok=True)
+    path = os.fspath(path)
+    for stale in (objects.sidecar_of(path), path):  # the sidecar first: never taken again
+        _unlink(stale)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def find_bpftool() -> str | None:
@@ -115,7 +128,7 @@ def find_bpftool() -> str | None:
     return shutil.which("bpftool") or shutil.which("bpftool", path="/usr/sbin:/sbin")
 
 
-def ensure(object_path: Path) -> Path | None:
+def ensure(object_path: str) -> str | None:
     """The minimal BTF of this object for the running kernel, made with bpftool when the cache
     has none; None when it cannot be made. Never raises: the kernel's BTF always serves."""
     found = cached(object_path)
@@ -129,31 +142,33 @@ def ensure(object_path: Path) -> Path | None:
 
     try:
         path = path_for(object_path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            out = Path(tmp) / path.name
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+            out = os.path.join(tmp, os.path.basename(path))
             made = subprocess.run(
-                [bpftool, "gen", "min_core_btf", str(VMLINUX_BTF), str(out), str(object_path)],
+                [bpftool, "gen", "min_core_btf", str(VMLINUX_BTF), out, str(object_path)],
                 capture_output=True,
                 timeout=60,
             )
-            if made.returncode != 0 or not out.is_file():
+            if made.returncode != 0 or not os.path.isfile(out):
                 return None
-            sidecar = Path(tmp) / (path.stem + ".sha256")
-            sidecar.write_text(sha256(out.read_bytes()).hexdigest() + "\n")
+            sidecar = objects.sidecar_of(out)
+            with open(sidecar, "w") as f:
+                f.write(sha256(_read(out)).hexdigest() + "\n")
             # the sidecar last: until it is in place, the file is not taken
             os.replace(out, path)
-            os.replace(sidecar, path.with_suffix(".sha256"))
+            os.replace(sidecar, objects.sidecar_of(path))
     except (OSError, subprocess.SubprocessError):
         return None
     _prune(keep=path)
     return path
 
 
-def _prune(keep: Path) -> None:
+def _prune(keep: str) -> None:
     """Remove the minimal BTFs of other objects (an upgrade's old ones); other kernels' stay
     (a machine may boot either of two kernels; each file is under 1 KB)."""
-    mine = keep.name[: len(PREFIX) + 16]
-    for stale in keep.parent.glob(PREFIX + "*"):
-        if not stale.name.startswith(mine):
-            stale.unlink(missing_ok=True)
+    directory, name = os.path.split(keep)
+    mine = name[: len(PREFIX) + 16]
+    for other in os.listdir(directory):
+        if other.startswith(PREFIX) and not other.startswith(mine):
+            _unlink(os.path.join(directory, other))

@@ -13,7 +13,6 @@ import fcntl
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from guard import paths
 from guard.errors import GuardError
@@ -36,12 +35,18 @@ def require_root(command: str, why: str = "it loads BPF programs into the kernel
         raise GuardError(f"{command} must run as root: {why}")
 
 
-def _on_bpffs(path: Path, mounts: Path = cgroups.MOUNTS) -> bool:
+def _within(path: str, top: str) -> bool:
+    """path is top or below it (both spelled by paths.normal)."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _on_bpffs(path: str, mounts: str = cgroups.MOUNTS) -> bool:
     try:
         found = cgroups.mount_points("bpf", mounts)
     except cgroups.CgroupError:
         return False
-    return any(path == m or m in path.parents for m in found)
+    path = paths.normal(path)
+    return any(_within(path, m) for m in found)
 
 
 def _mount(source: str, target: str, fstype: str, data: str) -> None:
@@ -52,8 +57,8 @@ def _mount(source: str, target: str, fstype: str, data: str) -> None:
 
 
 def preflight(
-    settings: Settings, *, mount_bpffs: bool, mounts: Path = cgroups.MOUNTS
-) -> tuple[Path, Path]:
+    settings: Settings, *, mount_bpffs: bool, mounts: str = cgroups.MOUNTS
+) -> tuple[str, str]:
     """Root, cgroup2, bpffs, the attach cgroup: (cgroup2 mount, attach dir) or GuardError."""
     require_root("portguard")
     try:
@@ -62,13 +67,13 @@ def preflight(
     except cgroups.CgroupError as exc:
         raise GuardError(str(exc)) from None
     attach_dir = cgroups.directory(settings.cgroup, root)
-    if not attach_dir.is_dir():
+    if not os.path.isdir(attach_dir):
         raise GuardError(f"the attach cgroup {settings.cgroup} does not exist under {root}")
-    pin_dir = Path(settings.pin_dir)
+    pin_dir = paths.normal(settings.pin_dir)
     if not _on_bpffs(pin_dir, mounts):
-        default = Path("/sys/fs/bpf")
-        if mount_bpffs and (pin_dir == default or default in pin_dir.parents) and default.is_dir():
-            _mount("bpf", str(default), "bpf", "mode=0700")
+        default = "/sys/fs/bpf"
+        if mount_bpffs and _within(pin_dir, default) and os.path.isdir(default):
+            _mount("bpf", default, "bpf", "mode=0700")
         else:
             raise GuardError(
                 f"{pin_dir} is not on a BPF file system (mount -t bpf bpf /sys/fs/bpf)"
@@ -88,20 +93,22 @@ def netns_inode() -> int:
     return snapshot.netns_inode()
 
 
-def lock_path(pin_dir: Path, role: str = "") -> Path:
+def lock_path(pin_dir: str, role: str = "") -> str:
     """The lock file of one role (apply/remove, monitor, ...) for one pin directory."""
     try:
         # beside apply's records (guard/observe/outcome.py): tests point both at a directory
         # of their own, so that hundreds of sandboxes leave no lock in the machine's /run
-        lock_dir = Path(paths.run_dir())
-        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        lock_dir = paths.run_dir()
+        os.mkdir(lock_dir, 0o700)
+    except FileExistsError:
+        pass
     except OSError:
-        lock_dir = Path("/tmp")
-    return lock_dir / paths.lock_name(str(pin_dir), role)
+        lock_dir = "/tmp"
+    return paths.join(lock_dir, paths.lock_name(paths.normal(pin_dir), role))
 
 
 @contextmanager
-def locked(pin_dir: Path, role: str = "", *, wait: bool = True, busy: str = "") -> Iterator[None]:
+def locked(pin_dir: str, role: str = "", *, wait: bool = True, busy: str = "") -> Iterator[None]:
     """Hold the lock of one role for one pin directory; without wait, GuardError(busy) when
     another process holds it."""
     with open(lock_path(pin_dir, role), "w") as lock:

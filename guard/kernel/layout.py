@@ -10,11 +10,12 @@ are never reused.
 from __future__ import annotations
 
 import ctypes as C
-from typing import NamedTuple
+import os
 
 from guard.kernel.sources import bpf_source_dir, sha256
 from guard.policy.plan import Limits
 from guard.policy.ports import PROTOCOL_NUMBERS as PROTOCOLS
+from guard.tuples import NamedTuple
 
 # enum pg_limits
 SLOTS = 2
@@ -241,7 +242,8 @@ SCRATCH = MapSpec(PERCPU_ARRAY, U32, PathKey, 1)
 
 
 def _layout_digest() -> str:
-    header = (bpf_source_dir() / "guard.h").read_bytes()
+    with open(os.path.join(bpf_source_dir(), "guard.h"), "rb") as f:
+        header = f.read()
     return sha256(header).hexdigest()[:12]
 
 

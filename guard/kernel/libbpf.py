@@ -11,8 +11,8 @@ import ctypes as C
 import errno
 import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import NamedTuple
+
+from guard.tuples import NamedTuple
 
 BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
@@ -35,7 +35,7 @@ BPF_F_MMAPABLE = 1 << 10  # an array whose values user space may mmap
 LINK_TYPE_RAW_TRACEPOINT = 1  # raw_tp (and tp_btf) programs, bpf_raw_tracepoint_open
 LINK_TYPE_TRACING = 2
 LINK_TYPE_CGROUP = 3
-VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 BIND_ATTACH_TYPES = {"bind4": BPF_CGROUP_INET4_BIND, "bind6": BPF_CGROUP_INET6_BIND}
 PACKET_ATTACH_TYPES = {"ingress": BPF_CGROUP_INET_INGRESS, "egress": BPF_CGROUP_INET_EGRESS}
@@ -233,7 +233,7 @@ def probe_features() -> Features:
         netns_cookie=_helper(BPF_FUNC_get_netns_cookie),
         ancestor_cgroup=_helper(BPF_FUNC_get_current_ancestor_cgroup_id),
         bpf_link=_has_bpf_link(),
-        btf=VMLINUX_BTF.exists(),
+        btf=os.path.exists(VMLINUX_BTF),
     )
 
 
@@ -261,7 +261,7 @@ def hook_refusal() -> str | None:
     loads and attaches. The probe attaches a program that returns 0 (every bind goes on as
     if it were not there) and detaches it at once; a process killed meanwhile takes it along."""
     bpf = lib()
-    if not VMLINUX_BTF.exists():
+    if not os.path.exists(VMLINUX_BTF):
         return f"it has no kernel BTF ({VMLINUX_BTF})"
     btf = bpf.btf__load_vmlinux_btf()
     if not btf:
@@ -291,7 +291,9 @@ def hook_refusal() -> str | None:
 
 def object_kind(fd: int) -> tuple[str, str]:
     """("link", "cgroup"), ("map", "1"), ("prog", "18")...: what a bpf fd is, from fdinfo."""
-    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         key, _, value = line.partition(":")
         if key in ("link_type", "map_type", "prog_type"):
             return key.removesuffix("_type"), value.strip()
@@ -311,7 +313,7 @@ class IncompatiblePinnedMap(BpfError):
     """A map pinned where the object's map would be pinned has another definition (type,
     key or value size, max entries or flags): libbpf would refuse to reuse it."""
 
-    def __init__(self, name: str, path: Path, differences: list[str]):
+    def __init__(self, name: str, path: str, differences: list[str]):
         super().__init__(
             errno.EINVAL,
             f"the map pinned at {path} is not the object's {name}: " + ", ".join(differences),
@@ -330,7 +332,7 @@ class LoadedObject:
         handle: int,
         programs: dict[str, int],
         maps: dict[str, int],
-        core_btf: Path | None = None,
+        core_btf: str | None = None,
     ) -> None:
         self.handle = handle
         self.programs = programs
@@ -372,7 +374,7 @@ class _ObjectOpenOpts(C.Structure):
     ]
 
 
-def _open_object(path: Path, core_btf: Path | None = None) -> int:
+def _open_object(path: str, core_btf: str | None = None) -> int:
     """Open (not load) the object; core_btf, when given, is the BTF libbpf resolves the CO-RE
     relocations against instead of the kernel's (/sys/kernel/btf/vmlinux)."""
     opts = None
@@ -387,7 +389,7 @@ def _open_object(path: Path, core_btf: Path | None = None) -> int:
     return handle
 
 
-def _check_reusable(name: str, m: int, path: Path) -> None:
+def _check_reusable(name: str, m: int, path: str) -> None:
     """Raise IncompatiblePinnedMap when a map pinned at path differs from the object's map
     (what libbpf compares before it reuses a pinned map)."""
     fd = get_pinned(path)
@@ -415,12 +417,12 @@ def _check_reusable(name: str, m: int, path: Path) -> None:
 
 
 def load_object(
-    path: Path,
-    maps_dir: Path,
+    path: str,
+    maps_dir: str,
     skip: tuple[str, ...] = (),
     sizes: dict[str, int] | None = None,
-    pinned_at: dict[str, Path] | None = None,
-    core_btf: Path | None = None,
+    pinned_at: dict[str, str] | None = None,
+    core_btf: str | None = None,
 ) -> LoadedObject:
     """Load and verify the object; each of its maps is reused from maps_dir when pinned
     there, else created and pinned there (IncompatiblePinnedMap when a pinned one differs);
@@ -442,12 +444,12 @@ def load_object(
 
 
 def _load(
-    path: Path,
-    maps_dir: Path,
+    path: str,
+    maps_dir: str,
     skip: tuple[str, ...],
     sizes: dict[str, int] | None,
-    pinned_at: dict[str, Path] | None,
-    core_btf: Path | None,
+    pinned_at: dict[str, str] | None,
+    core_btf: str | None,
 ) -> LoadedObject:
     bpf = lib()
     _LOG.clear()
@@ -458,7 +460,7 @@ def _load(
             if name in maps:
                 _check(bpf.bpf_map__set_max_entries(maps[name], entries), f"sizing {name}")
         for name, m in maps.items():
-            pin_path = (pinned_at or {}).get(name) or maps_dir / name
+            pin_path = (pinned_at or {}).get(name) or os.path.join(maps_dir, name)
             _check_reusable(name, m, pin_path)
             _check(bpf.bpf_map__set_pin_path(m, str(pin_path).encode()), f"pin path for {name}")
         programs = _programs(handle)
@@ -526,12 +528,12 @@ class _MapCreateOpts(C.Structure):
     ]
 
 
-def pin(fd: int, path: Path) -> None:
+def pin(fd: int, path: str) -> None:
     _check(lib().bpf_obj_pin(fd, str(path).encode()), f"pinning {path}")
     step()
 
 
-def unpin(path: Path) -> bool:
+def unpin(path: str) -> bool:
     """Remove a pin (an unpinned link detaches once no fd holds it); False when absent."""
     try:
         os.unlink(path)
@@ -541,13 +543,13 @@ def unpin(path: Path) -> bool:
     return True
 
 
-def rename_pin(source: Path, target: Path) -> None:
+def rename_pin(source: str, target: str) -> None:
     """Move a pin or a pin directory; an existing target pin is replaced in the same step."""
     os.replace(source, target)
     step()
 
 
-def get_pinned(path: Path) -> int | None:
+def get_pinned(path: str) -> int | None:
     """fd of the object pinned at path, or None when nothing is pinned there."""
     fd = lib().bpf_obj_get(str(path).encode())
     if fd < 0:
@@ -558,7 +560,7 @@ def get_pinned(path: Path) -> int | None:
     return fd
 
 
-def attach_cgroup(prog_fd: int, cgroup_dir: Path, attach_type: int) -> int:
+def attach_cgroup(prog_fd: int, cgroup_dir: str, attach_type: int) -> int:
     """A bpf_link from the program to the cgroup (multi-attach semantics: programs of
     descendant cgroups run too and cannot override it). Returns the link fd."""
     cg_fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -784,7 +786,7 @@ class _Btf:
         return {self.name(e.name_off): e.val for e in values}
 
 
-def describe_object(path: Path) -> ObjectDescription:
+def describe_object(path: str) -> ObjectDescription:
     """Read an object's contract from its BTF, without loading it (no root needed)."""
     bpf = lib()
     handle = _open_object(path)
@@ -824,7 +826,7 @@ def describe_object(path: Path) -> ObjectDescription:
         bpf.bpf_object__close(handle)
 
 
-def btf_structs(path: Path, names: list[str]) -> dict[str, StructLayout]:
+def btf_structs(path: str, names: list[str]) -> dict[str, StructLayout]:
     """The named structs of a BTF file (the kernel's: /sys/kernel/btf/vmlinux); absent
     names are left out."""
     bpf = lib()

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from guard.kernel.sources import bpf_source_dir, sha256
 
-DEFAULT_CACHE_DIR = Path("/var/cache/portguard")
+DEFAULT_CACHE_DIR = "/var/cache/portguard"
 SOURCES = ("guard.bpf.c", "guard.h")
 # the clang target for each byte order (sys.byteorder)
 TARGETS = {"little": "bpfel", "big": "bpfeb"}
@@ -33,13 +32,23 @@ class BuildError(RuntimeError):
     """The object is missing and cannot be built here; the message names the fix."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PORTGUARD_CACHE_DIR", DEFAULT_CACHE_DIR))
+def cache_dir() -> str:
+    return os.environ.get("PORTGUARD_CACHE_DIR", DEFAULT_CACHE_DIR)
 
 
-def shipped_dir() -> Path:
+def shipped_dir() -> str:
     """Where an installed package carries its prebuilt objects (absent in a checkout)."""
-    return Path(__file__).resolve().parent.parent / "bpf"
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bpf")
+
+
+def sidecar_of(path: str) -> str:
+    """The sha256 sidecar of an object or BTF file: its name with the suffix replaced."""
+    return os.path.splitext(path)[0] + ".sha256"
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def host_target() -> str:
@@ -59,7 +68,7 @@ def _flags(target: str) -> list[str]:
 def source_digest(target: str | None = None) -> str:
     digest = sha256()
     for name in SOURCES:
-        digest.update((bpf_source_dir() / name).read_bytes())
+        digest.update(_read(os.path.join(bpf_source_dir(), name)))
     target = target or host_target()
     if target != "bpfel":  # keeps the little-endian names that caches and pins already carry
         digest.update(target.encode())
@@ -70,26 +79,26 @@ def object_name(target: str | None = None) -> str:
     return f"guard-{source_digest(target)}.o"
 
 
-def object_path() -> Path:
-    return cache_dir() / object_name()
+def object_path() -> str:
+    return os.path.join(cache_dir(), object_name())
 
 
-def _file_digest(path: Path) -> str:
-    return sha256(path.read_bytes()).hexdigest()
+def _file_digest(path: str) -> str:
+    return sha256(_read(path)).hexdigest()
 
 
-def _intact(path: Path) -> bool:
+def _intact(path: str) -> bool:
     try:
-        return path.with_suffix(".sha256").read_text().strip() == _file_digest(path)
+        return _read(sidecar_of(path)).decode().strip() == _file_digest(path)
     except OSError:
         return False
 
 
-def cached_object() -> Path | None:
+def cached_object() -> str | None:
     """The object for the current sources, if present and intact: the one the package
     shipped first, else the one in the cache."""
     name = object_name()
-    for path in (shipped_dir() / name, cache_dir() / name):
+    for path in (os.path.join(shipped_dir(), name), os.path.join(cache_dir(), name)):
         if _intact(path):
             return path
     return None
@@ -108,7 +117,7 @@ def find_clang() -> str | None:
     return None
 
 
-def build(target: str | None = None, directory: Path | None = None) -> Path:
+def build(target: str | None = None, directory: str | os.PathLike | None = None) -> str:
     """Compile the object (for `target`, default the host's byte order) into `directory`
     (default the cache), atomically, and return its path."""
     import subprocess
@@ -117,7 +126,7 @@ def build(target: str | None = None, directory: Path | None = None) -> Path:
     clang = find_clang()
     if clang is None:
         where = f"cached in {cache_dir()}"
-        if shipped_dir().is_dir():  # an installed package (a checkout has no guard/bpf)
+        if os.path.isdir(shipped_dir()):  # an installed package (a checkout has no guard/bpf)
             where = f"shipped in {shipped_dir()} or {where}"
         raise BuildError(
             f"no intact compiled BPF object for this portguard version ({where}) and no clang "
@@ -125,37 +134,42 @@ def build(target: str | None = None, directory: Path | None = None) -> Path:
             "(apt install clang libbpf-dev) and run `portguard build`"
         )
     target = target or host_target()
-    path = (directory or cache_dir()) / object_name(target)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = Path(tmp) / path.name
-        source = bpf_source_dir() / "guard.bpf.c"
-        cmd = [clang, *_flags(target), "-c", str(source), "-o", str(out)]
+    path = os.path.join(os.fspath(directory or cache_dir()), object_name(target))
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        out = os.path.join(tmp, os.path.basename(path))
+        source = os.path.join(bpf_source_dir(), "guard.bpf.c")
+        cmd = [clang, *_flags(target), "-c", source, "-o", out]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             hint = ""
             if "bpf/bpf_helpers.h" in proc.stderr or "linux/bpf.h" in proc.stderr:
                 hint = " (install libbpf-dev and linux-libc-dev)"
             raise BuildError(f"compiling the BPF object failed{hint}:\n{proc.stderr.strip()}")
-        sidecar = Path(tmp) / (path.stem + ".sha256")
-        sidecar.write_text(_file_digest(out) + "\n")
+        sidecar = sidecar_of(out)
+        with open(sidecar, "w") as f:
+            f.write(_file_digest(out) + "\n")
         os.replace(out, path)
-        os.replace(sidecar, path.with_suffix(".sha256"))
+        os.replace(sidecar, sidecar_of(path))
     _prune(keep=path)
     return path
 
 
-def _prune(keep: Path) -> None:
+def _prune(keep: str) -> None:
     """Remove objects built from other sources (a package upgrade leaves the old version's,
     older versions built one per denial style): they are never loaded, only taking room.
     Objects for the other byte order, built beside them for a package, stay."""
     current = {object_name(target) for target in TARGETS.values()}
-    for stale in keep.parent.glob("guard-*.o"):
-        if stale.name not in current:
-            for path in (stale, stale.with_suffix(".sha256")):
-                path.unlink(missing_ok=True)
+    directory = os.path.dirname(keep)
+    for name in os.listdir(directory):
+        if name.startswith("guard-") and name.endswith(".o") and name not in current:
+            for path in (os.path.join(directory, name), sidecar_of(os.path.join(directory, name))):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
 
-def ensure_object() -> Path:
+def ensure_object() -> str:
     """The object for the current sources, building it when neither package nor cache has it."""
     return cached_object() or build()

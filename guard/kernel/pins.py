@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ctypes as C
 import os
-from pathlib import Path
 
+from guard import paths
 from guard.kernel import layout, libbpf
 
 
@@ -18,27 +18,36 @@ class Pins:
 
     __slots__ = ("root",)
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = paths.normal(root)
 
     @property
-    def maps_dir(self) -> Path:
-        return self.root / f"maps-{layout.LAYOUT}"
+    def maps_dir(self) -> str:
+        return f"{self.root}/maps-{layout.LAYOUT}"
 
-    def link(self, name: str) -> Path:
-        return self.root / f"link_{name}"
+    def link(self, name: str) -> str:
+        return f"{self.root}/link_{name}"
 
     @property
-    def gate(self) -> Path:
+    def gate(self) -> str:
         """hook_gate, shared by every layout's maps (bpf/guard.h, struct pg_gate)."""
-        return self.root / "hook_gate"
+        return f"{self.root}/hook_gate"
 
-    def staged_link(self, name: str) -> Path:
-        return self.root / f"link_{name}_new"  # bpffs refuses names with a dot
+    def staged_link(self, name: str) -> str:
+        return f"{self.root}/link_{name}_new"  # bpffs refuses names with a dot
 
-    def other_maps_dirs(self) -> list[Path]:
+    def maps_dirs(self) -> list[str]:
+        """Every maps directory under the root (this layout's, others', retired ones), sorted;
+        none when the root is missing."""
+        try:
+            names = os.listdir(self.root)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(f"{self.root}/{name}" for name in names if name.startswith("maps-"))
+
+    def other_maps_dirs(self) -> list[str]:
         """Maps of other layouts or retired ones: not what this version reads."""
-        return sorted(d for d in self.root.glob("maps-*") if d != self.maps_dir)
+        return [d for d in self.maps_dirs() if d != self.maps_dir]
 
 
 class Maps:
@@ -58,13 +67,13 @@ class Maps:
             raise AttributeError(name) from None
 
     @classmethod
-    def open_pinned(cls, maps_dir: Path) -> Maps | None:
+    def open_pinned(cls, maps_dir: str) -> Maps | None:
         """The complete set of maps of this layout, or None when any is missing or is not
         what the layout says (a half-created set, a foreign or damaged pin)."""
         fds: dict[str, int] = {}
         try:
             for name in layout.MAPS:
-                fd = open_map(maps_dir / name, name)
+                fd = open_map(os.path.join(maps_dir, name), name)
                 if fd is None:
                     return None
                 fds[name] = fd
@@ -89,7 +98,7 @@ class Maps:
         return st.active & 1 if st else 0
 
 
-def open_map(path: Path, name: str, spec: layout.MapSpec | None = None) -> int | None:
+def open_map(path: str, name: str, spec: layout.MapSpec | None = None) -> int | None:
     """fd of the map pinned at path when it has the layout's key and value sizes for the
     map called name (or those of `spec`)."""
     spec = spec or layout.MAPS[name]

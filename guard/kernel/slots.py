@@ -11,12 +11,11 @@ from __future__ import annotations
 import ctypes as C
 import struct
 from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import NamedTuple
 
 from guard.kernel import cgroups, layout, libbpf
 from guard.kernel.pins import Maps
 from guard.policy.plan import Plan
+from guard.tuples import NamedTuple
 
 
 class SlotContents(NamedTuple):
@@ -170,7 +169,7 @@ def clear_slot(maps: Maps, slot: int, readers_gone: Callable[[], None] | None = 
         m.update_many(indices, [empty] * len(indices))
 
 
-def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root: Path) -> None:
+def fill_slot(maps: Maps, slot: int, plan: Plan, cfg: layout.Config, cgroup_root: str) -> None:
     """Write the plan into a slot that clear_slot emptied."""
     maps.config.update(slot, cfg)
     for idx, path in enumerate(plan.paths):

@@ -4,12 +4,11 @@ never picks a port listed there. Per network namespace; it covers IPv6 too."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from guard.kernel import layout, libbpf, snapshot
 from guard.kernel.pins import open_map
 
-RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 
 
 def parse(text: str) -> set[int]:
@@ -31,12 +30,14 @@ def format_ports(ports: set[int]) -> str:
     return ",".join(out)
 
 
-def read(path: Path = RESERVED_PORTS) -> set[int]:
-    return parse(path.read_text())
+def read(path: str = RESERVED_PORTS) -> set[int]:
+    with open(path) as f:
+        return parse(f.read())
 
 
-def write(ports: set[int], path: Path = RESERVED_PORTS) -> None:
-    path.write_text(format_ports(ports) + "\n")
+def write(ports: set[int], path: str = RESERVED_PORTS) -> None:
+    with open(path, "w") as f:
+        f.write(format_ports(ports) + "\n")
 
 
 # ---- the ports portguard added, recorded in the pinned sysctl_added bitmap ------------------
@@ -94,11 +95,11 @@ def release(ports: set[int]) -> None:
         libbpf.step()
 
 
-def records(maps_dir: Path) -> set[int] | None:
+def records(maps_dir: str) -> set[int] | None:
     """The ports recorded in the sysctl_added map of any maps directory (this layout's or an
     older one, whose map may still be the hash of earlier layouts), so no layout change
     forgets what portguard added; None when there is no such map."""
-    fd = open_map(maps_dir / "sysctl_added", "sysctl_added")
+    fd = open_map(os.path.join(maps_dir, "sysctl_added"), "sysctl_added")
     if fd is not None:
         spec = layout.MAPS["sysctl_added"]
         bitmap = libbpf.Map(fd, spec.key, spec.value)
@@ -108,7 +109,8 @@ def records(maps_dir: Path) -> set[int] | None:
             bitmap.release()
             os.close(fd)
     legacy = layout.SYSCTL_ADDED_HASH
-    fd = open_map(maps_dir / "sysctl_added", "sysctl_added", legacy)
+    fd = open_map(os.path.join(maps_dir, "sysctl_added"), "sysctl_added", legacy)
+
     if fd is None:
         return None
     try:

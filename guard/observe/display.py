@@ -11,11 +11,13 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TextIO
 
 from guard.policy.ports import PROTOCOL_NUMBERS
 
+TYPE_CHECKING = False  # typing (with re and enum) stays off the boot's apply
 if TYPE_CHECKING:  # the types rendered; apply's summary does without importing them
+    from typing import TextIO
+
     from guard.observe.holders import Squatter
     from guard.observe.journal import Journal
     from guard.observe.monitor import Denial

@@ -278,7 +278,8 @@ def cgroup_paths(ids: set[int], cgroup_root: Path | None) -> dict[int, str]:
             return {}
     paths: dict[int, str] = {}
     try:
-        root_inode = cgroup_root.stat().st_ino
+        root_inode = os.stat(cgroup_root).st_ino
+
     except OSError:
         return paths
     if root_inode in ids:

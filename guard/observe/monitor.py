@@ -19,6 +19,7 @@ counted, not read: the denied counters say how many binds were refused since the
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import struct
@@ -163,7 +164,8 @@ class LocalPids:
     def _find(self, cgroup: str, comm: str) -> int | None:
         try:
             directory = cgroups.directory(cgroup, self.cgroup_root)
-            procs = [int(x) for x in (directory / "cgroup.procs").read_text().split()]
+            with open(os.path.join(directory, "cgroup.procs")) as f:
+                procs = [int(x) for x in f.read().split()]
         except (OSError, ValueError, cgroups.CgroupError):
             return None
         matches = []
@@ -289,7 +291,8 @@ def run(
     with _signals_stop(stop), locked(pins.root, "monitor", wait=False, busy=busy):
         try:
             maps = Maps.open_pinned(pins.maps_dir)
-            events_fd = libbpf.get_pinned(pins.maps_dir / "events")
+            events_fd = libbpf.get_pinned(os.path.join(pins.maps_dir, "events"))
+
         except libbpf.BpfError as exc:
             raise GuardError(str(exc)) from None
         if maps is None or events_fd is None:

@@ -4,7 +4,7 @@ has exited): links, the active slot's reservations and owners, counters."""
 from __future__ import annotations
 
 import errno
-from pathlib import Path
+import os
 from typing import NamedTuple
 
 from guard.errors import GuardError
@@ -76,8 +76,8 @@ def read_state(settings: Settings, only: list[tuple[str, int]] | None = None) ->
     """What the kernel holds now, from the pins alone (works from any fresh process);
     with `only` (protocol name, port) pairs, just the reservations of those ports."""
     require_root("portguard status", "the pinned maps are root-only")
-    pins = Pins(Path(settings.pin_dir))
-    if not pins.root.is_dir():
+    pins = Pins(settings.pin_dir)
+    if not os.path.isdir(pins.root):
         return GuardState(False, settings.pin_dir)
     try:
         return _read_state(pins, settings, only)
@@ -114,7 +114,7 @@ def _counts(counters: libbpf.Map, wanted: list[tuple[int, int]] | None) -> dict:
 def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | None) -> GuardState:
     link_states = _links(pins)
     leftovers = bool(pins.other_maps_dirs()) or any(
-        pins.staged_link(n).exists() for n in LINK_NAMES
+        os.path.exists(pins.staged_link(n)) for n in LINK_NAMES
     )
     maps = Maps.open_pinned(pins.maps_dir)
     if maps is None:

@@ -21,9 +21,9 @@ microseconds. Only root writes it (in /run/portguard, beside apply's other recor
 from __future__ import annotations
 
 import marshal
-from pathlib import Path
-from typing import NamedTuple
+import os
 
+from guard import paths as names
 from guard.fingerprint import (  # noqa: F401 (ENVIRONMENT: tests)
     ENVIRONMENT,
     RACY_NS,
@@ -33,9 +33,10 @@ from guard.fingerprint import (  # noqa: F401 (ENVIRONMENT: tests)
 )
 from guard.policy.config import Config, Origin, Settings
 from guard.policy.ports import SERVICES
+from guard.tuples import NamedTuple
 
-POLICY_CODE = Path(__file__).resolve().parent
-LIMITS_CODE = POLICY_CODE.parent / "kernel" / "layout.py"  # the plan's limits
+POLICY_CODE = os.path.dirname(os.path.realpath(__file__))
+LIMITS_CODE = os.path.join(os.path.dirname(POLICY_CODE), "kernel", "layout.py")  # the limits
 
 
 class Compiled(NamedTuple):
@@ -47,21 +48,26 @@ class Compiled(NamedTuple):
     unit_notes: tuple[str, ...]
 
 
-def inputs(cfg: Config, main: Path) -> tuple[list[str], list[str]]:
+def inputs(cfg: Config, main: str) -> tuple[list[str], list[str]]:
     """(files, directories) whose stat decides whether cfg's plan still holds."""
     from guard.policy import units
 
-    files = [str(main), str(SERVICES), str(LIMITS_CODE)]
-    files += sorted(str(p) for p in POLICY_CODE.iterdir() if p.suffix in (".py", ".toml"))
+    main = names.normal(main)
+    files = [main, str(SERVICES), LIMITS_CODE]
+    files += sorted(
+        os.path.join(POLICY_CODE, name)
+        for name in os.listdir(POLICY_CODE)
+        if os.path.splitext(name)[1] in (".py", ".toml")
+    )
     files += [name for name in cfg.files if name.startswith("/")]
-    dirs = [str(main.parent / "conf.d")]
+    dirs = [names.join(os.path.dirname(main), "conf.d")]
     if cfg.settings.portreserve_dir:
         dirs.append(cfg.settings.portreserve_dir)
     dirs += [str(d) for d in (*units.search_dirs(), *units.USER_UNIT_DIRS)]
     return files, dirs
 
 
-def dumps(cfg: Config, plan, main: Path, since_ns: int) -> bytes | None:
+def dumps(cfg: Config, plan, main: str, since_ns: int) -> bytes | None:
     """The record of the plan made from cfg, which was read from the files after since_ns
     (time.time_ns()); None when an input changed too close to that moment, or after it."""
     files, dirs = inputs(cfg, main)
@@ -85,7 +91,7 @@ def dumps(cfg: Config, plan, main: Path, since_ns: int) -> bytes | None:
     return seal(str(main), files, dirs, seen, cfg.settings.pin_dir, marshal.dumps(body))
 
 
-def loads(data: bytes, main: Path) -> Compiled | None:
+def loads(data: bytes, main: str) -> Compiled | None:
     """What a record holds, when every one of its inputs is unchanged; else None."""
     opened = unsealed(data, str(main))
     if opened is None:

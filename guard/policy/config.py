@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-import re
 import stat
 from collections.abc import Mapping
-from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
 
 from guard import paths
 from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_spec
+from guard.tuples import NamedTuple
 
-DEFAULT_CONFIG = Path(paths.DEFAULT_CONFIG)
+# pathlib and re only where files are parsed: a boot with the last boot's plan parses none
+# (pathlib with re, fnmatch and urllib.parse cost ~7 ms of its imports)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+
+DEFAULT_CONFIG = paths.DEFAULT_CONFIG
 DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")
 MODES = ("enforce", "audit")
 # where a refused bind is refused: the kernel side chooses the first its kernel offers
@@ -191,6 +195,8 @@ class _Lines:
         self.lines = text.splitlines()
 
     def tables(self, name: str, array: bool) -> list[int]:
+        import re
+
         pattern = re.compile(
             rf"^\s*\[\[\s*{re.escape(name)}\s*\]\]"
             if array
@@ -199,6 +205,8 @@ class _Lines:
         return [i + 1 for i, line in enumerate(self.lines) if pattern.match(line)]
 
     def key(self, start: int, end: int, key: str) -> int:
+        import re
+
         pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
         for number in range(start, min(end, len(self.lines) + 1)):
             if pattern.match(self.lines[number - 1]):
@@ -290,6 +298,8 @@ def _parse_text(
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        import re
+
         match = re.search(r"at line (\d+)", str(exc))
         line = match.group(1) if match else "1"
         problems.append(f"{name}:{line}: TOML syntax error: {str(exc).split(' (at line')[0]}")
@@ -418,11 +428,14 @@ def _parse_block(
     return ReserveBlock(tuple(ports), tuple(owners), origin, if_installed, contain)
 
 
-def config_files(main: Path) -> list[Path]:
+def config_files(main: str | Path) -> list[Path]:
     """The main file (if present) then its drop-ins conf.d/*.toml in lexical order. A path
     that cannot be looked at raises ConfigError; what is there but not a plain file (a
     directory named x.toml, a FIFO) is listed, and reading it reports it with file:line.
     Dangling drop-in symlinks are skipped (a package's file removed, its link left)."""
+    from pathlib import Path
+
+    main = Path(main)
     files: list[Path] = []
     try:
         main.stat()
@@ -474,7 +487,10 @@ def load(
         names.append(DEFAULT_POLICY_NAME)
     portreserve_dir = values.get("portreserve_dir", PORTRESERVE_DIR)
     if portreserve_dir:
+        from pathlib import Path
+
         blocks.extend(_portreserve_blocks(Path(portreserve_dir), services, problems))
+
     if problems:
         raise ConfigError(problems)
     cfg = _config(guard, blocks, names)

@@ -8,11 +8,12 @@ service costs one set however many ports it spans.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
 
 from guard.policy.config import MAX_PATH_BYTES, ConfigError, Origin, Settings
 from guard.policy.ports import PROTOCOL_NUMBERS
+from guard.tuples import NamedTuple
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # resolved owners come in; status and check from a compiled plan resolve none
     from guard.policy.owners import Block, Owner
 

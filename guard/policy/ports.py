@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import NamedTuple
+import os
 
-SERVICES = Path("/etc/services")
+from guard.tuples import NamedTuple
+
+SERVICES = "/etc/services"
 PROTOCOLS = ("tcp", "udp")
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}  # IPPROTO_TCP, IPPROTO_UDP
 
@@ -29,11 +30,12 @@ class PortRange(NamedTuple):
         ]
 
 
-def read_services(path: Path = SERVICES) -> dict[str, dict[str, int]]:
+def read_services(path: str | os.PathLike = SERVICES) -> dict[str, dict[str, int]]:
     """Service name (and aliases) -> {protocol: port}, from an /etc/services file."""
     services: dict[str, dict[str, int]] = {}
     try:
-        text = path.read_text(errors="replace")
+        with open(path, errors="replace") as f:
+            text = f.read()
     except OSError:
         return services
     for line in text.splitlines():
@@ -52,13 +54,13 @@ class Services:
     """Service names from an /etc/services file, read at the first name looked up: a
     configuration of port numbers never opens the file."""
 
-    def __init__(self, path: Path = SERVICES):
+    def __init__(self, path: str | os.PathLike = SERVICES):
         self.path = path
         self._names: dict[str, dict[str, int]] | None = None
 
     def get(self, name: str) -> dict[str, int] | None:
         if self._names is None:
-            if not self.path.exists():
+            if not os.path.exists(self.path):
                 # cups, dovecot, rsync and nfs-common do not pull netbase in: say where the
                 # names come from rather than calling a well-known name unknown.
                 raise PortSpecError(

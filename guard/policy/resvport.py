@@ -13,16 +13,20 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
-BLACKLIST = Path(os.environ.get("PORTGUARD_BINDRESVPORT_BLACKLIST", "/etc/bindresvport.blacklist"))
+from guard.paths import normal
+
+BLACKLIST = normal(
+    os.environ.get("PORTGUARD_BINDRESVPORT_BLACKLIST", "/etc/bindresvport.blacklist")
+)
 FIRST, LAST = 512, 1023  # the ports bindresvport() hands out
 
 
-def read_blacklist(path: Path = BLACKLIST) -> set[int]:
+def read_blacklist(path: str | os.PathLike = BLACKLIST) -> set[int]:
     """The ports the file lists, one per line, '#' comments; a missing file lists none."""
     try:
-        text = path.read_text(errors="replace")
+        with open(path, errors="replace") as f:
+            text = f.read()
     except OSError:
         return set()
     ports = set()
@@ -44,7 +48,7 @@ def exposed(
     return sorted({port for port in reserved if FIRST <= port <= LAST} - listed)
 
 
-def warning(ports: list[int], errno_name: str, path: Path = BLACKLIST) -> str:
+def warning(ports: list[int], errno_name: str, path: str | os.PathLike = BLACKLIST) -> str:
     """What to do about exposed ports, naming each one."""
     names = ", ".join(map(str, ports))
     return (

@@ -66,7 +66,7 @@ def require_root_and_cgroup2(why_root: str) -> Path:
     if os.geteuid() != 0:
         missing(why_root)
     try:
-        return cgroups.cgroup2_mount()
+        return Path(cgroups.cgroup2_mount())
     except cgroups.CgroupError as exc:
         missing(str(exc))
 
@@ -308,18 +308,18 @@ class Sandbox:
     def cgroup(self, rel: str) -> str:
         """Path (relative to the cgroup2 root) of a cgroup in the sandbox, created if needed."""
         path = f"{self.top}/{rel}".rstrip("/")
-        cgroups.directory(path, self.cgroup_root).mkdir(parents=True, exist_ok=True)
+        Path(cgroups.directory(path, self.cgroup_root)).mkdir(parents=True, exist_ok=True)
         return path
 
     def rmdir(self, rel: str) -> None:
-        cgroups.directory(f"{self.top}/{rel}", self.cgroup_root).rmdir()
+        os.rmdir(cgroups.directory(f"{self.top}/{rel}", self.cgroup_root))
 
     def cgroup_id(self, rel: str) -> int | None:
         return cgroups.cgroup_id(f"{self.top}/{rel}", self.cgroup_root)
 
     def procs(self, rel: str) -> str:
         """cgroup.procs of a sandbox cgroup (created if needed)."""
-        return str(cgroups.directory(self.cgroup(rel), self.cgroup_root) / "cgroup.procs")
+        return os.path.join(cgroups.directory(self.cgroup(rel), self.cgroup_root), "cgroup.procs")
 
     # -- config and CLI ----------------------------------------------------------------
     def write_config(self, reserve: str, **guard: str) -> Path:
@@ -395,7 +395,9 @@ class Sandbox:
 
     # -- child processes ---------------------------------------------------------------
     def _child_cmd(self, cgroup_rel: str, action: str, args, netns: str | None) -> list[str]:
-        procs = str(cgroups.directory(self.cgroup(cgroup_rel), self.cgroup_root) / "cgroup.procs")
+        procs = os.path.join(
+            cgroups.directory(self.cgroup(cgroup_rel), self.cgroup_root), "cgroup.procs"
+        )
         cmd = [sys.executable, "-c", CHILD, procs, action, json.dumps(args)]
         if netns == "own":
             netns = self.netns

@@ -285,7 +285,7 @@ def _tp_btf_object(directory) -> Path:
     from guard.kernel import objects
     from guard.kernel.sources import bpf_source_dir
 
-    source = (bpf_source_dir() / "guard.bpf.c").read_text()
+    source = (Path(bpf_source_dir()) / "guard.bpf.c").read_text()
     assert source.count('SEC("raw_tp/cgroup_') == 2
     (directory / "guard.bpf.c").write_text(source.replace('SEC("raw_tp/', 'SEC("tp_btf/'))
     out = directory / "guard-tp-btf.o"
@@ -322,10 +322,10 @@ def test_an_upgrade_from_tp_btf_trackers_killed_anywhere_leaves_the_old_guard_or
             for name, program in trackers.items():
                 link = kernel.attach_tracing(loaded.programs[program])
                 try:
-                    kernel.pin(link, pins.root / f"link_{name}_tp_btf")
+                    kernel.pin(link, os.path.join(pins.root, f"link_{name}_tp_btf"))
                 finally:
                     os.close(link)
-                os.replace(pins.root / f"link_{name}_tp_btf", pins.link(name))
+                os.replace(os.path.join(pins.root, f"link_{name}_tp_btf"), pins.link(name))
         finally:
             loaded.close()
         assert tracker_types() == {BPF_PROG_TYPE_TRACING}
@@ -364,13 +364,13 @@ def test_layout_takeover_killed_anywhere_never_leaves_a_family_unguarded(rig):
     pins = Pins(rig.sandbox.pin_dir)
 
     def older_layout():
-        if pins.maps_dir.exists():
-            os.rename(pins.maps_dir, pins.root / "maps-0123456789ab")
+        if os.path.exists(pins.maps_dir):
+            os.rename(pins.maps_dir, os.path.join(pins.root, "maps-0123456789ab"))
 
     for _ in range(ROUNDS):
         rig.reset(A)
         assert rig.walk("apply", A, B, prepare=older_layout, per_family=True) > MIN_STEPS
-    assert not (pins.root / "maps-0123456789ab").exists()
+    assert not os.path.exists(os.path.join(pins.root, "maps-0123456789ab"))
 
 
 def test_a_change_of_road_killed_anywhere_leaves_the_old_road_or_the_new(rig):

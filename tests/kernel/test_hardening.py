@@ -101,7 +101,7 @@ def test_a_foreign_pin_as_the_hook_gate_is_one_clear_sentence_and_the_guard_stay
 def test_half_created_maps_and_stale_staged_links_are_taken_over_while_the_links_enforce(sandbox):
     applied(sandbox)
     pins = Pins(sandbox.pin_dir)
-    os.unlink(pins.maps_dir / "ports")  # a half-created or damaged set of maps
+    os.unlink(os.path.join(pins.maps_dir, "ports"))  # a half-created or damaged set of maps
     fd = kernel.get_pinned(pins.link("mkdir"))
     kernel.pin(fd, pins.staged_link("mkdir"))  # a killed run's staged tracker
     os.close(fd)
@@ -118,7 +118,7 @@ def test_a_pinned_map_libbpf_cannot_reuse_is_a_typed_error_and_apply_makes_the_m
 ):
     applied(sandbox)
     pins = Pins(sandbox.pin_dir)
-    scratch = pins.maps_dir / "scratch"  # same layout, but not the object's definition
+    scratch = os.path.join(pins.maps_dir, "scratch")  # same layout, but not the object's definition
     os.unlink(scratch)
     fd = kernel.lib().bpf_map_create(layout.ARRAY, b"scratch", 4, 8, 1, None)
     assert fd >= 0
@@ -144,7 +144,9 @@ def test_a_pinned_map_libbpf_cannot_reuse_is_a_typed_error_and_apply_makes_the_m
 def test_maps_of_an_older_layout_are_taken_over_and_removed_keeping_the_sysctl_records(sandbox):
     applied(sandbox, ports=(str(PORT), str(FREE)))
     pins = Pins(sandbox.pin_dir)
-    os.rename(pins.maps_dir, pins.root / "maps-0123456789ab")  # as an older version left it
+    os.rename(
+        pins.maps_dir, os.path.join(pins.root, "maps-0123456789ab")
+    )  # as an older version left it
     applied(sandbox)
     assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
     # FREE was added by the old version: the new one knew to take it away again
@@ -162,7 +164,7 @@ def _older_layout_with_hash_records(sandbox, ports: list[int]) -> None:
     try:
         records = kernel.Map(fd, legacy.key, legacy.value)
         records.update_many(ports, [1] * len(ports))
-        older = Pins(sandbox.pin_dir).root / "maps-0123456789ab"
+        older = Path(Pins(sandbox.pin_dir).root) / "maps-0123456789ab"
         older.mkdir(mode=0o700)
         kernel.pin(fd, older / "sysctl_added")
     finally:
@@ -416,7 +418,7 @@ def test_reapplies_alternating_configs_while_binds_run_give_no_wrong_answer(sand
         from guard.policy import config, owners, plan
         plans = []
         for path in {configs!r}:
-            cfg = config.load([config.Path(path)])
+            cfg = config.load([path])
             plans.append(plan.build(
                 cfg.settings, owners.resolve(cfg), owners.extra_owners(cfg), LIMITS
             ))

@@ -95,7 +95,7 @@ def cgroup2_root() -> Path:
     if os.geteuid() != 0:
         _missing("needs root")
     try:
-        root = cgroup2_mount()
+        root = Path(cgroup2_mount())
     except CgroupError:
         _missing("no cgroup2 file system mounted")
     return root

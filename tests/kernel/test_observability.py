@@ -263,7 +263,9 @@ def test_owner_holding_its_port_is_no_squatter_until_moved_out(sandbox):
         "address": "::1",
     }
     # moved out of the owner's cgroup with the port still open: now a squatter
-    procs = cgroups.directory(sandbox.cgroup("elsewhere"), sandbox.cgroup_root) / "cgroup.procs"
+    procs = Path(
+        cgroups.directory(sandbox.cgroup("elsewhere"), sandbox.cgroup_root), "cgroup.procs"
+    )
     procs.write_text(str(owner))
     proc = sandbox.cli("status", "--json", check=False)
     assert proc.returncode == 3
@@ -277,7 +279,7 @@ def test_squatter_moved_into_the_owner_cgroup_stays_a_squatter(sandbox):
     # raw sock_diag reply).
     squatter = hold(sandbox, "stranger")
     applied(sandbox, ports=(f"{PORT}/tcp",))
-    procs = cgroups.directory(sandbox.cgroup("owner"), sandbox.cgroup_root) / "cgroup.procs"
+    procs = Path(cgroups.directory(sandbox.cgroup("owner"), sandbox.cgroup_root), "cgroup.procs")
     procs.write_text(str(squatter))
     proc = sandbox.cli("status", "--json", check=False)
     assert proc.returncode == 3

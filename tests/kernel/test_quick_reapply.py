@@ -227,6 +227,47 @@ def test_remove_takes_the_record_away(sandbox):
     assert set(refused(sandbox, PORT).values()) == {errno.EADDRINUSE}
 
 
+def test_the_boots_apply_with_the_last_boots_plan_imports_neither_pathlib_nor_typing(
+    sandbox, tmp_path
+):
+    """A boot that takes the plan the last boot kept, under the system interpreter without site
+    as the Debian package's launcher starts it: the guard applied, and none of pathlib (with
+    re, fnmatch, urllib.parse), typing or enum imported on the way."""
+    state = tmp_path / "state"
+    state.mkdir()
+    sandbox.cgroup("owner")
+    write(sandbox, [f"{PORT}/tcp"])
+    env = {"PORTGUARD_RUN_DIR": str(tmp_path / "run1"), "PORTGUARD_STATE_DIR": str(state)}
+    said, _ = apply(sandbox, env)
+    assert said.endswith("exit 0 True"), said  # the files parsed, the plan kept for the next
+    sandbox.cli("remove", env=env)
+    code = (
+        "import sys\n"
+        f"sys.path.append({str(REPO)!r})\n"
+        "from guard import entry\n"
+        f"sys.argv = ['portguard', '--config', {str(sandbox.config_path)!r}, 'apply']\n"
+        "try:\n"
+        "    entry.main()\n"
+        "except SystemExit as exc:\n"
+        "    heavy = ('pathlib', 'typing', 're', 'enum', 'fnmatch', 'urllib', 'ipaddress',\n"
+        "             'tomllib', 'guard.policy.units')\n"
+        "    print(exc.code, [m for m in sys.modules if m.split('.')[0] in heavy])\n"
+    )
+    proc = subprocess.run(
+        [*in_netns(sandbox.netns), "/usr/bin/python3", "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PORTGUARD_RUN_DIR": str(tmp_path / "run2"),
+            "PORTGUARD_STATE_DIR": str(state),
+        },
+    )
+    assert proc.stdout.endswith("0 []\n"), proc.stdout + proc.stderr
+    assert "portguard: applied" in proc.stdout
+    assert set(refused(sandbox, PORT).values()) == {errno.EADDRINUSE}
+
+
 def test_the_next_boots_apply_takes_the_plan_the_last_boot_kept(sandbox, tmp_path):
     """The boot's first apply keeps its plan in the state directory; the next boot's (an empty
     /run, no guard) takes it without parsing the files while they are unchanged, and reads

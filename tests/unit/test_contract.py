@@ -148,11 +148,11 @@ def test_the_event_is_unpacked_in_the_hosts_byte_order():
 
 
 def test_the_layout_names_the_header_so_a_changed_contract_gets_new_maps(tmp_path, monkeypatch):
-    header = (sources.bpf_source_dir() / "guard.h").read_text()
+    header = (Path(sources.bpf_source_dir()) / "guard.h").read_text()
     assert layout._layout_digest() == layout.LAYOUT
     (tmp_path / "guard.h").write_text(header.replace("PG_MAX_OWNERS = 64", "PG_MAX_OWNERS = 65"))
     monkeypatch.setattr(layout, "bpf_source_dir", lambda: tmp_path)
     changed = layout._layout_digest()
     assert changed != layout.LAYOUT
     monkeypatch.setattr(layout, "LAYOUT", changed)
-    assert Pins(Path("/pins")).maps_dir == Path(f"/pins/maps-{changed}")
+    assert Pins(Path("/pins")).maps_dir == f"/pins/maps-{changed}"

@@ -110,7 +110,8 @@ def test_unreadable_notes_fall_back_to_the_btf_content(kernel, obj):
     assert corebtf.path_for(obj) != before
 
 
-def made(path: Path, content: bytes = b"\x9f\xeb min btf") -> Path:
+def made(path: str | Path, content: bytes = b"\x9f\xeb min btf") -> Path:
+    path = Path(path)
     path.write_bytes(content)
     path.with_suffix(".sha256").write_text(sha256(content).hexdigest() + "\n")
     return path
@@ -123,7 +124,7 @@ def test_an_intact_file_for_this_kernel_and_object_is_offered(kernel, obj):
 
 
 def test_a_file_without_its_sidecar_or_another_content_is_not_offered(kernel, obj):
-    path = corebtf.path_for(obj)
+    path = Path(corebtf.path_for(obj))
     path.write_bytes(b"\x9f\xeb min btf")
     assert corebtf.cached(obj) is None
     path.with_suffix(".sha256").write_text(sha256(b"other").hexdigest() + "\n")
@@ -154,8 +155,8 @@ def test_ensure_makes_the_file_with_bpftool_and_its_sidecar(kernel, obj, tmp_pat
     monkeypatch.setenv(
         "PORTGUARD_BPFTOOL", fake_bpftool(tmp_path, 'printf "min of %s" "$5" > "$4"')
     )
-    path = corebtf.ensure(obj)
-    assert path == corebtf.path_for(obj) == corebtf.cached(obj)
+    path = Path(corebtf.ensure(obj))
+    assert str(path) == corebtf.path_for(obj) == corebtf.cached(obj)
     assert path.read_bytes() == b"min of " + str(obj).encode()
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
 

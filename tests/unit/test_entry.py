@@ -226,6 +226,34 @@ def test_the_apply_path_imports_neither_dataclasses_nor_click(reachable, nobody_
     assert proc.stdout == "1 []\n", proc.stderr
 
 
+# What a boot's `portguard apply` imports when it takes the plan the last boot kept (or an
+# unchanged re-apply answered by guard/quick.py), lazy imports included: squatters only when a
+# reserved port is held (not at boot), configuration files never parsed.
+BOOT_PATH_MODULES = (
+    "guard.entry, guard.quick, guard.notify, guard.paths, guard.fingerprint, guard.errors, "
+    "guard.commands, guard.kernel.apply, guard.kernel.host, guard.kernel.corebtf, "
+    "guard.kernel.layout, guard.kernel.snapshot, guard.observe.display, guard.observe.outcome, "
+    "guard.observe.procnet, guard.policy.compiled, guard.policy.plan, guard.policy.resvport"
+)
+# pathlib brings re (with enum), fnmatch, ntpath and urllib.parse (with ipaddress): ~7 ms of a
+# boot's imports; typing ~2 ms, and re again
+NOT_AT_BOOT = ("pathlib", "typing", "re", "enum", "fnmatch", "ntpath", "urllib", "ipaddress")
+
+
+def test_the_boot_path_imports_neither_pathlib_nor_typing():
+    """As the Debian package's launcher starts it (python3 -S: no site, whose hooks import
+    pathlib and re themselves). tests/kernel/test_quick_reapply.py runs such a boot for real."""
+    code = (
+        "import sys\n"
+        f"import {BOOT_PATH_MODULES}\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {NOT_AT_BOOT!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.stdout == "[]\n", proc.stdout + proc.stderr
+
+
 # ---- status and check: through click, ending with our codes and sentences --------------------
 
 # Without root, status and check stop at the pins (exit 1); as root, a pin directory that does

@@ -32,7 +32,7 @@ def object_path(tmp_path_factory) -> Path:
         if objects.find_clang() is None:
             pytest.skip("no compiled object and no clang to build one")
         path = objects.build(directory=tmp_path_factory.mktemp("object"))
-    return path
+    return Path(path)
 
 
 def code_sections(data: bytes) -> Iterator[tuple[str, bytes, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,22 +17,22 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_an_object_without_its_sidecar_is_not_offered(cache):
-    objects.object_path().write_bytes(b"\x7fELF whatever")
+    Path(objects.object_path()).write_bytes(b"\x7fELF whatever")
     assert objects.cached_object() is None
 
 
 def test_an_object_whose_sidecar_names_other_content_is_not_offered(cache):
-    path = objects.object_path()
+    path = Path(objects.object_path())
     path.write_bytes(b"\x7fELF one")
     path.with_suffix(".sha256").write_text(objects.sha256(b"\x7fELF two").hexdigest() + "\n")
     assert objects.cached_object() is None
 
 
 def test_an_intact_object_for_the_current_sources_is_offered(cache):
-    path = objects.object_path()
+    path = Path(objects.object_path())
     path.write_bytes(b"\x7fELF one")
     path.with_suffix(".sha256").write_text(objects.sha256(b"\x7fELF one").hexdigest() + "\n")
-    assert objects.cached_object() == path
+    assert objects.cached_object() == str(path)
 
 
 def test_objects_of_other_sources_are_never_offered(cache):
@@ -56,7 +57,7 @@ def test_build_removes_objects_of_other_sources(cache):
     per_style = cache / f"guard-eperm-{'0' * 16}.o"  # older versions built one per denial style
     per_style.write_bytes(b"old")
     built = objects.build()
-    assert objects.cached_object() == built
+    assert objects.cached_object() == str(built)
     assert not stale.exists() and not stale.with_suffix(".sha256").exists()
     assert not per_style.exists()
 
@@ -81,13 +82,13 @@ def _put(directory, content: bytes, vouched: bytes | None = None):
 def test_the_object_a_package_ships_is_preferred_to_the_cache(cache, shipped):
     _put(cache, b"\x7fELF cached")
     ours = _put(shipped, b"\x7fELF shipped")
-    assert objects.cached_object() == ours
+    assert objects.cached_object() == str(ours)
 
 
 def test_a_damaged_shipped_object_is_passed_over_for_an_intact_cached_one(cache, shipped):
     _put(shipped, b"\x7fELF damaged", vouched=b"\x7fELF shipped")
     cached = _put(cache, b"\x7fELF cached")
-    assert objects.cached_object() == cached
+    assert objects.cached_object() == str(cached)
 
 
 def test_a_damaged_shipped_object_without_a_compiler_names_the_package(cache, shipped, monkeypatch):

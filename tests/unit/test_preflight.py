@@ -180,6 +180,6 @@ def test_with_everything_mounted_preflight_names_the_places(tmp_path, as_root):
     (tmp_path / "top").mkdir()
     mounts = _mounts(tmp_path, f"cgroup2 {tmp_path} cgroup2 rw 0 0", "bpf /sys/fs/bpf bpf rw 0 0")
     assert host.preflight(Settings(cgroup="/top"), mount_bpffs=False, mounts=mounts) == (
-        tmp_path,
-        tmp_path / "top",
+        str(tmp_path),
+        str(tmp_path / "top"),
     )
