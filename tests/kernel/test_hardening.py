@@ -57,6 +57,16 @@ CLEAN_PINS = sorted(
 )
 
 
+def pin_a_map_instead(sandbox, path, name: str) -> None:
+    """Unpin path and pin the guard's map `name` there: a foreign object under our name."""
+    maps = Maps.open_pinned(Pins(sandbox.pin_dir).maps_dir)
+    try:
+        os.unlink(path)
+        kernel.pin(maps.fds[name], path)
+    finally:
+        maps.close()
+
+
 # ---- leftovers in the pin directory -----------------------------------------------------------
 
 
@@ -64,12 +74,7 @@ def test_a_foreign_pin_under_a_link_name_is_one_clear_sentence_and_the_guard_sta
     applied(sandbox)
     name = BIND_LINKS[-1]  # bind6, or socket_bind on that road
     link = sandbox.pin_dir / f"link_{name}"
-    maps = Maps.open_pinned(Pins(sandbox.pin_dir).maps_dir)
-    try:
-        os.unlink(link)  # the link detaches; something else takes its name
-        kernel.pin(maps.fds["state"], link)
-    finally:
-        maps.close()
+    pin_a_map_instead(sandbox, link, "state")  # the link detaches; something else takes its name
     proc = sandbox.cli("apply", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith(f"Error: {link} is not a portguard {name} link")
@@ -82,12 +87,7 @@ def test_a_foreign_pin_under_a_link_name_is_one_clear_sentence_and_the_guard_sta
 def test_a_foreign_pin_as_the_hook_gate_is_one_clear_sentence_and_the_guard_stays(sandbox):
     applied(sandbox)
     gate = Pins(sandbox.pin_dir).gate
-    maps = Maps.open_pinned(Pins(sandbox.pin_dir).maps_dir)
-    try:
-        os.unlink(gate)
-        kernel.pin(maps.fds["config"], gate)  # a map, but not one with the gate's value
-    finally:
-        maps.close()
+    pin_a_map_instead(sandbox, gate, "config")  # a map, but not one with the gate's value
     proc = sandbox.cli("apply", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith(f"Error: {gate} is not portguard's hook gate")

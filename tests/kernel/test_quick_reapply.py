@@ -98,11 +98,12 @@ def test_the_quick_answer_is_the_full_paths_answer(sandbox, tmp_path):
     assert sandbox.bind("owner", [("v4", "tcp", 700)]) == {"v4/tcp/700": 0}
 
 
-def test_the_quick_answer_imports_only_what_it_needs(sandbox):
-    """Under the system interpreter without site, as the Debian package's launcher starts it:
-    none of the modules the full path pays for (pathlib with re and urllib.parse, typing,
-    socket.py's enums, the TOML parser, the libbpf binding)."""
-    applied_twice(sandbox, [f"{PORT}/tcp"])
+def apply_without_site(
+    sandbox, heavy: tuple[str, ...], env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`portguard apply` under the system interpreter without site, as the Debian package's
+    launcher starts it; it prints its exit code and which of the heavy modules (a name, or a
+    top-level package with all below it) it imported."""
     code = (
         "import sys\n"
         f"sys.path.append({str(REPO)!r})\n"
@@ -111,15 +112,26 @@ def test_the_quick_answer_imports_only_what_it_needs(sandbox):
         "try:\n"
         "    entry.main()\n"
         "except SystemExit as exc:\n"
-        "    heavy = ('pathlib', 're', 'typing', 'socket', 'tomllib', 'enum',\n"
-        "             'guard.commands', 'guard.kernel.libbpf', 'guard.kernel.layout')\n"
-        "    print(exc.code, [m for m in heavy if m in sys.modules])\n"
+        f"    heavy = {heavy!r}\n"
+        "    print(exc.code, sorted(m for m in sys.modules\n"
+        "                           if m in heavy or m.split('.')[0] in heavy))\n"
     )
-    proc = subprocess.run(
+    return subprocess.run(
         [*in_netns(sandbox.netns), "/usr/bin/python3", "-S", "-c", code],
         capture_output=True,
         text=True,
+        env={**os.environ, **(env or {})},
     )
+
+
+def test_the_quick_answer_imports_only_what_it_needs(sandbox):
+    """Under the system interpreter without site, as the Debian package's launcher starts it:
+    none of the modules the full path pays for (pathlib with re and urllib.parse, typing,
+    socket.py's enums, the TOML parser, the libbpf binding)."""
+    applied_twice(sandbox, [f"{PORT}/tcp"])
+    heavy = ("pathlib", "re", "typing", "socket", "tomllib", "enum")
+    heavy += ("guard.commands", "guard.kernel.libbpf", "guard.kernel.layout")
+    proc = apply_without_site(sandbox, heavy)
     assert proc.stdout.endswith("0 []\n"), proc.stdout + proc.stderr
     assert "portguard: unchanged" in proc.stdout
 
@@ -241,28 +253,9 @@ def test_the_boots_apply_with_the_last_boots_plan_imports_neither_pathlib_nor_ty
     said, _ = apply(sandbox, env)
     assert said.endswith("exit 0 True"), said  # the files parsed, the plan kept for the next
     sandbox.cli("remove", env=env)
-    code = (
-        "import sys\n"
-        f"sys.path.append({str(REPO)!r})\n"
-        "from guard import entry\n"
-        f"sys.argv = ['portguard', '--config', {str(sandbox.config_path)!r}, 'apply']\n"
-        "try:\n"
-        "    entry.main()\n"
-        "except SystemExit as exc:\n"
-        "    heavy = ('pathlib', 'typing', 're', 'enum', 'fnmatch', 'urllib', 'ipaddress',\n"
-        "             'tomllib', 'guard.policy.units')\n"
-        "    print(exc.code, [m for m in sys.modules if m.split('.')[0] in heavy])\n"
-    )
-    proc = subprocess.run(
-        [*in_netns(sandbox.netns), "/usr/bin/python3", "-S", "-c", code],
-        capture_output=True,
-        text=True,
-        env={
-            **os.environ,
-            "PORTGUARD_RUN_DIR": str(tmp_path / "run2"),
-            "PORTGUARD_STATE_DIR": str(state),
-        },
-    )
+    heavy = ("pathlib", "typing", "re", "enum", "fnmatch", "urllib", "ipaddress", "tomllib")
+    env = {"PORTGUARD_RUN_DIR": str(tmp_path / "run2"), "PORTGUARD_STATE_DIR": str(state)}
+    proc = apply_without_site(sandbox, (*heavy, "guard.policy.units"), env)
     assert proc.stdout.endswith("0 []\n"), proc.stdout + proc.stderr
     assert "portguard: applied" in proc.stdout
     assert set(refused(sandbox, PORT).values()) == {errno.EADDRINUSE}
