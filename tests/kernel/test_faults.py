@@ -22,7 +22,6 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -32,6 +31,7 @@ from guard.kernel.pins import Maps, Pins
 from guard.kernel.programs import BIND_PROGRAMS
 from guard.observe.state import GuardState, read_state
 from guard.policy.config import Settings
+from tests.kernel.objects_before import tp_btf_object
 from tests.kernel.sandbox import BIND_LINKS, PORTGUARD, REPO, in_netns
 
 STRIDE = int(os.environ.get("PORTGUARD_FAULT_STRIDE", "4"))
@@ -280,30 +280,12 @@ def test_program_swap_killed_anywhere_leaves_the_old_guard_or_the_new(rig):
         assert rig.walk("apply", A, B, prepare=stale_program) > MIN_STEPS
 
 
-def _tp_btf_object(directory) -> Path:
-    """This object as versions before raw_tp trackers built it: the trackers' sections tp_btf."""
-    from guard.kernel import objects
-    from guard.kernel.sources import bpf_source_dir
-
-    source = (Path(bpf_source_dir()) / "guard.bpf.c").read_text()
-    assert source.count('SEC("raw_tp/cgroup_') == 2
-    (directory / "guard.bpf.c").write_text(source.replace('SEC("raw_tp/', 'SEC("tp_btf/'))
-    out = directory / "guard-tp-btf.o"
-    clang = objects.find_clang()
-    assert clang, "clang is needed here (./dev.sh installs it)"
-    flags = objects._flags(objects.host_target())
-    subprocess.run(
-        [clang, *flags, "-c", str(directory / "guard.bpf.c"), "-o", str(out)], check=True
-    )
-    return out
-
-
 def test_an_upgrade_from_tp_btf_trackers_killed_anywhere_leaves_the_old_guard_or_the_new(
     rig, tmp_path
 ):
     # A guard of a version whose trackers were tp_btf programs: apply stages the raw_tp ones
     # beside them (link_<name>_new) and renames them over, so a cgroup is always followed.
-    old_object = _tp_btf_object(tmp_path)
+    old_object = tp_btf_object(tmp_path)
     pins = Pins(rig.sandbox.pin_dir)
     trackers = {"mkdir": "portguard_cgroup_mkdir", "rmdir": "portguard_cgroup_rmdir"}
     others = [n for road in BIND_PROGRAMS.values() for n in road.values()]
