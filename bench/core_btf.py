@@ -59,6 +59,9 @@ def fresh_applies(rounds: int) -> None:
 
     if not os.environ.get("PORTGUARD_CACHE_DIR"):
         os.environ["PORTGUARD_CACHE_DIR"] = tempfile.mkdtemp(prefix="portguard-btf-cache-")
+    # the sandbox's records and locks in a directory of its own, not the machine's /run/portguard
+    run_dir = tempfile.mkdtemp(prefix="portguard-btf-run-")
+    os.environ["PORTGUARD_RUN_DIR"] = run_dir
     box = new_sandbox(require_kernel(), "btf")
     box.create()
     try:
@@ -95,6 +98,7 @@ def fresh_applies(rounds: int) -> None:
         print(f"paired differences, median {statistics.median(diffs):.1f} ms")
     finally:
         box.destroy()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main() -> int:
