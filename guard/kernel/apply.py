@@ -25,7 +25,9 @@ While both are attached both run, and chained fmod_ret programs must all allow a
 judges only while the shared hook_gate map names its maps (bpf/guard.h, struct pg_gate). The
 new program is attached passing everything, the gate moves to it in one map write, and only
 then does the old link go: a run killed in between leaves one of them judging, and the next
-apply finishes the move (_settle_staged_hook).
+apply finishes the move (_settle_staged_hook). Known gap (issue 21): each program reads the gate
+once per bind, the newest first, so a bind whose two reads straddle the gate's write sees
+both programs pass (nanoseconds, at a takeover only: new maps under a hook link).
 """
 
 from __future__ import annotations
