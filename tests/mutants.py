@@ -564,7 +564,7 @@ MUTANTS = [
         "object-digest-unchecked",
         "a stale or damaged object is never loaded",
         "guard/kernel/objects.py",
-        "        return _read(sidecar_of(path)).decode().strip() == _file_digest(path)\n",
+        "        return _read(sidecar_of(path)).decode().strip() == file_digest(path)\n",
         "        return True\n",
         (
             "tests/kernel/test_boot_path.py::"

@@ -86,21 +86,13 @@ def path_for(object_path: str) -> str:
     return os.path.join(objects.cache_dir(), name)
 
 
-def _intact(path: str) -> bool:
-    try:
-        digest = _read(objects.sidecar_of(path)).decode().strip()
-        return sha256(_read(path)).hexdigest() == digest
-    except OSError:
-        return False
-
-
 def cached(object_path: str) -> str | None:
     """The intact minimal BTF of this object for the running kernel, or None."""
     try:
         path = path_for(object_path)
     except OSError:  # no BTF (the load will say so), an object without its sidecar
         return None
-    return path if _intact(path) else None
+    return path if objects.intact(path) else None
 
 
 def discard(path: str) -> None:
@@ -154,7 +146,7 @@ def ensure(object_path: str) -> str | None:
                 return None
             sidecar = objects.sidecar_of(out)
             with open(sidecar, "w") as f:
-                f.write(sha256(_read(out)).hexdigest() + "\n")
+                f.write(objects.file_digest(out) + "\n")
             # the sidecar last: until it is in place, the file is not taken
             os.replace(out, path)
             os.replace(sidecar, objects.sidecar_of(path))

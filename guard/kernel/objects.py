@@ -83,13 +83,14 @@ def object_path() -> str:
     return os.path.join(cache_dir(), object_name())
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
     return sha256(_read(path)).hexdigest()
 
 
-def _intact(path: str) -> bool:
+def intact(path: str) -> bool:
+    """Whether the file's sidecar holds its digest (an object, or a minimal BTF)."""
     try:
-        return _read(sidecar_of(path)).decode().strip() == _file_digest(path)
+        return _read(sidecar_of(path)).decode().strip() == file_digest(path)
     except OSError:
         return False
 
@@ -99,7 +100,7 @@ def cached_object() -> str | None:
     shipped first, else the one in the cache."""
     name = object_name()
     for path in (os.path.join(shipped_dir(), name), os.path.join(cache_dir(), name)):
-        if _intact(path):
+        if intact(path):
             return path
     return None
 
@@ -148,7 +149,7 @@ def build(target: str | None = None, directory: str | os.PathLike | None = None)
             raise BuildError(f"compiling the BPF object failed{hint}:\n{proc.stderr.strip()}")
         sidecar = sidecar_of(out)
         with open(sidecar, "w") as f:
-            f.write(_file_digest(out) + "\n")
+            f.write(file_digest(out) + "\n")
         os.replace(out, path)
         os.replace(sidecar, sidecar_of(path))
     _prune(keep=path)
