@@ -356,8 +356,19 @@ struct bind_address {
 	__u32 ip6[4];
 };
 
+/* Attached to security_socket_bind: the judge in hook_judge decides (bpf/guard.h); no judge,
+ * no refusal. A tail call keeps this program's context, so the judge sees the same bind. */
 SEC("fmod_ret/security_socket_bind")
 int BPF_PROG(portguard_socket_bind, struct socket *sock, struct sockaddr *address, int addrlen,
+	     int ret)
+{
+	bpf_tail_call(ctx, &hook_judge, 0);
+	return ret;
+}
+
+/* Loaded, never attached: portguard_socket_bind's tail call runs it. */
+SEC("fmod_ret/security_socket_bind")
+int BPF_PROG(portguard_bind_judge, struct socket *sock, struct sockaddr *address, int addrlen,
 	     int ret)
 {
 	if (ret)  /* refused already (another LSM) */
@@ -384,12 +395,6 @@ int BPF_PROG(portguard_socket_bind, struct socket *sock, struct sockaddr *addres
 	struct guarded g;
 
 	if (!reserved(protocol, port, 0, &g))
-		return 0;
-	/* judging only while the gate names these maps (see struct pg_gate) */
-	__u32 zero = 0;
-	struct pg_gate *gate = bpf_map_lookup_elem(&hook_gate, &zero);
-
-	if (!gate || gate->live != g.cfg->gate)
 		return 0;
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct cgroup *cgrp = BPF_CORE_READ(task, cgroups, dfl_cgrp);

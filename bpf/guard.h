@@ -115,24 +115,17 @@ struct pg_config {
 	__u64 scope_id;      /* the attach cgroup's id */
 	__u32 scope_level;   /* its depth below the cgroup2 root */
 	__u32 netns_ino;     /* the guarded network namespace's inode; 0: all */
-	/* The security_socket_bind program judges only while hook_gate.live holds this value:
-	 * the id of this set of maps' state map (unique while the maps exist). */
-	__u32 gate;
-	__u32 pad;
 };
 
-/* hook_gate: a single entry, pinned beside the maps directories (not in one): every layout's
- * security_socket_bind program reads the same one. Two of those programs can be attached at
- * once (a tracing link cannot swap its program: a new program gets a new link, and the old
- * link goes after it), and chained fmod_ret programs must all allow a bind, so two guards
- * with different owners would refuse each other's owners. Each program judges only while
- * live names its own maps (pg_config.gate) and passes every bind otherwise: one map write
- * moves the judging from the old program to the new, and a run killed at any point leaves
- * exactly one of them judging. Its definition never changes, whatever the layout. */
-struct pg_gate {
-	__u32 live;  /* the gate value (pg_config.gate) of the maps whose program judges */
-	__u32 pad;
-};
+/* hook_judge: a program array of one entry, pinned beside the maps directories (not in one):
+ * the program attached to security_socket_bind (portguard_socket_bind) only tail-calls the
+ * judge it holds (portguard_bind_judge, which reads its own set of maps) and passes the bind
+ * when it holds none. A tracing link cannot swap its program, and two fmod_ret programs on
+ * one function both judge every bind (chained: a bind passes only when every program lets
+ * it), so the judging moves between sets of maps (a new layout, maps grown for a larger
+ * policy, a new program) in one write of this entry: every bind meets exactly one judge,
+ * and a run killed at any point leaves the old judge or the new one. Its definition never
+ * changes, whatever the layout. */
 
 /* state: a single entry */
 struct pg_state {
@@ -272,13 +265,13 @@ struct {
 	__type(value, __u64);
 } sysctl_added SEC(".maps");
 
-/* struct pg_gate: see above */
+/* hook_judge: see above */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct pg_gate);
-} hook_gate SEC(".maps");
+	__type(value, __u32);
+} hook_judge SEC(".maps");
 
 /* per-CPU scratch for the cgroup path key: too large for the 512-byte stack */
 struct {

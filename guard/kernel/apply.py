@@ -20,31 +20,31 @@ security_socket_bind) can change between two applies (refuse_at, an upgrade from
 without the second road). The new road's links are attached and pinned before the old road's
 are unpinned: for that moment both refuse strangers, each from a complete guard, and nobody
 is without one. The security_socket_bind link cannot be updated in place (tracing links have
-no bpf_link_update): a new program gets a new link, pinned over the old one, which then goes.
-While both are attached both run, and chained fmod_ret programs must all allow a bind; so each
-judges only while the shared hook_gate map names its maps (bpf/guard.h, struct pg_gate). The
-new program is attached passing everything, the gate moves to it in one map write, and only
-then does the old link go: a run killed in between leaves one of them judging, and the next
-apply finishes the move (_settle_staged_hook). Known gap (issue 21): each program reads the gate
-once per bind, the newest first, so a bind whose two reads straddle the gate's write sees
-both programs pass (nanoseconds, at a takeover only: new maps under a hook link).
+no bpf_link_update), and two fmod_ret programs on one function both judge every bind; so the
+program attached there judges nothing itself: it tail-calls the judge in the hook_judge
+program array (bpf/guard.h), and the judge moves to new maps or a new program in one write
+of that array, the same step bpf_link_update is for the cgroup links. The attached program
+is replaced only when it is not one that tail-calls this hook_judge (a version before it)
+or its code changed: pinned as link_socket_bind_new, then renamed over the old link.
 """
 
 from __future__ import annotations
 
+import ctypes as C
 import os
 from collections.abc import Callable
 
 from guard import paths
 from guard.errors import GuardError
 from guard.kernel import corebtf, host, layout, libbpf, objects, slots, sysctl
-from guard.kernel.pins import Maps, Pins, open_map
+from guard.kernel.pins import Maps, Pins, open_map, reading_program
 from guard.kernel.programs import (
     BIND_AND_PACKET_LINKS,
     BIND_LINKS,
     BIND_PROGRAMS,
     CGROUP_ATTACH_TYPES,
     HOOK_LINK,
+    JUDGE,
     LINK_NAMES,
     PACKET_LINKS,
     TRACKER_LINKS,
@@ -175,10 +175,12 @@ def _expected_link(name: str, info: libbpf.LinkInfo) -> bool:
     return info.type in (libbpf.LINK_TYPE_RAW_TRACEPOINT, libbpf.LINK_TYPE_TRACING)
 
 
-def _reads_maps(link_fd: int, maps: Maps) -> bool:
-    """Whether the link's program uses these maps (and not an older set)."""
+def _reads_maps(pins: Pins, name: str, link_fd: int, maps: Maps) -> bool:
+    """Whether the link's program (the security_socket_bind link's judge) uses these maps
+    (and not an older set)."""
     state_id = libbpf.map_info(maps.fds["state"]).id
-    return state_id in libbpf.prog_map_ids(libbpf.link_info(link_fd).prog_id)
+    reader = reading_program(pins, name, libbpf.link_info(link_fd).prog_id)
+    return reader != 0 and state_id in libbpf.prog_map_ids(reader)
 
 
 def _retire(maps_dir: str) -> None:
@@ -205,7 +207,7 @@ def _load(
     """Load, reusing this layout's pinned maps when reused; maps libbpf cannot reuse (their
     definition or size changed without a layout change) are retired and made afresh."""
     _mkdir(pins.maps_dir)
-    shared = {"hook_gate": pins.gate}
+    shared = {"hook_judge": pins.judge}
     btf = corebtf.cached(object_path)  # None: the kernel's own BTF
     try:
         loaded = libbpf.load_object(object_path, pins.maps_dir, skip, sizes, shared, btf)
@@ -258,18 +260,18 @@ class _Transaction:
 
     def run(self) -> ApplyResult:
         pins = self.pins
-        _check_gate(pins)
+        _check_judge(pins)
         self._settle_staged_hook()
         links = _open_links(pins)
         maps = Maps.open_pinned(pins.maps_dir)
-        if maps is not None:
-            self._gate_of(maps)
         loaded = None
         wanted_links = core_links(self.denial) + (PACKET_LINKS if self.contain else ())
         try:
             # bind and packet links: what enforces, and which maps it reads
-            bind_links = [links[n] for n in BIND_AND_PACKET_LINKS if links[n] is not None]
-            readers = [fd for fd in bind_links if maps is not None and _reads_maps(fd, maps)]
+            bind_links = [n for n in BIND_AND_PACKET_LINKS if links[n] is not None]
+            readers = [
+                n for n in bind_links if maps is not None and _reads_maps(pins, n, links[n], maps)
+            ]
             takeover = len(readers) < len(bind_links)  # some link enforces maps we do not trust
             stale_program = maps is None or maps.meta.lookup(0).object != self.digest
             sizes, too_small = _sizes(self.plan, pins, maps)
@@ -279,8 +281,8 @@ class _Transaction:
                 or too_small  # new maps of the right size, swapped in like a new layout
                 or any(links[n] is None for n in wanted_links)
                 # pinned anew by the load (a hook program attached already keeps the one it
-                # reads, unpinned: its successor's switch then overlaps it, as before the gate)
-                or not os.path.lexists(pins.gate)
+                # reads, unpinned, and is replaced by one that reads the new pin)
+                or not os.path.lexists(pins.judge)
             )
             if need_load:
                 if maps is None:
@@ -293,7 +295,6 @@ class _Transaction:
                     if maps is not None:
                         maps.close()
                     maps = Maps({name: os.dup(loaded.maps[name]) for name in layout.MAPS})
-                    self._gate_of(maps)
                     readers, takeover = [], bool(bind_links)
                 _carry_sysctl_records(pins, maps)
                 if not readers:
@@ -318,6 +319,9 @@ class _Transaction:
                     libbpf.rename_pin(pins.staged_link(name), pins.link(name))
                 maps.meta.update(0, layout.Meta(self.digest))
             self._drop_other_roads(links)
+            if links[HOOK_LINK] is None:  # no program tail-calls the judge
+                _let_judge_go(pins)
+                _end_gate(pins)  # the pin an older version left on another road
             self._reattach_if_moved(links)
             dropped = _drop_other_maps(pins, maps)
             changed = apply_maps(maps, self.plan, self.cfg, self.cgroup_root)
@@ -338,32 +342,23 @@ class _Transaction:
             if loaded is not None:
                 loaded.close()
 
-    def _gate_of(self, maps: Maps) -> None:
-        """The gate value of these maps (struct pg_gate): their state map's id."""
-        self.cfg.gate = libbpf.map_info(maps.fds["state"]).id
-
     def _settle_staged_hook(self) -> None:
-        """A killed run's new security_socket_bind link (link_socket_bind_new): if the gate
-        had moved to its maps it is the program that judges, and takes link_socket_bind's
-        place; otherwise it never judged, and goes (the guard it was to replace still does,
-        or, at the first apply, nothing is reserved yet)."""
+        """A killed run's new security_socket_bind link (link_socket_bind_new): one that
+        tail-calls this hook_judge takes link_socket_bind's place (the judge was written
+        before it was attached, so it judges as the guard does); any other goes."""
         staged = self.pins.staged_link(HOOK_LINK)
         fd = libbpf.get_pinned(staged)
         if fd is None:
             return
         try:
-            judging = False
+            ours = False
             if libbpf.object_kind(fd)[0] == "link":
                 info = libbpf.link_info(fd)
-                live = _gate_value(self.pins)
-                judging = (
-                    _expected_link(HOOK_LINK, info)
-                    and live != 0
-                    and live in libbpf.prog_map_ids(info.prog_id)
-                )
+                ours = _expected_link(HOOK_LINK, info) and _tail_calls_judge(self.pins, info)
         finally:
             os.close(fd)
-        if judging:
+        if ours:
+            _end_gate(self.pins)  # an older version's program still attached lets binds pass
             libbpf.rename_pin(staged, self.pins.link(HOOK_LINK))
         else:
             libbpf.unpin(staged)
@@ -402,22 +397,31 @@ class _Transaction:
                 libbpf.update_link(links[name], prog)
 
     def _attach_hook(self, links: dict[str, int | None], loaded: libbpf.LoadedObject) -> None:
-        """Attach the security_socket_bind program, pinned as link_socket_bind_new: it
-        passes every bind until the gate names its maps. Move the gate to it (one map write:
-        from then on the old program, if any, passes every bind), then pin its link over the
-        old one, which detaches. Over the same maps (a new program only) both judge alike."""
+        """Make the loaded judge the one hook_judge holds (one write: the bind before it
+        meets the old judge, the bind after it the new one); then, unless the attached
+        program already hands its binds to hook_judge and is this object's, attach this
+        object's, pinned as link_socket_bind_new and renamed over the old link."""
+        judge = libbpf.Map(loaded.maps["hook_judge"], layout.JUDGE.key, layout.JUDGE.value)
+        judge.update(0, loaded.programs[self.programs[JUDGE]])
+        dispatcher = loaded.programs[self.programs[HOOK_LINK]]
+        old = links[HOOK_LINK]
+        if old is not None:
+            info = libbpf.link_info(old)
+            if _tail_calls_judge(self.pins, info) and _same_code(info.prog_id, dispatcher):
+                return
         staged = self.pins.staged_link(HOOK_LINK)
-        new = libbpf.attach_tracing(loaded.programs[self.programs[HOOK_LINK]])
+        # An older version's program judges from its own maps: from here until the rename
+        # both judge (a bind passes when both let it).
+        new = libbpf.attach_tracing(dispatcher)
         try:
             libbpf.unpin(staged)
             libbpf.pin(new, staged)
-            gate = libbpf.Map(loaded.maps["hook_gate"], layout.GATE.key, layout.GATE.value)
-            gate.update(0, layout.Gate(self.cfg.gate))
+            _end_gate(self.pins)
             libbpf.rename_pin(staged, self.pins.link(HOOK_LINK))
         except BaseException:
             os.close(new)
             raise
-        libbpf.close(links[HOOK_LINK])
+        libbpf.close(old)
         links[HOOK_LINK] = new
 
     def _drop_other_roads(self, links: dict[str, int | None]) -> None:
@@ -452,30 +456,67 @@ class _Transaction:
             links[name] = new
 
 
-def _check_gate(pins: Pins) -> None:
-    """Refuse a pin under hook_gate's name that is not such a map (libbpf would not reuse
-    it, and no new maps would help)."""
-    if not os.path.lexists(pins.gate):
+def _check_judge(pins: Pins) -> None:
+    """Refuse a pin under hook_judge's name that is not such a program array (libbpf would
+    not reuse it, and no new maps would help)."""
+    if not os.path.lexists(pins.judge):
         return
-    fd = open_map(pins.gate, "hook_gate", layout.GATE)
-    if fd is None:
+    fd = open_map(pins.judge, "hook_judge", layout.JUDGE)
+    if fd is None or libbpf.map_info(fd).max_entries != layout.JUDGE.max_entries:
+        if fd is not None:
+            os.close(fd)
         raise GuardError(
-            f"{pins.gate} is not portguard's hook gate (a foreign or damaged pin): remove it "
+            f"{pins.judge} is not portguard's hook judge (a foreign or damaged pin): remove it "
             "or choose another pin_dir"
         )
     os.close(fd)
 
 
-def _gate_value(pins: Pins) -> int:
-    """hook_gate's live value (0: none pinned, or never set)."""
-    fd = open_map(pins.gate, "hook_gate", layout.GATE)
+def _tail_calls_judge(pins: Pins, info: libbpf.LinkInfo) -> bool:
+    """Whether the link's program hands its binds to this pin directory's hook_judge."""
+    fd = open_map(pins.judge, "hook_judge", layout.JUDGE)
     if fd is None:
-        return 0
+        return False
     try:
-        value = libbpf.Map(fd, layout.GATE.key, layout.GATE.value).lookup(0)
+        return libbpf.map_info(fd).id in libbpf.prog_map_ids(info.prog_id)
     finally:
         os.close(fd)
-    return value.live if value is not None else 0
+
+
+def _let_judge_go(pins: Pins) -> None:
+    """Empty hook_judge, so that a judge no program calls does not keep its maps alive."""
+    fd = open_map(pins.judge, "hook_judge", layout.JUDGE)
+    if fd is not None:
+        try:
+            libbpf.Map(fd, layout.JUDGE.key, layout.JUDGE.value).delete(0)
+        finally:
+            os.close(fd)
+
+
+def _same_code(prog_id: int, prog_fd: int) -> bool:
+    """Whether the loaded program with this id has the instructions of the one at prog_fd."""
+    fd = libbpf.reopen_program(prog_id)
+    try:
+        return bytes(libbpf.prog_info(fd).tag) == bytes(libbpf.prog_info(prog_fd).tag)
+    finally:
+        os.close(fd)
+
+
+def _end_gate(pins: Pins) -> None:
+    """The versions just before hook_judge judged in their own security_socket_bind program
+    while the map pinned at hook_gate held their maps' id (struct pg_gate { live; pad; }):
+    zero it (no maps have that id) so that such a program, still attached, lets every bind
+    pass, and unpin it (the program keeps the map)."""
+    fd = libbpf.get_pinned(pins.gate)
+    if fd is None:
+        return
+    try:
+        kind = libbpf.object_kind(fd)[0]
+        if kind == "map" and libbpf.map_info(fd).value_size == C.sizeof(C.c_uint64):
+            libbpf.Map(fd, C.c_uint32, C.c_uint64).update(0, 0)
+    finally:
+        os.close(fd)
+    libbpf.unpin(pins.gate)
 
 
 def _carry_sysctl_records(pins: Pins, maps: Maps) -> None:
@@ -623,6 +664,7 @@ def _remove_locked(pins: Pins) -> None:
     for name in LINK_NAMES:
         libbpf.unpin(pins.link(name))
         libbpf.unpin(pins.staged_link(name))
-    libbpf.unpin(pins.gate)  # no program reads it once the links are gone
+    libbpf.unpin(pins.judge)  # no program tail-calls it once the links are gone
+    libbpf.unpin(pins.gate)  # an older version's
     for maps_dir in maps_dirs:
         _unpin_dir(maps_dir)

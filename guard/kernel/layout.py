@@ -114,13 +114,7 @@ class Config(C.Structure):
         ("scope_id", C.c_uint64),
         ("scope_level", C.c_uint32),
         ("netns_ino", C.c_uint32),
-        ("gate", C.c_uint32),
-        ("pad", C.c_uint32),
     ]
-
-
-class Gate(C.Structure):
-    _fields_ = [("live", C.c_uint32), ("pad", C.c_uint32)]
 
 
 class State(C.Structure):
@@ -161,7 +155,6 @@ STRUCTS: dict[str, type[C.Structure]] = {
     "pg_owner_val": OwnerVal,
     "pg_id_key": IdKey,
     "pg_config": Config,
-    "pg_gate": Gate,
     "pg_state": State,
     "pg_count_key": CountKey,
     "pg_event": Event,
@@ -171,7 +164,7 @@ STRUCTS: dict[str, type[C.Structure]] = {
 U8, U16, U32, U64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
 
 # bpf_map_type numbers (UAPI)
-HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, RINGBUF = 1, 2, 5, 6, 27
+HASH, ARRAY, PROG_ARRAY, PERCPU_HASH, PERCPU_ARRAY, RINGBUF = 1, 2, 3, 5, 6, 27
 
 
 class MapSpec(NamedTuple):
@@ -232,9 +225,9 @@ def map_sizes(pairs: int, contained: int, sets: int, paths: int) -> dict[str, in
     }
 
 
-#: hook_gate: pinned beside the maps directories, shared by every layout's security_socket_bind
-#: program (bpf/guard.h, struct pg_gate); its definition never changes.
-GATE = MapSpec(ARRAY, U32, Gate, 1)
+#: hook_judge: pinned beside the maps directories, shared by every layout: the program array
+#: whose one entry is the security_socket_bind road's judge (bpf/guard.h); never changes.
+JUDGE = MapSpec(PROG_ARRAY, U32, U32, 1)
 
 # The programs' own maps: events (pg_event records the monitor reads raw) and scratch.
 EVENTS = MapSpec(RINGBUF, type(None), type(None), EVENT_BYTES)

@@ -29,8 +29,14 @@ class Pins:
         return f"{self.root}/link_{name}"
 
     @property
+    def judge(self) -> str:
+        """hook_judge, shared by every layout's maps (bpf/guard.h)."""
+        return f"{self.root}/hook_judge"
+
+    @property
     def gate(self) -> str:
-        """hook_gate, shared by every layout's maps (bpf/guard.h, struct pg_gate)."""
+        """hook_gate: where versions before hook_judge kept the map that said which of two
+        security_socket_bind programs judged; taken away once their program is gone."""
         return f"{self.root}/hook_gate"
 
     def staged_link(self, name: str) -> str:
@@ -98,6 +104,29 @@ class Maps:
         return st.active & 1 if st else 0
 
 
+def judge_of(pins: Pins, dispatcher_id: int) -> int:
+    """The program a security_socket_bind program (by id) hands each bind to: the judge in
+    hook_judge (bpf/guard.h) when the program tail-calls this pin directory's hook_judge;
+    0 when it holds none, or the program does not (a version before hook_judge, whose
+    program judges itself)."""
+    fd = open_map(pins.judge, "hook_judge", layout.JUDGE)
+    if fd is None:
+        return 0
+    try:
+        if libbpf.map_info(fd).id not in libbpf.prog_map_ids(dispatcher_id):
+            return 0
+        judge = libbpf.Map(fd, layout.JUDGE.key, layout.JUDGE.value).lookup(0)
+    finally:
+        os.close(fd)
+    return judge.value if judge is not None else 0
+
+
+def reading_program(pins: Pins, name: str, prog_id: int) -> int:
+    """The program that reads the maps for the pinned link `name` whose program is prog_id:
+    that program, or the security_socket_bind link's judge (0: none)."""
+    return judge_of(pins, prog_id) if name == "socket_bind" else prog_id
+
+
 def open_map(path: str, name: str, spec: layout.MapSpec | None = None) -> int | None:
     """fd of the map pinned at path when it has the layout's key and value sizes for the
     map called name (or those of `spec`)."""
@@ -111,7 +140,9 @@ def open_map(path: str, name: str, spec: layout.MapSpec | None = None) -> int | 
     kind, _ = libbpf.object_kind(fd)
     if kind == "map":
         info = libbpf.map_info(fd)
-        if (info.key_size, info.value_size) == (C.sizeof(spec.key), C.sizeof(spec.value)):
+        if (info.key_size, info.value_size) == (C.sizeof(spec.key), C.sizeof(spec.value)) and (
+            spec.type != layout.PROG_ARRAY or info.type == layout.PROG_ARRAY
+        ):
             return fd
     os.close(fd)
     return None

@@ -12,6 +12,10 @@ BIND_PROGRAMS = {
     "socket_bind": {"socket_bind": "portguard_socket_bind"},
     "eperm": {"bind4": "portguard_bind4_eperm", "bind6": "portguard_bind6_eperm"},
 }
+# Programs a road loads that no link attaches: the security_socket_bind road's judge, which
+# portguard_socket_bind tail-calls through the hook_judge program array (bpf/guard.h).
+JUDGES = {"socket_bind": {"judge": "portguard_bind_judge"}}
+JUDGE = "judge"  # the judge's role
 OTHER_PROGRAMS = {
     "mkdir": "portguard_cgroup_mkdir",
     "rmdir": "portguard_cgroup_rmdir",
@@ -34,7 +38,7 @@ BIND_AND_PACKET_LINKS = (*BIND_LINKS, *PACKET_LINKS)
 
 def program_names(denial: str) -> dict[str, str]:
     """role -> the program that plays it with this denial style."""
-    return {**BIND_PROGRAMS[denial], **OTHER_PROGRAMS}
+    return {**BIND_PROGRAMS[denial], **JUDGES.get(denial, {}), **OTHER_PROGRAMS}
 
 
 def core_links(denial: str) -> tuple[str, ...]:
@@ -47,7 +51,10 @@ def not_loaded(denial: str, contain: bool) -> tuple[str, ...]:
     """Programs of the object not to load: the other denial styles', and the packet programs
     where this kernel would refuse them."""
     skip = [
-        name for style, names in BIND_PROGRAMS.items() if style != denial for name in names.values()
+        name
+        for style, names in (*BIND_PROGRAMS.items(), *JUDGES.items())
+        if style != denial
+        for name in names.values()
     ]
     if not contain:
         skip += [OTHER_PROGRAMS[role] for role in PACKET_LINKS]

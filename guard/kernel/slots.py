@@ -133,15 +133,14 @@ def owner_ids(maps: Maps, slot: int) -> dict[int, int]:
 
 
 def config_value(
-    plan: Plan, cookie: int, denial: str, scope: tuple[int, int], netns_ino: int, gate: int = 0
+    plan: Plan, cookie: int, denial: str, scope: tuple[int, int], netns_ino: int
 ) -> layout.Config:
     """The slot's config; deny_errno 0 means the programs deny with plain EPERM. scope is
-    the attach cgroup's (id, depth below the cgroup2 root); gate the id of the maps' state
-    map (struct pg_gate in bpf/guard.h)."""
+    the attach cgroup's (id, depth below the cgroup2 root)."""
     deny = plan.settings.deny_errno_number if denial in ("retval", "socket_bind") else 0
     mode = layout.MODE_AUDIT if plan.settings.mode == "audit" else layout.MODE_ENFORCE
     scope_id, scope_level = scope
-    return layout.Config(cookie, deny, mode, scope_id, scope_level, netns_ino, gate)
+    return layout.Config(cookie, deny, mode, scope_id, scope_level, netns_ino)
 
 
 def same_config(a: layout.Config | None, b: layout.Config) -> bool:

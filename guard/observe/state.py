@@ -10,7 +10,7 @@ from typing import NamedTuple
 from guard.errors import GuardError
 from guard.kernel import cgroups, layout, libbpf, slots
 from guard.kernel.host import require_root
-from guard.kernel.pins import Maps, Pins
+from guard.kernel.pins import Maps, Pins, reading_program
 from guard.kernel.programs import (
     BIND_AND_PACKET_LINKS,
     BIND_LINKS,
@@ -126,11 +126,12 @@ def _read_state(pins: Pins, settings: Settings, only: list[tuple[str, int]] | No
         )
     try:
         state_id = libbpf.map_info(maps.fds["state"]).id
-        elsewhere = any(
-            state_id not in libbpf.prog_map_ids(ls.prog_id)
+        readers = [
+            reading_program(pins, ls.name, ls.prog_id)
             for ls in link_states
             if ls.name in BIND_AND_PACKET_LINKS
-        )
+        ]
+        elsewhere = any(not r or state_id not in libbpf.prog_map_ids(r) for r in readers)
         active = maps.active
         wanted = None if only is None else [(layout.PROTOCOLS[proto], port) for proto, port in only]
         slot = slots.read_slot(maps, active, wanted)

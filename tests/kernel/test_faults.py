@@ -28,7 +28,7 @@ import pytest
 from guard.kernel import layout
 from guard.kernel import libbpf as kernel
 from guard.kernel.pins import Maps, Pins
-from guard.kernel.programs import BIND_PROGRAMS
+from guard.kernel.programs import BIND_PROGRAMS, JUDGES
 from guard.observe.state import GuardState, read_state
 from guard.policy.config import Settings
 from tests.kernel.objects_before import tp_btf_object
@@ -208,7 +208,7 @@ class Rig:
                 *(f"link_{n}" for n in links),
                 "link_mkdir",
                 "link_rmdir",
-                "hook_gate",
+                "hook_judge",
             ]
         )
 
@@ -288,7 +288,7 @@ def test_an_upgrade_from_tp_btf_trackers_killed_anywhere_leaves_the_old_guard_or
     old_object = tp_btf_object(tmp_path)
     pins = Pins(rig.sandbox.pin_dir)
     trackers = {"mkdir": "portguard_cgroup_mkdir", "rmdir": "portguard_cgroup_rmdir"}
-    others = [n for road in BIND_PROGRAMS.values() for n in road.values()]
+    others = [n for road in (*BIND_PROGRAMS.values(), *JUDGES.values()) for n in road.values()]
     others += ["portguard_ingress", "portguard_egress"]
 
     def older_trackers():
@@ -298,7 +298,7 @@ def test_an_upgrade_from_tp_btf_trackers_killed_anywhere_leaves_the_old_guard_or
             maps.meta.update(0, layout.Meta(b"guard-retval-0000000000000000"))
         finally:
             maps.close()
-        shared = {"hook_gate": pins.gate}
+        shared = {"hook_judge": pins.judge}
         loaded = kernel.load_object(old_object, pins.maps_dir, tuple(others), sizes, shared)
         try:
             for name, program in trackers.items():

@@ -52,7 +52,7 @@ CLEAN_PINS = sorted(
         *(f"link_{n}" for n in BIND_LINKS),
         "link_mkdir",
         "link_rmdir",
-        "hook_gate",
+        "hook_judge",
     ]
 )
 
@@ -84,16 +84,19 @@ def test_a_foreign_pin_under_a_link_name_is_one_clear_sentence_and_the_guard_sta
     assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
 
 
-def test_a_foreign_pin_as_the_hook_gate_is_one_clear_sentence_and_the_guard_stays(sandbox):
+def test_a_foreign_pin_as_the_hook_judge_is_one_clear_sentence(sandbox):
     applied(sandbox)
-    gate = Pins(sandbox.pin_dir).gate
-    pin_a_map_instead(sandbox, gate, "config")  # a map, but not one with the gate's value
+    judge = Pins(sandbox.pin_dir).judge
+    on_the_hook = "link_socket_bind" in pin_names(sandbox)
+    pin_a_map_instead(sandbox, judge, "state")  # a map, but not a program array
     proc = sandbox.cli("apply", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith(f"Error: {gate} is not portguard's hook gate")
+    assert proc.stderr.strip().startswith(f"Error: {judge} is not portguard's hook judge")
     assert "remove it or choose another pin_dir" in proc.stderr
-    assert guarded(sandbox)
-    os.unlink(gate)
+    # Like a link's pin, hook_judge's is part of the security_socket_bind road's guard: with
+    # it gone the kernel empties the array and that road passes every bind until an apply.
+    assert guarded(sandbox) != on_the_hook
+    os.unlink(judge)
     sandbox.cli("apply")
     assert guarded(sandbox) and pin_names(sandbox) == CLEAN_PINS
 

@@ -64,9 +64,10 @@ def test_every_constant_of_the_contract_has_its_value_on_both_sides(compiled):
 
 
 def test_each_map_has_the_type_key_value_and_size_the_controller_uses(compiled):
-    own = {"events": layout.EVENTS, "scratch": layout.SCRATCH, "hook_gate": layout.GATE}
+    own = {"events": layout.EVENTS, "scratch": layout.SCRATCH, "hook_judge": layout.JUDGE}
     assert set(compiled.maps) == set(layout.MAPS) | set(own)
-    for name, spec in {**layout.MAPS, "scratch": layout.SCRATCH, "hook_gate": layout.GATE}.items():
+    checked = {**layout.MAPS, "scratch": layout.SCRATCH, "hook_judge": layout.JUDGE}
+    for name, spec in checked.items():
         found = compiled.maps[name]
         assert (found.type, found.max_entries) == (spec.type, spec.max_entries), name
         assert (found.key, found.value) == (type_name(spec.key), type_name(spec.value)), name
@@ -92,6 +93,7 @@ def test_the_programs_come_from_the_object_with_their_sections(compiled):
         "bind4": "cgroup/bind4",
         "bind6": "cgroup/bind6",
         "socket_bind": "fmod_ret/security_socket_bind",
+        "judge": "fmod_ret/security_socket_bind",  # tail-called, never attached
         "mkdir": "raw_tp/cgroup_mkdir",
         "rmdir": "raw_tp/cgroup_rmdir",
         "ingress": "cgroup_skb/ingress",
