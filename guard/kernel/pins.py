@@ -118,7 +118,7 @@ def judge_of(pins: Pins, dispatcher_id: int) -> int:
         judge = libbpf.Map(fd, layout.JUDGE.key, layout.JUDGE.value).lookup(0)
     finally:
         os.close(fd)
-    return judge.value if judge is not None else 0
+    return int(judge or 0)  # the program's id
 
 
 def reading_program(pins: Pins, name: str, prog_id: int) -> int:
