@@ -345,7 +345,8 @@ class _Transaction:
     def _settle_staged_hook(self) -> None:
         """A killed run's new security_socket_bind link (link_socket_bind_new): one that
         tail-calls this hook_judge takes link_socket_bind's place (the judge was written
-        before it was attached, so it judges as the guard does); any other goes."""
+        before it was attached, so it judges as the guard does), and so does an older
+        version's that its hook_gate had made the judging one; any other goes."""
         staged = self.pins.staged_link(HOOK_LINK)
         fd = libbpf.get_pinned(staged)
         if fd is None:
@@ -354,7 +355,9 @@ class _Transaction:
             ours = False
             if libbpf.object_kind(fd)[0] == "link":
                 info = libbpf.link_info(fd)
-                ours = _expected_link(HOOK_LINK, info) and _tail_calls_judge(self.pins, info)
+                ours = _expected_link(HOOK_LINK, info) and (
+                    _tail_calls_judge(self.pins, info) or _gate_names(self.pins, info)
+                )
         finally:
             os.close(fd)
         if ours:
@@ -493,6 +496,36 @@ def _let_judge_go(pins: Pins) -> None:
             os.close(fd)
 
 
+class _OldGate(C.Structure):
+    """struct pg_gate of the versions just before hook_judge."""
+
+    _fields_ = [("live", C.c_uint32), ("pad", C.c_uint32)]
+
+
+def _old_gate(pins: Pins) -> libbpf.Map | None:
+    """The hook_gate those versions pinned, when it is such a map (the caller closes it)."""
+    fd = libbpf.get_pinned(pins.gate)
+    if fd is None:
+        return None
+    if libbpf.object_kind(fd)[0] == "map" and libbpf.map_info(fd).value_size == C.sizeof(_OldGate):
+        return libbpf.Map(fd, C.c_uint32, _OldGate)
+    os.close(fd)
+    return None
+
+
+def _gate_names(pins: Pins, info: libbpf.LinkInfo) -> bool:
+    """Whether an older version's hook_gate names the maps of the link's program (which
+    then judges, and the program of link_socket_bind lets every bind pass)."""
+    gate = _old_gate(pins)
+    if gate is None:
+        return False
+    try:
+        value = gate.lookup(0)
+    finally:
+        os.close(gate.fd)
+    return value is not None and value.live in libbpf.prog_map_ids(info.prog_id) - {0}
+
+
 def _same_code(prog_id: int, prog_fd: int) -> bool:
     """Whether the loaded program with this id has the instructions of the one at prog_fd."""
     fd = libbpf.reopen_program(prog_id)
@@ -504,18 +537,15 @@ def _same_code(prog_id: int, prog_fd: int) -> bool:
 
 def _end_gate(pins: Pins) -> None:
     """The versions just before hook_judge judged in their own security_socket_bind program
-    while the map pinned at hook_gate held their maps' id (struct pg_gate { live; pad; }):
-    zero it (no maps have that id) so that such a program, still attached, lets every bind
-    pass, and unpin it (the program keeps the map)."""
-    fd = libbpf.get_pinned(pins.gate)
-    if fd is None:
-        return
-    try:
-        kind = libbpf.object_kind(fd)[0]
-        if kind == "map" and libbpf.map_info(fd).value_size == C.sizeof(C.c_uint64):
-            libbpf.Map(fd, C.c_uint32, C.c_uint64).update(0, 0)
-    finally:
-        os.close(fd)
+    while the map pinned at hook_gate held their maps' id: zero it (no maps have that id) so
+    that such a program, still attached, lets every bind pass, and unpin it (the program
+    keeps the map)."""
+    gate = _old_gate(pins)
+    if gate is not None:
+        try:
+            gate.update(0, _OldGate(0, 0))
+        finally:
+            os.close(gate.fd)
     libbpf.unpin(pins.gate)
 
 
