@@ -1,7 +1,7 @@
 """What a boot's apply with the last boot's plan imports, and what it costs, for two trees of
 portguard paired per round (issue 22: pathlib and typing off the boot path).
 
-python -m bench.boot_imports [--rounds N] BEFORE AFTER: BEFORE and AFTER are directories
+python -m bench.boot_imports [--rounds N] [--held] BEFORE AFTER: BEFORE and AFTER are directories
 holding a guard/ package (e.g. `git archive REV | tar -x -C DIR`). Prints, medians with p10-p90
 and the median of the per-round differences:
 - the import time of the modules a kept-plan boot imports (`/usr/bin/python3 -S -X importtime`,
@@ -182,14 +182,22 @@ def part_b(rounds):
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.boot_imports")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument(
+        "--held",
+        action="store_true",
+        help="part A with the squatter scan's modules too (an apply that finds a reserved port "
+        "held imports guard.observe.holders); part B is skipped",
+    )
     parser.add_argument("before")
     parser.add_argument("after")
     args = parser.parse_args()
-    global TREES
+    global TREES, BOOT
     TREES = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
+    if args.held:
+        BOOT += "from guard.observe import holders\n"
     print(f"load average at start {os.getloadavg()[0]:.2f}")
     part_a(args.rounds)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not args.held:
         part_b(args.rounds)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     return 0

@@ -28,8 +28,6 @@ import _socket as socket  # socket.py's enums cost ~5 ms of CPU of every status 
 import os
 import struct
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import NamedTuple
 
 from guard.kernel.cgroups import CgroupError, cgroup2_mount, unit_of_cgroup
 from guard.observe.procnet import (
@@ -42,8 +40,9 @@ from guard.observe.procnet import (
     diag_request,
 )
 from guard.observe.state import GuardState
+from guard.tuples import NamedTuple
 
-PROC = Path("/proc")
+PROC = "/proc"  # a str, and no pathlib: the apply that finds a holder imports this module
 
 # include/uapi/linux/inet_diag.h: the attribute's type (a u64); a reply is struct nlmsghdr then
 # struct inet_diag_msg, after which the attributes start (the request: procnet.py).
@@ -104,7 +103,7 @@ class _Socket(NamedTuple):
 def holders(
     ports: Iterable[tuple[int, str]] | None = None,
     *,
-    cgroup_root: Path | None = None,
+    cgroup_root: str | os.PathLike | None = None,
 ) -> list[Holder]:
     """Return the TCP and UDP sockets holding local ports in this network namespace.
 
@@ -218,7 +217,9 @@ def cgroup_id_attribute(data: bytes, offset: int = 0) -> int:
     return 0
 
 
-def socket_owners(inodes: set[int], *, proc_root: Path = PROC) -> dict[int, tuple[int, str | None]]:
+def socket_owners(
+    inodes: set[int], *, proc_root: str | os.PathLike = PROC
+) -> dict[int, tuple[int, str | None]]:
     """Map socket inodes to (pid, comm) of the lowest-numbered process that has them open.
 
     One pass over ``proc_root/*/fd``, in pid order, ending once every inode is found. Processes
@@ -233,7 +234,7 @@ def socket_owners(inodes: set[int], *, proc_root: Path = PROC) -> dict[int, tupl
     except OSError:
         return owners
     for pid in pids:
-        fd_dir = proc_root / str(pid) / "fd"
+        fd_dir = os.path.join(proc_root, str(pid), "fd")
         try:
             fds = os.listdir(fd_dir)
         except OSError:
@@ -241,7 +242,7 @@ def socket_owners(inodes: set[int], *, proc_root: Path = PROC) -> dict[int, tupl
         comm = None
         for fd in fds:
             try:
-                inode = targets.get(os.readlink(fd_dir / fd))
+                inode = targets.get(os.readlink(os.path.join(fd_dir, fd)))
             except OSError:
                 continue
             if inode is None or inode in owners:
@@ -254,15 +255,20 @@ def socket_owners(inodes: set[int], *, proc_root: Path = PROC) -> dict[int, tupl
     return owners
 
 
-def _read_comm(proc_root: Path, pid: int) -> str | None:
+def _read_comm(proc_root: str | os.PathLike, pid: int) -> str | None:
     """Return /proc/PID/comm, or None if the process has gone."""
     try:
-        return (proc_root / str(pid) / "comm").read_text().rstrip("\n")
+        return _read_text(os.path.join(proc_root, str(pid), "comm")).rstrip("\n")
     except OSError:
         return None
 
 
-def cgroup_paths(ids: set[int], cgroup_root: Path | None) -> dict[int, str]:
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def cgroup_paths(ids: set[int], cgroup_root: str | os.PathLike | None) -> dict[int, str]:
     """Map cgroup ids to paths relative to the cgroup2 root ("/" for the root itself).
 
     A cgroup2 directory's inode number is its cgroup id, so one walk of the tree, stopped as soon
@@ -332,10 +338,10 @@ def within(cgroup: str, owner: str) -> bool:
     return owner == "/" or cgroup == owner or cgroup.startswith(owner.rstrip("/") + "/")
 
 
-def process_cgroup(pid: int, proc_root: Path = PROC) -> str | None:
+def process_cgroup(pid: int, proc_root: str | os.PathLike = PROC) -> str | None:
     """The cgroup2 path of a process now ("0::" line of /proc/PID/cgroup), None if gone."""
     try:
-        lines = (proc_root / str(pid) / "cgroup").read_text().splitlines()
+        lines = _read_text(os.path.join(proc_root, str(pid), "cgroup")).splitlines()
     except OSError:
         return None
     for line in lines:
@@ -344,7 +350,9 @@ def process_cgroup(pid: int, proc_root: Path = PROC) -> str | None:
     return None
 
 
-def classify(holder: Holder, owners: Sequence[str], proc_root: Path = PROC) -> HolderState:
+def classify(
+    holder: Holder, owners: Sequence[str], proc_root: str | os.PathLike = PROC
+) -> HolderState:
     current = process_cgroup(holder.pid, proc_root) if holder.pid else None
     known = [c for c in (holder.cgroup, current) if c is not None]
     is_owner = bool(known) and all(any(within(c, o) for o in owners) for c in known)
@@ -362,7 +370,7 @@ def classify(holder: Holder, owners: Sequence[str], proc_root: Path = PROC) -> H
 
 
 def holder_states(
-    reservations: Iterable[tuple[int, str, Sequence[str]]], proc_root: Path = PROC
+    reservations: Iterable[tuple[int, str, Sequence[str]]], proc_root: str | os.PathLike = PROC
 ) -> dict[tuple[int, str], list[HolderState]]:
     """(port, protocol) -> its holders, for reservations given as (port, protocol, owner
     cgroup paths). Ports nobody holds are absent."""

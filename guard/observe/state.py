@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import NamedTuple
 
 from guard.errors import GuardError
 from guard.kernel import cgroups, layout, libbpf, slots
@@ -20,6 +19,7 @@ from guard.kernel.programs import (
     PACKET_LINKS,
 )
 from guard.policy.config import Settings
+from guard.tuples import NamedTuple
 
 
 class LinkState(NamedTuple):

@@ -254,6 +254,20 @@ def test_the_boot_path_imports_neither_pathlib_nor_typing():
     assert proc.stdout == "[]\n", proc.stdout + proc.stderr
 
 
+def test_an_apply_that_finds_a_reserved_port_held_imports_neither_pathlib_nor_typing():
+    """The squatter scan (guard.observe.holders, with the guard state it reads) runs in every
+    apply that finds a reserved port held: a re-apply with the services up, a package's."""
+    code = (
+        "import sys\n"
+        f"import {BOOT_PATH_MODULES}, guard.observe.holders\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {NOT_AT_BOOT!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.stdout == "[]\n", proc.stdout + proc.stderr
+
+
 # ---- status and check: through click, ending with our codes and sentences --------------------
 
 # Without root, status and check stop at the pins (exit 1); as root, a pin directory that does
