@@ -18,8 +18,9 @@ is stale the next apply redoes the whole load.
 Where binds are refused (host.choose_denial: the cgroup bind links, or the fmod_ret link on
 security_socket_bind) can change between two applies (refuse_at, an upgrade from a version
 without the second road). The new road's links are attached and pinned before the old road's
-are unpinned: for that moment both refuse strangers, each from a complete guard, and nobody
-is without one. The security_socket_bind link cannot be updated in place (tracing links have
+are unpinned: for that moment both refuse strangers, and nobody is without a guard. Onto new
+maps, the old road's links first judge from them too (_move_old_road), so the two roads never
+judge from two guards at once. The security_socket_bind link cannot be updated in place (tracing links have
 no bpf_link_update), and two fmod_ret programs on one function both judge every bind; so the
 program attached there judges nothing itself: it tail-calls the judge in the hook_judge
 program array (bpf/guard.h), and the judge moves to new maps or a new program in one write
@@ -43,8 +44,10 @@ from guard.kernel.programs import (
     BIND_LINKS,
     BIND_PROGRAMS,
     CGROUP_ATTACH_TYPES,
+    CGROUP_BIND_LINKS,
     HOOK_LINK,
     JUDGE,
+    JUDGES,
     LINK_NAMES,
     PACKET_LINKS,
     TRACKER_LINKS,
@@ -290,6 +293,7 @@ class _Transaction:
                 # Packet programs only for a policy that contains: loading them costs time
                 # at every boot; a later policy that contains loads the object again.
                 skip = not_loaded(self.denial, self.can_contain and self.contain)
+                skip = tuple(name for name in skip if name not in self._old_road(links))
                 loaded, reused = _load(self.object_path, pins, maps is not None, skip, sizes)
                 if not reused:
                     if maps is not None:
@@ -311,6 +315,7 @@ class _Transaction:
                     # Complete the new guard before any link reads it; the old one enforces
                     # meanwhile (so its ports stay in the sysctl until the final apply_maps).
                     apply_maps(maps, self.plan, self.cfg, self.cgroup_root, drop_stale=False)
+                    self._move_old_road(links, loaded)
                 self._attach_cgroup_links(links, loaded)
                 if self.denial == host.DENY_SOCKET_BIND:
                     self._attach_hook(links, loaded)
@@ -365,6 +370,35 @@ class _Transaction:
             libbpf.rename_pin(staged, self.pins.link(HOOK_LINK))
         else:
             libbpf.unpin(staged)
+
+    def _old_road(self, links: dict[str, int | None]) -> dict[str, str]:
+        """The links of another road than this apply's (a change of road) -> the program of
+        this object that can judge for them from new maps: the cgroup bind links take the
+        EPERM programs (the security_socket_bind program refuses a bind before them, so only
+        the kernel's own binds could tell), the security_socket_bind link the judge."""
+        if self.denial == host.DENY_SOCKET_BIND:
+            eperm = BIND_PROGRAMS[host.DENY_EPERM]
+            return {eperm[n]: n for n in CGROUP_BIND_LINKS if links[n] is not None}
+        if links[HOOK_LINK] is not None:
+            return {JUDGES[host.DENY_SOCKET_BIND][JUDGE]: HOOK_LINK}
+        return {}
+
+    def _move_old_road(self, links: dict[str, int | None], loaded: libbpf.LoadedObject) -> None:
+        """A change of road onto new maps: before the new road is attached, the old road's
+        links judge from the new maps too (one step per link, as a layout takeover does), so
+        the two roads never judge from different guards at once (a bind passes only when both
+        let it: an owner whose port changes hands in this apply would be refused)."""
+        for program, name in self._old_road(links).items():
+            if program not in loaded.programs:
+                continue
+            if name == HOOK_LINK:
+                if _tail_calls_judge(self.pins, libbpf.link_info(links[name])):
+                    judge = libbpf.Map(
+                        loaded.maps["hook_judge"], layout.JUDGE.key, layout.JUDGE.value
+                    )
+                    judge.update(0, loaded.programs[program])
+            else:
+                libbpf.update_link(links[name], loaded.programs[program])
 
     def _stage_trackers(self, loaded: libbpf.LoadedObject) -> list[str]:
         """Attach the new cgroup trackers beside the old ones (both keep their maps current

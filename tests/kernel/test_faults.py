@@ -105,6 +105,8 @@ R1, R2 = (
     Guard(f"R{i}", dict(A.reserved), errno.EPERM, {"deny_errno": "EPERM", "refuse_at": road})
     for i, road in enumerate(ROADS, start=1)
 )
+# the other road with B's owners: port PA changes hands (a -> b) in the same apply
+R2B = Guard("R2B", dict(B.reserved), errno.EPERM, {"deny_errno": "EPERM", "refuse_at": ROADS[1]})
 
 
 def bind_links(guard: Guard) -> tuple[str, ...]:
@@ -118,7 +120,7 @@ class Rig:
     def __init__(self, sandbox):
         self.sandbox = sandbox
         self.paths = {}
-        for guard in (A, B, R1, R2):
+        for guard in (A, B, R1, R2, R2B):
             blocks = []
             for (port, proto), owners in sorted(guard.reserved.items()):
                 blocks.append(sandbox.owner_block([f"{port}/{proto}"], *sorted(owners)))
@@ -362,6 +364,23 @@ def test_a_change_of_road_killed_anywhere_leaves_the_old_road_or_the_new(rig):
         rig.reset(R1)
         assert rig.walk("apply", R1, R2) > MIN_STEPS
         assert rig.walk("apply", R2, R1) > MIN_STEPS
+
+
+def test_a_change_of_road_onto_new_maps_and_owners_killed_anywhere_leaves_one_guard(rig):
+    # Another road, new maps (an older layout) and a port changing hands at once: the old
+    # road first judges from the new maps too, so no kill leaves the two roads judging from
+    # two guards (both refusing, one the old owner and one the new).
+    pins = Pins(rig.sandbox.pin_dir)
+
+    def older_layout():
+        if os.path.exists(pins.maps_dir):
+            os.rename(pins.maps_dir, os.path.join(pins.root, "maps-0123456789ab"))
+
+    for _ in range(ROUNDS):
+        rig.reset(R1)
+        assert rig.walk("apply", R1, R2B, prepare=older_layout, per_family=True) > MIN_STEPS
+        rig.reset(R2B)
+        assert rig.walk("apply", R2B, R1, prepare=older_layout, per_family=True) > MIN_STEPS
 
 
 def test_remove_killed_anywhere_leaves_the_guard_or_nothing(rig):
