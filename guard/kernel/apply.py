@@ -20,13 +20,14 @@ security_socket_bind) can change between two applies (refuse_at, an upgrade from
 without the second road). The new road's links are attached and pinned before the old road's
 are unpinned: for that moment both refuse strangers, and nobody is without a guard. Onto new
 maps, the old road's links first judge from them too (_move_old_road), so the two roads never
-judge from two guards at once. The security_socket_bind link cannot be updated in place (tracing links have
-no bpf_link_update), and two fmod_ret programs on one function both judge every bind; so the
-program attached there judges nothing itself: it tail-calls the judge in the hook_judge
-program array (bpf/guard.h), and the judge moves to new maps or a new program in one write
-of that array, the same step bpf_link_update is for the cgroup links. The attached program
-is replaced only when it is not one that tail-calls this hook_judge (a version before it)
-or its code changed: pinned as link_socket_bind_new, then renamed over the old link.
+judge from two guards at once. The security_socket_bind link cannot be updated in place
+(tracing links have no bpf_link_update), and two fmod_ret programs on one function both judge
+every bind; so the program attached there judges nothing itself: it tail-calls the judge in
+the hook_judge program array (bpf/guard.h), and the judge moves to new maps or a new program
+in one write of that array, the same step bpf_link_update is for the cgroup links. The
+attached program is replaced only when it is not one that tail-calls this hook_judge (a
+version before it) or its code changed: pinned as link_socket_bind_new, then renamed over
+the old link.
 """
 
 from __future__ import annotations

@@ -109,6 +109,9 @@ R1, R2 = (
 R2B = Guard("R2B", dict(B.reserved), errno.EPERM, {"deny_errno": "EPERM", "refuse_at": ROADS[1]})
 
 
+OLDER_MAPS = "maps-0123456789ab"
+
+
 def bind_links(guard: Guard) -> tuple[str, ...]:
     road = guard.extra.get("refuse_at")
     if road is None:
@@ -236,6 +239,13 @@ class Rig:
             self.reset(before)
             fault += STRIDE
 
+    def older_layout(self) -> None:
+        """Maps of an older layout, simulated by renaming ours: the next apply loads fresh
+        maps, fills them and takes every link over to them."""
+        pins = Pins(self.sandbox.pin_dir)
+        if os.path.exists(pins.maps_dir):
+            os.rename(pins.maps_dir, os.path.join(pins.root, OLDER_MAPS))
+
     def reset(self, guard: Guard) -> None:
         if guard is NONE:
             self.run("remove", A)
@@ -345,16 +355,10 @@ def test_an_upgrade_from_tp_btf_trackers_killed_anywhere_leaves_the_old_guard_or
 def test_layout_takeover_killed_anywhere_never_leaves_a_family_unguarded(rig):
     # Maps of an older layout (simulated by renaming ours): apply loads fresh maps, fills them,
     # then swaps each bind link; the old maps go last, their sysctl records carried over.
-    pins = Pins(rig.sandbox.pin_dir)
-
-    def older_layout():
-        if os.path.exists(pins.maps_dir):
-            os.rename(pins.maps_dir, os.path.join(pins.root, "maps-0123456789ab"))
-
     for _ in range(ROUNDS):
         rig.reset(A)
-        assert rig.walk("apply", A, B, prepare=older_layout, per_family=True) > MIN_STEPS
-    assert not os.path.exists(os.path.join(pins.root, "maps-0123456789ab"))
+        assert rig.walk("apply", A, B, prepare=rig.older_layout, per_family=True) > MIN_STEPS
+    assert not os.path.exists(os.path.join(rig.sandbox.pin_dir, OLDER_MAPS))
 
 
 def test_a_change_of_road_killed_anywhere_leaves_the_old_road_or_the_new(rig):
@@ -370,17 +374,11 @@ def test_a_change_of_road_onto_new_maps_and_owners_killed_anywhere_leaves_one_gu
     # Another road, new maps (an older layout) and a port changing hands at once: the old
     # road first judges from the new maps too, so no kill leaves the two roads judging from
     # two guards (both refusing, one the old owner and one the new).
-    pins = Pins(rig.sandbox.pin_dir)
-
-    def older_layout():
-        if os.path.exists(pins.maps_dir):
-            os.rename(pins.maps_dir, os.path.join(pins.root, "maps-0123456789ab"))
-
     for _ in range(ROUNDS):
         rig.reset(R1)
-        assert rig.walk("apply", R1, R2B, prepare=older_layout, per_family=True) > MIN_STEPS
+        assert rig.walk("apply", R1, R2B, prepare=rig.older_layout, per_family=True) > MIN_STEPS
         rig.reset(R2B)
-        assert rig.walk("apply", R2B, R1, prepare=older_layout, per_family=True) > MIN_STEPS
+        assert rig.walk("apply", R2B, R1, prepare=rig.older_layout, per_family=True) > MIN_STEPS
 
 
 def test_remove_killed_anywhere_leaves_the_guard_or_nothing(rig):

@@ -240,31 +240,29 @@ BOOT_PATH_MODULES = (
 NOT_AT_BOOT = ("pathlib", "typing", "re", "enum", "fnmatch", "ntpath", "urllib", "ipaddress")
 
 
+def heavy_imports(modules: str) -> subprocess.CompletedProcess:
+    """Import the modules under python -S; prints which of NOT_AT_BOOT came with them."""
+    code = (
+        "import sys\n"
+        f"import {modules}\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {NOT_AT_BOOT!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=REPO
+    )
+
+
 def test_the_boot_path_imports_neither_pathlib_nor_typing():
     """As the Debian package's launcher starts it (python3 -S: no site, whose hooks import
     pathlib and re themselves). tests/kernel/test_quick_reapply.py runs such a boot for real."""
-    code = (
-        "import sys\n"
-        f"import {BOOT_PATH_MODULES}\n"
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {NOT_AT_BOOT!r}))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=REPO
-    )
+    proc = heavy_imports(BOOT_PATH_MODULES)
     assert proc.stdout == "[]\n", proc.stdout + proc.stderr
 
 
 def test_an_apply_that_finds_a_reserved_port_held_imports_neither_pathlib_nor_typing():
     """The squatter scan (guard.observe.holders, with the guard state it reads) runs in every
     apply that finds a reserved port held: a re-apply with the services up, a package's."""
-    code = (
-        "import sys\n"
-        f"import {BOOT_PATH_MODULES}, guard.observe.holders\n"
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {NOT_AT_BOOT!r}))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=REPO
-    )
+    proc = heavy_imports(f"{BOOT_PATH_MODULES}, guard.observe.holders")
     assert proc.stdout == "[]\n", proc.stdout + proc.stderr
 
 
