@@ -39,7 +39,7 @@ from collections.abc import Callable
 from guard import paths
 from guard.errors import GuardError
 from guard.kernel import corebtf, host, layout, libbpf, objects, slots, sysctl
-from guard.kernel.pins import Maps, Pins, open_map, reading_program
+from guard.kernel.pins import Maps, Pins, open_map, reading_program, tail_calls_judge
 from guard.kernel.programs import (
     BIND_AND_PACKET_LINKS,
     BIND_LINKS,
@@ -325,8 +325,7 @@ class _Transaction:
                     libbpf.rename_pin(pins.staged_link(name), pins.link(name))
                 maps.meta.update(0, layout.Meta(self.digest))
             self._drop_other_roads(links)
-            if links[HOOK_LINK] is None:  # no program tail-calls the judge
-                _let_judge_go(pins)
+            if links[HOOK_LINK] is None:
                 _end_gate(pins)  # the pin an older version left on another road
             self._reattach_if_moved(links)
             dropped = _drop_other_maps(pins, maps)
@@ -362,7 +361,7 @@ class _Transaction:
             if libbpf.object_kind(fd)[0] == "link":
                 info = libbpf.link_info(fd)
                 ours = _expected_link(HOOK_LINK, info) and (
-                    _tail_calls_judge(self.pins, info) or _gate_names(self.pins, info)
+                    tail_calls_judge(self.pins, info.prog_id) or _gate_names(self.pins, info)
                 )
         finally:
             os.close(fd)
@@ -393,7 +392,7 @@ class _Transaction:
             if program not in loaded.programs:
                 continue
             if name == HOOK_LINK:
-                if _tail_calls_judge(self.pins, libbpf.link_info(links[name])):
+                if tail_calls_judge(self.pins, libbpf.link_info(links[name]).prog_id):
                     judge = libbpf.Map(
                         loaded.maps["hook_judge"], layout.JUDGE.key, layout.JUDGE.value
                     )
@@ -445,7 +444,7 @@ class _Transaction:
         old = links[HOOK_LINK]
         if old is not None:
             info = libbpf.link_info(old)
-            if _tail_calls_judge(self.pins, info) and _same_code(info.prog_id, dispatcher):
+            if tail_calls_judge(self.pins, info.prog_id) and _same_code(info.prog_id, dispatcher):
                 return
         staged = self.pins.staged_link(HOOK_LINK)
         # An older version's program judges from its own maps: from here until the rename
@@ -472,6 +471,8 @@ class _Transaction:
                 libbpf.close(links[name])
                 links[name] = None
                 libbpf.unpin(self.pins.link(name))
+                if name == HOOK_LINK:  # no program tail-calls the judge any more
+                    _let_judge_go(self.pins)
 
     def _reattach_if_moved(self, links: dict[str, int | None]) -> None:
         """The attach cgroup changed in the config (or was removed): attach there, then let
@@ -508,17 +509,6 @@ def _check_judge(pins: Pins) -> None:
             "or choose another pin_dir"
         )
     os.close(fd)
-
-
-def _tail_calls_judge(pins: Pins, info: libbpf.LinkInfo) -> bool:
-    """Whether the link's program hands its binds to this pin directory's hook_judge."""
-    fd = open_map(pins.judge, "hook_judge", layout.JUDGE)
-    if fd is None:
-        return False
-    try:
-        return libbpf.map_info(fd).id in libbpf.prog_map_ids(info.prog_id)
-    finally:
-        os.close(fd)
 
 
 def _let_judge_go(pins: Pins) -> None:
@@ -575,6 +565,8 @@ def _end_gate(pins: Pins) -> None:
     while the map pinned at hook_gate held their maps' id: zero it (no maps have that id) so
     that such a program, still attached, lets every bind pass, and unpin it (the program
     keeps the map)."""
+    if not os.path.lexists(pins.gate):  # every apply but the first after such a version
+        return
     gate = _old_gate(pins)
     if gate is not None:
         try:

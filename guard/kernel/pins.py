@@ -11,6 +11,7 @@ import os
 
 from guard import paths
 from guard.kernel import layout, libbpf
+from guard.kernel.programs import HOOK_LINK
 
 
 class Pins:
@@ -109,22 +110,37 @@ def judge_of(pins: Pins, dispatcher_id: int) -> int:
     hook_judge (bpf/guard.h) when the program tail-calls this pin directory's hook_judge;
     0 when it holds none, or the program does not (a version before hook_judge, whose
     program judges itself)."""
-    fd = open_map(pins.judge, "hook_judge", layout.JUDGE)
+    fd = _judge_calling(pins, dispatcher_id)
     if fd is None:
         return 0
     try:
-        if libbpf.map_info(fd).id not in libbpf.prog_map_ids(dispatcher_id):
-            return 0
         judge = libbpf.Map(fd, layout.JUDGE.key, layout.JUDGE.value).lookup(0)
     finally:
         os.close(fd)
     return int(judge or 0)  # the program's id
 
 
+def tail_calls_judge(pins: Pins, prog_id: int) -> bool:
+    """Whether the program hands its binds to this pin directory's hook_judge."""
+    fd = _judge_calling(pins, prog_id)
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
+
+
+def _judge_calling(pins: Pins, prog_id: int) -> int | None:
+    """An fd of the pinned hook_judge when the program uses it, else None."""
+    fd = open_map(pins.judge, "hook_judge", layout.JUDGE)
+    if fd is not None and libbpf.map_info(fd).id not in libbpf.prog_map_ids(prog_id):
+        os.close(fd)
+        return None
+    return fd
+
+
 def reading_program(pins: Pins, name: str, prog_id: int) -> int:
     """The program that reads the maps for the pinned link `name` whose program is prog_id:
     that program, or the security_socket_bind link's judge (0: none)."""
-    return judge_of(pins, prog_id) if name == "socket_bind" else prog_id
+    return judge_of(pins, prog_id) if name == HOOK_LINK else prog_id
 
 
 def open_map(path: str, name: str, spec: layout.MapSpec | None = None) -> int | None:
