@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes as C
 import os
-from collections.abc import Callable
 
 from guard import paths
 from guard.errors import GuardError
@@ -59,6 +58,10 @@ from guard.kernel.programs import (
 )
 from guard.policy.config import Settings
 from guard.policy.plan import Plan
+
+TYPE_CHECKING = False  # annotations only: collections.abc would import collections
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class ApplyResult:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import os
-from collections.abc import Callable
 
 from guard.tuples import NamedTuple
+
+TYPE_CHECKING = False  # annotations only: collections.abc would import collections
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 BPF_PROG_TYPE_CGROUP_SKB = 8
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18

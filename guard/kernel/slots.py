@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ctypes as C
 import struct
-from collections.abc import Callable, Iterable
 
 from guard.kernel import cgroups, layout, libbpf
 from guard.kernel.pins import Maps
 from guard.policy.plan import Plan
 from guard.tuples import NamedTuple
+
+TYPE_CHECKING = False  # annotations only: collections.abc would import collections
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
 
 
 class SlotContents(NamedTuple):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Sequence
 
 from guard.policy.ports import PROTOCOL_NUMBERS
 
 TYPE_CHECKING = False  # typing (with re and enum) stays off the boot's apply
 if TYPE_CHECKING:  # the types rendered; apply's summary does without importing them
+    from collections.abc import Callable, Sequence  # (it would import collections)
     from typing import TextIO
 
     from guard.observe.holders import Squatter

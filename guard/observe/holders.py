@@ -27,7 +27,6 @@ from __future__ import annotations
 import _socket as socket  # socket.py's enums cost ~5 ms of CPU of every status and apply
 import os
 import struct
-from collections.abc import Iterable, Sequence
 
 from guard.kernel.cgroups import CgroupError, cgroup2_mount, unit_of_cgroup
 from guard.observe.procnet import (
@@ -41,6 +40,10 @@ from guard.observe.procnet import (
 )
 from guard.observe.state import GuardState
 from guard.tuples import NamedTuple
+
+TYPE_CHECKING = False  # annotations only: collections.abc would import collections
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
 PROC = "/proc"  # a str, and no pathlib: the apply that finds a holder imports this module
 

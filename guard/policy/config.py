@@ -9,18 +9,20 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 import stat
-from collections.abc import Mapping
-from types import MappingProxyType
 
 from guard import paths
 from guard.policy.ports import PortRange, PortSpecError, Services, parse_port_spec
 from guard.tuples import NamedTuple
 
 # pathlib and re only where files are parsed: a boot with the last boot's plan parses none
-# (pathlib with re, fnmatch and urllib.parse cost ~7 ms of its imports)
+# (pathlib with re, fnmatch and urllib.parse cost ~7 ms of its imports); collections.abc
+# (annotations only) would import collections
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
+
+MappingProxyType = type(type.__dict__)  # types.MappingProxyType, without importing types
 
 DEFAULT_CONFIG = paths.DEFAULT_CONFIG
 DENY_ERRNOS = ("EADDRINUSE", "EPERM", "EACCES")

@@ -7,14 +7,14 @@ service costs one set however many ports it spans.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 from guard.policy.config import MAX_PATH_BYTES, ConfigError, Origin, Settings
 from guard.policy.ports import PROTOCOL_NUMBERS
 from guard.tuples import NamedTuple
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # resolved owners come in; status and check from a compiled plan resolve none
+    from collections.abc import Iterable, Sequence  # (annotations: it imports collections)
+
     from guard.policy.owners import Block, Owner
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable
 
 from guard.paths import normal
+
+TYPE_CHECKING = False  # annotations only: collections.abc would import collections
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 BLACKLIST = normal(
     os.environ.get("PORTGUARD_BINDRESVPORT_BLACKLIST", "/etc/bindresvport.blacklist")
