@@ -22,7 +22,7 @@ from guard.paths import sha256
 
 # The records' format: a record of another format, or made by another interpreter, or under
 # an environment that redirects the inputs, is never used.
-FORMAT = 4
+FORMAT = 5
 # An input modified this close to (or after) the moment apply began to read is not trusted: a
 # second change within the same timestamp tick would leave stat saying the same.
 RACY_NS = 1_000_000_000
@@ -65,12 +65,15 @@ def sealed_body(data: bytes) -> bytes:
 def fingerprint(files: list[str], dirs: list[str]) -> tuple[tuple, int]:
     """What stat says of files and of dirs with their entries (and the entries of their NAME.d/
     sub-directories), and the newest modification or change time among them (volatile
-    entries, known by content, have none)."""
+    entries, known by content, have none). A directory that is one already read under another
+    name (/lib/systemd/system and /usr/lib/systemd/system where /usr is merged) is known by
+    that: its device and inode, and the name it was read under."""
     value = os.environ.get(VOLATILE_ENV)
     volatile = tuple(p.rstrip("/") + "/" for p in value.split(":") if p) if value else None
     volatile = volatile or tuple(p + "/" for p in VOLATILE)
     found = []
     newest = 0
+    read: dict[tuple[int, int], str] = {}
 
     def add(path: str) -> None:
         nonlocal newest
@@ -86,6 +89,14 @@ def fingerprint(files: list[str], dirs: list[str]) -> tuple[tuple, int]:
         add(path)
     for directory in dirs:
         add(directory)
+        try:
+            st = os.stat(directory)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in read:
+            found.append((directory, st.st_dev, st.st_ino, read[st.st_dev, st.st_ino]))
+            continue
+        read[st.st_dev, st.st_ino] = directory
         pending = [directory]
         while pending:
             current = pending.pop()

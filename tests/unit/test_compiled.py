@@ -226,3 +226,35 @@ def test_a_unit_masked_by_a_link_to_a_device_is_known_by_that_alone(world, monke
     (units / "masked.service").unlink()  # unmasked: another file
     (units / "masked.service").symlink_to(units / "web.service")
     assert compiled.loads(data, world) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["none", "edit a unit's drop-in", "add a unit file", "the second name a directory of its own"],
+)
+def test_one_directory_named_twice_is_read_once_and_any_change_still_counts(
+    world, monkeypatch, change
+):
+    """/lib/systemd/system and /usr/lib/systemd/system are one directory where /usr is merged
+    (Debian 12): the second name is known by the directory's device and inode, not by reading
+    its ~250 entries again."""
+    from guard.fingerprint import fingerprint
+
+    top = world.parents[1]
+    units, merged = top / "units", top / "lib"
+    merged.symlink_to(top)  # lib/units is units under another name, as /lib is usr/lib
+    monkeypatch.setenv(UNIT_DIRS_ENV, f"{units}:{merged / 'units'}")
+    seen, _ = fingerprint([], [str(units), str(merged / "units")])
+    assert seen and not [item for item in seen if str(item[0]).startswith(f"{merged}/units/")]
+    data = record(world)
+    if change == "edit a unit's drop-in":
+        (units / "web.service.d" / "ports.conf").write_text("[Unit]\nX-PortGuard-Reserve=8004\n")
+    elif change == "add a unit file":
+        (units / "other.service").write_text("[Unit]\nX-PortGuard-Reserve=9000\n")
+    elif change == "the second name a directory of its own":  # the same files, copied
+        merged.unlink()
+        (merged / "units" / "web.service.d").mkdir(parents=True)
+        for name in ("web.service", "web.service.d/ports.conf"):
+            (merged / "units" / name).write_text((units / name).read_text())
+        age(merged)
+    assert (compiled.loads(data, world) is None) == (change != "none")
