@@ -107,12 +107,14 @@ def holders(
     ports: Iterable[tuple[int, str]] | None = None,
     *,
     cgroup_root: str | os.PathLike | None = None,
+    listening: bool = False,
 ) -> list[Holder]:
     """Return the TCP and UDP sockets holding local ports in this network namespace.
 
     ``ports`` limits the answer to the given (port, "tcp"|"udp") pairs; None means every port.
     ``cgroup_root`` is the cgroup2 mount that cgroup paths are made relative to; by default it is
     found in /proc/self/mountinfo. Sorted by port, protocol, family, address and pid.
+    ``listening``: TCP sockets that listen, not those merely bound (apply's look, see find).
     """
     wanted = None if ports is None else {(port, protocol) for port, protocol in ports}
     protocols = _PROTOCOLS if wanted is None else {p for _, p in wanted}
@@ -124,7 +126,7 @@ def holders(
 
     sockets = [
         sock
-        for sock in _dump_sockets(sorted(protocols))
+        for sock in _dump_sockets(sorted(protocols), listening)
         if wanted is None or (sock.port, sock.protocol) in wanted
     ]
     if not sockets:
@@ -154,12 +156,15 @@ def holders(
     return result
 
 
-def _dump_sockets(protocols: Iterable[str]) -> list[_Socket]:
+def _dump_sockets(protocols: Iterable[str], listening: bool = False) -> list[_Socket]:
     """Ask sock_diag for the port-holding sockets of the given protocols, IPv4 and IPv6: one
     netlink dump per protocol and family, spoken directly (struct, socket). Importing
     pyroute2 for this cost ~270 ms of CPU, more than the rest of `status` together.
 
-    Port filtering happens in Python: a dump of listening/bound sockets is small.
+    Port filtering happens in Python: a dump of listening/bound sockets is small. Asked for TCP
+    sockets bound but not listening, the kernel walks its whole bind hash (~1.2 ms of CPU per
+    family with 65,536 buckets); asked for listening ones alone (listening), only the
+    listening hash.
     """
     found: list[_Socket] = []
     nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
@@ -168,6 +173,8 @@ def _dump_sockets(protocols: Iterable[str]) -> list[_Socket]:
         seq = 0
         for protocol in protocols:
             ipproto, states = _PROTOCOLS[protocol]
+            if listening and protocol == "tcp":
+                states = 1 << SS_LISTEN
             for family in (socket.AF_INET, socket.AF_INET6):
                 seq += 1
                 nl.sendall(diag_request(family, ipproto, states, seq))
@@ -373,25 +380,30 @@ def classify(
 
 
 def holder_states(
-    reservations: Iterable[tuple[int, str, Sequence[str]]], proc_root: str | os.PathLike = PROC
+    reservations: Iterable[tuple[int, str, Sequence[str]]],
+    proc_root: str | os.PathLike = PROC,
+    listening: bool = False,
 ) -> dict[tuple[int, str], list[HolderState]]:
     """(port, protocol) -> its holders, for reservations given as (port, protocol, owner
-    cgroup paths). Ports nobody holds are absent."""
+    cgroup paths). Ports nobody holds are absent. listening: as holders() takes it."""
     owners_of = {(port, protocol): owners for port, protocol, owners in reservations}
     if not owners_of:
         return {}
     found: dict[tuple[int, str], list[HolderState]] = {}
-    for holder in holders(owners_of):
+    for holder in holders(owners_of, listening=listening):
         key = (holder.port, holder.protocol)
         found.setdefault(key, []).append(classify(holder, owners_of[key], proc_root))
     return found
 
 
 def find(reservations: Iterable[tuple[int, str, Sequence[str]]]) -> list[Squatter]:
-    """The holders of reserved ports that are not owners."""
+    """The holders of reserved ports that are not owners, as apply looks at them (every boot):
+    the holders of listening TCP and bound UDP sockets, the ports procnet.bound_ports found
+    held. A TCP socket merely bound (not listening) is left to `status`, whose look costs the
+    kernel a walk of its whole bind hash."""
     return [
         Squatter(port, protocol, h)
-        for (port, protocol), states in sorted(holder_states(reservations).items())
+        for (port, protocol), states in sorted(holder_states(reservations, listening=True).items())
         for h in states
         if not h.owner
     ]

@@ -250,3 +250,26 @@ def test_the_dump_request_is_an_inet_diag_req_v2_for_every_socket_in_the_states(
         0x82,
     )
     assert request[24:] == bytes(48) and len(request) == 16 + 56
+
+
+def test_apply_s_look_sees_listening_tcp_holders_and_leaves_merely_bound_ones_to_status():
+    from guard.observe.holders import holders
+
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listening,
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bound_only,
+    ):
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        bound_only.bind(("127.0.0.1", 0))
+        ports = [(listening.getsockname()[1], "tcp"), (bound_only.getsockname()[1], "tcp")]
+        apply_s = {(h.port, h.protocol) for h in holders(ports, listening=True)}
+        status_s = {(h.port, h.protocol) for h in holders(ports)}
+    assert apply_s == {ports[0]}
+    assert status_s == set(ports) or uname_before_6_3(), status_s
+
+
+def uname_before_6_3() -> bool:
+    """TCP_BOUND_INACTIVE (bound-only TCP sockets in sock_diag) came with Linux 6.3."""
+    release = os.uname().release.split("-")[0].split(".")
+    return tuple(int(x) for x in release[:2]) < (6, 3)
