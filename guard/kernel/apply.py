@@ -272,6 +272,7 @@ class _Transaction:
         links = _open_links(pins)
         maps = Maps.open_pinned(pins.maps_dir)
         loaded = None
+        empty = False
         wanted_links = core_links(self.denial) + (PACKET_LINKS if self.contain else ())
         try:
             # bind and packet links: what enforces, and which maps it reads
@@ -299,26 +300,31 @@ class _Transaction:
                 skip = not_loaded(self.denial, self.can_contain and self.contain)
                 skip = tuple(name for name in skip if name not in self._old_road(links))
                 loaded, reused = _load(self.object_path, pins, maps is not None, skip, sizes)
+                empty = not reused  # maps this load made: both slots and the counters empty
                 if not reused:
                     if maps is not None:
                         maps.close()
                     maps = Maps({name: os.dup(loaded.maps[name]) for name in layout.MAPS})
                     readers, takeover = [], bool(bind_links)
                 _carry_sysctl_records(pins, maps)
-                if not readers:
+                if not readers and not empty:
                     # No link reads these maps: start from an empty active slot whatever was left.
                     slots.clear_slot(maps, 0)
                     slots.clear_slot(maps, 1)
                     for counters in (maps.denied, maps.contained):  # counts of a guard that is gone
                         for key in list(counters.keys()):
                             counters.delete(key)
+                if not readers:
                     maps.config.update(0, self.cfg)
                     slots.flip(maps, 0)
                 staged = self._stage_trackers(loaded)
                 if takeover:
                     # Complete the new guard before any link reads it; the old one enforces
                     # meanwhile (so its ports stay in the sysctl until the final apply_maps).
-                    apply_maps(maps, self.plan, self.cfg, self.cgroup_root, drop_stale=False)
+                    apply_maps(
+                        maps, self.plan, self.cfg, self.cgroup_root, drop_stale=False, empty=empty
+                    )
+                    empty = False
                     self._move_old_road(links, loaded)
                 self._attach_cgroup_links(links, loaded)
                 if self.denial == host.DENY_SOCKET_BIND:
@@ -332,7 +338,7 @@ class _Transaction:
                 _end_gate(pins)  # the pin an older version left on another road
             self._reattach_if_moved(links)
             dropped = _drop_other_maps(pins, maps)
-            changed = apply_maps(maps, self.plan, self.cfg, self.cgroup_root)
+            changed = apply_maps(maps, self.plan, self.cfg, self.cgroup_root, empty=empty)
             if not self.contain:
                 # After the flip: no active reservation contains any more, the programs are idle.
                 for name in PACKET_LINKS:
@@ -583,6 +589,8 @@ def _carry_sysctl_records(pins: Pins, maps: Maps) -> None:
     carried: set[int] = set()
     for other in pins.other_maps_dirs():
         carried |= sysctl.records(other) or set()
+    if not carried:  # as at every boot: no other maps
+        return
     known = sysctl.recorded(maps.sysctl_added)
     if carried - known:
         sysctl.record(maps.sysctl_added, known, known | carried)
@@ -648,14 +656,24 @@ def _pin_replace(fd: int, path: str) -> None:
 
 
 def apply_maps(
-    maps: Maps, plan: Plan, cfg: layout.Config, cgroup_root: str, drop_stale: bool = True
+    maps: Maps,
+    plan: Plan,
+    cfg: layout.Config,
+    cgroup_root: str,
+    drop_stale: bool = True,
+    empty: bool = False,
 ) -> bool:
     """Make the active slot say what the plan says: fill the inactive slot, flip, wait until
-    no program reads the old slot, clear it. False when it said so already."""
+    no program reads the old slot, clear it. False when it said so already. empty: the maps
+    were made by this apply's load and nothing was written to them but the active slot's
+    config and the sysctl records carried from other maps (as at boot): there is no slot to
+    clear, nor counters to drop."""
     active = maps.active
     wanted_ports = {port for _, port in plan.ports}
-    unchanged = slots.read_slot(maps, active) == slots.desired(plan) and slots.same_config(
-        maps.config.lookup(active), cfg
+    unchanged = (
+        not empty
+        and slots.read_slot(maps, active) == slots.desired(plan)
+        and slots.same_config(maps.config.lookup(active), cfg)
     )
     if unchanged:
         # A killed run may have left a half-filled inactive slot and sysctl entries behind,
@@ -664,7 +682,8 @@ def apply_maps(
         added = sysctl.add(maps.sysctl_added, wanted_ports)
         return sysctl.drop(maps.sysctl_added, wanted_ports) or added
     inactive = 1 - active
-    slots.clear_slot(maps, inactive, libbpf.wait_for_programs)  # leftovers of a killed run
+    if not empty:
+        slots.clear_slot(maps, inactive, libbpf.wait_for_programs)  # leftovers of a killed run
     slots.fill_slot(maps, inactive, plan, cfg, cgroup_root)
     sysctl.add(maps.sysctl_added, wanted_ports)
     slots.flip(maps, inactive)
@@ -672,11 +691,12 @@ def apply_maps(
     # slot: clearing it under that program would let a stranger in (its port gone) or keep
     # an owner out (its set or owner gone). Wait until every such program has finished (one
     # RCU grace period; nothing to wait for when the old slot was empty, as at boot).
-    slots.clear_slot(maps, active, libbpf.wait_for_programs)
-    reserved = set(plan.ports)
-    for counters in (maps.denied, maps.contained):
-        counters.delete_many([k for k in counters.keys() if (k.proto, k.port) not in reserved])
-    if drop_stale:
+    if not empty:
+        slots.clear_slot(maps, active, libbpf.wait_for_programs)
+        reserved = set(plan.ports)
+        for counters in (maps.denied, maps.contained):
+            counters.delete_many([k for k in counters.keys() if (k.proto, k.port) not in reserved])
+    if drop_stale:  # ports another layout's maps added (carried into these) and no longer wanted
         sysctl.drop(maps.sysctl_added, wanted_ports)
     return True
 
