@@ -133,7 +133,9 @@ def holders(
         return []
 
     owners = socket_owners({sock.inode for sock in sockets})
-    paths = cgroup_paths({sock.cgroup_id for sock in sockets}, cgroup_root)
+    # where the holding processes live now: nearly always where their sockets were made
+    now = {process_cgroup(pid) for pid, _ in owners.values()}
+    paths = cgroup_paths({sock.cgroup_id for sock in sockets}, cgroup_root, now - {None})
     result = []
     for sock in sockets:
         pid, comm = owners.get(sock.inode, (None, None))
@@ -278,11 +280,15 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
-def cgroup_paths(ids: set[int], cgroup_root: str | os.PathLike | None) -> dict[int, str]:
+def cgroup_paths(
+    ids: set[int], cgroup_root: str | os.PathLike | None, likely: Iterable[str] = ()
+) -> dict[int, str]:
     """Map cgroup ids to paths relative to the cgroup2 root ("/" for the root itself).
 
     A cgroup2 directory's inode number is its cgroup id, so one walk of the tree, stopped as soon
-    as every id is found, answers all of them. Ids of removed cgroups stay unmapped.
+    as every id is found, answers all of them. Ids of removed cgroups stay unmapped. The
+    paths in likely (those of the holding processes) are tried first, one stat each: on a
+    host with thousands of cgroups the walk is then rarely needed.
     """
     ids = {cgroup_id for cgroup_id in ids if cgroup_id}
     if not ids:
@@ -300,6 +306,13 @@ def cgroup_paths(ids: set[int], cgroup_root: str | os.PathLike | None) -> dict[i
         return paths
     if root_inode in ids:
         paths[root_inode] = "/"
+    for path in likely:
+        try:
+            inode = os.stat(f"{cgroup_root}{path}" if path != "/" else cgroup_root).st_ino
+        except OSError:
+            continue
+        if inode in ids:
+            paths[inode] = path
     pending = [(str(cgroup_root), "")]
     while pending and len(paths) < len(ids):
         directory, relative = pending.pop()

@@ -114,6 +114,18 @@ def test_cgroup_ids_map_to_paths_by_directory_inode(tmp_path):
     }
 
 
+def test_likely_paths_answer_without_a_walk_and_a_wrong_one_changes_nothing(tmp_path):
+    (tmp_path / "system.slice" / "cups.service").mkdir(parents=True)
+    (tmp_path / "user.slice").mkdir()
+    cups = (tmp_path / "system.slice" / "cups.service").stat().st_ino
+    user = (tmp_path / "user.slice").stat().st_ino
+    likely = ["/system.slice/cups.service", "/user.slice/gone", "/system.slice"]
+    assert cgroup_paths({cups, user}, tmp_path, likely) == {
+        cups: "/system.slice/cups.service",
+        user: "/user.slice",  # not among the likely ones: the walk found it
+    }
+
+
 def test_mountinfo_escapes_are_undone():
     assert unescape_mount_path(r"/sys/fs/cgroup/my\040root\134x") == "/sys/fs/cgroup/my root\\x"
     assert unescape_mount_path("/sys/fs/cgroup") == "/sys/fs/cgroup"
