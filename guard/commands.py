@@ -214,13 +214,13 @@ def _apply(config_path: str | None) -> None:
         exposed = resvport.exposed((port for _, port in plan.ports), seen)
         if exposed:
             warnings.append(display.warning_line(resvport.warning(exposed, errno.errorcode[seen])))
-        squatters = squatters_of_plan(plan)
+        squatters, held = squatters_of_plan(plan)
         warnings += [display.warning_line(display.squatter_text(s)) for s in squatters]
         for line in warnings:
             echo(line, err=True)
         counts = (len(plan.ports), len(plan.paths), plan.settings.mode)
         echo(display.apply_line(result.changed, *counts))
-        if record is not None and not squatters:
+        if record is not None and not squatters and held is not None:
             from guard import quick
 
             quick.remember(
@@ -232,6 +232,7 @@ def _apply(config_path: str | None) -> None:
                 said + warnings,
                 display.apply_line(False, *counts),
                 reading,
+                held,
             )
 
     result = runtime(apply_plan, plan, settle)
@@ -243,20 +244,26 @@ def _apply(config_path: str | None) -> None:
         corebtf.ensure(result.object_path)
 
 
-def squatters_of_plan(plan) -> list:
-    """Holders of the planned ports that are not owners (apply runs in the guarded netns).
-    /proc/net is read first: only when a reserved port is held does sock_diag run."""
+def squatters_of_plan(plan) -> tuple[list, frozenset | None]:
+    """Holders of the planned ports that are not owners (apply runs in the guarded netns), and
+    the listening TCP and bound UDP sockets on them (protocol, port, inode) as the guard record
+    keeps them (guard/quick.py; None without sock_diag). Only when a reserved port is held
+    does the full sock_diag query run."""
     from guard.kernel.layout import PROTOCOL_NAMES
-    from guard.observe.procnet import bound_ports
+    from guard.observe.procnet import bound_ports, reserved_sockets
 
-    bound = bound_ports()
+    try:
+        held = reserved_sockets(list(plan.ports))
+        bound = {(port, PROTOCOL_NAMES[proto]) for proto, port, _ in held}
+    except OSError:  # no sock_diag for TCP: /proc/net, and no guard record
+        held, bound = None, bound_ports()
     reservations = [
         (port, PROTOCOL_NAMES[proto], [plan.paths[i] for i in plan.sets[set_id]])
         for (proto, port), set_id in plan.ports.items()
         if (port, PROTOCOL_NAMES[proto]) in bound
     ]
     if not reservations:
-        return []
+        return [], held
     from guard.observe.holders import find  # sock_diag, processes, units: only when held
 
-    return find(reservations)
+    return find(reservations), held

@@ -123,14 +123,14 @@ def remember(
     err: list[str],
     out: str,
     since_ns: int,
+    held: frozenset[tuple[int, int, int]],
 ) -> None:
     """Write the guard record: called by apply under the pin directory's lock, once the guard
     is complete and no squatter holds a reserved port. err and out are what an unchanged
     re-apply of this plan prints; code is code_files(); since_ns (time.time_ns()) is when
-    apply began to read. No record when a file edited in place changed too close to that
-    moment (as for the compiled plan). Best effort: without a record the full path runs."""
-    from guard.observe.procnet import reserved_sockets
-
+    apply began to read; held: procnet.reserved_sockets(reserved), as apply found them. No
+    record when a file edited in place changed too close to that moment (as for the compiled
+    plan). Best effort: without a record the full path runs."""
     reserved = sorted(reserved)
     edited, replaced = code
     edited_seen, newest = fingerprint(edited, [])
@@ -144,7 +144,7 @@ def remember(
             edited_seen + fingerprint(replaced, [])[0],
             _digest(sealed_body(plan_record)),
             reserved,
-            reserved_sockets(reserved),
+            held,
             snapshot.take(pin_dir),
             err,
             out,
