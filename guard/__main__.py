@@ -1,3 +1,3 @@
-from guard.entry import main
+from guard.entry import console
 
-main()
+console()
