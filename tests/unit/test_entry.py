@@ -355,3 +355,21 @@ def test_status_help_names_its_formats(tmp_path):
     helped = run(FAST, ["status", "--help"], tmp_path / "run")
     assert helped.returncode == 0
     assert all(name in helped.stdout for name in ("text", "json", "prometheus", "--output"))
+
+
+@pytest.mark.parametrize(("args", "collecting"), [(["apply"], False), (["status", "--help"], True)])
+def test_only_apply_runs_without_the_cyclic_garbage_collector(tmp_path, args, collecting):
+    """apply is short-lived (every boot, every reload): no cyclic GC; monitor, status and the
+    other commands keep it (monitor runs for months)."""
+    path = _config(tmp_path, BAD)
+    code = (
+        "import gc, sys\n"
+        "from guard import entry\n"
+        f"sys.argv = ['portguard', '--config', {str(path)!r}, *{args!r}]\n"
+        "try:\n"
+        "    entry.main()\n"
+        "except SystemExit:\n"
+        "    print('collecting', gc.isenabled())\n"
+    )
+    proc = run(["-c", code], [], tmp_path / "run")
+    assert proc.stdout.splitlines()[-1] == f"collecting {collecting}", proc.stderr
