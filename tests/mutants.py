@@ -378,13 +378,27 @@ MUTANTS = [
         "meta-written-first",
         "kill-safety: the object digest is written last",
         "guard/kernel/apply.py",
-        "                _carry_sysctl_records(pins, maps)\n                if not readers:\n",
+        "                _carry_sysctl_records(pins, maps)\n"
+        "                if not readers and not empty:\n",
         "                _carry_sysctl_records(pins, maps)\n"
         "                maps.meta.update(0, layout.Meta(self.digest))\n"
-        "                if not readers:\n",
+        "                if not readers and not empty:\n",
         (FAULTS + "test_program_swap_killed_anywhere_leaves_the_old_guard_or_the_new",),
         runs=2,
         env=STRIDE_1,
+    ),
+    Mutant(
+        "reused-maps-taken-as-empty",
+        "apply: only maps its own load made skip the clearing of slots and counters",
+        "guard/kernel/apply.py",
+        "                empty = not reused  # maps this load made: both slots and the counters"
+        " empty\n",
+        "                empty = True\n",
+        (
+            "tests/kernel/test_maps.py::"
+            "test_programs_loaded_anew_over_the_pinned_maps_leave_only_the_new_plan_in_them",
+        ),
+        runs=1,
     ),
     Mutant(
         "unchanged-reapply-rewrites",

@@ -75,3 +75,39 @@ def _active(sandbox) -> int:
         return kernel.Map(fd, layout.U32, layout.State).lookup(0).active
     finally:
         os.close(fd)
+
+
+def test_programs_loaded_anew_over_the_pinned_maps_leave_only_the_new_plan_in_them(sandbox):
+    """A load that reuses the pinned maps (here another road: refuse_at changed) must clear
+    what the old plan left in them; only maps the load itself made are known empty."""
+    sandbox.cgroup("owner")
+    sandbox.write_config(sandbox.owner_block(["20001/tcp"], "owner"))
+    sandbox.cli("apply")
+    before = _reserved_entries(sandbox)
+    sandbox.write_config(sandbox.owner_block(["20002/tcp"], "owner"), refuse_at="cgroup-eperm")
+    sandbox.cli("apply")
+    slot = _active(sandbox)
+    assert before == {(1 - slot, 6, 20001)}  # the old plan, in the slot that was active
+    assert _reserved_entries(sandbox) == {(slot, 6, 20002)}  # the new one alone
+
+
+def _reserved_entries(sandbox) -> set[tuple[int, int, int]]:
+    """(slot, protocol, port) of every entry of the pinned ports array."""
+    fd = kernel.get_pinned(sandbox.pin_dir / f"maps-{layout.LAYOUT}" / "ports")
+    ports = kernel.Map(fd, layout.U32, layout.PortEntries)
+    try:
+        whole = ports.read_range(0, layout.MAPS["ports"].max_entries)
+    finally:
+        ports.release()
+        os.close(fd)
+    found = set()
+    for index, value in enumerate(whole):
+        for position, entry in enumerate(value.entry):
+            if entry:
+                slot, within = divmod(index, 2 * layout.PORT_VALUES)
+                proto = (layout.PROTOCOLS["udp"], layout.PROTOCOLS["tcp"])[
+                    within < layout.PORT_VALUES
+                ]
+                port = (within % layout.PORT_VALUES) * layout.PORTS_PER_VALUE + position
+                found.add((slot, proto, port))
+    return found
