@@ -74,14 +74,12 @@ def console() -> None:
     elif not isinstance(code, int):  # sys.exit("message"), as Python itself ends it
         sys.stderr.write(f"{code}\n")
         code = 1
-    try:
-        sys.stdout.flush()
-    except OSError:  # whoever read it is gone: Python's own exit status for that
-        code = code or 120
-    try:
-        sys.stderr.flush()
-    except OSError:
-        pass
+    for stream in (sys.stdout, sys.stderr):  # None: started without that descriptor
+        try:
+            if stream is not None:
+                stream.flush()
+        except OSError:  # whoever read it is gone: Python's own exit status for that
+            code = code or (120 if stream is sys.stdout else 0)
     os._exit(code)
 
 

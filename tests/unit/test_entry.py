@@ -373,3 +373,18 @@ def test_only_apply_runs_without_the_cyclic_garbage_collector(tmp_path, args, co
     )
     proc = run(["-c", code], [], tmp_path / "run")
     assert proc.stdout.splitlines()[-1] == f"collecting {collecting}", proc.stderr
+
+
+def test_the_console_script_ends_cleanly_without_a_stdout(tmp_path):
+    """entry.console flushes what Python would at exit; a process started without fd 1
+    (sys.stdout None) ends with apply's own exit code and sentence, not a traceback."""
+    path = _config(tmp_path, BAD)
+    proc = subprocess.run(
+        ["sh", "-c", f"exec {sys.executable} -m guard --config {path} apply >&-"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PORTGUARD_RUN_DIR": str(tmp_path / "run")},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("Error: invalid configuration, nothing applied:"), proc.stderr
