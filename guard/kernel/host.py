@@ -109,7 +109,7 @@ def lock_path(pin_dir: str, role: str = "") -> str:
     return paths.join(lock_dir, paths.lock_name(paths.normal(pin_dir), role))
 
 
-class locked:  # noqa: N801 (used as a function: with locked(...))
+class locked:  # lower case: used as the function it was, with locked(...)
     """Hold the lock of one role for one pin directory; without wait, GuardError(busy) when
     another process holds it. (A class, not contextlib.contextmanager: contextlib and the
     collections and functools it imports cost ~1 ms of every boot's apply.)"""
