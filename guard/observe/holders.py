@@ -38,12 +38,13 @@ from guard.observe.procnet import (
     diag_replies,
     diag_request,
 )
-from guard.observe.state import GuardState
 from guard.tuples import NamedTuple
 
-TYPE_CHECKING = False  # annotations only: collections.abc would import collections
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # annotations only: collections.abc would import collections, and
+if TYPE_CHECKING:  # apply's squatter look needs nothing of the state status reads
     from collections.abc import Iterable, Sequence
+
+    from guard.observe.state import GuardState
 
 PROC = "/proc"  # a str, and no pathlib: the apply that finds a holder imports this module
 
