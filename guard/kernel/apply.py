@@ -298,7 +298,8 @@ class _Transaction:
                 # Packet programs only for a policy that contains: loading them costs time
                 # at every boot; a later policy that contains loads the object again.
                 skip = not_loaded(self.denial, self.can_contain and self.contain)
-                skip = tuple(name for name in skip if name not in self._old_road(links))
+                old_road = self._old_road(links)
+                skip = tuple(name for name in skip if name not in old_road)
                 loaded, reused = _load(self.object_path, pins, maps is not None, skip, sizes)
                 empty = not reused  # maps this load made: both slots and the counters empty
                 if not reused:
@@ -325,7 +326,7 @@ class _Transaction:
                         maps, self.plan, self.cfg, self.cgroup_root, drop_stale=False, empty=empty
                     )
                     empty = False
-                    self._move_old_road(links, loaded)
+                    self._move_old_road(links, loaded, old_road)
                 self._attach_cgroup_links(links, loaded)
                 if self.denial == host.DENY_SOCKET_BIND:
                     self._attach_hook(links, loaded)
@@ -392,20 +393,22 @@ class _Transaction:
             return {JUDGES[host.DENY_SOCKET_BIND][JUDGE]: HOOK_LINK}
         return {}
 
-    def _move_old_road(self, links: dict[str, int | None], loaded: libbpf.LoadedObject) -> None:
+    def _move_old_road(
+        self,
+        links: dict[str, int | None],
+        loaded: libbpf.LoadedObject,
+        old_road: dict[str, str],
+    ) -> None:
         """A change of road onto new maps: before the new road is attached, the old road's
         links judge from the new maps too (one step per link, as a layout takeover does), so
         the two roads never judge from different guards at once (a bind passes only when both
         let it: an owner whose port changes hands in this apply would be refused)."""
-        for program, name in self._old_road(links).items():
+        for program, name in old_road.items():
             if program not in loaded.programs:
                 continue
             if name == HOOK_LINK:
                 if tail_calls_judge(self.pins, libbpf.link_info(links[name]).prog_id):
-                    judge = libbpf.Map(
-                        loaded.maps["hook_judge"], layout.JUDGE.key, layout.JUDGE.value
-                    )
-                    judge.update(0, loaded.programs[program])
+                    _set_judge(loaded, program)
             else:
                 libbpf.update_link(links[name], loaded.programs[program])
 
@@ -447,8 +450,7 @@ class _Transaction:
         meets the old judge, the bind after it the new one); then, unless the attached
         program already hands its binds to hook_judge and is this object's, attach this
         object's, pinned as link_socket_bind_new and renamed over the old link."""
-        judge = libbpf.Map(loaded.maps["hook_judge"], layout.JUDGE.key, layout.JUDGE.value)
-        judge.update(0, loaded.programs[self.programs[JUDGE]])
+        _set_judge(loaded, self.programs[JUDGE])
         dispatcher = loaded.programs[self.programs[HOOK_LINK]]
         old = links[HOOK_LINK]
         if old is not None:
@@ -518,6 +520,12 @@ def _check_judge(pins: Pins) -> None:
             "or choose another pin_dir"
         )
     os.close(fd)
+
+
+def _set_judge(loaded: libbpf.LoadedObject, program: str) -> None:
+    """Make the loaded object's program the judge hook_judge holds: one write."""
+    judge = libbpf.Map(loaded.maps["hook_judge"], layout.JUDGE.key, layout.JUDGE.value)
+    judge.update(0, loaded.programs[program])
 
 
 def _let_judge_go(pins: Pins) -> None:
