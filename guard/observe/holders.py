@@ -117,13 +117,23 @@ def holders(
     found in /proc/self/mountinfo. Sorted by port, protocol, family, address and pid.
     ``listening``: TCP sockets that listen, not those merely bound (apply's look, see find).
     """
+    return _holders_and_cgroups(ports, cgroup_root, listening)[0]
+
+
+def _holders_and_cgroups(
+    ports: Iterable[tuple[int, str]] | None,
+    cgroup_root: str | os.PathLike | None,
+    listening: bool,
+) -> tuple[list[Holder], dict[int, str | None]]:
+    """holders(), and the cgroup each holding process lives in now (pid -> path, None when
+    gone), read once for both the sockets' cgroup paths and classify."""
     wanted = None if ports is None else {(port, protocol) for port, protocol in ports}
     protocols = _PROTOCOLS if wanted is None else {p for _, p in wanted}
     unknown = set(protocols) - set(_PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s): {', '.join(sorted(unknown))}")
     if not protocols:
-        return []
+        return [], {}
 
     sockets = [
         sock
@@ -131,12 +141,13 @@ def holders(
         if wanted is None or (sock.port, sock.protocol) in wanted
     ]
     if not sockets:
-        return []
+        return [], {}
 
     owners = socket_owners({sock.inode for sock in sockets})
     # where the holding processes live now: nearly always where their sockets were made
-    now = {process_cgroup(pid) for pid, _ in owners.values()}
-    paths = cgroup_paths({sock.cgroup_id for sock in sockets}, cgroup_root, now - {None})
+    now = {pid: process_cgroup(pid) for pid, _ in owners.values()}
+    likely = {path for path in now.values() if path is not None}
+    paths = cgroup_paths({sock.cgroup_id for sock in sockets}, cgroup_root, likely)
     result = []
     for sock in sockets:
         pid, comm = owners.get(sock.inode, (None, None))
@@ -156,7 +167,7 @@ def holders(
             )
         )
     result.sort(key=lambda h: (h.port, h.protocol, h.family, h.address, h.pid or 0, h.inode))
-    return result
+    return result, now
 
 
 def _dump_sockets(protocols: Iterable[str], listening: bool = False) -> list[_Socket]:
@@ -379,9 +390,16 @@ def process_cgroup(pid: int, proc_root: str | os.PathLike = PROC) -> str | None:
 
 
 def classify(
-    holder: Holder, owners: Sequence[str], proc_root: str | os.PathLike = PROC
+    holder: Holder,
+    owners: Sequence[str],
+    proc_root: str | os.PathLike = PROC,
+    now: dict[int, str | None] | None = None,
 ) -> HolderState:
-    current = process_cgroup(holder.pid, proc_root) if holder.pid else None
+    """now: the holding processes' cgroups, read already (_holders_and_cgroups)."""
+    if now is not None and holder.pid in now:
+        current = now[holder.pid]
+    else:
+        current = process_cgroup(holder.pid, proc_root) if holder.pid else None
     known = [c for c in (holder.cgroup, current) if c is not None]
     is_owner = bool(known) and all(any(within(c, o) for o in owners) for c in known)
     cgroup = current or holder.cgroup
@@ -408,9 +426,11 @@ def holder_states(
     if not owners_of:
         return {}
     found: dict[tuple[int, str], list[HolderState]] = {}
-    for holder in holders(owners_of, listening=listening):
+    found_holders, now = _holders_and_cgroups(owners_of, None, listening)
+    for holder in found_holders:
         key = (holder.port, holder.protocol)
-        found.setdefault(key, []).append(classify(holder, owners_of[key], proc_root))
+        state = classify(holder, owners_of[key], proc_root, now if proc_root == PROC else None)
+        found.setdefault(key, []).append(state)
     return found
 
 
