@@ -260,7 +260,7 @@ def test_the_boot_path_imports_neither_pathlib_nor_typing():
 
 
 def test_an_apply_that_finds_a_reserved_port_held_imports_neither_pathlib_nor_typing():
-    """The squatter scan (guard.observe.holders, with the guard state it reads) runs in every
+    """The squatter scan (guard.observe.holders) runs in every
     apply that finds a reserved port held: a re-apply with the services up, a package's."""
     proc = heavy_imports(f"{BOOT_PATH_MODULES}, guard.observe.holders")
     assert proc.stdout == "[]\n", proc.stdout + proc.stderr

@@ -114,7 +114,7 @@ def test_cgroup_ids_map_to_paths_by_directory_inode(tmp_path):
     }
 
 
-def test_likely_paths_answer_without_a_walk_and_a_wrong_one_changes_nothing(tmp_path):
+def test_likely_paths_wrong_ones_among_them_give_the_walk_s_answer(tmp_path):
     (tmp_path / "system.slice" / "cups.service").mkdir(parents=True)
     (tmp_path / "user.slice").mkdir()
     cups = (tmp_path / "system.slice" / "cups.service").stat().st_ino
@@ -124,6 +124,18 @@ def test_likely_paths_answer_without_a_walk_and_a_wrong_one_changes_nothing(tmp_
         cups: "/system.slice/cups.service",
         user: "/user.slice",  # not among the likely ones: the walk found it
     }
+
+
+def test_a_likely_path_is_taken_as_given_where_no_walk_would_find_it(tmp_path):
+    """The walk follows no symlink: a cgroup reached only through one is found by the likely
+    path alone (the test of the likely paths' use; cgroupfs itself has no symlinks)."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    inode = outside.stat().st_ino
+    assert cgroup_paths({inode}, root) == {}
+    assert cgroup_paths({inode}, root, ["/link"]) == {inode: "/link"}
 
 
 def test_mountinfo_escapes_are_undone():
